@@ -1,0 +1,356 @@
+//! `fleetctl`: keys, signing, the co-signer service.
+
+use crate::cosigner::{self, CosignerConfig, Registry};
+use crate::fsutil;
+use crate::trust::{self, Claims, Envelope, Image, PublicKey, SigningKey, Target, CLAIMS_TYPE};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "fleetctl", version, about = "Fleet-side tool for fleetd: keys, signing, co-signing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a P-256 key pair: NAME.key.pem (0600) and NAME.pub.pem.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// Sign update claims with one key; prints the JWS (general JSON serialization).
+    Sign(SignArgs),
+    /// Add one signature to an existing message.
+    Cosign {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        kid: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The message, or `-` for standard input.
+        file: PathBuf,
+    },
+    /// The co-signer service and its registry of fleet servers.
+    #[command(subcommand)]
+    Cosigner(CosignerCommand),
+}
+
+#[derive(Args)]
+struct SignArgs {
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    kid: String,
+    /// Claims as a JSON file (instead of the flags below).
+    #[arg(long, conflicts_with_all = ["project", "hardware", "version", "url", "image", "size", "sha256"])]
+    claims: Option<PathBuf>,
+    #[arg(long)]
+    project: Option<String>,
+    #[arg(long)]
+    hardware: Option<String>,
+    /// A targeted device id (repeatable).
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// A targeted group (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    #[arg(long)]
+    version: Option<u64>,
+    /// Human-readable release name (defaults to the version).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    url: Option<String>,
+    /// Compute size and sha256 from this image file.
+    #[arg(long, conflicts_with_all = ["size", "sha256"])]
+    image: Option<PathBuf>,
+    #[arg(long)]
+    size: Option<u64>,
+    #[arg(long)]
+    sha256: Option<String>,
+    /// Seconds from nbf to exp.
+    #[arg(long, default_value_t = 24 * 3600)]
+    valid_for: u64,
+    /// nbf (seconds since the epoch); defaults to now.
+    #[arg(long)]
+    not_before: Option<u64>,
+    #[arg(long)]
+    jti: Option<String>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CosignerCommand {
+    /// Run the co-signer service.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Register a fleet server by its public key (it signs as kid `server:SERVER`).
+    Register {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        server: String,
+    },
+    /// Revoke a fleet server; its next request is refused.
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        server: String,
+    },
+    /// Ask a co-signer service to co-sign a server-signed message.
+    Request {
+        /// Base URL of the co-signer service.
+        #[arg(long)]
+        url: String,
+        /// Trust only this CA for an https URL.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        file: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen { out, name } => keygen(&out, &name).map(|(k, p)| {
+            println!("wrote {} (private, 0600) and {}", k.display(), p.display());
+        }),
+        Command::Sign(args) => sign_command(&args),
+        Command::Cosign { key, kid, out, file } => cosign_command(&key, &kid, &file, out.as_deref()),
+        Command::Cosigner(cmd) => cosigner_command(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("fleetctl: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Writes `NAME.key.pem` (0600) and `NAME.pub.pem` in `dir`, refusing to overwrite.
+pub fn keygen(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), String> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(format!("key name {name:?} must be a plain file name"));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let key_path = dir.join(format!("{name}.key.pem"));
+    let pub_path = dir.join(format!("{name}.pub.pem"));
+    for p in [&key_path, &pub_path] {
+        if p.exists() {
+            return Err(format!("{} exists; refusing to overwrite a key", p.display()));
+        }
+    }
+    let key = SigningKey::generate().map_err(|e| e.to_string())?;
+    fsutil::create_new(&key_path, key.to_pem().as_bytes(), 0o600)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    fsutil::create_new(&pub_path, key.public_key().to_pem().as_bytes(), 0o644)
+        .map_err(|e| format!("{}: {e}", pub_path.display()))?;
+    Ok((key_path, pub_path))
+}
+
+pub fn load_signing_key(path: &Path) -> Result<SigningKey, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    SigningKey::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn load_public_key(path: &Path) -> Result<PublicKey, String> {
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    PublicKey::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Size and lowercase-hex SHA-256 of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<(u64, String), String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, trust::hex(ctx.finish().as_ref())))
+}
+
+fn claims_from_args(args: &SignArgs) -> Result<Claims, String> {
+    if let Some(path) = &args.claims {
+        let bytes = fsutil::read_capped(path, trust::MAX_MESSAGE_BYTES)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        return Claims::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let need = |v: &Option<String>, flag: &str| v.clone().ok_or_else(|| format!("--{flag} is required (or --claims)"));
+    let version = args.version.ok_or("--version is required (or --claims)")?;
+    let (size, sha256) = match &args.image {
+        Some(path) => hash_file(path)?,
+        None => (
+            args.size.ok_or("--size (or --image) is required")?,
+            need(&args.sha256, "sha256")?,
+        ),
+    };
+    let now = crate::system_now();
+    let nbf = args.not_before.unwrap_or(now);
+    Ok(Claims {
+        typ: CLAIMS_TYPE.into(),
+        jti: args.jti.clone().unwrap_or_else(trust::random_id),
+        iat: now.min(nbf),
+        nbf,
+        exp: nbf.saturating_add(args.valid_for),
+        project: need(&args.project, "project")?,
+        target: Target {
+            hardware: need(&args.hardware, "hardware")?,
+            devices: args.devices.clone(),
+            groups: args.groups.clone(),
+        },
+        version,
+        name: args.name.clone().unwrap_or_else(|| version.to_string()),
+        image: Image { url: need(&args.url, "url")?, size, sha256 },
+    })
+}
+
+/// Signs `claims` with one key into a new envelope.
+pub fn sign_claims(claims: &Claims, key: &SigningKey, kid: &str) -> Result<Envelope, String> {
+    claims.check_structure().map_err(|e| format!("refusing to sign: {e}"))?;
+    let mut envelope = Envelope::new(&claims.to_json());
+    envelope.add_signature(key, kid).map_err(|e| e.to_string())?;
+    Ok(envelope)
+}
+
+/// Adds a signature by `kid`, refusing a kid that already signed.
+pub fn add_signature(envelope: &mut Envelope, key: &SigningKey, kid: &str) -> Result<(), String> {
+    if envelope.kids().iter().any(|k| k == kid) {
+        return Err(format!("the message is already signed by {kid:?}"));
+    }
+    envelope.add_signature(key, kid).map_err(|e| e.to_string())
+}
+
+fn write_output(out: Option<&Path>, text: &str) -> Result<(), String> {
+    match out {
+        Some(path) => fsutil::atomic_write(path, format!("{text}\n").as_bytes(), 0o644)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        None => {
+            println!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn read_envelope(file: &Path) -> Result<Envelope, String> {
+    let bytes = fsutil::read_prefix(file, trust::MAX_MESSAGE_BYTES + 1)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    Envelope::parse(&bytes).map_err(|e| format!("{}: {e}", file.display()))
+}
+
+fn sign_command(args: &SignArgs) -> Result<(), String> {
+    let claims = claims_from_args(args)?;
+    let key = load_signing_key(&args.key)?;
+    let envelope = sign_claims(&claims, &key, &args.kid)?;
+    write_output(args.out.as_deref(), &envelope.to_json())
+}
+
+fn cosign_command(key: &Path, kid: &str, file: &Path, out: Option<&Path>) -> Result<(), String> {
+    let mut envelope = read_envelope(file)?;
+    add_signature(&mut envelope, &load_signing_key(key)?, kid)?;
+    write_output(out, &envelope.to_json())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn cosigner_command(cmd: CosignerCommand) -> Result<(), String> {
+    match cmd {
+        CosignerCommand::Serve { config } => {
+            let config = CosignerConfig::load(&config)?;
+            let listen = config.listen.clone();
+            let app = std::sync::Arc::new(cosigner::App::new(config)?);
+            runtime()?.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .map_err(|e| format!("listen on {listen}: {e}"))?;
+                let local = listener.local_addr().map_err(|e| e.to_string())?;
+                println!("co-signer listening on http://{local}");
+                cosigner::serve(listener, app, shutdown_signal()).await.map_err(|e| e.to_string())
+            })
+        }
+        CosignerCommand::Register { config, key, server } => {
+            let config = CosignerConfig::load(&config)?;
+            let key = load_public_key(&key)?;
+            let path = config.registry_path();
+            let mut registry = Registry::load(&path)?;
+            registry.register(&server, &key, crate::system_now())?;
+            registry.save(&path)?;
+            println!("registered server {server:?}: it signs as kid \"{}{server}\"", cosigner::SERVER_KID_PREFIX);
+            Ok(())
+        }
+        CosignerCommand::Revoke { config, server } => {
+            let config = CosignerConfig::load(&config)?;
+            let path = config.registry_path();
+            let mut registry = Registry::load(&path)?;
+            registry.revoke(&server, crate::system_now())?;
+            registry.save(&path)?;
+            println!("revoked server {server:?}");
+            Ok(())
+        }
+        CosignerCommand::Request { url, ca, out, file } => {
+            let envelope = read_envelope(&file)?;
+            let signed = runtime()?.block_on(request_cosignature(&url, &envelope, ca.as_deref()))?;
+            write_output(out.as_deref(), &signed.to_json())
+        }
+    }
+}
+
+/// Sends a server-signed message to the co-signer and returns its answer.
+pub async fn request_cosignature(
+    base_url: &str,
+    envelope: &Envelope,
+    ca: Option<&Path>,
+) -> Result<Envelope, String> {
+    let url = format!("{}/v1/cosign", base_url.trim_end_matches('/'));
+    let (status, body) = crate::http::post_json(&url, envelope.to_json(), ca, trust::MAX_MESSAGE_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
+    if status != 200 {
+        let detail = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        return Err(format!("co-signer refused ({status}): {detail}"));
+    }
+    Envelope::parse(&body).map_err(|e| format!("co-signer answer: {e}"))
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

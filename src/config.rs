@@ -1,0 +1,457 @@
+//! `/etc/fleetd/fleetd.toml`: typed and validated when it loads. Every error
+//! names the file, the key and what is wrong; unknown keys are errors too, so
+//! a typo never silently falls back to a default.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/fleetd/fleetd.toml";
+pub const CONFIG_ENV: &str = "FLEETD_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid { path: PathBuf, key: String, message: String },
+    #[error("{path}: key `{key}`: cannot load {file}: {message}")]
+    KeyFile { path: PathBuf, key: String, file: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub device: Device,
+    pub trust: Trust,
+    pub slots: BTreeMap<String, Slot>,
+    pub boot: Boot,
+    #[serde(default)]
+    pub mqtt: Option<Mqtt>,
+    #[serde(default)]
+    pub update: Update,
+    #[serde(default)]
+    pub health: Health,
+    /// Where the file was loaded from; relative paths in it resolve against its directory.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub id: String,
+    pub project: String,
+    pub hardware: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trust {
+    #[serde(default)]
+    pub allow_http: bool,
+    #[serde(default = "default_leeway")]
+    pub leeway_s: u64,
+    #[serde(default = "default_max_validity")]
+    pub max_validity_s: u64,
+    /// kid → public key file. Every kid listed is required.
+    pub keys: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slot {
+    pub device: PathBuf,
+    /// Overrides the size read from the device (for image-size checks).
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootBackend {
+    Uboot,
+    Grub,
+    RpiTryboot,
+    Script,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Boot {
+    pub backend: BootBackend,
+    #[serde(default = "default_booted_slot")]
+    pub booted_slot: String,
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    #[serde(default)]
+    pub env_config: Option<PathBuf>,
+    #[serde(default)]
+    pub grubenv: Option<PathBuf>,
+    #[serde(default)]
+    pub autoboot_txt: Option<PathBuf>,
+    #[serde(default)]
+    pub script: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MqttProfile {
+    #[default]
+    Native,
+    AwsIotJobs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mqtt {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub profile: MqttProfile,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RebootMethod {
+    #[default]
+    Systemd,
+    Command,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    #[serde(default)]
+    pub reboot: RebootMethod,
+    #[serde(default)]
+    pub reboot_command: Option<String>,
+}
+
+impl Default for Update {
+    fn default() -> Self {
+        Self { reboot: RebootMethod::Systemd, reboot_command: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default)]
+    pub command: Option<PathBuf>,
+    #[serde(default = "default_health_timeout")]
+    pub timeout_s: u64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self { command: None, timeout_s: default_health_timeout() }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/fleetd")
+}
+fn default_leeway() -> u64 {
+    60
+}
+fn default_max_validity() -> u64 {
+    crate::trust::DEFAULT_MAX_VALIDITY_S
+}
+fn default_booted_slot() -> String {
+    "auto".into()
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_mqtt_port() -> u16 {
+    8883
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_health_timeout() -> u64 {
+    300
+}
+
+/// The config path: `--config`, else `$FLEETD_CONFIG`, else the default.
+pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONFIG_PATH),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let mut message = inner.message().to_string();
+            if let Some(span) = inner.span() {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                message = format!("{message} (line {line})");
+            }
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: if key == "." { "<root>".into() } else { key },
+                message,
+            }
+        })?;
+        config.source = path.to_path_buf();
+        config.resolve_relative_paths();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { path: self.source.clone(), key: key.into(), message: message.into() }
+    }
+
+    fn resolve_relative_paths(&mut self) {
+        let base = self.source.parent().map(Path::to_path_buf).unwrap_or_default();
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.device.state_dir);
+        self.trust.keys.values_mut().for_each(fix);
+        self.slots.values_mut().for_each(|s| fix(&mut s.device));
+        for p in [
+            &mut self.boot.env_config,
+            &mut self.boot.grubenv,
+            &mut self.boot.autoboot_txt,
+            &mut self.boot.script,
+            &mut self.health.command,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+        if let Some(m) = &mut self.mqtt {
+            fix(&mut m.ca_file);
+            m.cert_file.iter_mut().for_each(fix);
+            m.key_file.iter_mut().for_each(fix);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("device.id", &self.device.id),
+            ("device.project", &self.device.project),
+            ("device.hardware", &self.device.hardware),
+        ] {
+            if !is_identifier(value) {
+                return Err(self.invalid(key, format!("{value:?} must be 1-64 characters of [A-Za-z0-9._-]")));
+            }
+        }
+        for (i, g) in self.device.groups.iter().enumerate() {
+            if !is_identifier(g) {
+                return Err(self.invalid(format!("device.groups[{i}]"), format!("{g:?} must be 1-64 characters of [A-Za-z0-9._-]")));
+            }
+        }
+        if self.trust.keys.is_empty() {
+            return Err(self.invalid("trust.keys", "at least one key is required (normally fleet and cosigner)"));
+        }
+        if self.trust.max_validity_s == 0 {
+            return Err(self.invalid("trust.max_validity_s", "must be positive"));
+        }
+        if self.slots.len() != 2 {
+            return Err(self.invalid("slots", format!("exactly two slots are needed for A/B updates, found {}", self.slots.len())));
+        }
+        for name in self.slots.keys() {
+            if !name.bytes().all(|b| b.is_ascii_alphanumeric()) || name.is_empty() || name.len() > 8 {
+                return Err(self.invalid(format!("slots.{name}"), "slot names are 1-8 letters or digits"));
+            }
+        }
+        let devices: Vec<_> = self.slots.values().map(|s| &s.device).collect();
+        if devices[0] == devices[1] {
+            return Err(self.invalid("slots", "both slots name the same device"));
+        }
+        if self.boot.booted_slot != "auto" && !self.slots.contains_key(&self.boot.booted_slot) {
+            return Err(self.invalid("boot.booted_slot", format!("{:?} is neither \"auto\" nor a slot name", self.boot.booted_slot)));
+        }
+        if !(1..=10).contains(&self.boot.attempts) {
+            return Err(self.invalid("boot.attempts", "must be between 1 and 10"));
+        }
+        let needed = match self.boot.backend {
+            BootBackend::Grub => self.boot.grubenv.as_ref().map(|_| ()).ok_or("boot.grubenv"),
+            BootBackend::Script => self.boot.script.as_ref().map(|_| ()).ok_or("boot.script"),
+            BootBackend::Uboot | BootBackend::RpiTryboot => Ok(()),
+        };
+        if let Err(key) = needed {
+            return Err(self.invalid(key, "required by this boot.backend"));
+        }
+        if self.update.reboot == RebootMethod::Command && self.update.reboot_command.is_none() {
+            return Err(self.invalid("update.reboot_command", "required when update.reboot = \"command\""));
+        }
+        if let Some(m) = &self.mqtt {
+            if m.host.is_empty() {
+                return Err(self.invalid("mqtt.host", "must not be empty"));
+            }
+            if m.cert_file.is_some() != m.key_file.is_some() {
+                return Err(self.invalid("mqtt.key_file", "cert_file and key_file go together"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the trust policy: reads every public key and the slot sizes.
+    pub fn policy(&self) -> Result<crate::trust::Policy, ConfigError> {
+        let mut keys = Vec::new();
+        for (kid, file) in &self.trust.keys {
+            let key_error = |message: String| ConfigError::KeyFile {
+                path: self.source.clone(),
+                key: format!("trust.keys.{kid}"),
+                file: file.clone(),
+                message,
+            };
+            let pem = std::fs::read_to_string(file).map_err(|e| key_error(e.to_string()))?;
+            let key = crate::trust::PublicKey::from_pem(&pem).map_err(|e| key_error(e.to_string()))?;
+            keys.push((kid.clone(), key));
+        }
+        Ok(crate::trust::Policy {
+            keys,
+            project: self.device.project.clone(),
+            hardware: self.device.hardware.clone(),
+            device_id: self.device.id.clone(),
+            groups: self.device.groups.clone(),
+            leeway_s: self.trust.leeway_s,
+            max_validity_s: self.trust.max_validity_s,
+            allow_http: self.trust.allow_http,
+            max_image_size: self.smallest_slot_size(),
+        })
+    }
+
+    /// The smallest size among slots whose size is configured or readable.
+    pub fn smallest_slot_size(&self) -> Option<u64> {
+        self.slots.values().filter_map(slot_size).min()
+    }
+}
+
+/// A slot's size: the configured one, else the file's or block device's length.
+pub fn slot_size(slot: &Slot) -> Option<u64> {
+    use std::io::{Seek, SeekFrom};
+    if let Some(size) = slot.size {
+        return Some(size);
+    }
+    // Seeking to the end works for regular files and block devices alike.
+    let mut f = std::fs::File::open(&slot.device).ok()?;
+    f.seek(SeekFrom::End(0)).ok()
+}
+
+fn is_identifier(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[device]
+id = "gw-0042"
+project = "acme-gateways"
+hardware = "rpi4-gw"
+groups = ["pilot"]
+state_dir = "state"
+
+[trust]
+leeway_s = 30
+[trust.keys]
+fleet = "keys/fleet.pub.pem"
+cosigner = "/etc/fleetd/keys/cosigner.pub.pem"
+
+[slots.A]
+device = "/dev/mmcblk0p2"
+[slots.B]
+device = "/dev/mmcblk0p3"
+
+[boot]
+backend = "uboot"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/fleetd/fleetd.toml"))
+    }
+
+    #[test]
+    fn parses_the_documented_example_and_resolves_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.device.id, "gw-0042");
+        assert_eq!(c.trust.leeway_s, 30);
+        assert!(!c.trust.allow_http);
+        assert_eq!(c.device.state_dir, PathBuf::from("/etc/fleetd/state"));
+        assert_eq!(c.trust.keys["fleet"], PathBuf::from("/etc/fleetd/keys/fleet.pub.pem"));
+        assert_eq!(c.boot.backend, BootBackend::Uboot);
+        assert_eq!(c.boot.attempts, 3);
+        assert_eq!(c.update.reboot, RebootMethod::Systemd);
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let e = error_of(&GOOD.replace("leeway_s = 30", "leeway_s = \"soon\""));
+        assert!(e.starts_with("/etc/fleetd/fleetd.toml: key `trust.leeway_s`"), "{e}");
+
+        let e = error_of(&GOOD.replace("leeway_s = 30", "leway_s = 30"));
+        assert!(e.contains("`trust.leway_s`") && e.contains("unknown field"), "{e}");
+
+        let e = error_of(&GOOD.replace("backend = \"uboot\"", "backend = \"lilo\""));
+        assert!(e.contains("`boot.backend`") && e.contains("lilo"), "{e}");
+
+        let e = error_of(&GOOD.replace("id = \"gw-0042\"", "id = \"gw 42\""));
+        assert!(e.contains("`device.id`"), "{e}");
+
+        let e = error_of(&GOOD.replace("[slots.B]\ndevice = \"/dev/mmcblk0p3\"", ""));
+        assert!(e.contains("`slots`") && e.contains("two slots"), "{e}");
+
+        let e = error_of(&format!("{GOOD}booted_slot = \"C\"\n"));
+        assert!(e.contains("`boot.booted_slot`"), "{e}");
+
+        let e = error_of(&GOOD.replace("backend = \"uboot\"", "backend = \"grub\""));
+        assert!(e.contains("`boot.grubenv`"), "{e}");
+
+        let e = error_of(&GOOD.replace("[device]", "[devise]"));
+        assert!(e.contains("devise"), "{e}");
+
+        let e = error_of("this is = = not toml");
+        assert!(e.starts_with("/etc/fleetd/fleetd.toml: key"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_file_is_named() {
+        let c = parse(GOOD).unwrap();
+        let e = c.policy().unwrap_err().to_string();
+        assert!(e.contains("`trust.keys.cosigner`") && e.contains("cosigner.pub.pem"), "{e}");
+    }
+}

@@ -1,0 +1,93 @@
+//! The co-signer: an independent service that adds its signature to an
+//! update message only when a registered, non-revoked fleet server asks and
+//! the claims are within its policy. Revoking a server here is enough to stop
+//! a stolen server key; no device needs to change.
+
+mod ratelimit;
+mod registry;
+mod service;
+
+pub use ratelimit::RateLimiter;
+pub use registry::{Registry, ServerEntry};
+pub use service::{router, serve, App, CosignError};
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Fleet servers sign with kid `server:<id>`.
+pub const SERVER_KID_PREFIX: &str = "server:";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CosignerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The kid devices know this service's key by.
+    #[serde(default = "default_kid")]
+    pub kid: String,
+    /// The co-signer's private key (PKCS#8 PEM, 0600).
+    pub key: PathBuf,
+    /// Holds `registry.json` and `audit.jsonl`.
+    pub state_dir: PathBuf,
+    /// Projects this co-signer signs for.
+    pub projects: Vec<String>,
+    #[serde(default = "default_max_validity")]
+    pub max_validity_s: u64,
+    #[serde(default = "default_leeway")]
+    pub leeway_s: u64,
+    /// Requests per minute and burst, per fleet server.
+    #[serde(default = "default_rate")]
+    pub rate_limit_per_minute: u32,
+    #[serde(default = "default_burst")]
+    pub rate_limit_burst: u32,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8700".into()
+}
+fn default_kid() -> String {
+    "cosigner".into()
+}
+fn default_max_validity() -> u64 {
+    crate::trust::DEFAULT_MAX_VALIDITY_S
+}
+fn default_leeway() -> u64 {
+    60
+}
+fn default_rate() -> u32 {
+    60
+}
+fn default_burst() -> u32 {
+    10
+}
+
+impl CosignerConfig {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let de = toml::Deserializer::new(&text);
+        let mut config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            format!("{}: key `{}`: {}", path.display(), e.path(), e.inner().message())
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for p in [&mut config.key, &mut config.state_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if config.projects.is_empty() {
+            return Err(format!("{}: key `projects`: at least one project is required", path.display()));
+        }
+        if config.rate_limit_per_minute == 0 || config.rate_limit_burst == 0 {
+            return Err(format!("{}: key `rate_limit_per_minute`: rate and burst must be positive", path.display()));
+        }
+        Ok(config)
+    }
+
+    pub fn registry_path(&self) -> PathBuf {
+        self.state_dir.join("registry.json")
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.state_dir.join("audit.jsonl")
+    }
+}

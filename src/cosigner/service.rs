@@ -1,0 +1,193 @@
+//! `POST /v1/cosign`: the HTTP face of the co-signer.
+
+use super::{CosignerConfig, RateLimiter, Registry, SERVER_KID_PREFIX};
+use crate::trust::{self, Claims, Envelope, PublicKey, SigningKey, VerifyError};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Why a co-signing request was refused; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum CosignError {
+    #[error("{0}")]
+    Message(VerifyError),
+    #[error("server-unknown: {0:?} is not registered")]
+    ServerUnknown(String),
+    #[error("server-revoked: {0:?} was revoked")]
+    ServerRevoked(String),
+    #[error("project-refused: this co-signer does not sign for {0:?}")]
+    ProjectRefused(String),
+    #[error("rate-limited: too many requests from {0:?}")]
+    RateLimited(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl CosignError {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Message(e) => e.name(),
+            Self::ServerUnknown(_) => "server-unknown",
+            Self::ServerRevoked(_) => "server-revoked",
+            Self::ProjectRefused(_) => "project-refused",
+            Self::RateLimited(_) => "rate-limited",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Message(VerifyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Message(VerifyError::SignatureInvalid(_)) => StatusCode::UNAUTHORIZED,
+            Self::Message(
+                VerifyError::Malformed(_)
+                | VerifyError::AlgRejected(_)
+                | VerifyError::HeaderRejected(_)
+                | VerifyError::KidUnknown(_)
+                | VerifyError::KidDuplicate(_)
+                | VerifyError::SignatureMissing(_),
+            ) => StatusCode::BAD_REQUEST,
+            Self::Message(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::ServerUnknown(_) | Self::ServerRevoked(_) | Self::ProjectRefused(_) => {
+                StatusCode::FORBIDDEN
+            }
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for CosignError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.name(), "detail": self.to_string() });
+        (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+pub struct App {
+    config: CosignerConfig,
+    key: SigningKey,
+    limiter: Mutex<RateLimiter>,
+    /// Serialises audit appends so lines never interleave.
+    audit: Mutex<()>,
+}
+
+impl App {
+    pub fn new(config: CosignerConfig) -> Result<Self, String> {
+        let pem = std::fs::read_to_string(&config.key)
+            .map_err(|e| format!("{}: {e}", config.key.display()))?;
+        let key = SigningKey::from_pem(&pem).map_err(|e| format!("{}: {e}", config.key.display()))?;
+        let limiter = Mutex::new(RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst));
+        Ok(Self { config, key, limiter, audit: Mutex::new(()) })
+    }
+
+    /// The whole decision, without HTTP: returns the co-signed envelope.
+    pub fn cosign(&self, body: &[u8], now: u64) -> Result<Envelope, CosignError> {
+        let envelope = Envelope::parse(body).map_err(CosignError::Message)?;
+        let kids = envelope.kids();
+        let [kid] = kids.as_slice() else {
+            return Err(CosignError::Message(VerifyError::Malformed(
+                "exactly one signature, by the requesting fleet server, is expected".into(),
+            )));
+        };
+        let Some(server) = kid.strip_prefix(SERVER_KID_PREFIX) else {
+            return Err(CosignError::Message(VerifyError::KidUnknown(kid.clone())));
+        };
+        let registry = Registry::load(&self.config.registry_path()).map_err(CosignError::Internal)?;
+        let entry = registry
+            .servers
+            .get(server)
+            .ok_or_else(|| CosignError::ServerUnknown(server.to_string()))?;
+        if entry.revoked_at.is_some() {
+            return Err(CosignError::ServerRevoked(server.to_string()));
+        }
+        let server_key = PublicKey::from_pem(&entry.public_key)
+            .map_err(|e| CosignError::Internal(format!("registry key of {server}: {e}")))?;
+        trust::verify_signatures(&envelope, &[(kid.clone(), server_key)]).map_err(CosignError::Message)?;
+        if !self.take_token(server) {
+            return Err(CosignError::RateLimited(server.to_string()));
+        }
+        let claims = Claims::parse(&envelope.payload_bytes().map_err(CosignError::Message)?)
+            .map_err(CosignError::Message)?;
+        claims.check_structure().map_err(CosignError::Message)?;
+        if !self.config.projects.contains(&claims.project) {
+            return Err(CosignError::ProjectRefused(claims.project));
+        }
+        trust::check_validity_window(&claims, now, self.config.leeway_s, self.config.max_validity_s)
+            .map_err(CosignError::Message)?;
+
+        let mut signed = Envelope { payload: envelope.payload.clone(), signatures: Vec::new() };
+        signed
+            .add_signature(&self.key, &self.config.kid)
+            .map_err(|e| CosignError::Internal(e.to_string()))?;
+        self.audit(server, &claims, now)?;
+        Ok(signed)
+    }
+
+    fn take_token(&self, server: &str) -> bool {
+        match self.limiter.lock() {
+            Ok(mut l) => l.allow(server, Instant::now()),
+            Err(poisoned) => poisoned.into_inner().allow(server, Instant::now()),
+        }
+    }
+
+    /// Appends and fsyncs the audit record before the signature leaves.
+    fn audit(&self, server: &str, claims: &Claims, now: u64) -> Result<(), CosignError> {
+        let line = serde_json::json!({
+            "time": now,
+            "server": server,
+            "jti": claims.jti,
+            "project": claims.project,
+            "version": claims.version,
+            "name": claims.name,
+            "hardware": claims.target.hardware,
+            "devices": claims.target.devices,
+            "groups": claims.target.groups,
+            "nbf": claims.nbf,
+            "exp": claims.exp,
+            "image_sha256": claims.image.sha256,
+            "image_url": claims.image.url,
+        })
+        .to_string();
+        let _guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        std::fs::create_dir_all(&self.config.state_dir)
+            .and_then(|_| crate::fsutil::append_line_synced(&self.config.audit_path(), &line))
+            .map_err(|e| CosignError::Internal(format!("audit log: {e}")))
+    }
+}
+
+async fn cosign_handler(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let now = crate::system_now();
+    let result = tokio::task::spawn_blocking(move || app.cosign(&body, now)).await;
+    match result {
+        Ok(Ok(envelope)) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], envelope.to_json()).into_response()
+        }
+        Ok(Err(e)) => {
+            eprintln!("cosign refused: {e}");
+            e.into_response()
+        }
+        Err(e) => CosignError::Internal(e.to_string()).into_response(),
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/cosign", post(cosign_handler))
+        .layer(DefaultBodyLimit::max(trust::MAX_MESSAGE_BYTES))
+        .with_state(app)
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,104 @@
+//! HTTP(S) client plumbing: hyper over rustls with the ring provider. Trust
+//! comes from the system roots, or only from a given CA file.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("tls-config: {0}")]
+    TlsConfig(String),
+    #[error("bad-url: {0}")]
+    BadUrl(String),
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("body: {0}")]
+    Body(String),
+}
+
+pub type HttpsClient<B> = Client<hyper_rustls::HttpsConnector<HttpConnector>, B>;
+
+/// A rustls client configuration trusting `ca_file` alone, or else the system roots.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpError::TlsConfig(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?
+            {
+                let cert = cert.map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
+                roots.add(cert).map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err(HttpError::TlsConfig("no trusted CA certificates".into()));
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+pub fn client<B>(tls: rustls::ClientConfig) -> HttpsClient<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// POSTs a JSON body and returns the status and the (capped) response body.
+pub async fn post_json(
+    url: &str,
+    body: String,
+    ca_file: Option<&Path>,
+    limit: usize,
+) -> Result<(u16, Vec<u8>), HttpError> {
+    let uri: hyper::Uri = url.parse().map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
+    let tls = if uri.scheme_str() == Some("https") {
+        tls_config(ca_file)?
+    } else {
+        // Plain http still needs a config object; it is never used.
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| HttpError::TlsConfig(e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    };
+    let request = hyper::Request::post(uri)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| HttpError::BadUrl(e.to_string()))?;
+    let response = client(tls)
+        .request(request)
+        .await
+        .map_err(|e| HttpError::Connect(format!("{url}: {e}")))?;
+    let status = response.status().as_u16();
+    let limited = http_body_util::Limited::new(response.into_body(), limit);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| HttpError::Body(e.to_string()))?
+        .to_bytes();
+    Ok((status, bytes.to_vec()))
+}

@@ -1,0 +1,29 @@
+//! fleetd: provisioning, co-signed A/B updates and rollback for Linux gateways.
+//!
+//! The pure cores (`trust`, and later the update engine and boot-environment
+//! encoders) perform no IO; the binaries and the daemon wire them to disks and
+//! sockets. See `ARCHITECTURE.md` for the map.
+
+pub mod cli;
+pub mod config;
+pub mod cosigner;
+pub mod fsutil;
+pub mod http;
+pub mod store;
+pub mod trust;
+
+/// The daemon's own version, reported in status documents.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// When this binary was built (seconds since the epoch): the lowest clock floor.
+pub fn build_epoch() -> u64 {
+    env!("FLEETD_BUILD_EPOCH").parse().unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch from the system clock (0 if it reads before 1970).
+pub fn system_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,141 @@
+//! Persistent device state under `state_dir`, one JSON document written
+//! atomically. Mutators change memory only; `save()` is the single write.
+
+use crate::fsutil;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "state.json";
+const MAX_STATE_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state-io: {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("state-corrupt: {path}: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+impl StoreError {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "state-io",
+            Self::Corrupt { .. } => "state-corrupt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    /// The version of the image running in the committed slot.
+    pub installed_version: u64,
+    /// The largest `iat` ever accepted; stands in for a clock that reads earlier.
+    pub clock_floor: u64,
+    /// jti → the time after which it can be forgotten (its exp plus leeway).
+    pub replay_cache: BTreeMap<String, u64>,
+}
+
+impl State {
+    /// Records an accepted message: remembers its jti until it can no longer
+    /// verify, and raises the clock floor.
+    pub fn record_accepted(&mut self, jti: &str, iat: u64, exp: u64, leeway_s: u64, now: u64) {
+        self.prune_replay_cache(now);
+        self.replay_cache.insert(jti.to_string(), exp.saturating_add(leeway_s));
+        self.clock_floor = self.clock_floor.max(iat);
+    }
+
+    pub fn prune_replay_cache(&mut self, now: u64) {
+        self.replay_cache.retain(|_, forget_after| *forget_after > now);
+    }
+}
+
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    state: State,
+}
+
+impl Store {
+    /// Opens the store, creating the directory (0700) if needed.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+        }
+        Ok(Self { dir: dir.to_path_buf(), state: Self::read(dir)? })
+    }
+
+    /// Reads the state without creating anything (for read-only commands).
+    pub fn read(dir: &Path) -> Result<State, StoreError> {
+        let path = dir.join(STATE_FILE);
+        let bytes = match fsutil::read_capped(&path, MAX_STATE_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(source) => return Err(StoreError::Io { path, source }),
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt { path, message: e.to_string() })
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Changes memory only; call `save` to persist.
+    pub fn state_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+
+    pub fn save(&self) -> Result<(), StoreError> {
+        let path = self.dir.join(STATE_FILE);
+        let bytes = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
+        fsutil::atomic_write(&path, &bytes, 0o600).map_err(|source| StoreError::Io { path, source })
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_state_is_default_and_saves_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s")).unwrap();
+        assert_eq!(store.state(), &State::default());
+        store.state_mut().installed_version = 7;
+        store.state_mut().record_accepted("jti-00000001", 100, 200, 60, 150);
+        store.save().unwrap();
+        let again = Store::read(&dir.path().join("s")).unwrap();
+        assert_eq!(again.installed_version, 7);
+        assert_eq!(again.clock_floor, 100);
+        assert_eq!(again.replay_cache["jti-00000001"], 260);
+    }
+
+    #[test]
+    fn replay_cache_is_pruned_after_exp() {
+        let mut s = State::default();
+        s.record_accepted("first-jti", 10, 100, 0, 50);
+        s.record_accepted("second-jti", 20, 300, 0, 150);
+        assert!(!s.replay_cache.contains_key("first-jti"));
+        assert!(s.replay_cache.contains_key("second-jti"));
+        assert_eq!(s.clock_floor, 20);
+        s.record_accepted("third-jti", 5, 400, 0, 160);
+        assert_eq!(s.clock_floor, 20, "the floor never goes down");
+    }
+
+    #[test]
+    fn corrupt_state_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
+        let err = Store::read(dir.path()).unwrap_err();
+        assert_eq!(err.name(), "state-corrupt");
+    }
+}

@@ -1,0 +1,150 @@
+//! The co-signed update message (`update-message-v1.md`): parse, verify
+//! against the device's policy, and sign.
+//!
+//! Architecture invariant: nothing outside this module decides whether a
+//! message is trusted, and nothing in it performs IO — callers pass the clock,
+//! the stored state and the keys in.
+
+mod claims;
+mod envelope;
+pub mod keys;
+mod verify;
+
+pub use claims::{Claims, Image, Target, CLAIMS_TYPE};
+pub use envelope::{Envelope, Signature, MAX_MESSAGE_BYTES};
+pub use keys::{KeyError, PublicKey, SigningKey};
+pub use verify::{check_validity_window, verify_signatures, Policy, TrustState, Verified, DEFAULT_MAX_VALIDITY_S};
+pub use claims::{check_url, valid_jti, valid_sha256};
+
+/// Why a message was refused. `name()` is the stable name from the wire-format
+/// document; it reaches the log, the status report and the CLI unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    #[error("message-too-large: more than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("malformed: {0}")]
+    Malformed(String),
+    #[error("alg-rejected: {0:?} (only ES256 is accepted)")]
+    AlgRejected(String),
+    #[error("header-rejected: {0}")]
+    HeaderRejected(String),
+    #[error("kid-unknown: {0:?}")]
+    KidUnknown(String),
+    #[error("kid-duplicate: {0:?} signs twice")]
+    KidDuplicate(String),
+    #[error("signature-missing: no signature by required key {0:?}")]
+    SignatureMissing(String),
+    #[error("signature-invalid: signature by {0:?} does not verify")]
+    SignatureInvalid(String),
+    #[error("wrong-type: typ is {0:?}, expected \"fleetd.update.v1\"")]
+    WrongType(String),
+    #[error("expired: exp {exp} + leeway is not after now {now}")]
+    Expired { exp: u64, now: u64 },
+    #[error("not-yet-valid: nbf {nbf} - leeway is after now {now}")]
+    NotYetValid { nbf: u64, now: u64 },
+    #[error("validity-too-long: {seconds} s between nbf and exp, at most {max} s allowed")]
+    ValidityTooLong { seconds: u64, max: u64 },
+    #[error("replayed: jti {0:?} was already accepted")]
+    Replayed(String),
+    #[error("version-not-newer: version {offered} is not greater than installed {installed}")]
+    VersionNotNewer { offered: u64, installed: u64 },
+    #[error("wrong-project: message is for {got:?}, device is in {want:?}")]
+    WrongProject { got: String, want: String },
+    #[error("wrong-hardware: message is for {got:?}, device is {want:?}")]
+    WrongHardware { got: String, want: String },
+    #[error("not-targeted: device {0:?} and its groups are not among the targets")]
+    NotTargeted(String),
+    #[error("image-too-large: {size} bytes does not fit the {slot} bytes of the smallest slot")]
+    ImageTooLarge { size: u64, slot: u64 },
+    #[error("url-scheme-rejected: {0}")]
+    UrlSchemeRejected(String),
+}
+
+impl VerifyError {
+    /// The stable error name (`signature-invalid`, `expired`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "message-too-large",
+            Self::Malformed(_) => "malformed",
+            Self::AlgRejected(_) => "alg-rejected",
+            Self::HeaderRejected(_) => "header-rejected",
+            Self::KidUnknown(_) => "kid-unknown",
+            Self::KidDuplicate(_) => "kid-duplicate",
+            Self::SignatureMissing(_) => "signature-missing",
+            Self::SignatureInvalid(_) => "signature-invalid",
+            Self::WrongType(_) => "wrong-type",
+            Self::Expired { .. } => "expired",
+            Self::NotYetValid { .. } => "not-yet-valid",
+            Self::ValidityTooLong { .. } => "validity-too-long",
+            Self::Replayed(_) => "replayed",
+            Self::VersionNotNewer { .. } => "version-not-newer",
+            Self::WrongProject { .. } => "wrong-project",
+            Self::WrongHardware { .. } => "wrong-hardware",
+            Self::NotTargeted(_) => "not-targeted",
+            Self::ImageTooLarge { .. } => "image-too-large",
+            Self::UrlSchemeRejected(_) => "url-scheme-rejected",
+        }
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+/// Strict base64url without padding: `=`, `+`, `/`, whitespace and
+/// non-canonical trailing bits are all errors.
+pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+}
+
+pub fn b64url_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A random identifier of `[A-Za-z0-9_-]`, suitable as a `jti`.
+pub fn random_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    // SystemRandom only fails when the OS has no entropy source at all.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes.copy_from_slice(&nanos.to_le_bytes());
+    }
+    b64url_encode(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn b64url_is_strict() {
+        assert_eq!(b64url_decode("aGk").unwrap(), b"hi");
+        assert!(b64url_decode("aGk=").is_none(), "padding");
+        assert!(b64url_decode("+/8").is_none(), "standard alphabet");
+        assert!(b64url_decode("aG k").is_none(), "whitespace");
+        assert!(b64url_decode("aGl").is_none(), "non-canonical trailing bits");
+    }
+
+    #[test]
+    fn hex_and_random_id() {
+        assert_eq!(hex(&[0x00, 0xab, 0xff]), "00abff");
+        let id = random_id();
+        assert_eq!(id.len(), 22);
+        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert_ne!(id, random_id());
+    }
+}
