@@ -103,6 +103,9 @@ impl Envelope {
     }
 
     pub(crate) fn checked_signatures(&self) -> Result<Vec<CheckedSignature>, VerifyError> {
+        // The payload's encoding is checked first so that padding is reported
+        // as malformed rather than as a signature that fails to verify.
+        self.payload_bytes()?;
         if self.signatures.is_empty() {
             return Err(VerifyError::Malformed("no signatures".into()));
         }
@@ -113,6 +116,14 @@ impl Envelope {
         b64url_decode(&self.payload)
             .ok_or_else(|| VerifyError::Malformed("payload is not unpadded base64url".into()))
     }
+}
+
+/// Parses JSON into `T` with serde_json's depth limit applied to every value,
+/// including members `T` ignores (skipped values are otherwise unbounded),
+/// and with duplicate members of `T` refused.
+pub(crate) fn parse_bounded<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice::<serde_json::Value>(bytes)?;
+    serde_json::from_slice(bytes)
 }
 
 fn check_header(sig: &Signature, payload: &str) -> Result<CheckedSignature, VerifyError> {
@@ -127,7 +138,7 @@ fn check_header(sig: &Signature, payload: &str) -> Result<CheckedSignature, Veri
     }
     let raw = b64url_decode(&sig.protected)
         .ok_or_else(|| VerifyError::Malformed("protected header is not unpadded base64url".into()))?;
-    let header: ProtectedHeader = serde_json::from_slice(&raw)
+    let header: ProtectedHeader = parse_bounded(&raw)
         .map_err(|e| VerifyError::Malformed(format!("protected header: {e}")))?;
     match &header.alg {
         Some(serde_json::Value::String(alg)) if alg == "ES256" => {}

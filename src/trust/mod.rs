@@ -148,3 +148,6 @@ mod tests {
         assert_ne!(id, random_id());
     }
 }
+
+#[cfg(test)]
+mod rule_tests;
