@@ -1,0 +1,156 @@
+//! Shared helpers for the integration tests: temp dirs, binaries, keys, config.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn fleetd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fleetd"))
+}
+
+pub fn fleetctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs and asserts success, returning stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", stderr(&out), stdout(&out));
+    stdout(&out)
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A device directory with fleet and cosigner keys, two file slots and a config.
+pub struct Device {
+    pub dir: tempfile::TempDir,
+}
+
+impl Device {
+    pub fn new() -> Self {
+        Self::with_slot_size(64 * 1024 * 1024)
+    }
+
+    pub fn with_slot_size(slot_size: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Self { dir };
+        for name in ["fleet", "cosigner"] {
+            ok(fleetctl().args(["keygen", "--out"]).arg(d.keys()).args(["--name", name]));
+        }
+        for slot in ["a", "b"] {
+            let f = std::fs::File::create(d.path().join(format!("slot-{slot}.img"))).unwrap();
+            f.set_len(slot_size).unwrap();
+        }
+        d.write_config("");
+        d
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn keys(&self) -> PathBuf {
+        self.path().join("keys")
+    }
+
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.keys().join(format!("{name}.key.pem"))
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path().join("fleetd.toml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path().join("state")
+    }
+
+    /// Writes the config; `trust_extra` goes into the [trust] table.
+    pub fn write_config(&self, trust_extra: &str) {
+        let text = format!(
+            r#"[device]
+id = "gw-0042"
+project = "acme-gateways"
+hardware = "rpi4-gw"
+groups = ["pilot"]
+state_dir = "state"
+
+[trust]
+{trust_extra}
+[trust.keys]
+fleet = "keys/fleet.pub.pem"
+cosigner = "keys/cosigner.pub.pem"
+
+[slots.A]
+device = "slot-a.img"
+[slots.B]
+device = "slot-b.img"
+
+[boot]
+backend = "grub"
+grubenv = "grubenv"
+booted_slot = "A"
+"#
+        );
+        std::fs::write(self.config(), text).unwrap();
+    }
+
+    /// `fleetctl sign` with sensible claims plus `extra` flags; returns the file.
+    pub fn sign(&self, name: &str, key: &str, kid: &str, extra: &[&str]) -> PathBuf {
+        let out = self.path().join(format!("{name}.json"));
+        let defaults = [
+            ("--project", "acme-gateways"), ("--hardware", "rpi4-gw"), ("--device", "gw-0042"),
+            ("--url", "https://updates.example.com/x.img"), ("--size", "1048576"),
+            ("--sha256", "c7be90c1253943c94f256c17c430305e300d117d8a70adaf749bf2488913b184"),
+            ("--name", "2026.11.1"), ("--version", "8"),
+        ];
+        let mut cmd = fleetctl();
+        cmd.args(["sign", "--kid", kid, "--key"]).arg(self.key(key));
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.args(extra).arg("--out").arg(&out);
+        ok(&mut cmd);
+        out
+    }
+
+    pub fn cosign(&self, file: &Path, key: &str, kid: &str) -> PathBuf {
+        let out = file.with_extension(format!("{kid}.json"));
+        ok(fleetctl().args(["cosign", "--kid", kid, "--key"]).arg(self.key(key)).arg("--out").arg(&out).arg(file));
+        out
+    }
+
+    /// A message signed by both required keys.
+    pub fn cosigned(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let one = self.sign(name, "fleet", "fleet", extra);
+        self.cosign(&one, "cosigner", "cosigner")
+    }
+
+    /// `fleetd verify`: (exit code, stdout).
+    pub fn verify(&self, file: &Path, json: bool) -> (i32, String) {
+        let mut cmd = fleetd();
+        cmd.arg("verify").arg("--config").arg(self.config());
+        if json {
+            cmd.arg("--json");
+        }
+        let out = run(cmd.arg(file));
+        (out.status.code().unwrap_or(-1), stdout(&out) + &stderr(&out))
+    }
+}
