@@ -37,8 +37,11 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpEr
             for cert in CertificateDer::pem_file_iter(path)
                 .map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?
             {
-                let cert = cert.map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
-                roots.add(cert).map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
+                let cert =
+                    cert.map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
             }
         }
         None => {
@@ -74,16 +77,20 @@ pub async fn post_json(
     ca_file: Option<&Path>,
     limit: usize,
 ) -> Result<(u16, Vec<u8>), HttpError> {
-    let uri: hyper::Uri = url.parse().map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
     let tls = if uri.scheme_str() == Some("https") {
         tls_config(ca_file)?
     } else {
         // Plain http still needs a config object; it is never used.
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| HttpError::TlsConfig(e.to_string()))?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpError::TlsConfig(e.to_string()))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
     };
     let request = hyper::Request::post(uri)
         .header(hyper::header::CONTENT_TYPE, "application/json")

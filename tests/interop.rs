@@ -6,20 +6,31 @@ use common::*;
 use std::process::Command;
 
 fn python_with_jwcrypto() -> Option<Command> {
-    let ok = Command::new("python3").args(["-c", "import jwcrypto"]).output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("python3")
+        .args(["-c", "import jwcrypto"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "jwcrypto must be installed in CI (scripts/setup)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "jwcrypto must be installed in CI (scripts/setup)"
+        );
         eprintln!("SKIP: python3 with jwcrypto not available; run scripts/setup");
         return None;
     }
     let mut cmd = Command::new("python3");
-    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/jose_interop.py"));
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/jose_interop.py"
+    ));
     Some(cmd)
 }
 
 #[test]
 fn a_jwcrypto_message_verifies_in_fleetd() {
-    let Some(mut py) = python_with_jwcrypto() else { return };
+    let Some(mut py) = python_with_jwcrypto() else {
+        return;
+    };
     let d = Device::new();
     // Replace the device's trusted keys with keys made by jwcrypto.
     std::fs::remove_dir_all(d.keys()).unwrap();
@@ -40,12 +51,17 @@ fn a_jwcrypto_message_verifies_in_fleetd() {
     bytes[i] = b'8';
     v["payload"] = fleetd::trust::b64url_encode(&bytes).into();
     std::fs::write(&msg, v.to_string()).unwrap();
-    assert!(d.verify(&msg, false).1.starts_with("rejected: signature-invalid"));
+    assert!(d
+        .verify(&msg, false)
+        .1
+        .starts_with("rejected: signature-invalid"));
 }
 
 #[test]
 fn a_fleetctl_message_verifies_in_jwcrypto() {
-    let Some(mut py) = python_with_jwcrypto() else { return };
+    let Some(mut py) = python_with_jwcrypto() else {
+        return;
+    };
     let d = Device::new();
     let msg = d.cosigned("m", &[]);
     let out = ok(py.arg("verify").arg(d.path()).arg(&msg));
@@ -55,12 +71,18 @@ fn a_fleetctl_message_verifies_in_jwcrypto() {
 
     // jwcrypto must refuse it when one signature is broken.
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&msg).unwrap()).unwrap();
-    let sig = v["signatures"][1]["signature"].as_str().unwrap().to_string();
+    let sig = v["signatures"][1]["signature"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut raw = fleetd::trust::b64url_decode(&sig).unwrap();
     raw[10] ^= 1;
     v["signatures"][1]["signature"] = fleetd::trust::b64url_encode(&raw).into();
     std::fs::write(&msg, v.to_string()).unwrap();
     let mut py = python_with_jwcrypto().unwrap();
     let out = run(py.arg("verify").arg(d.path()).arg(&msg));
-    assert!(!out.status.success(), "jwcrypto accepted a broken signature");
+    assert!(
+        !out.status.success(),
+        "jwcrypto accepted a broken signature"
+    );
 }

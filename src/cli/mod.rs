@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "fleetd", version, about = "Gateway update and provisioning daemon")]
+#[command(
+    name = "fleetd",
+    version,
+    about = "Gateway update and provisioning daemon"
+)]
 struct FleetdCli {
     #[command(subcommand)]
     command: FleetdCommand,
@@ -37,7 +41,9 @@ enum FleetdCommand {
 pub fn fleetd_main() -> ExitCode {
     let cli = FleetdCli::parse();
     match cli.command {
-        FleetdCommand::Verify { config, json, file } => verify_command(config.as_deref(), json, &file),
+        FleetdCommand::Verify { config, json, file } => {
+            verify_command(config.as_deref(), json, &file)
+        }
         FleetdCommand::Demo => demo::run(),
     }
 }
@@ -68,7 +74,10 @@ fn verify_command(config: Option<&Path>, json: bool, file: &Path) -> ExitCode {
         (VerifyOutcome::Rejected(e), true) => {
             let detail = e.to_string();
             let detail = detail.split_once(": ").map(|(_, d)| d).unwrap_or(&detail);
-            println!("{}", serde_json::json!({"accepted": false, "error": e.name(), "detail": detail}))
+            println!(
+                "{}",
+                serde_json::json!({"accepted": false, "error": e.name(), "detail": detail})
+            )
         }
     }
     match outcome {
@@ -90,8 +99,10 @@ fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, String>
         clock_floor: state.clock_floor.max(crate::build_epoch()),
         seen_jtis: &state.replay_cache,
     };
-    Ok(match policy.verify(&input, &trust_state, crate::system_now()) {
-        Ok(verified) => VerifyOutcome::Accepted(verified.claims),
-        Err(e) => VerifyOutcome::Rejected(e),
-    })
+    Ok(
+        match policy.verify(&input, &trust_state, crate::system_now()) {
+            Ok(verified) => VerifyOutcome::Accepted(verified.claims),
+            Err(e) => VerifyOutcome::Rejected(e),
+        },
+    )
 }

@@ -66,7 +66,12 @@ impl CosignerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let de = toml::Deserializer::new(&text);
         let mut config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            format!("{}: key `{}`: {}", path.display(), e.path(), e.inner().message())
+            format!(
+                "{}: key `{}`: {}",
+                path.display(),
+                e.path(),
+                e.inner().message()
+            )
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         for p in [&mut config.key, &mut config.state_dir] {
@@ -75,10 +80,16 @@ impl CosignerConfig {
             }
         }
         if config.projects.is_empty() {
-            return Err(format!("{}: key `projects`: at least one project is required", path.display()));
+            return Err(format!(
+                "{}: key `projects`: at least one project is required",
+                path.display()
+            ));
         }
         if config.rate_limit_per_minute == 0 || config.rate_limit_burst == 0 {
-            return Err(format!("{}: key `rate_limit_per_minute`: rate and burst must be positive", path.display()));
+            return Err(format!(
+                "{}: key `rate_limit_per_minute`: rate and burst must be positive",
+                path.display()
+            ));
         }
         Ok(config)
     }

@@ -38,7 +38,11 @@ pub struct PublicKey {
 
 impl std::fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PublicKey(P-256 {})", crate::trust::hex(&self.point[1..9]))
+        write!(
+            f,
+            "PublicKey(P-256 {})",
+            crate::trust::hex(&self.point[1..9])
+        )
     }
 }
 
@@ -49,7 +53,9 @@ impl PublicKey {
     }
 
     pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
-        if der.len() != P256_SPKI_PREFIX.len() + P256_POINT_LEN || !der.starts_with(&P256_SPKI_PREFIX) {
+        if der.len() != P256_SPKI_PREFIX.len() + P256_POINT_LEN
+            || !der.starts_with(&P256_SPKI_PREFIX)
+        {
             return Err(KeyError::NotP256Public);
         }
         let mut point = [0u8; P256_POINT_LEN];
@@ -107,7 +113,10 @@ impl SigningKey {
         let rng = SystemRandom::new();
         let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
             .map_err(|_| KeyError::NotP256Private)?;
-        Ok(Self { pair, pkcs8: der.to_vec() })
+        Ok(Self {
+            pair,
+            pkcs8: der.to_vec(),
+        })
     }
 
     pub fn to_pem(&self) -> String {
@@ -153,7 +162,10 @@ pub fn pem_decode(pem: &str, label: &'static str) -> Result<Vec<u8>, KeyError> {
     let end = format!("-----END {label}-----");
     let start = pem.find(&begin).ok_or(KeyError::NotPem(label))? + begin.len();
     let stop = pem[start..].find(&end).ok_or(KeyError::NotPem(label))? + start;
-    let body: String = pem[start..stop].chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let body: String = pem[start..stop]
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
     STANDARD.decode(body).map_err(|_| KeyError::BadBase64)
 }
 
@@ -181,7 +193,10 @@ mod tests {
         );
         assert!(SigningKey::from_pem(&key.public_key().to_pem()).is_err());
         let junk = pem_encode(&[1, 2, 3], "PUBLIC KEY");
-        assert_eq!(PublicKey::from_pem(&junk).unwrap_err(), KeyError::NotP256Public);
+        assert_eq!(
+            PublicKey::from_pem(&junk).unwrap_err(),
+            KeyError::NotP256Public
+        );
     }
 
     #[test]

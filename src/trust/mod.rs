@@ -10,11 +10,13 @@ mod envelope;
 pub mod keys;
 mod verify;
 
+pub use claims::{check_url, valid_jti, valid_sha256};
 pub use claims::{Claims, Image, Target, CLAIMS_TYPE};
 pub use envelope::{Envelope, Signature, MAX_MESSAGE_BYTES};
 pub use keys::{KeyError, PublicKey, SigningKey};
-pub use verify::{check_validity_window, verify_signatures, Policy, TrustState, Verified, DEFAULT_MAX_VALIDITY_S};
-pub use claims::{check_url, valid_jti, valid_sha256};
+pub use verify::{
+    check_validity_window, verify_signatures, Policy, TrustState, Verified, DEFAULT_MAX_VALIDITY_S,
+};
 
 /// Why a message was refused. `name()` is the stable name from the wire-format
 /// document; it reaches the log, the status report and the CLI unchanged.
@@ -103,7 +105,9 @@ pub fn hex(bytes: &[u8]) -> String {
 /// non-canonical trailing bits are all errors.
 pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
 }
 
 pub fn b64url_encode(bytes: &[u8]) -> String {
@@ -136,7 +140,10 @@ mod tests {
         assert!(b64url_decode("aGk=").is_none(), "padding");
         assert!(b64url_decode("+/8").is_none(), "standard alphabet");
         assert!(b64url_decode("aG k").is_none(), "whitespace");
-        assert!(b64url_decode("aGl").is_none(), "non-canonical trailing bits");
+        assert!(
+            b64url_decode("aGl").is_none(),
+            "non-canonical trailing bits"
+        );
     }
 
     #[test]
@@ -144,7 +151,9 @@ mod tests {
         assert_eq!(hex(&[0x00, 0xab, 0xff]), "00abff");
         let id = random_id();
         assert_eq!(id.len(), 22);
-        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         assert_ne!(id, random_id());
     }
 }

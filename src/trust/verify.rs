@@ -57,7 +57,10 @@ impl Policy {
         let claims = Claims::parse(&envelope.payload_bytes()?)?;
         let effective_now = system_now.max(state.clock_floor);
         self.check_claims(&claims, state, effective_now)?;
-        Ok(Verified { claims, effective_now })
+        Ok(Verified {
+            claims,
+            effective_now,
+        })
     }
 
     fn check_claims(
@@ -80,7 +83,7 @@ impl Policy {
                 want: self.hardware.clone(),
             });
         }
-        let by_device = claims.target.devices.iter().any(|d| *d == self.device_id);
+        let by_device = claims.target.devices.contains(&self.device_id);
         let by_group = claims.target.groups.iter().any(|g| self.groups.contains(g));
         if !(by_device || by_group) {
             return Err(VerifyError::NotTargeted(self.device_id.clone()));
@@ -94,7 +97,10 @@ impl Policy {
         check_url(&claims.image.url, self.allow_http)?;
         if let Some(slot) = self.max_image_size {
             if claims.image.size > slot {
-                return Err(VerifyError::ImageTooLarge { size: claims.image.size, slot });
+                return Err(VerifyError::ImageTooLarge {
+                    size: claims.image.size,
+                    slot,
+                });
             }
         }
         if state.seen_jtis.contains_key(&claims.jti) {
@@ -117,20 +123,32 @@ pub fn check_validity_window(
     }
     let seconds = claims.exp - claims.nbf;
     if seconds > max_validity_s {
-        return Err(VerifyError::ValidityTooLong { seconds, max: max_validity_s });
+        return Err(VerifyError::ValidityTooLong {
+            seconds,
+            max: max_validity_s,
+        });
     }
     if now < claims.nbf.saturating_sub(leeway_s) {
-        return Err(VerifyError::NotYetValid { nbf: claims.nbf, now });
+        return Err(VerifyError::NotYetValid {
+            nbf: claims.nbf,
+            now,
+        });
     }
     if now >= claims.exp.saturating_add(leeway_s) {
-        return Err(VerifyError::Expired { exp: claims.exp, now });
+        return Err(VerifyError::Expired {
+            exp: claims.exp,
+            now,
+        });
     }
     Ok(())
 }
 
 /// Checks that the kids in `envelope` are exactly those of `keys`, each once,
 /// and that every signature verifies.
-pub fn verify_signatures(envelope: &Envelope, keys: &[(String, PublicKey)]) -> Result<(), VerifyError> {
+pub fn verify_signatures(
+    envelope: &Envelope,
+    keys: &[(String, PublicKey)],
+) -> Result<(), VerifyError> {
     let signatures = envelope.checked_signatures()?;
     let mut seen: Vec<&str> = Vec::with_capacity(signatures.len());
     for sig in &signatures {

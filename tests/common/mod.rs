@@ -13,8 +13,7 @@ pub fn fleetctl() -> Command {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("spawn");
-    out
+    cmd.output().expect("spawn")
 }
 
 pub fn stdout(out: &Output) -> String {
@@ -28,12 +27,20 @@ pub fn stderr(out: &Output) -> String {
 /// Runs and asserts success, returning stdout.
 pub fn ok(cmd: &mut Command) -> String {
     let out = run(cmd);
-    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", stderr(&out), stdout(&out));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        stderr(&out),
+        stdout(&out)
+    );
     stdout(&out)
 }
 
 pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// A device directory with fleet and cosigner keys, two file slots and a config.
@@ -50,7 +57,10 @@ impl Device {
         let dir = tempfile::tempdir().unwrap();
         let d = Self { dir };
         for name in ["fleet", "cosigner"] {
-            ok(fleetctl().args(["keygen", "--out"]).arg(d.keys()).args(["--name", name]));
+            ok(fleetctl()
+                .args(["keygen", "--out"])
+                .arg(d.keys())
+                .args(["--name", name]));
         }
         for slot in ["a", "b"] {
             let f = std::fs::File::create(d.path().join(format!("slot-{slot}.img"))).unwrap();
@@ -114,10 +124,17 @@ booted_slot = "A"
     pub fn sign(&self, name: &str, key: &str, kid: &str, extra: &[&str]) -> PathBuf {
         let out = self.path().join(format!("{name}.json"));
         let defaults = [
-            ("--project", "acme-gateways"), ("--hardware", "rpi4-gw"), ("--device", "gw-0042"),
-            ("--url", "https://updates.example.com/x.img"), ("--size", "1048576"),
-            ("--sha256", "c7be90c1253943c94f256c17c430305e300d117d8a70adaf749bf2488913b184"),
-            ("--name", "2026.11.1"), ("--version", "8"),
+            ("--project", "acme-gateways"),
+            ("--hardware", "rpi4-gw"),
+            ("--device", "gw-0042"),
+            ("--url", "https://updates.example.com/x.img"),
+            ("--size", "1048576"),
+            (
+                "--sha256",
+                "c7be90c1253943c94f256c17c430305e300d117d8a70adaf749bf2488913b184",
+            ),
+            ("--name", "2026.11.1"),
+            ("--version", "8"),
         ];
         let mut cmd = fleetctl();
         cmd.args(["sign", "--kid", kid, "--key"]).arg(self.key(key));
@@ -133,7 +150,12 @@ booted_slot = "A"
 
     pub fn cosign(&self, file: &Path, key: &str, kid: &str) -> PathBuf {
         let out = file.with_extension(format!("{kid}.json"));
-        ok(fleetctl().args(["cosign", "--kid", kid, "--key"]).arg(self.key(key)).arg("--out").arg(&out).arg(file));
+        ok(fleetctl()
+            .args(["cosign", "--kid", kid, "--key"])
+            .arg(self.key(key))
+            .arg("--out")
+            .arg(&out)
+            .arg(file));
         out
     }
 
@@ -151,6 +173,9 @@ booted_slot = "A"
             cmd.arg("--json");
         }
         let out = run(cmd.arg(file));
-        (out.status.code().unwrap_or(-1), stdout(&out) + &stderr(&out))
+        (
+            out.status.code().unwrap_or(-1),
+            stdout(&out) + &stderr(&out),
+        )
     }
 }
