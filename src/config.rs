@@ -81,6 +81,10 @@ pub struct Slot {
     /// Overrides the size read from the device (for image-size checks).
     #[serde(default)]
     pub size: Option<u64>,
+    /// The partition number the bootloader knows this slot by (tryboot);
+    /// defaults to the device name's trailing digits (`mmcblk0p2` → 2).
+    #[serde(default)]
+    pub boot_partition: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

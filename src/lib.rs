@@ -4,6 +4,7 @@
 //! encoders) perform no IO; the binaries and the daemon wire them to disks and
 //! sockets. See `ARCHITECTURE.md` for the map.
 
+pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod cosigner;
