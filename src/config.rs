@@ -112,6 +112,19 @@ pub struct Boot {
     pub autoboot_txt: Option<PathBuf>,
     #[serde(default)]
     pub script: Option<PathBuf>,
+    /// Changes at every boot; tells a reboot from a daemon restart.
+    #[serde(default = "default_boot_id_file")]
+    pub boot_id_file: PathBuf,
+    /// Where the Pi firmware says which partition it booted (tryboot).
+    #[serde(default = "default_tryboot_partition_file")]
+    pub tryboot_partition_file: PathBuf,
+}
+
+fn default_boot_id_file() -> PathBuf {
+    PathBuf::from("/proc/sys/kernel/random/boot_id")
+}
+fn default_tryboot_partition_file() -> PathBuf {
+    PathBuf::from("/proc/device-tree/chosen/bootloader/partition")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -153,8 +166,25 @@ pub enum RebootMethod {
 pub struct Update {
     #[serde(default)]
     pub reboot: RebootMethod,
+    /// Run with `sh -c`; `$FLEETD_REBOOT_ARG` holds the backend's argument (tryboot).
     #[serde(default)]
     pub reboot_command: Option<String>,
+    /// Trust only this CA for https image URLs (default: the system roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_s: u64,
+    /// Bytes per second a download must average over each minute (0: no minimum).
+    #[serde(default = "default_min_rate")]
+    pub min_rate_bps: u64,
+    /// Consecutive download attempts without progress before giving up.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default = "default_retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// fsync and record progress every this many MiB.
+    #[serde(default = "default_checkpoint_mib")]
+    pub checkpoint_mib: u64,
 }
 
 impl Default for Update {
@@ -162,8 +192,30 @@ impl Default for Update {
         Self {
             reboot: RebootMethod::Systemd,
             reboot_command: None,
+            ca_file: None,
+            stall_timeout_s: default_stall_timeout(),
+            min_rate_bps: default_min_rate(),
+            retries: default_retries(),
+            retry_base_ms: default_retry_base_ms(),
+            checkpoint_mib: default_checkpoint_mib(),
         }
     }
+}
+
+fn default_stall_timeout() -> u64 {
+    30
+}
+fn default_min_rate() -> u64 {
+    1024
+}
+fn default_retries() -> u32 {
+    8
+}
+fn default_retry_base_ms() -> u64 {
+    1000
+}
+fn default_checkpoint_mib() -> u64 {
+    32
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +323,8 @@ impl Config {
             }
         };
         fix(&mut self.device.state_dir);
+        fix(&mut self.boot.boot_id_file);
+        fix(&mut self.boot.tryboot_partition_file);
         self.trust.keys.values_mut().for_each(fix);
         self.slots.values_mut().for_each(|s| fix(&mut s.device));
         for p in [
@@ -279,6 +333,7 @@ impl Config {
             &mut self.boot.autoboot_txt,
             &mut self.boot.script,
             &mut self.health.command,
+            &mut self.update.ca_file,
         ]
         .into_iter()
         .flatten()
@@ -359,10 +414,25 @@ impl Config {
         let needed = match self.boot.backend {
             BootBackend::Grub => self.boot.grubenv.as_ref().map(|_| ()).ok_or("boot.grubenv"),
             BootBackend::Script => self.boot.script.as_ref().map(|_| ()).ok_or("boot.script"),
-            BootBackend::Uboot | BootBackend::RpiTryboot => Ok(()),
+            BootBackend::RpiTryboot => self
+                .boot
+                .autoboot_txt
+                .as_ref()
+                .map(|_| ())
+                .ok_or("boot.autoboot_txt"),
+            BootBackend::Uboot => Ok(()),
         };
         if let Err(key) = needed {
             return Err(self.invalid(key, "required by this boot.backend"));
+        }
+        if self.update.checkpoint_mib == 0
+            || self.update.stall_timeout_s == 0
+            || self.update.retries == 0
+        {
+            return Err(self.invalid(
+                "update",
+                "checkpoint_mib, stall_timeout_s and retries must be positive",
+            ));
         }
         if self.update.reboot == RebootMethod::Command && self.update.reboot_command.is_none() {
             return Err(self.invalid(

@@ -57,6 +57,17 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpEr
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
+/// A configuration for plain-http use, where no certificate is ever checked.
+pub fn plain_tls_config() -> Result<rustls::ClientConfig, HttpError> {
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| HttpError::TlsConfig(e.to_string()))?
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth())
+}
+
 pub fn client<B>(tls: rustls::ClientConfig) -> HttpsClient<B>
 where
     B: hyper::body::Body + Send + 'static,

@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod http;
 pub mod store;
 pub mod trust;
+pub mod update;
 
 /// The daemon's own version, reported in status documents.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

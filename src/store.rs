@@ -38,6 +38,27 @@ pub struct State {
     pub clock_floor: u64,
     /// jti → the time after which it can be forgotten (its exp plus leeway).
     pub replay_cache: BTreeMap<String, u64>,
+    /// The current or most recent update job.
+    pub job: Option<crate::update::Job>,
+    /// slot name → version of the image it holds (absent: unknown or invalid).
+    pub slot_versions: BTreeMap<String, u64>,
+    /// `"<error-name>: <detail>"` of the last failure, cleared by a success.
+    pub last_error: Option<String>,
+    /// Finished jobs, newest last, bounded.
+    pub history: Vec<HistoryEntry>,
+}
+
+pub const HISTORY_LEN: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub jti: String,
+    pub version: u64,
+    pub target_slot: String,
+    /// `committed`, `rolled-back` or `failed`.
+    pub outcome: String,
+    pub detail: Option<String>,
+    pub finished_at: u64,
 }
 
 impl State {
@@ -48,6 +69,54 @@ impl State {
         self.replay_cache
             .insert(jti.to_string(), exp.saturating_add(leeway_s));
         self.clock_floor = self.clock_floor.max(iat);
+    }
+
+    /// Records a finished job: versions on success, the error otherwise.
+    pub fn finish_job(&mut self, now: u64) {
+        use crate::update::Phase;
+        let Some(job) = &self.job else { return };
+        let (outcome, detail) = match &job.phase {
+            Phase::Committed => {
+                self.installed_version = job.version;
+                self.slot_versions
+                    .insert(job.target_slot.clone(), job.version);
+                self.last_error = None;
+                ("committed", None)
+            }
+            Phase::RolledBack { reason } => {
+                self.slot_versions.remove(&job.target_slot);
+                self.last_error = Some(if reason.starts_with("rolled-back") {
+                    format!(
+                        "rolled-back: slot {} did not come up; running {} again",
+                        job.target_slot, job.from_slot
+                    )
+                } else {
+                    format!("rolled-back: {reason}")
+                });
+                ("rolled-back", Some(reason.clone()))
+            }
+            Phase::Failed { error } => {
+                self.slot_versions.remove(&job.target_slot);
+                self.last_error = Some(error.clone());
+                ("failed", Some(error.clone()))
+            }
+            _ => return,
+        };
+        self.history.push(HistoryEntry {
+            jti: job.jti.clone(),
+            version: job.version,
+            target_slot: job.target_slot.clone(),
+            outcome: outcome.into(),
+            detail,
+            finished_at: now,
+        });
+        let excess = self.history.len().saturating_sub(HISTORY_LEN);
+        self.history.drain(..excess);
+    }
+
+    /// An update that has not reached its end yet.
+    pub fn active_job(&self) -> Option<&crate::update::Job> {
+        self.job.as_ref().filter(|j| !j.phase.is_terminal())
     }
 
     pub fn prune_replay_cache(&mut self, now: u64) {

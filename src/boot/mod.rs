@@ -40,19 +40,32 @@ impl SlotState {
 pub enum BootError {
     /// Reading or writing the environment's storage failed.
     #[error("{backend}: boot-env-io: {path}: {source}")]
-    Io { backend: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        backend: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// No valid copy of the environment (bad CRC, wrong size, garbage).
     #[error("{backend}: boot-env-corrupt: {detail}")]
-    Corrupt { backend: &'static str, detail: String },
+    Corrupt {
+        backend: &'static str,
+        detail: String,
+    },
     /// The backend's own configuration (fw_env.config, slot mapping) is wrong.
     #[error("{backend}: boot-config: {detail}")]
-    Config { backend: &'static str, detail: String },
+    Config {
+        backend: &'static str,
+        detail: String,
+    },
     /// A slot name the backend does not know.
     #[error("{backend}: unknown-slot: {slot:?}")]
     UnknownSlot { backend: &'static str, slot: String },
     /// An external command (custom script) failed or printed something unexpected.
     #[error("{backend}: boot-command: {detail}")]
-    Command { backend: &'static str, detail: String },
+    Command {
+        backend: &'static str,
+        detail: String,
+    },
 }
 
 impl BootError {

@@ -1,0 +1,469 @@
+//! Carries out the engine's actions against the real world: the store, the
+//! boot backend, the slot, the network, the health check and the reboot.
+
+use super::engine::{self, Action, Event, Job, Phase};
+use super::fetch::{self, FetchPolicy};
+use super::slot_writer::{SlotWriter, DEFAULT_BLOCK};
+use crate::boot::BootControl;
+use crate::config::{Config, RebootMethod};
+use crate::store::{Store, StoreError};
+use crate::trust::Claims;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Engine(#[from] engine::UnexpectedEvent),
+    #[error("busy: update {jti} (v{version}) is in progress")]
+    Busy { jti: String, version: u64 },
+    #[error("target-is-booted: slot {0} is the running slot; refusing to write it")]
+    TargetIsBooted(String),
+    #[error("image-too-large: {size} bytes do not fit slot {slot} ({slot_size} bytes)")]
+    SlotTooSmall {
+        slot: String,
+        size: u64,
+        slot_size: u64,
+    },
+    #[error("no-slot: {0}")]
+    NoSlot(String),
+}
+
+impl DriveError {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Store(e) => e.name(),
+            Self::Engine(_) => "unexpected-event",
+            Self::Busy { .. } => "busy",
+            Self::TargetIsBooted(_) => "target-is-booted",
+            Self::SlotTooSmall { .. } => "image-too-large",
+            Self::NoSlot(_) => "no-slot",
+        }
+    }
+}
+
+/// What the driver tells its front end (CLI progress, MQTT reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// A new phase: the status `state` name and a sentence for people.
+    Step { state: &'static str, detail: String },
+    /// Download progress, at most once per percent.
+    Progress { done: u64, total: u64 },
+}
+
+pub type Reporter = Box<dyn FnMut(&Report) + Send>;
+
+pub struct Updater {
+    config: Config,
+    store: Store,
+    boot: Box<dyn BootControl>,
+    booted: String,
+    boot_id: String,
+    /// Stop at reboot-pending instead of rebooting (`--no-reboot`).
+    pub no_reboot: bool,
+    reporter: Reporter,
+}
+
+impl Updater {
+    pub fn new(
+        config: Config,
+        store: Store,
+        boot: Box<dyn BootControl>,
+        booted: String,
+        boot_id: String,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            boot,
+            booted,
+            boot_id,
+            no_reboot: false,
+            reporter: Box::new(|_| {}),
+        }
+    }
+
+    pub fn on_report(&mut self, reporter: Reporter) {
+        self.reporter = reporter;
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    pub fn boot(&self) -> &dyn BootControl {
+        self.boot.as_ref()
+    }
+
+    pub fn booted(&self) -> &str {
+        &self.booted
+    }
+
+    pub fn job(&self) -> Option<&Job> {
+        self.store.state().job.as_ref()
+    }
+
+    /// The slot an update would write: the one not booted.
+    pub fn target_slot(&self) -> Result<String, DriveError> {
+        self.config
+            .slots
+            .keys()
+            .find(|s| **s != self.booted)
+            .cloned()
+            .ok_or_else(|| {
+                DriveError::NoSlot(format!("no slot other than the booted {}", self.booted))
+            })
+    }
+
+    /// Records a verified message as a new job (persisted before anything
+    /// else happens), then runs it as far as it goes.
+    pub async fn start(&mut self, claims: &Claims) -> Result<(), DriveError> {
+        if let Some(job) = self.store.state().active_job() {
+            return Err(DriveError::Busy {
+                jti: job.jti.clone(),
+                version: job.version,
+            });
+        }
+        let target = self.target_slot()?;
+        self.refuse_booted_target(&target)?;
+        let slot = &self.config.slots[&target];
+        if let Some(slot_size) = crate::config::slot_size(slot) {
+            if claims.image.size > slot_size {
+                return Err(DriveError::SlotTooSmall {
+                    slot: target,
+                    size: claims.image.size,
+                    slot_size,
+                });
+            }
+        }
+        let now = crate::system_now();
+        let state = self.store.state_mut();
+        state.record_accepted(
+            &claims.jti,
+            claims.iat,
+            claims.exp,
+            self.config.trust.leeway_s,
+            now,
+        );
+        state.job = Some(Job {
+            jti: claims.jti.clone(),
+            version: claims.version,
+            name: claims.name.clone(),
+            url: claims.image.url.clone(),
+            size: claims.image.size,
+            sha256: claims.image.sha256.clone(),
+            target_slot: target.clone(),
+            from_slot: self.booted.clone(),
+            phase: Phase::Accepted,
+            written: 0,
+            started_at: now,
+        });
+        self.store.save()?;
+        self.report_step(format!(
+            "accepted {} v{}; writing slot {target}",
+            claims.name, claims.version
+        ));
+        self.resume().await
+    }
+
+    /// Continues whatever job is stored, from wherever it stopped.
+    pub async fn resume(&mut self) -> Result<(), DriveError> {
+        if self.job().is_none() {
+            return Ok(());
+        }
+        let event = Event::Started {
+            booted: self.booted.clone(),
+            boot_id: self.boot_id.clone(),
+        };
+        self.drive(event).await
+    }
+
+    /// Feeds a health verdict given from outside (`fleetd mark-good/mark-bad`
+    /// during a trial).
+    pub async fn health_verdict(&mut self, healthy: bool, detail: &str) -> Result<(), DriveError> {
+        self.drive(Event::HealthChecked {
+            healthy,
+            detail: detail.to_string(),
+        })
+        .await
+    }
+
+    fn refuse_booted_target(&self, target: &str) -> Result<(), DriveError> {
+        // Two independent checks: the slot name, and the device against `/`.
+        if target == self.booted || device_backs_root(&self.config.slots[target].device) {
+            return Err(DriveError::TargetIsBooted(target.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn drive(&mut self, first: Event) -> Result<(), DriveError> {
+        let mut events = VecDeque::from([first]);
+        while let Some(event) = events.pop_front() {
+            let Some(job) = self.store.state().job.clone() else {
+                return Ok(());
+            };
+            let (next, actions) = engine::step(&job, event)?;
+            let phase_changed = next.phase != job.phase;
+            self.store.state_mut().job = Some(next);
+            if phase_changed {
+                self.report_phase();
+            }
+            for action in actions {
+                let is_persist = action == Action::Persist;
+                match self.perform(action).await {
+                    Ok(Some(next_event)) => events.push_back(next_event),
+                    Ok(None) => {}
+                    // Nothing can be recorded when the store itself fails.
+                    Err(e) if is_persist => return Err(e.into_drive_error()),
+                    Err(e) => {
+                        events.clear();
+                        events.push_back(Event::ActionFailed {
+                            error: e.to_string(),
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn perform(&mut self, action: Action) -> Result<Option<Event>, ActionError> {
+        let target = match self.job() {
+            Some(job) => job.target_slot.clone(),
+            None => return Ok(None),
+        };
+        match action {
+            Action::Persist => {
+                self.store.save().map_err(ActionError::Store)?;
+                Ok(None)
+            }
+            Action::InvalidateTarget => {
+                self.refuse_booted_target(&target)
+                    .map_err(|e| ActionError::Named(e.to_string()))?;
+                self.boot
+                    .mark_bad(&target)
+                    .map_err(|e| ActionError::Named(e.to_string()))?;
+                Ok(Some(Event::SlotInvalidated))
+            }
+            Action::Download { from } => self.download(from).await.map(Some),
+            Action::SetPrimaryForTrial => {
+                self.boot
+                    .set_primary_for_trial(&target)
+                    .map_err(|e| ActionError::Named(e.to_string()))?;
+                Ok(Some(Event::Switched {
+                    boot_id: self.boot_id.clone(),
+                }))
+            }
+            Action::Reboot => {
+                self.reboot().await?;
+                Ok(None)
+            }
+            Action::RunHealthCheck => Ok(Some(self.health_check().await)),
+            Action::MarkTargetGood => {
+                self.boot
+                    .mark_good(&target)
+                    .map_err(|e| ActionError::Named(e.to_string()))?;
+                Ok(None)
+            }
+            Action::MarkTargetBad => {
+                self.boot
+                    .mark_bad(&target)
+                    .map_err(|e| ActionError::Named(e.to_string()))?;
+                Ok(None)
+            }
+            Action::Finish => {
+                self.store.state_mut().finish_job(crate::system_now());
+                Ok(None)
+            }
+        }
+    }
+
+    async fn download(&mut self, from: u64) -> Result<Event, ActionError> {
+        let job = self
+            .job()
+            .cloned()
+            .ok_or_else(|| ActionError::Named("no job".into()))?;
+        self.refuse_booted_target(&job.target_slot)
+            .map_err(|e| ActionError::Named(e.to_string()))?;
+        let slot_path = self.config.slots[&job.target_slot].device.clone();
+        let named = |e: &dyn std::fmt::Display| ActionError::Named(e.to_string());
+        let mut writer =
+            SlotWriter::open(&slot_path, job.size, from, DEFAULT_BLOCK).map_err(|e| named(&e))?;
+        let tls = crate::http::tls_config(self.config.update.ca_file.as_deref());
+        let tls = match (tls, job.url.starts_with("https://")) {
+            (Ok(t), _) => t,
+            (Err(e), true) => return Err(named(&e)),
+            (Err(_), false) => crate::http::plain_tls_config().map_err(|e| named(&e))?,
+        };
+        let client: fetch::Client = crate::http::client(tls);
+        let policy = self.fetch_policy();
+        let store = &mut self.store;
+        let reporter = &mut self.reporter;
+        let mut on_checkpoint = |durable: u64| -> Result<(), String> {
+            let job = store.state().job.clone().ok_or("no job")?;
+            let (next, _) = engine::step(&job, Event::Checkpoint { written: durable })
+                .map_err(|e| e.to_string())?;
+            store.state_mut().job = Some(next);
+            store.save().map_err(|e| e.to_string())
+        };
+        let mut last_percent = u64::MAX;
+        let mut on_progress = |done: u64, total: u64| {
+            let percent = done * 100 / total.max(1);
+            if percent != last_percent {
+                last_percent = percent;
+                reporter(&Report::Progress { done, total });
+            }
+        };
+        fetch::fetch_into(
+            &client,
+            &job.url,
+            &mut writer,
+            &policy,
+            &mut on_checkpoint,
+            &mut on_progress,
+        )
+        .await
+        .map_err(|e| named(&e))?;
+        let stats = writer.finish(&job.sha256).map_err(|e| named(&e))?;
+        (self.reporter)(&Report::Step {
+            state: "installing",
+            detail: format!(
+                "image verified (sha256 ok); {} bytes written, {} unchanged bytes skipped",
+                stats.written, stats.skipped
+            ),
+        });
+        Ok(Event::ImageVerified)
+    }
+
+    fn fetch_policy(&self) -> FetchPolicy {
+        let u = &self.config.update;
+        FetchPolicy {
+            stall_timeout: Duration::from_secs(u.stall_timeout_s),
+            min_rate: u.min_rate_bps,
+            max_attempts: u.retries,
+            backoff_base: Duration::from_millis(u.retry_base_ms),
+            checkpoint_every: u.checkpoint_mib << 20,
+            ..FetchPolicy::default()
+        }
+    }
+
+    async fn reboot(&mut self) -> Result<(), ActionError> {
+        let arg = self.boot.trial_reboot_arg().unwrap_or("");
+        if self.no_reboot || self.config.update.reboot == RebootMethod::None {
+            self.report_step("reboot needed to continue (reboot disabled here)".into());
+            return Ok(());
+        }
+        let mut command = match self.config.update.reboot {
+            RebootMethod::Command => {
+                let script = self
+                    .config
+                    .update
+                    .reboot_command
+                    .clone()
+                    .unwrap_or_default();
+                let mut c = tokio::process::Command::new("/bin/sh");
+                c.args(["-c", &script]).env("FLEETD_REBOOT_ARG", arg);
+                c
+            }
+            // systemctl asks systemd (logind/PID 1) over D-Bus to reboot.
+            _ => {
+                let mut c = tokio::process::Command::new("systemctl");
+                c.arg("reboot");
+                if !arg.is_empty() {
+                    c.arg(arg);
+                }
+                c
+            }
+        };
+        self.report_step("rebooting into the new slot".into());
+        let status = command
+            .status()
+            .await
+            .map_err(|e| ActionError::Named(format!("reboot-failed: {e}")))?;
+        if !status.success() {
+            return Err(ActionError::Named(format!("reboot-failed: {status}")));
+        }
+        Ok(())
+    }
+
+    async fn health_check(&mut self) -> Event {
+        let Some(command) = self.config.health.command.clone() else {
+            return Event::HealthChecked {
+                healthy: true,
+                detail: "no health check configured".into(),
+            };
+        };
+        self.report_step(format!("running health check {}", command.display()));
+        let timeout = Duration::from_secs(self.config.health.timeout_s);
+        let child = tokio::process::Command::new(&command)
+            .kill_on_drop(true)
+            .status();
+        let (healthy, detail) = match tokio::time::timeout(timeout, child).await {
+            Err(_) => (false, format!("timed out after {} s", timeout.as_secs())),
+            Ok(Err(e)) => (false, format!("{}: {e}", command.display())),
+            Ok(Ok(status)) if status.success() => (true, "passed".into()),
+            Ok(Ok(status)) => (false, format!("{} {status}", command.display())),
+        };
+        Event::HealthChecked { healthy, detail }
+    }
+
+    fn report_step(&mut self, detail: String) {
+        let state = self.job().map(|j| j.phase.status_name()).unwrap_or("idle");
+        (self.reporter)(&Report::Step { state, detail });
+    }
+
+    fn report_phase(&mut self) {
+        let Some(job) = self.job() else { return };
+        let detail = match &job.phase {
+            Phase::Accepted => return,
+            Phase::Downloading => format!("downloading {} into slot {}", job.url, job.target_slot),
+            Phase::Written => format!("slot {} written and verified", job.target_slot),
+            Phase::RebootPending { .. } => {
+                format!("slot {} is primary for a trial boot", job.target_slot)
+            }
+            Phase::Testing { .. } => format!("booted slot {}; checking health", job.target_slot),
+            Phase::Committed => format!("committed v{} in slot {}", job.version, job.target_slot),
+            Phase::RolledBack { reason } => {
+                format!("rolled back to slot {}: {reason}", job.from_slot)
+            }
+            Phase::Failed { error } => format!("failed: {error}"),
+        };
+        let state = job.phase.status_name();
+        (self.reporter)(&Report::Step { state, detail });
+    }
+}
+
+/// Why an action failed; becomes the job's error (`name: detail`).
+#[derive(Debug, thiserror::Error)]
+enum ActionError {
+    #[error("{0}")]
+    Named(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl ActionError {
+    fn into_drive_error(self) -> DriveError {
+        match self {
+            Self::Store(e) => DriveError::Store(e),
+            Self::Named(detail) => DriveError::NoSlot(detail),
+        }
+    }
+}
+
+/// True when `device` is the block device mounted at `/`.
+pub fn device_backs_root(device: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (Ok(dev), Ok(root)) = (std::fs::metadata(device), std::fs::metadata("/")) else {
+        return false;
+    };
+    dev.file_type().is_block_device() && dev.rdev() == root.dev()
+}

@@ -1,0 +1,513 @@
+//! The update state machine: pure, no IO. `step(job, event)` returns the next
+//! job and the actions the driver must carry out, in order. Each change of
+//! phase is persisted (`Action::Persist`) before the side effect it leads to,
+//! so a restart at any instant finds a phase it can resume or clean up.
+//!
+//! The crash-safe order, literally:
+//!   persist Accepted → invalidate the target slot → persist Downloading →
+//!   write (checkpoints persisted after fsync) → verify hash → persist Written →
+//!   set primary for trial (one atomic env store) → persist RebootPending →
+//!   reboot → booted into target: persist Testing → health check →
+//!   mark good → persist Committed.
+
+use serde::{Deserialize, Serialize};
+
+/// One update, from acceptance to its end. Persisted in `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub jti: String,
+    pub version: u64,
+    pub name: String,
+    pub url: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The slot being written (never the booted one).
+    pub target_slot: String,
+    /// The slot that was booted when the job began: the fallback.
+    pub from_slot: String,
+    pub phase: Phase,
+    /// Bytes of the image durably in the target slot (fsynced).
+    pub written: u64,
+    pub started_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "kebab-case")]
+pub enum Phase {
+    /// Verified and recorded; the target slot is about to be invalidated.
+    Accepted,
+    /// The target is invalid in the boot env; bytes are streaming into it.
+    Downloading,
+    /// All bytes written, fsynced, and the hash matched.
+    Written,
+    /// The target is primary for a trial; waiting for the reboot.
+    RebootPending {
+        boot_id: String,
+    },
+    /// Booted into the target; the health check decides.
+    Testing {
+        boot_id: String,
+    },
+    Committed,
+    /// The old slot runs again: the bootloader fell back, or the health check failed.
+    RolledBack {
+        reason: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+impl Phase {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Self::Committed | Self::RolledBack { .. } | Self::Failed { .. }
+        )
+    }
+
+    /// The status document's `state` for this phase.
+    pub fn status_name(&self) -> &'static str {
+        match self {
+            Self::Accepted | Self::Downloading => "downloading",
+            Self::Written => "installing",
+            Self::RebootPending { .. } => "reboot-pending",
+            Self::Testing { .. } => "testing",
+            Self::Committed => "committed",
+            Self::RolledBack { .. } => "rolled-back",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Startup, or after a reboot: which slot runs, and this boot's id.
+    Started {
+        booted: String,
+        boot_id: String,
+    },
+    /// The target slot is marked bad in the boot env.
+    SlotInvalidated,
+    /// `written` bytes are fsynced in the target slot.
+    Checkpoint {
+        written: u64,
+    },
+    /// Every byte is written and fsynced, and the SHA-256 matched.
+    ImageVerified,
+    /// The target is primary for a trial; `boot_id` is the current boot's.
+    Switched {
+        boot_id: String,
+    },
+    HealthChecked {
+        healthy: bool,
+        detail: String,
+    },
+    /// An action failed for good (after its own retries): `error` is `name: detail`.
+    ActionFailed {
+        error: String,
+    },
+}
+
+/// What the driver must do, in order.
+#[must_use]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Save the job as returned by `step`.
+    Persist,
+    /// Mark the target slot bad so a half-written slot can never boot.
+    InvalidateTarget,
+    /// Stream the image into the target from this offset (earlier bytes are
+    /// already there and are re-hashed from the slot).
+    Download {
+        from: u64,
+    },
+    SetPrimaryForTrial,
+    Reboot,
+    RunHealthCheck,
+    MarkTargetGood,
+    MarkTargetBad,
+    /// Record the finished job in memory (installed version, slot versions,
+    /// history); the `Persist` that follows saves it.
+    Finish,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected-event: {event} in phase {phase}")]
+pub struct UnexpectedEvent {
+    pub phase: String,
+    pub event: String,
+}
+
+pub type Step = (Job, Vec<Action>);
+
+/// The whole state machine. An unexpected (phase, event) pair is an error
+/// and changes nothing.
+pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
+    use Action::*;
+    let with = |phase: Phase| Job {
+        phase,
+        ..job.clone()
+    };
+    let event_text = format!("{event:?}");
+    let unexpected = || UnexpectedEvent {
+        phase: format!("{:?}", job.phase),
+        event: event_text.clone(),
+    };
+    if let Event::ActionFailed { error } = &event {
+        if job.phase.is_terminal() {
+            return Err(unexpected());
+        }
+        let failed = with(Phase::Failed {
+            error: error.clone(),
+        });
+        // Once the target may have been switched, give it up explicitly.
+        let mut actions = vec![Finish, Persist];
+        if matches!(
+            job.phase,
+            Phase::Written | Phase::RebootPending { .. } | Phase::Testing { .. }
+        ) {
+            actions.insert(0, MarkTargetBad);
+        }
+        return Ok((failed, actions));
+    }
+    Ok(match (&job.phase, event) {
+        (Phase::Accepted, Event::Started { .. }) => (job.clone(), vec![InvalidateTarget]),
+        (Phase::Accepted, Event::SlotInvalidated) => {
+            let mut next = with(Phase::Downloading);
+            next.written = 0;
+            (next, vec![Persist, Download { from: 0 }])
+        }
+        (Phase::Downloading, Event::Started { booted, .. }) if booted == job.target_slot => {
+            return Ok(fail(
+                job,
+                "target-is-booted: the slot being written is running",
+            ));
+        }
+        (Phase::Downloading, Event::Started { .. }) => (
+            job.clone(),
+            vec![InvalidateTarget, Download { from: job.written }],
+        ),
+        (Phase::Downloading, Event::Checkpoint { written }) if written <= job.size => (
+            Job {
+                written,
+                ..job.clone()
+            },
+            vec![Persist],
+        ),
+        (Phase::Downloading, Event::ImageVerified) => (
+            Job {
+                written: job.size,
+                ..with(Phase::Written)
+            },
+            vec![Persist, SetPrimaryForTrial],
+        ),
+        (Phase::Written, Event::Started { .. }) => (job.clone(), vec![SetPrimaryForTrial]),
+        (Phase::Written, Event::Switched { boot_id }) => (
+            with(Phase::RebootPending { boot_id }),
+            vec![Persist, Reboot],
+        ),
+        (
+            Phase::RebootPending {
+                boot_id: switched_in,
+            },
+            Event::Started { booted, boot_id },
+        ) => {
+            if booted == job.target_slot {
+                (
+                    with(Phase::Testing { boot_id }),
+                    vec![Persist, RunHealthCheck],
+                )
+            } else if *switched_in != boot_id {
+                // A new boot, yet the old slot runs: the bootloader fell back.
+                (
+                    with(Phase::RolledBack {
+                        reason: "rolled-back".into(),
+                    }),
+                    vec![MarkTargetBad, Finish, Persist],
+                )
+            } else {
+                // Same boot: the daemon restarted before the reboot happened.
+                (job.clone(), vec![Reboot])
+            }
+        }
+        (Phase::Testing { .. }, Event::Started { booted, boot_id }) => {
+            if booted == job.target_slot {
+                (
+                    with(Phase::Testing { boot_id }),
+                    vec![Persist, RunHealthCheck],
+                )
+            } else {
+                (
+                    with(Phase::RolledBack {
+                        reason: "rolled-back".into(),
+                    }),
+                    vec![MarkTargetBad, Finish, Persist],
+                )
+            }
+        }
+        (Phase::Testing { .. }, Event::HealthChecked { healthy: true, .. }) => (
+            with(Phase::Committed),
+            vec![MarkTargetGood, Finish, Persist],
+        ),
+        (
+            Phase::Testing { .. },
+            Event::HealthChecked {
+                healthy: false,
+                detail,
+            },
+        ) => (
+            with(Phase::RolledBack {
+                reason: format!("health-check-failed: {detail}"),
+            }),
+            vec![MarkTargetBad, Finish, Persist, Reboot],
+        ),
+        (phase, Event::Started { .. }) if phase.is_terminal() => (job.clone(), vec![]),
+        _ => return Err(unexpected()),
+    })
+}
+
+fn fail(job: &Job, error: &str) -> Step {
+    (
+        Job {
+            phase: Phase::Failed {
+                error: error.to_string(),
+            },
+            ..job.clone()
+        },
+        vec![Action::Finish, Action::Persist],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action::*;
+    use super::*;
+
+    fn job(phase: Phase) -> Job {
+        Job {
+            jti: "jti-00000001".into(),
+            version: 8,
+            name: "v8".into(),
+            url: "https://h/x.img".into(),
+            size: 100,
+            sha256: "00".repeat(32),
+            target_slot: "B".into(),
+            from_slot: "A".into(),
+            phase,
+            written: 0,
+            started_at: 1,
+        }
+    }
+
+    fn started(booted: &str, boot_id: &str) -> Event {
+        Event::Started {
+            booted: booted.into(),
+            boot_id: boot_id.into(),
+        }
+    }
+
+    fn pending(id: &str) -> Phase {
+        Phase::RebootPending { boot_id: id.into() }
+    }
+
+    fn testing(id: &str) -> Phase {
+        Phase::Testing { boot_id: id.into() }
+    }
+
+    fn rolled_back() -> Phase {
+        Phase::RolledBack {
+            reason: "rolled-back".into(),
+        }
+    }
+
+    /// (phase, event) → (phase, actions)
+    #[test]
+    fn transition_table() {
+        let table: Vec<(Phase, Event, Phase, Vec<Action>)> = vec![
+            (
+                Phase::Accepted,
+                Event::SlotInvalidated,
+                Phase::Downloading,
+                vec![Persist, Download { from: 0 }],
+            ),
+            (
+                Phase::Accepted,
+                started("A", "b1"),
+                Phase::Accepted,
+                vec![InvalidateTarget],
+            ),
+            (
+                Phase::Downloading,
+                Event::ImageVerified,
+                Phase::Written,
+                vec![Persist, SetPrimaryForTrial],
+            ),
+            (
+                Phase::Written,
+                started("A", "b1"),
+                Phase::Written,
+                vec![SetPrimaryForTrial],
+            ),
+            (
+                Phase::Written,
+                Event::Switched {
+                    boot_id: "b1".into(),
+                },
+                pending("b1"),
+                vec![Persist, Reboot],
+            ),
+            (
+                pending("b1"),
+                started("B", "b2"),
+                testing("b2"),
+                vec![Persist, RunHealthCheck],
+            ),
+            (
+                pending("b1"),
+                started("A", "b1"),
+                pending("b1"),
+                vec![Reboot],
+            ),
+            (
+                pending("b1"),
+                started("A", "b2"),
+                rolled_back(),
+                vec![MarkTargetBad, Finish, Persist],
+            ),
+            (
+                testing("b2"),
+                started("B", "b3"),
+                testing("b3"),
+                vec![Persist, RunHealthCheck],
+            ),
+            (
+                testing("b2"),
+                started("A", "b3"),
+                rolled_back(),
+                vec![MarkTargetBad, Finish, Persist],
+            ),
+            (
+                testing("b2"),
+                Event::HealthChecked {
+                    healthy: true,
+                    detail: String::new(),
+                },
+                Phase::Committed,
+                vec![MarkTargetGood, Finish, Persist],
+            ),
+            (
+                testing("b2"),
+                Event::HealthChecked {
+                    healthy: false,
+                    detail: "exit 3".into(),
+                },
+                Phase::RolledBack {
+                    reason: "health-check-failed: exit 3".into(),
+                },
+                vec![MarkTargetBad, Finish, Persist, Reboot],
+            ),
+            (
+                Phase::Committed,
+                started("B", "b4"),
+                Phase::Committed,
+                vec![],
+            ),
+            (rolled_back(), started("A", "b4"), rolled_back(), vec![]),
+        ];
+        for (from, event, to, actions) in table {
+            let (next, got) = step(&job(from.clone()), event.clone())
+                .unwrap_or_else(|e| panic!("{from:?} + {event:?}: {e}"));
+            assert_eq!((&next.phase, &got), (&to, &actions), "{from:?} + {event:?}");
+        }
+    }
+
+    #[test]
+    fn downloads_resume_from_the_durable_offset() {
+        let mut j = job(Phase::Downloading);
+        let (j2, a) = step(&j, Event::Checkpoint { written: 40 }).unwrap();
+        assert_eq!((j2.written, a), (40, vec![Persist]));
+        j.written = 40;
+        let (_, a) = step(&j, started("A", "b1")).unwrap();
+        assert_eq!(a, vec![InvalidateTarget, Download { from: 40 }]);
+        // A checkpoint past the image size is a driver bug, not progress.
+        assert!(step(&j, Event::Checkpoint { written: 101 }).is_err());
+    }
+
+    #[test]
+    fn writing_into_the_booted_slot_is_refused() {
+        let (next, actions) = step(&job(Phase::Downloading), started("B", "b1")).unwrap();
+        assert!(
+            matches!(next.phase, Phase::Failed { ref error } if error.starts_with("target-is-booted"))
+        );
+        assert_eq!(actions, vec![Finish, Persist]);
+    }
+
+    #[test]
+    fn failures_give_up_a_switched_target() {
+        let (next, actions) = step(
+            &job(Phase::Downloading),
+            Event::ActionFailed {
+                error: "download: cut".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            next.phase,
+            Phase::Failed {
+                error: "download: cut".into()
+            }
+        );
+        assert_eq!(actions, vec![Finish, Persist]);
+        let (_, actions) = step(
+            &job(Phase::Written),
+            Event::ActionFailed { error: "x".into() },
+        )
+        .unwrap();
+        assert_eq!(actions, vec![MarkTargetBad, Finish, Persist]);
+        assert!(step(
+            &job(Phase::Committed),
+            Event::ActionFailed { error: "x".into() }
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn unexpected_pairs_are_typed_errors() {
+        for (phase, event) in [
+            (Phase::Accepted, Event::ImageVerified),
+            (
+                Phase::Downloading,
+                Event::Switched {
+                    boot_id: "b".into(),
+                },
+            ),
+            (
+                Phase::Written,
+                Event::HealthChecked {
+                    healthy: true,
+                    detail: String::new(),
+                },
+            ),
+            (Phase::Committed, Event::SlotInvalidated),
+            (pending("b1"), Event::ImageVerified),
+        ] {
+            let err = step(&job(phase.clone()), event.clone()).unwrap_err();
+            assert!(
+                err.to_string().starts_with("unexpected-event"),
+                "{phase:?} {event:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn phases_serialize_with_a_tag() {
+        let j = job(pending("b1"));
+        let text = serde_json::to_string(&j).unwrap();
+        assert!(
+            text.contains(r#""phase":{"phase":"reboot-pending","boot_id":"b1"}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), j);
+    }
+}

@@ -1,0 +1,312 @@
+//! Streams an image over HTTP(S) into a `SlotWriter`: stops at the signed
+//! size, resumes after a cut with a `Range` request from the bytes already in
+//! the slot, gives up on a stalled or too-slow transfer, and retries with
+//! exponential backoff and full jitter.
+
+use super::slot_writer::{SlotWriter, WriteError};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct FetchPolicy {
+    /// No byte for this long ends the attempt.
+    pub stall_timeout: Duration,
+    /// Bytes per second that each `rate_window` must reach (0: no minimum).
+    pub min_rate: u64,
+    pub rate_window: Duration,
+    /// Consecutive attempts that make no progress before giving up.
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// fsync and report a durable offset this often.
+    pub checkpoint_every: u64,
+}
+
+impl Default for FetchPolicy {
+    fn default() -> Self {
+        Self {
+            stall_timeout: Duration::from_secs(30),
+            min_rate: 1024,
+            rate_window: Duration::from_secs(60),
+            max_attempts: 8,
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+            checkpoint_every: 32 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("download-refused: HTTP {status} from {url}")]
+    Refused { status: u16, url: String },
+    #[error("download-failed: {attempts} attempts without progress; last: {last}")]
+    GaveUp { attempts: u32, last: String },
+    #[error("bad-url: {0}")]
+    BadUrl(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+impl FetchError {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Write(e) => e.name(),
+            Self::Refused { .. } => "download-refused",
+            Self::GaveUp { .. } => "download-failed",
+            Self::BadUrl(_) => "bad-url",
+            Self::Checkpoint(_) => "checkpoint",
+        }
+    }
+}
+
+/// What one attempt ended with, when it did not finish the image.
+enum Interrupted {
+    /// Worth retrying: a cut, a stall, a 5xx.
+    Transient(String),
+    Permanent(FetchError),
+}
+
+impl From<WriteError> for Interrupted {
+    fn from(e: WriteError) -> Self {
+        Self::Permanent(FetchError::Write(e))
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FetchStats {
+    /// Image bytes received over the network (including any re-sent).
+    pub received: u64,
+    pub attempts: u32,
+}
+
+pub type Client = crate::http::HttpsClient<Empty<Bytes>>;
+
+/// Downloads until the writer holds the whole image. `on_checkpoint` gets
+/// each durable (fsynced) offset; `on_progress` every received chunk.
+pub async fn fetch_into(
+    client: &Client,
+    url: &str,
+    writer: &mut SlotWriter,
+    policy: &FetchPolicy,
+    on_checkpoint: &mut dyn FnMut(u64) -> Result<(), String>,
+    on_progress: &mut dyn FnMut(u64, u64),
+) -> Result<FetchStats, FetchError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| FetchError::BadUrl(format!("{url}: {e}")))?;
+    let mut stats = FetchStats::default();
+    let mut fruitless = 0u32;
+    let mut last_checkpoint = writer.position();
+    loop {
+        if writer.position() == writer.size() {
+            return Ok(stats);
+        }
+        let before = writer.position();
+        stats.attempts += 1;
+        let result = attempt(
+            client,
+            &uri,
+            writer,
+            policy,
+            &mut stats,
+            &mut last_checkpoint,
+            on_checkpoint,
+            on_progress,
+        )
+        .await;
+        match result {
+            Ok(()) => return Ok(stats),
+            Err(Interrupted::Permanent(e)) => return Err(e),
+            Err(Interrupted::Transient(why)) => {
+                // Keep what arrived: those bytes are never fetched again.
+                writer.write_pending()?;
+                fruitless = if writer.position() > before {
+                    0
+                } else {
+                    fruitless + 1
+                };
+                if fruitless >= policy.max_attempts {
+                    return Err(FetchError::GaveUp {
+                        attempts: fruitless,
+                        last: why,
+                    });
+                }
+                tokio::time::sleep(backoff(policy, fruitless)).await;
+            }
+        }
+    }
+}
+
+/// Full jitter: a random delay up to `min(cap, base * 2^n)`.
+pub fn backoff(policy: &FetchPolicy, n: u32) -> Duration {
+    let ceiling = policy
+        .backoff_base
+        .saturating_mul(1u32 << n.min(16))
+        .min(policy.backoff_cap);
+    let millis = ceiling.as_millis().max(1) as u64;
+    Duration::from_millis(random_u64() % (millis + 1))
+}
+
+fn random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    client: &Client,
+    uri: &hyper::Uri,
+    writer: &mut SlotWriter,
+    policy: &FetchPolicy,
+    stats: &mut FetchStats,
+    last_checkpoint: &mut u64,
+    on_checkpoint: &mut dyn FnMut(u64) -> Result<(), String>,
+    on_progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), Interrupted> {
+    let from = writer.position();
+    let size = writer.size();
+    let mut request = hyper::Request::get(uri.clone()).header(
+        hyper::header::USER_AGENT,
+        concat!("fleetd/", env!("CARGO_PKG_VERSION")),
+    );
+    if from > 0 {
+        request = request.header(hyper::header::RANGE, format!("bytes={from}-"));
+    }
+    let request = request
+        .body(Empty::new())
+        .map_err(|e| Interrupted::Permanent(FetchError::BadUrl(e.to_string())))?;
+    let response = match tokio::time::timeout(policy.stall_timeout, client.request(request)).await {
+        Err(_) => return Err(Interrupted::Transient("no response (stall timeout)".into())),
+        Ok(Err(e)) => return Err(Interrupted::Transient(format!("connect: {e}"))),
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status().as_u16();
+    // Bytes of the body to drop: a server that ignores Range resends from 0.
+    let mut skip = match status {
+        206 => {
+            check_content_range(response.headers(), from, size)?;
+            0
+        }
+        200 => from,
+        408 | 429 | 500..=599 => return Err(Interrupted::Transient(format!("HTTP {status}"))),
+        _ => {
+            return Err(Interrupted::Permanent(FetchError::Refused {
+                status,
+                url: uri.to_string(),
+            }))
+        }
+    };
+    if let Some(len) = content_length(response.headers()) {
+        let end = if status == 206 { from + len } else { len };
+        if end > size {
+            return Err(WriteError::TooManyBytes { size }.into());
+        }
+    }
+    let mut body = response.into_body();
+    let mut window_start = Instant::now();
+    let mut window_bytes = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(policy.stall_timeout, body.frame()).await {
+            Err(_) if writer.position() == size => return Ok(()),
+            Err(_) => {
+                return Err(Interrupted::Transient(format!(
+                    "stalled at {} bytes",
+                    writer.position()
+                )))
+            }
+            Ok(None) if writer.position() == size => return Ok(()),
+            Ok(None) => {
+                return Err(Interrupted::Transient(format!(
+                    "connection closed at {} bytes",
+                    writer.position()
+                )))
+            }
+            Ok(Some(Err(e))) => return Err(Interrupted::Transient(format!("receive: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        stats.received += data.len() as u64;
+        if skip > 0 {
+            let n = skip.min(data.len() as u64) as usize;
+            skip -= n as u64;
+            data = data.slice(n..);
+        }
+        if data.is_empty() {
+            continue;
+        }
+        writer.push(&data)?;
+        window_bytes += data.len() as u64;
+        on_progress(writer.position(), size);
+        if writer.position() - *last_checkpoint >= policy.checkpoint_every
+            || writer.position() == size
+        {
+            let durable = writer.sync()?;
+            on_checkpoint(durable)
+                .map_err(|e| Interrupted::Permanent(FetchError::Checkpoint(e)))?;
+            *last_checkpoint = durable;
+        }
+        let elapsed = window_start.elapsed();
+        if elapsed >= policy.rate_window {
+            if policy.min_rate > 0
+                && window_bytes < policy.min_rate.saturating_mul(elapsed.as_secs().max(1))
+            {
+                return Err(Interrupted::Transient(format!(
+                    "too slow: {window_bytes} bytes in {} s",
+                    elapsed.as_secs()
+                )));
+            }
+            window_start = Instant::now();
+            window_bytes = 0;
+        }
+    }
+}
+
+fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(hyper::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `Content-Range: bytes START-END/TOTAL` must start where we asked and not
+/// promise more than the signed size.
+fn check_content_range(
+    headers: &hyper::HeaderMap,
+    from: u64,
+    size: u64,
+) -> Result<(), Interrupted> {
+    let bad = |why: String| Interrupted::Transient(format!("bad Content-Range: {why}"));
+    let value = headers
+        .get(hyper::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| bad("missing".into()))?;
+    let range = value
+        .strip_prefix("bytes ")
+        .ok_or_else(|| bad(value.into()))?;
+    let (span, total) = range.split_once('/').ok_or_else(|| bad(value.into()))?;
+    let start: u64 = span
+        .split('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(value.into()))?;
+    if start != from {
+        return Err(bad(format!("{value} does not start at {from}")));
+    }
+    if let Ok(total) = total.parse::<u64>() {
+        if total > size {
+            return Err(WriteError::TooManyBytes { size }.into());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! Updates: the pure state machine (`engine`), and the edges that carry its
+//! actions out: `fetch` (HTTP with resume), `slot_writer` (hash, compare,
+//! write, fsync) and `driver` (boot env, store, reboot, health check).
+
+pub mod driver;
+pub mod engine;
+pub mod fetch;
+pub mod slot_writer;
+
+pub use driver::{DriveError, Report, Updater};
+pub use engine::{Action, Event, Job, Phase};
