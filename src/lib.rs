@@ -10,6 +10,7 @@ pub mod config;
 pub mod cosigner;
 pub mod fsutil;
 pub mod http;
+pub mod status;
 pub mod store;
 pub mod trust;
 pub mod update;

@@ -2,6 +2,7 @@
 //! (fleet side) in `fleetctl.rs`; the guided demo in `demo.rs`.
 
 mod demo;
+mod device;
 pub mod fleetctl;
 
 use crate::config::{self, Config};
@@ -34,6 +35,41 @@ enum FleetdCommand {
         /// The message file, or `-` for standard input.
         file: PathBuf,
     },
+    /// Verify a message and install its image into the inactive slot, then switch to it (like `rauc install`).
+    Install {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Stop at reboot-pending instead of rebooting.
+        #[arg(long)]
+        no_reboot: bool,
+        /// The message file, or `-` for standard input.
+        file: PathBuf,
+    },
+    /// Commit the booted slot (ends a trial as healthy).
+    MarkGood {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Give the booted slot up (ends a trial as failed; the next boot runs the other slot).
+    MarkBad {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Provisioning, slots, the current job and the last error.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The daemon: finish or resume any pending update, then serve.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Reconcile (resume a download, check a trial boot, commit or roll back) and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Show the whole flow on this machine with embedded defaults: no root, no setup.
     Demo,
 }
@@ -44,12 +80,19 @@ pub fn fleetd_main() -> ExitCode {
         FleetdCommand::Verify { config, json, file } => {
             verify_command(config.as_deref(), json, &file)
         }
+        FleetdCommand::Install { config, no_reboot, file } => {
+            device::install(config.as_deref(), no_reboot, &file)
+        }
+        FleetdCommand::MarkGood { config } => device::mark(config.as_deref(), true),
+        FleetdCommand::MarkBad { config } => device::mark(config.as_deref(), false),
+        FleetdCommand::Status { config, json } => device::status(config.as_deref(), json),
+        FleetdCommand::Run { config, once } => device::run(config.as_deref(), once),
         FleetdCommand::Demo => demo::run(),
     }
 }
 
 /// The outcome of `fleetd verify`, for printing.
-enum VerifyOutcome {
+pub(crate) enum VerifyOutcome {
     Accepted(trust::Claims),
     Rejected(VerifyError),
 }
@@ -87,7 +130,7 @@ fn verify_command(config: Option<&Path>, json: bool, file: &Path) -> ExitCode {
 }
 
 /// Loads config, keys and state, then verifies. `Err` is a usage or config problem (exit 2).
-fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, String> {
+pub(crate) fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let policy = config.policy().map_err(|e| e.to_string())?;
     let state = Store::read(&config.device.state_dir).map_err(|e| e.to_string())?;
