@@ -41,7 +41,12 @@ pub struct JobStatus {
 impl StatusDoc {
     /// Builds the document. Boot-env read errors are shown, not fatal:
     /// status must work on a device in trouble.
-    pub fn build(config: &Config, state: &State, boot: Option<&dyn BootControl>, booted: Option<&str>) -> Self {
+    pub fn build(
+        config: &Config,
+        state: &State,
+        boot: Option<&dyn BootControl>,
+        booted: Option<&str>,
+    ) -> Self {
         let mut last_error = state.last_error.clone();
         let mut env_error = |e: crate::boot::BootError| {
             if last_error.is_none() {
@@ -77,7 +82,11 @@ impl StatusDoc {
             step: j.phase.status_name().to_string(),
             progress: (j.written.saturating_mul(100) / j.size.max(1)).min(100) as u8,
         });
-        let state_name = state.job.as_ref().map(|j| j.phase.status_name()).unwrap_or("idle");
+        let state_name = state
+            .job
+            .as_ref()
+            .map(|j| j.phase.status_name())
+            .unwrap_or("idle");
         Self {
             device: config.device.id.clone(),
             fleetd_version: crate::VERSION.to_string(),
@@ -95,19 +104,43 @@ impl StatusDoc {
     pub fn to_human(&self) -> String {
         let mut out = String::new();
         let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
-        line("device", format!("{} (fleetd {})", self.device, self.fleetd_version));
+        line(
+            "device",
+            format!("{} (fleetd {})", self.device, self.fleetd_version),
+        );
         line("state", self.state.clone());
         line("installed", format!("v{}", self.installed_version));
-        line("booted", self.booted_slot.clone().unwrap_or_else(|| "unknown".into()));
-        line("primary", self.primary_slot.clone().unwrap_or_else(|| "none".into()));
+        line(
+            "booted",
+            self.booted_slot.clone().unwrap_or_else(|| "unknown".into()),
+        );
+        line(
+            "primary",
+            self.primary_slot.clone().unwrap_or_else(|| "none".into()),
+        );
         for (name, s) in &self.slots {
-            let version = s.version.map(|v| format!("v{v}")).unwrap_or_else(|| "-".into());
-            line(&format!("slot {name}"), format!("{:<7} {:<6} {}", s.state, version, s.device));
+            let version = s
+                .version
+                .map(|v| format!("v{v}"))
+                .unwrap_or_else(|| "-".into());
+            line(
+                &format!("slot {name}"),
+                format!("{:<7} {:<6} {}", s.state, version, s.device),
+            );
         }
         if let Some(j) = &self.job {
-            line("job", format!("{} v{} → slot {}: {} {}%", j.name, j.version, j.target_slot, j.step, j.progress));
+            line(
+                "job",
+                format!(
+                    "{} v{} → slot {}: {} {}%",
+                    j.name, j.version, j.target_slot, j.step, j.progress
+                ),
+            );
         }
-        line("last error", self.last_error.clone().unwrap_or_else(|| "none".into()));
+        line(
+            "last error",
+            self.last_error.clone().unwrap_or_else(|| "none".into()),
+        );
         out
     }
 }

@@ -80,9 +80,11 @@ pub fn fleetd_main() -> ExitCode {
         FleetdCommand::Verify { config, json, file } => {
             verify_command(config.as_deref(), json, &file)
         }
-        FleetdCommand::Install { config, no_reboot, file } => {
-            device::install(config.as_deref(), no_reboot, &file)
-        }
+        FleetdCommand::Install {
+            config,
+            no_reboot,
+            file,
+        } => device::install(config.as_deref(), no_reboot, &file),
         FleetdCommand::MarkGood { config } => device::mark(config.as_deref(), true),
         FleetdCommand::MarkBad { config } => device::mark(config.as_deref(), false),
         FleetdCommand::Status { config, json } => device::status(config.as_deref(), json),

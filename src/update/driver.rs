@@ -173,16 +173,32 @@ impl Updater {
         self.resume().await
     }
 
-    /// Continues whatever job is stored, from wherever it stopped.
+    /// Continues whatever job is stored, from wherever it stopped; then,
+    /// outside a trial, confirms the running slot to the bootloader.
     pub async fn resume(&mut self) -> Result<(), DriveError> {
-        if self.job().is_none() {
-            return Ok(());
+        if self.job().is_some() {
+            let event = Event::Started {
+                booted: self.booted.clone(),
+                boot_id: self.boot_id.clone(),
+            };
+            self.drive(event).await?;
         }
-        let event = Event::Started {
-            booted: self.booted.clone(),
-            boot_id: self.boot_id.clone(),
-        };
-        self.drive(event).await
+        if self.store.state().active_job().is_none() {
+            self.confirm_booted_slot();
+        }
+        Ok(())
+    }
+
+    /// A bootloader that counts tries (GRUB sets `<slot>_TRY=1` on every
+    /// boot) would skip a slot nobody confirmed; outside a trial the running
+    /// slot is the good one, as after a rollback.
+    fn confirm_booted_slot(&mut self) {
+        let booted = self.booted.clone();
+        if let Ok(crate::boot::SlotState::Trying) = self.boot.state(&booted) {
+            if let Err(e) = self.boot.mark_good(&booted) {
+                self.report_step(format!("could not confirm booted slot {booted}: {e}"));
+            }
+        }
     }
 
     /// Feeds a health verdict given from outside (`fleetd mark-good/mark-bad`

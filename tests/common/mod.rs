@@ -1,6 +1,10 @@
 //! Shared helpers for the integration tests: temp dirs, binaries, keys, config.
 #![allow(dead_code)]
 
+pub mod bootsim_grub;
+pub mod gateway;
+pub mod imageserver;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -138,8 +142,10 @@ booted_slot = "A"
         ];
         let mut cmd = fleetctl();
         cmd.args(["sign", "--kid", kid, "--key"]).arg(self.key(key));
+        let from_image = extra.contains(&"--image");
         for (flag, value) in defaults {
-            if !extra.contains(&flag) {
+            let computed = from_image && (flag == "--size" || flag == "--sha256");
+            if !extra.contains(&flag) && !computed {
                 cmd.args([flag, value]);
             }
         }

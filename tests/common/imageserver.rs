@@ -1,0 +1,186 @@
+//! A real HTTP/1.1 server on loopback for firmware images, with Range
+//! support and faults injected on request: cut connections, extra bytes,
+//! stalls, error statuses. It logs every request it served.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Send this many body bytes of the response, then close the connection.
+    CutAfter(u64),
+    /// Send the whole requested range and then this many more bytes (no Content-Length).
+    Extra(u64),
+    /// Send this many bytes, then go silent for the duration.
+    Stall(u64, Duration),
+    /// Answer with this status and no body.
+    Status(u16),
+    /// Ignore the Range header and send the whole file with 200.
+    IgnoreRange,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub path: String,
+    pub range_start: u64,
+    pub body_bytes: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    files: HashMap<String, Arc<Vec<u8>>>,
+    faults: VecDeque<Fault>,
+    log: Vec<Served>,
+}
+
+#[derive(Clone)]
+pub struct ImageServer {
+    pub base: String,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl ImageServer {
+    pub fn start() -> Self {
+        Self::start_on("127.0.0.1:0")
+    }
+
+    pub fn start_on(addr: &str) -> Self {
+        let listener = TcpListener::bind(addr).expect("bind image server");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let shared = inner.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &shared);
+                });
+            }
+        });
+        Self { base, inner }
+    }
+
+    pub fn add(&self, path: &str, data: Vec<u8>) -> String {
+        self.inner
+            .lock()
+            .unwrap()
+            .files
+            .insert(path.to_string(), Arc::new(data));
+        format!("{}{path}", self.base)
+    }
+
+    /// Queues faults: each applies to one response, in order.
+    pub fn fault(&self, fault: Fault) {
+        self.inner.lock().unwrap().faults.push_back(fault);
+    }
+
+    pub fn log(&self) -> Vec<Served> {
+        self.inner.lock().unwrap().log.clone()
+    }
+}
+
+fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut stream = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("/")
+            .to_string();
+        let mut range_start = 0u64;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some(v) = line
+                .strip_prefix("Range: bytes=")
+                .or_else(|| line.strip_prefix("range: bytes="))
+            {
+                range_start = v.trim_end_matches('-').parse().unwrap_or(0);
+            }
+        }
+        let (file, fault) = {
+            let mut g = inner.lock().unwrap();
+            (g.files.get(&path).cloned(), g.faults.pop_front())
+        };
+        let Some(file) = file else {
+            stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
+            continue;
+        };
+        if let Some(Fault::Status(code)) = fault {
+            write!(
+                stream,
+                "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\n\r\n"
+            )?;
+            continue;
+        }
+        let ignore_range = matches!(fault, Some(Fault::IgnoreRange));
+        let start = if ignore_range {
+            0
+        } else {
+            range_start.min(file.len() as u64)
+        };
+        let body = &file[start as usize..];
+        let mut head = if start > 0 {
+            format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{}\r\n",
+                file.len() - 1,
+                file.len()
+            )
+        } else {
+            "HTTP/1.1 200 OK\r\n".to_string()
+        };
+        if matches!(fault, Some(Fault::Extra(_))) {
+            head.push_str("Connection: close\r\n\r\n");
+        } else {
+            head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        }
+        stream.write_all(head.as_bytes())?;
+        let (send, after): (usize, Option<Fault>) = match &fault {
+            Some(Fault::CutAfter(n)) | Some(Fault::Stall(n, _)) => {
+                ((*n as usize).min(body.len()), fault.clone())
+            }
+            _ => (body.len(), fault.clone()),
+        };
+        let mut sent = 0usize;
+        for chunk in body[..send].chunks(64 * 1024) {
+            if stream.write_all(chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        inner.lock().unwrap().log.push(Served {
+            path: path.clone(),
+            range_start: start,
+            body_bytes: sent as u64,
+        });
+        match after {
+            Some(Fault::CutAfter(_)) => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
+            Some(Fault::Stall(_, d)) => {
+                std::thread::sleep(d);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
+            Some(Fault::Extra(n)) => {
+                let _ = stream.write_all(&vec![0xEE; n as usize]);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}
