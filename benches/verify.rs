@@ -17,11 +17,7 @@ fn bench_verify(c: &mut Criterion) {
         nbf: now,
         exp: now + 3600,
         project: "acme-gateways".into(),
-        target: Target {
-            hardware: "rpi4-gw".into(),
-            devices: vec!["gw-0042".into()],
-            groups: vec![],
-        },
+        target: Target { hardware: "rpi4-gw".into(), devices: vec!["gw-0042".into()], groups: vec![] },
         version: 42,
         name: "2026.11.1".into(),
         image: Image {
@@ -35,10 +31,7 @@ fn bench_verify(c: &mut Criterion) {
     envelope.add_signature(&cosigner, "cosigner").expect("sign");
     let message = envelope.to_json().into_bytes();
     let policy = Policy {
-        keys: vec![
-            ("fleet".into(), fleet.public_key()),
-            ("cosigner".into(), cosigner.public_key()),
-        ],
+        keys: vec![("fleet".into(), fleet.public_key()), ("cosigner".into(), cosigner.public_key())],
         project: "acme-gateways".into(),
         hardware: "rpi4-gw".into(),
         device_id: "gw-0042".into(),
@@ -49,14 +42,8 @@ fn bench_verify(c: &mut Criterion) {
         max_image_size: Some(1 << 30),
     };
     let seen = BTreeMap::new();
-    let state = TrustState {
-        installed_version: 7,
-        clock_floor: 0,
-        seen_jtis: &seen,
-    };
-    policy
-        .verify(&message, &state, now + 10)
-        .expect("the bench message verifies");
+    let state = TrustState { installed_version: 7, clock_floor: 0, seen_jtis: &seen };
+    policy.verify(&message, &state, now + 10).expect("the bench message verifies");
     c.bench_function("verify_two_signature_message", |b| {
         b.iter(|| policy.verify(black_box(&message), &state, now + 10))
     });

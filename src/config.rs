@@ -12,23 +12,11 @@ pub const CONFIG_ENV: &str = "FLEETD_CONFIG";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: key `{key}`: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, key: String, message: String },
     #[error("{path}: key `{key}`: cannot load {file}: {message}")]
-    KeyFile {
-        path: PathBuf,
-        key: String,
-        file: PathBuf,
-        message: String,
-    },
+    KeyFile { path: PathBuf, key: String, file: PathBuf, message: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -229,10 +217,7 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Self {
-            command: None,
-            timeout_s: default_health_timeout(),
-        }
+        Self { command: None, timeout_s: default_health_timeout() }
     }
 }
 
@@ -274,10 +259,8 @@ pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text, path)
     }
 
@@ -304,19 +287,11 @@ impl Config {
     }
 
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.source.clone(),
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError::Invalid { path: self.source.clone(), key: key.into(), message: message.into() }
     }
 
     fn resolve_relative_paths(&mut self) {
-        let base = self
-            .source
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
+        let base = self.source.parent().map(Path::to_path_buf).unwrap_or_default();
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -354,10 +329,7 @@ impl Config {
             ("device.hardware", &self.device.hardware),
         ] {
             if !is_identifier(value) {
-                return Err(self.invalid(
-                    key,
-                    format!("{value:?} must be 1-64 characters of [A-Za-z0-9._-]"),
-                ));
+                return Err(self.invalid(key, format!("{value:?} must be 1-64 characters of [A-Za-z0-9._-]")));
             }
         }
         for (i, g) in self.device.groups.iter().enumerate() {
@@ -369,10 +341,9 @@ impl Config {
             }
         }
         if self.trust.keys.is_empty() {
-            return Err(self.invalid(
-                "trust.keys",
-                "at least one key is required (normally fleet and cosigner)",
-            ));
+            return Err(
+                self.invalid("trust.keys", "at least one key is required (normally fleet and cosigner)")
+            );
         }
         if self.trust.max_validity_s == 0 {
             return Err(self.invalid("trust.max_validity_s", "must be positive"));
@@ -380,19 +351,12 @@ impl Config {
         if self.slots.len() != 2 {
             return Err(self.invalid(
                 "slots",
-                format!(
-                    "exactly two slots are needed for A/B updates, found {}",
-                    self.slots.len()
-                ),
+                format!("exactly two slots are needed for A/B updates, found {}", self.slots.len()),
             ));
         }
         for name in self.slots.keys() {
-            if !name.bytes().all(|b| b.is_ascii_alphanumeric()) || name.is_empty() || name.len() > 8
-            {
-                return Err(self.invalid(
-                    format!("slots.{name}"),
-                    "slot names are 1-8 letters or digits",
-                ));
+            if !name.bytes().all(|b| b.is_ascii_alphanumeric()) || name.is_empty() || name.len() > 8 {
+                return Err(self.invalid(format!("slots.{name}"), "slot names are 1-8 letters or digits"));
             }
         }
         let devices: Vec<_> = self.slots.values().map(|s| &s.device).collect();
@@ -402,10 +366,7 @@ impl Config {
         if self.boot.booted_slot != "auto" && !self.slots.contains_key(&self.boot.booted_slot) {
             return Err(self.invalid(
                 "boot.booted_slot",
-                format!(
-                    "{:?} is neither \"auto\" nor a slot name",
-                    self.boot.booted_slot
-                ),
+                format!("{:?} is neither \"auto\" nor a slot name", self.boot.booted_slot),
             ));
         }
         if !(1..=10).contains(&self.boot.attempts) {
@@ -414,31 +375,19 @@ impl Config {
         let needed = match self.boot.backend {
             BootBackend::Grub => self.boot.grubenv.as_ref().map(|_| ()).ok_or("boot.grubenv"),
             BootBackend::Script => self.boot.script.as_ref().map(|_| ()).ok_or("boot.script"),
-            BootBackend::RpiTryboot => self
-                .boot
-                .autoboot_txt
-                .as_ref()
-                .map(|_| ())
-                .ok_or("boot.autoboot_txt"),
+            BootBackend::RpiTryboot => self.boot.autoboot_txt.as_ref().map(|_| ()).ok_or("boot.autoboot_txt"),
             BootBackend::Uboot => Ok(()),
         };
         if let Err(key) = needed {
             return Err(self.invalid(key, "required by this boot.backend"));
         }
-        if self.update.checkpoint_mib == 0
-            || self.update.stall_timeout_s == 0
-            || self.update.retries == 0
-        {
-            return Err(self.invalid(
-                "update",
-                "checkpoint_mib, stall_timeout_s and retries must be positive",
-            ));
+        if self.update.checkpoint_mib == 0 || self.update.stall_timeout_s == 0 || self.update.retries == 0 {
+            return Err(
+                self.invalid("update", "checkpoint_mib, stall_timeout_s and retries must be positive")
+            );
         }
         if self.update.reboot == RebootMethod::Command && self.update.reboot_command.is_none() {
-            return Err(self.invalid(
-                "update.reboot_command",
-                "required when update.reboot = \"command\"",
-            ));
+            return Err(self.invalid("update.reboot_command", "required when update.reboot = \"command\""));
         }
         if let Some(m) = &self.mqtt {
             if m.host.is_empty() {
@@ -462,8 +411,7 @@ impl Config {
                 message,
             };
             let pem = std::fs::read_to_string(file).map_err(|e| key_error(e.to_string()))?;
-            let key =
-                crate::trust::PublicKey::from_pem(&pem).map_err(|e| key_error(e.to_string()))?;
+            let key = crate::trust::PublicKey::from_pem(&pem).map_err(|e| key_error(e.to_string()))?;
             keys.push((kid.clone(), key));
         }
         Ok(crate::trust::Policy {
@@ -498,8 +446,7 @@ pub fn slot_size(slot: &Slot) -> Option<u64> {
 
 fn is_identifier(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]
@@ -540,10 +487,7 @@ backend = "uboot"
         assert_eq!(c.trust.leeway_s, 30);
         assert!(!c.trust.allow_http);
         assert_eq!(c.device.state_dir, PathBuf::from("/etc/fleetd/state"));
-        assert_eq!(
-            c.trust.keys["fleet"],
-            PathBuf::from("/etc/fleetd/keys/fleet.pub.pem")
-        );
+        assert_eq!(c.trust.keys["fleet"], PathBuf::from("/etc/fleetd/keys/fleet.pub.pem"));
         assert_eq!(c.boot.backend, BootBackend::Uboot);
         assert_eq!(c.boot.attempts, 3);
         assert_eq!(c.update.reboot, RebootMethod::Systemd);
@@ -556,16 +500,10 @@ backend = "uboot"
     #[test]
     fn errors_name_the_file_and_key() {
         let e = error_of(&GOOD.replace("leeway_s = 30", "leeway_s = \"soon\""));
-        assert!(
-            e.starts_with("/etc/fleetd/fleetd.toml: key `trust.leeway_s`"),
-            "{e}"
-        );
+        assert!(e.starts_with("/etc/fleetd/fleetd.toml: key `trust.leeway_s`"), "{e}");
 
         let e = error_of(&GOOD.replace("leeway_s = 30", "leway_s = 30"));
-        assert!(
-            e.contains("`trust.leway_s`") && e.contains("unknown field"),
-            "{e}"
-        );
+        assert!(e.contains("`trust.leway_s`") && e.contains("unknown field"), "{e}");
 
         let e = error_of(&GOOD.replace("backend = \"uboot\"", "backend = \"lilo\""));
         assert!(e.contains("`boot.backend`") && e.contains("lilo"), "{e}");
@@ -593,9 +531,6 @@ backend = "uboot"
     fn missing_key_file_is_named() {
         let c = parse(GOOD).unwrap();
         let e = c.policy().unwrap_err().to_string();
-        assert!(
-            e.contains("`trust.keys.cosigner`") && e.contains("cosigner.pub.pem"),
-            "{e}"
-        );
+        assert!(e.contains("`trust.keys.cosigner`") && e.contains("cosigner.pub.pem"), "{e}");
     }
 }

@@ -17,12 +17,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
@@ -37,11 +32,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 
 /// Creates a file that must not exist yet (keys are never overwritten), fsynced.
 pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     fsync_dir(parent_dir(path))
@@ -49,11 +40,7 @@ pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 
 /// Appends one line and fsyncs before returning (audit logs, histories).
 pub fn append_line_synced(path: &Path, line: &str) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)?;
+    let mut file = OpenOptions::new().append(true).create(true).mode(0o640).open(path)?;
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
@@ -75,11 +62,8 @@ fn parent_dir(path: &Path) -> &Path {
 /// Reads the first `n` bytes at most of a file (`-` = stdin), never more.
 pub fn read_prefix(path: &Path, n: usize) -> io::Result<Vec<u8>> {
     use std::io::Read;
-    let file: Box<dyn io::Read> = if path == Path::new("-") {
-        Box::new(io::stdin())
-    } else {
-        Box::new(File::open(path)?)
-    };
+    let file: Box<dyn io::Read> =
+        if path == Path::new("-") { Box::new(io::stdin()) } else { Box::new(File::open(path)?) };
     let mut buf = Vec::new();
     file.take(n as u64).read_to_end(&mut buf)?;
     Ok(buf)
@@ -89,10 +73,7 @@ pub fn read_prefix(path: &Path, n: usize) -> io::Result<Vec<u8>> {
 pub fn read_capped(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
     let buf = read_prefix(path, limit + 1)?;
     if buf.len() > limit {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("larger than {limit} bytes"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("larger than {limit} bytes")));
     }
     Ok(buf)
 }

@@ -37,11 +37,8 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpEr
             for cert in CertificateDer::pem_file_iter(path)
                 .map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?
             {
-                let cert =
-                    cert.map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
+                let cert = cert.map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
+                roots.add(cert).map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
             }
         }
         None => {
@@ -59,13 +56,11 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpEr
 
 /// A configuration for plain-http use, where no certificate is ever checked.
 pub fn plain_tls_config() -> Result<rustls::ClientConfig, HttpError> {
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| HttpError::TlsConfig(e.to_string()))?
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth())
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpError::TlsConfig(e.to_string()))?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
 }
 
 pub fn client<B>(tls: rustls::ClientConfig) -> HttpsClient<B>
@@ -88,35 +83,25 @@ pub async fn post_json(
     ca_file: Option<&Path>,
     limit: usize,
 ) -> Result<(u16, Vec<u8>), HttpError> {
-    let uri: hyper::Uri = url
-        .parse()
-        .map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
+    let uri: hyper::Uri = url.parse().map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
     let tls = if uri.scheme_str() == Some("https") {
         tls_config(ca_file)?
     } else {
         // Plain http still needs a config object; it is never used.
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HttpError::TlsConfig(e.to_string()))?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth()
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| HttpError::TlsConfig(e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
     };
     let request = hyper::Request::post(uri)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| HttpError::BadUrl(e.to_string()))?;
-    let response = client(tls)
-        .request(request)
-        .await
-        .map_err(|e| HttpError::Connect(format!("{url}: {e}")))?;
+    let response =
+        client(tls).request(request).await.map_err(|e| HttpError::Connect(format!("{url}: {e}")))?;
     let status = response.status().as_u16();
     let limited = http_body_util::Limited::new(response.into_body(), limit);
-    let bytes = limited
-        .collect()
-        .await
-        .map_err(|e| HttpError::Body(e.to_string()))?
-        .to_bytes();
+    let bytes = limited.collect().await.map_err(|e| HttpError::Body(e.to_string()))?.to_bytes();
     Ok((status, bytes.to_vec()))
 }

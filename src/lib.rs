@@ -25,8 +25,5 @@ pub fn build_epoch() -> u64 {
 
 /// Seconds since the Unix epoch from the system clock (0 if it reads before 1970).
 pub fn system_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -82,11 +82,7 @@ impl StatusDoc {
             step: j.phase.status_name().to_string(),
             progress: (j.written.saturating_mul(100) / j.size.max(1)).min(100) as u8,
         });
-        let state_name = state
-            .job
-            .as_ref()
-            .map(|j| j.phase.status_name())
-            .unwrap_or("idle");
+        let state_name = state.job.as_ref().map(|j| j.phase.status_name()).unwrap_or("idle");
         Self {
             device: config.device.id.clone(),
             fleetd_version: crate::VERSION.to_string(),
@@ -104,43 +100,22 @@ impl StatusDoc {
     pub fn to_human(&self) -> String {
         let mut out = String::new();
         let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
-        line(
-            "device",
-            format!("{} (fleetd {})", self.device, self.fleetd_version),
-        );
+        line("device", format!("{} (fleetd {})", self.device, self.fleetd_version));
         line("state", self.state.clone());
         line("installed", format!("v{}", self.installed_version));
-        line(
-            "booted",
-            self.booted_slot.clone().unwrap_or_else(|| "unknown".into()),
-        );
-        line(
-            "primary",
-            self.primary_slot.clone().unwrap_or_else(|| "none".into()),
-        );
+        line("booted", self.booted_slot.clone().unwrap_or_else(|| "unknown".into()));
+        line("primary", self.primary_slot.clone().unwrap_or_else(|| "none".into()));
         for (name, s) in &self.slots {
-            let version = s
-                .version
-                .map(|v| format!("v{v}"))
-                .unwrap_or_else(|| "-".into());
-            line(
-                &format!("slot {name}"),
-                format!("{:<7} {:<6} {}", s.state, version, s.device),
-            );
+            let version = s.version.map(|v| format!("v{v}")).unwrap_or_else(|| "-".into());
+            line(&format!("slot {name}"), format!("{:<7} {:<6} {}", s.state, version, s.device));
         }
         if let Some(j) = &self.job {
             line(
                 "job",
-                format!(
-                    "{} v{} → slot {}: {} {}%",
-                    j.name, j.version, j.target_slot, j.step, j.progress
-                ),
+                format!("{} v{} → slot {}: {} {}%", j.name, j.version, j.target_slot, j.step, j.progress),
             );
         }
-        line(
-            "last error",
-            self.last_error.clone().unwrap_or_else(|| "none".into()),
-        );
+        line("last error", self.last_error.clone().unwrap_or_else(|| "none".into()));
         out
     }
 }

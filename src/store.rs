@@ -12,10 +12,7 @@ const MAX_STATE_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state-io: {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("state-corrupt: {path}: {message}")]
     Corrupt { path: PathBuf, message: String },
 }
@@ -66,8 +63,7 @@ impl State {
     /// verify, and raises the clock floor.
     pub fn record_accepted(&mut self, jti: &str, iat: u64, exp: u64, leeway_s: u64, now: u64) {
         self.prune_replay_cache(now);
-        self.replay_cache
-            .insert(jti.to_string(), exp.saturating_add(leeway_s));
+        self.replay_cache.insert(jti.to_string(), exp.saturating_add(leeway_s));
         self.clock_floor = self.clock_floor.max(iat);
     }
 
@@ -78,8 +74,7 @@ impl State {
         let (outcome, detail) = match &job.phase {
             Phase::Committed => {
                 self.installed_version = job.version;
-                self.slot_versions
-                    .insert(job.target_slot.clone(), job.version);
+                self.slot_versions.insert(job.target_slot.clone(), job.version);
                 self.last_error = None;
                 ("committed", None)
             }
@@ -120,8 +115,7 @@ impl State {
     }
 
     pub fn prune_replay_cache(&mut self, now: u64) {
-        self.replay_cache
-            .retain(|_, forget_after| *forget_after > now);
+        self.replay_cache.retain(|_, forget_after| *forget_after > now);
     }
 }
 
@@ -139,15 +133,9 @@ impl Store {
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|source| StoreError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
+                .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            state: Self::read(dir)?,
-        })
+        Ok(Self { dir: dir.to_path_buf(), state: Self::read(dir)? })
     }
 
     /// Reads the state without creating anything (for read-only commands).
@@ -158,10 +146,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-            path,
-            message: e.to_string(),
-        })
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { path, message: e.to_string() })
     }
 
     pub fn state(&self) -> &State {
@@ -175,10 +160,8 @@ impl Store {
 
     pub fn save(&self) -> Result<(), StoreError> {
         let path = self.dir.join(STATE_FILE);
-        let bytes = serde_json::to_vec_pretty(&self.state).map_err(|e| StoreError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let bytes = serde_json::to_vec_pretty(&self.state)
+            .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
         fsutil::atomic_write(&path, &bytes, 0o600).map_err(|source| StoreError::Io { path, source })
     }
 }
@@ -195,9 +178,7 @@ mod tests {
         let mut store = Store::open(&dir.path().join("s")).unwrap();
         assert_eq!(store.state(), &State::default());
         store.state_mut().installed_version = 7;
-        store
-            .state_mut()
-            .record_accepted("jti-00000001", 100, 200, 60, 150);
+        store.state_mut().record_accepted("jti-00000001", 100, 200, 60, 150);
         store.save().unwrap();
         let again = Store::read(&dir.path().join("s")).unwrap();
         assert_eq!(again.installed_version, 7);

@@ -34,11 +34,7 @@ fn provisioned() -> Env {
     let path = dir.path().join("grubenv");
     GrubEnv::initialize(&path, &slots()).unwrap();
     let grub = GrubEnv::new(path.clone(), &slots()).unwrap();
-    Env {
-        _dir: dir,
-        path,
-        grub,
-    }
+    Env { _dir: dir, path, grub }
 }
 
 fn listed(path: &Path) -> String {
@@ -60,15 +56,9 @@ fn set_primary_for_trial_before_and_after() {
     require_grub_editenv!();
     let mut env = provisioned();
     editenv(&env.path, &["set", "B_OK=0", "B_TRY=1"]);
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=1\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=1\n");
     env.grub.set_primary_for_trial("B").unwrap();
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\n");
     assert_eq!(env.grub.primary().unwrap(), Some("B".into()));
     assert_eq!(env.grub.state("B").unwrap(), SlotState::Good);
 }
@@ -78,17 +68,11 @@ fn mark_good_before_and_after() {
     require_grub_editenv!();
     let mut env = provisioned();
     editenv(&env.path, &["set", "ORDER=B A", "B_TRY=1"]);
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=1\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=1\n");
     assert_eq!(env.grub.state("B").unwrap(), SlotState::Trying);
     assert_eq!(env.grub.primary().unwrap(), Some("A".into()));
     env.grub.mark_good("B").unwrap();
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\n");
     assert_eq!(env.grub.state("B").unwrap(), SlotState::Good);
     assert_eq!(env.grub.primary().unwrap(), Some("B".into()));
 }
@@ -99,10 +83,7 @@ fn mark_bad_before_and_after() {
     let mut env = provisioned();
     editenv(&env.path, &["set", "ORDER=B A", "B_TRY=1"]);
     env.grub.mark_bad("B").unwrap();
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n");
     assert_eq!(env.grub.state("B").unwrap(), SlotState::Bad);
     assert_eq!(env.grub.primary().unwrap(), Some("A".into()));
 }
@@ -114,10 +95,7 @@ fn unknown_slot_is_refused_and_nothing_written() {
     let before = std::fs::read(&env.path).unwrap();
     assert_eq!(env.grub.mark_good("C").unwrap_err().name(), "unknown-slot");
     assert_eq!(env.grub.mark_bad("C").unwrap_err().name(), "unknown-slot");
-    assert_eq!(
-        env.grub.set_primary_for_trial("C").unwrap_err().name(),
-        "unknown-slot"
-    );
+    assert_eq!(env.grub.set_primary_for_trial("C").unwrap_err().name(), "unknown-slot");
     assert_eq!(env.grub.state("C").unwrap_err().name(), "unknown-slot");
     assert_eq!(std::fs::read(&env.path).unwrap(), before);
 }
@@ -149,24 +127,15 @@ fn fleetd_writes_the_same_bytes_as_grub_editenv() {
 
     grub.set_primary_for_trial("B").unwrap();
     editenv(&theirs, &["set", "ORDER=B A", "B_OK=1", "B_TRY=0"]);
-    assert_eq!(
-        std::fs::read(&ours).unwrap(),
-        std::fs::read(&theirs).unwrap()
-    );
+    assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
 
     grub.mark_good("A").unwrap();
     editenv(&theirs, &["set", "A_OK=1", "A_TRY=0"]);
-    assert_eq!(
-        std::fs::read(&ours).unwrap(),
-        std::fs::read(&theirs).unwrap()
-    );
+    assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
 
     grub.mark_bad("B").unwrap();
     editenv(&theirs, &["set", "B_OK=0", "B_TRY=0"]);
-    assert_eq!(
-        std::fs::read(&ours).unwrap(),
-        std::fs::read(&theirs).unwrap()
-    );
+    assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
 }
 
 #[test]
@@ -174,19 +143,14 @@ fn variables_set_by_grub_editenv_survive_fleetd_writes() {
     require_grub_editenv!();
     let mut env = provisioned();
     let tricky = "a\\b\nc=d";
-    editenv(
-        &env.path,
-        &["set", "X=Y", &format!("TRICKY={tricky}"), "saved_entry=1"],
-    );
+    editenv(&env.path, &["set", "X=Y", &format!("TRICKY={tricky}"), "saved_entry=1"]);
     assert_eq!(env.grub.read().unwrap().get("TRICKY"), Some(tricky));
     env.grub.set_primary_for_trial("B").unwrap();
     env.grub.mark_good("B").unwrap();
     env.grub.mark_bad("A").unwrap();
     assert_eq!(
         listed(&env.path),
-        format!(
-            "ORDER=B A\nA_OK=0\nA_TRY=0\nB_OK=1\nB_TRY=0\nX=Y\nTRICKY={tricky}\nsaved_entry=1\n"
-        )
+        format!("ORDER=B A\nA_OK=0\nA_TRY=0\nB_OK=1\nB_TRY=0\nX=Y\nTRICKY={tricky}\nsaved_entry=1\n")
     );
 }
 
@@ -201,10 +165,7 @@ fn missing_and_corrupt_envs_are_named_errors() {
     bytes.truncate(1000);
     std::fs::write(&env.path, &bytes).unwrap();
     assert_eq!(env.grub.primary().unwrap_err().name(), "boot-env-corrupt");
-    assert_eq!(
-        env.grub.mark_good("A").unwrap_err().name(),
-        "boot-env-corrupt"
-    );
+    assert_eq!(env.grub.mark_good("A").unwrap_err().name(), "boot-env-corrupt");
     assert_eq!(std::fs::read(&env.path).unwrap(), bytes, "left as it was");
 }
 
@@ -218,10 +179,7 @@ fn update_that_boots_is_tried_once_and_committed() {
 
     env.grub.set_primary_for_trial("B").unwrap();
     assert_eq!(power_on(&env.path, &|_| true), Some("B".into()));
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=1\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=1\n");
     assert_eq!(env.grub.state("B").unwrap(), SlotState::Trying);
     env.grub.mark_good("B").unwrap();
     assert_eq!(env.grub.primary().unwrap(), Some("B".into()));
@@ -242,19 +200,13 @@ fn update_that_crashes_gets_one_try_then_falls_back() {
     });
     assert_eq!(booted, Some("A".into()));
     assert_eq!(tries.get(), 1, "GRUB gives the new slot exactly one try");
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=B A\nA_OK=1\nA_TRY=1\nB_OK=1\nB_TRY=1\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=B A\nA_OK=1\nA_TRY=1\nB_OK=1\nB_TRY=1\n");
     assert_eq!(env.grub.state("B").unwrap(), SlotState::Trying);
 
     // fleetd, running on A, gives B up and confirms A.
     env.grub.mark_bad("B").unwrap();
     env.grub.mark_good("A").unwrap();
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=0\n");
     assert_eq!(env.grub.primary().unwrap(), Some("A".into()));
     assert_eq!(power_on(&env.path, &|slot| slot != "B"), Some("A".into()));
 }
@@ -267,10 +219,7 @@ fn unconfirmed_boots_move_to_the_other_slot_then_retry() {
     assert_eq!(power_on(&env.path, &|_| true), Some("A".into()));
     assert_eq!(power_on(&env.path, &|_| true), Some("B".into()));
     assert_eq!(power_on(&env.path, &|_| true), Some("A".into()));
-    assert_eq!(
-        listed(&env.path),
-        "ORDER=A B\nA_OK=1\nA_TRY=1\nB_OK=1\nB_TRY=0\n"
-    );
+    assert_eq!(listed(&env.path), "ORDER=A B\nA_OK=1\nA_TRY=1\nB_OK=1\nB_TRY=0\n");
 }
 
 #[test]

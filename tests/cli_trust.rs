@@ -7,23 +7,12 @@ use std::os::unix::fs::PermissionsExt;
 #[test]
 fn keygen_writes_0600_private_key_and_refuses_to_overwrite() {
     let d = Device::new();
-    let mode = std::fs::metadata(d.key("fleet"))
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(d.key("fleet")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let before = std::fs::read(d.key("fleet")).unwrap();
-    let out = run(fleetctl()
-        .args(["keygen", "--out"])
-        .arg(d.keys())
-        .args(["--name", "fleet"]));
+    let out = run(fleetctl().args(["keygen", "--out"]).arg(d.keys()).args(["--name", "fleet"]));
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("refusing to overwrite"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("refusing to overwrite"), "{}", stderr(&out));
     assert_eq!(std::fs::read(d.key("fleet")).unwrap(), before);
 }
 
@@ -74,9 +63,7 @@ fn config_and_usage_errors_exit_2_with_the_key_named() {
     let msg = d.cosigned("m", &[]);
     std::fs::write(
         d.config(),
-        std::fs::read_to_string(d.config())
-            .unwrap()
-            .replace("[trust]", "[trust]\nleeway_s = -5"),
+        std::fs::read_to_string(d.config()).unwrap().replace("[trust]", "[trust]\nleeway_s = -5"),
     )
     .unwrap();
     let (code, out) = d.verify(&msg, false);
@@ -101,17 +88,9 @@ fn image_larger_than_the_smallest_slot_is_rejected() {
 #[test]
 fn http_urls_only_when_the_policy_allows() {
     let d = Device::new();
-    let msg = d.sign(
-        "m",
-        "fleet",
-        "fleet",
-        &["--url", "http://updates.example.com/x.img"],
-    );
+    let msg = d.sign("m", "fleet", "fleet", &["--url", "http://updates.example.com/x.img"]);
     let msg = d.cosign(&msg, "cosigner", "cosigner");
-    assert!(d
-        .verify(&msg, false)
-        .1
-        .starts_with("rejected: url-scheme-rejected"));
+    assert!(d.verify(&msg, false).1.starts_with("rejected: url-scheme-rejected"));
     d.write_config("allow_http = true");
     assert_eq!(d.verify(&msg, false).0, 0);
 }
@@ -126,21 +105,13 @@ fn hostile_inputs_are_named_and_do_not_crash() {
     assert!(out.starts_with("rejected: message-too-large"), "{out}");
 
     let nested = d.path().join("nested.json");
-    std::fs::write(
-        &nested,
-        format!("{}{}", "[".repeat(200_000), "]".repeat(200_000)),
-    )
-    .unwrap();
+    std::fs::write(&nested, format!("{}{}", "[".repeat(200_000), "]".repeat(200_000))).unwrap();
     let (code, out) = d.verify(&nested, false);
     assert_eq!(code, 1);
     assert!(out.starts_with("rejected: message-too-large"), "{out}");
 
     let nested = d.path().join("nested-small.json");
-    std::fs::write(
-        &nested,
-        format!("{}{}", "{\"a\":".repeat(10_000), "}".repeat(10_000)),
-    )
-    .unwrap();
+    std::fs::write(&nested, format!("{}{}", "{\"a\":".repeat(10_000), "}".repeat(10_000))).unwrap();
     let (code, out) = d.verify(&nested, false);
     assert_eq!(code, 1);
     assert!(out.starts_with("rejected: malformed"), "{out}");
@@ -158,15 +129,11 @@ fn replay_and_version_come_from_the_stored_state() {
         c["jti"].as_str().unwrap().to_string()
     };
     std::fs::create_dir_all(d.state_dir()).unwrap();
-    let state = |body: serde_json::Value| {
-        std::fs::write(d.state_dir().join("state.json"), body.to_string()).unwrap()
-    };
+    let state =
+        |body: serde_json::Value| std::fs::write(d.state_dir().join("state.json"), body.to_string()).unwrap();
 
     state(serde_json::json!({"installed_version": 8}));
-    assert!(d
-        .verify(&msg, false)
-        .1
-        .starts_with("rejected: version-not-newer"));
+    assert!(d.verify(&msg, false).1.starts_with("rejected: version-not-newer"));
 
     state(serde_json::json!({"installed_version": 7, "replay_cache": {jti: now() + 3600}}));
     assert!(d.verify(&msg, false).1.starts_with("rejected: replayed"));
@@ -199,24 +166,16 @@ fn clock_floor_from_state_refuses_a_message_expired_by_the_floor() {
 /// the wrong clock thinks is current is refused because of the floor.
 #[test]
 fn clock_floor_with_the_system_clock_set_back() {
-    let faketime = ["/usr/bin/faketime"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists());
+    let faketime = ["/usr/bin/faketime"].into_iter().find(|p| std::path::Path::new(p).exists());
     let Some(faketime) = faketime else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "faketime must be installed in CI (scripts/setup)"
-        );
+        assert!(std::env::var_os("CI").is_none(), "faketime must be installed in CI (scripts/setup)");
         eprintln!("SKIP: faketime not installed");
         return;
     };
     let d = Device::new();
     // Issued and valid for a day in January 2025: long expired in reality.
     let nbf = 1_736_000_000u64;
-    let msg = d.cosigned(
-        "old",
-        &["--not-before", &nbf.to_string(), "--valid-for", "86400"],
-    );
+    let msg = d.cosigned("old", &["--not-before", &nbf.to_string(), "--valid-for", "86400"]);
     let run_at = |date: &str| {
         let out = run(std::process::Command::new(faketime)
             .arg(date)
@@ -233,15 +192,7 @@ fn clock_floor_with_the_system_clock_set_back() {
 
     // A current message under the set-back clock: the floor stands in for now,
     // so it is accepted...
-    let fresh = d.cosigned(
-        "fresh",
-        &[
-            "--not-before",
-            &(now() - 3600).to_string(),
-            "--valid-for",
-            "172800",
-        ],
-    );
+    let fresh = d.cosigned("fresh", &["--not-before", &(now() - 3600).to_string(), "--valid-for", "172800"]);
     let run_fresh = |date: &str| {
         let out = run(std::process::Command::new(faketime)
             .arg(date)
@@ -251,30 +202,18 @@ fn clock_floor_with_the_system_clock_set_back() {
             .arg(&fresh));
         (out.status.code(), stdout(&out))
     };
-    assert_eq!(
-        run_fresh("@1736000600"),
-        (Some(0), "accepted: 2026.11.1 v8\n".to_string())
-    );
+    assert_eq!(run_fresh("@1736000600"), (Some(0), "accepted: 2026.11.1 v8\n".to_string()));
     // ...until the stored floor (the largest iat ever accepted) is past its exp.
     std::fs::create_dir_all(d.state_dir()).unwrap();
     let floor = now() + 3 * 86400;
-    std::fs::write(
-        d.state_dir().join("state.json"),
-        serde_json::json!({"clock_floor": floor}).to_string(),
-    )
-    .unwrap();
+    std::fs::write(d.state_dir().join("state.json"), serde_json::json!({"clock_floor": floor}).to_string())
+        .unwrap();
     let (code, out) = run_fresh("@1736000600");
     assert_eq!(code, Some(1), "{out}");
-    assert!(
-        out.contains(&format!("now {floor}")),
-        "the floor stood in for the clock: {out}"
-    );
+    assert!(out.contains(&format!("now {floor}")), "the floor stood in for the clock: {out}");
     // Proof that faketime moves this binary's clock: set it later than the floor.
     let later = now() + 10 * 86400;
     let (code, out) = run_fresh(&format!("@{later}"));
     assert_eq!(code, Some(1), "{out}");
-    assert!(
-        out.contains(&format!("now {later}")),
-        "the faked clock was used: {out}"
-    );
+    assert!(out.contains(&format!("now {later}")), "the faked clock was used: {out}");
 }

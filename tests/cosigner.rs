@@ -39,24 +39,14 @@ fn start_cosigner(d: &Device, per_minute: u32, burst: u32) -> Cosigner {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_string();
     assert!(url.starts_with("http://127.0.0.1:"), "{line}");
-    Cosigner {
-        child,
-        url,
-        config,
-        audit: d.path().join("cosigner-state/audit.jsonl"),
-    }
+    Cosigner { child, url, config, audit: d.path().join("cosigner-state/audit.jsonl") }
 }
 
 fn register(d: &Device, c: &Cosigner, server: &str) {
-    ok(fleetctl()
-        .args(["keygen", "--out"])
-        .arg(d.keys())
-        .args(["--name", server]));
+    ok(fleetctl().args(["keygen", "--out"]).arg(d.keys()).args(["--name", server]));
     ok(fleetctl()
         .args(["cosigner", "register", "--config"])
         .arg(&c.config)
@@ -68,10 +58,8 @@ fn register(d: &Device, c: &Cosigner, server: &str) {
 /// `fleetctl cosigner request`: Ok(path of the answer) or Err(stderr).
 fn request(c: &Cosigner, file: &Path) -> Result<PathBuf, String> {
     let out_path = file.with_extension("cosigned.json");
-    let out = run(fleetctl()
-        .args(["cosigner", "request", "--url", &c.url, "--out"])
-        .arg(&out_path)
-        .arg(file));
+    let out =
+        run(fleetctl().args(["cosigner", "request", "--url", &c.url, "--out"]).arg(&out_path).arg(file));
     if out.status.success() {
         Ok(out_path)
     } else {
@@ -95,18 +83,11 @@ fn register_sign_cosign_verify_then_revoke() {
 
     let server_signed = d.sign("m1", "fs1", "server:fs1", &["--valid-for", "3600"]);
     // The server signature alone is not enough for a device.
-    assert!(d
-        .verify(&server_signed, false)
-        .1
-        .starts_with("rejected: kid-unknown"));
+    assert!(d.verify(&server_signed, false).1.starts_with("rejected: kid-unknown"));
 
     let cosigned = request(&c, &server_signed).expect("co-signed");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cosigned).unwrap()).unwrap();
-    assert_eq!(
-        v["signatures"].as_array().unwrap().len(),
-        1,
-        "server signature replaced"
-    );
+    assert_eq!(v["signatures"].as_array().unwrap().len(), 1, "server signature replaced");
     assert!(d
         .verify(&cosigned, false)
         .1
@@ -122,10 +103,7 @@ fn register_sign_cosign_verify_then_revoke() {
     assert_eq!(audit[0]["version"], 8);
 
     // Revocation applies to the very next request, with the service still running.
-    ok(fleetctl()
-        .args(["cosigner", "revoke", "--config"])
-        .arg(&c.config)
-        .arg("fs1"));
+    ok(fleetctl().args(["cosigner", "revoke", "--config"]).arg(&c.config).arg("fs1"));
     let again = d.sign("m2", "fs1", "server:fs1", &["--valid-for", "3600"]);
     let err = request(&c, &again).unwrap_err();
     assert!(err.contains("(403)") && err.contains("revoked"), "{err}");
@@ -137,17 +115,11 @@ fn refusals_are_json_errors_with_4xx() {
     let d = Device::new();
     let c = start_cosigner(&d, 600, 20);
     register(&d, &c, "fs1");
-    ok(fleetctl()
-        .args(["keygen", "--out"])
-        .arg(d.keys())
-        .args(["--name", "stranger"]));
+    ok(fleetctl().args(["keygen", "--out"]).arg(d.keys()).args(["--name", "stranger"]));
 
     let unknown = d.sign("u", "stranger", "server:stranger", &["--valid-for", "3600"]);
     let err = request(&c, &unknown).unwrap_err();
-    assert!(
-        err.contains("(403)") && err.contains("not registered"),
-        "{err}"
-    );
+    assert!(err.contains("(403)") && err.contains("not registered"), "{err}");
 
     // Right kid, wrong key.
     let forged = d.sign("f", "stranger", "server:fs1", &["--valid-for", "3600"]);
@@ -156,38 +128,18 @@ fn refusals_are_json_errors_with_4xx() {
 
     let too_long = d.sign("l", "fs1", "server:fs1", &["--valid-for", "172800"]);
     let err = request(&c, &too_long).unwrap_err();
-    assert!(
-        err.contains("(422)") && err.contains("validity-too-long"),
-        "{err}"
-    );
+    assert!(err.contains("(422)") && err.contains("validity-too-long"), "{err}");
 
-    let other_project = d.sign(
-        "p",
-        "fs1",
-        "server:fs1",
-        &["--valid-for", "3600", "--project", "other"],
-    );
+    let other_project = d.sign("p", "fs1", "server:fs1", &["--valid-for", "3600", "--project", "other"]);
     let err = request(&c, &other_project).unwrap_err();
-    assert!(
-        err.contains("(403)") && err.contains("project-refused"),
-        "{err}"
-    );
+    assert!(err.contains("(403)") && err.contains("project-refused"), "{err}");
 
-    let expired = d.sign(
-        "e",
-        "fs1",
-        "server:fs1",
-        &["--not-before", "1736000000", "--valid-for", "3600"],
-    );
+    let expired = d.sign("e", "fs1", "server:fs1", &["--not-before", "1736000000", "--valid-for", "3600"]);
     let err = request(&c, &expired).unwrap_err();
     assert!(err.contains("(422)") && err.contains("expired"), "{err}");
 
     // Already signed by the fleet key as well: exactly one signature is expected.
-    let two = d.cosign(
-        &d.sign("t", "fs1", "server:fs1", &["--valid-for", "3600"]),
-        "fleet",
-        "fleet",
-    );
+    let two = d.cosign(&d.sign("t", "fs1", "server:fs1", &["--valid-for", "3600"]), "fleet", "fleet");
     let err = request(&c, &two).unwrap_err();
     assert!(err.contains("(400)"), "{err}");
 
@@ -198,10 +150,7 @@ fn refusals_are_json_errors_with_4xx() {
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(v["error"], "malformed");
 
-    assert!(
-        audit_lines(&c).is_empty(),
-        "no refusal is audited as a signing"
-    );
+    assert!(audit_lines(&c).is_empty(), "no refusal is audited as a signing");
 }
 
 #[test]

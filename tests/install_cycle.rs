@@ -23,12 +23,7 @@ fn setup(bootloader: Bootloader) -> (Gateway, ImageServer, std::path::PathBuf, V
 
 fn install_ok(g: &Gateway, msg: &std::path::Path) {
     let out = g.install(msg);
-    assert!(
-        out.status.success(),
-        "install: {}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert!(out.status.success(), "install: {}{}", stdout(&out), stderr(&out));
     let st = g.status();
     assert_eq!(st["state"], "reboot-pending", "{st}");
     assert_eq!(st["primary_slot"], "B", "{st}");
@@ -37,10 +32,7 @@ fn install_ok(g: &Gateway, msg: &std::path::Path) {
 fn committed_cycle(bootloader: Bootloader) {
     let (mut g, _server, msg, image) = setup(bootloader);
     install_ok(&g, &msg);
-    assert_eq!(
-        &std::fs::read(g.slot("B")).unwrap()[..image.len()],
-        &image[..]
-    );
+    assert_eq!(&std::fs::read(g.slot("B")).unwrap()[..image.len()], &image[..]);
     assert_eq!(g.power_on(&|_| true).as_deref(), Some("B"));
     let out = g.run_once();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -64,13 +56,7 @@ fn health_failure_rolls_back(bootloader: Bootloader) {
     g.run_once();
     let st = g.status();
     assert_eq!(st["state"], "rolled-back", "{st}");
-    assert!(
-        st["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("health-check-failed"),
-        "{st}"
-    );
+    assert!(st["last_error"].as_str().unwrap().contains("health-check-failed"), "{st}");
     assert_eq!(st["slots"]["B"]["state"], "bad");
     // fleetd asked for a reboot; the bootloader now picks the old slot.
     assert_eq!(g.power_on(&|_| true).as_deref(), Some("A"));
@@ -89,28 +75,10 @@ fn never_boots_falls_back(bootloader: Bootloader) {
     let out = g.run_once();
     assert!(out.status.success(), "{}", stderr(&out));
     let st = g.status();
-    assert_eq!(
-        st["state"],
-        "rolled-back",
-        "{st} {:?} {}",
-        g.boot_env(),
-        stderr(&out)
-    );
-    assert!(
-        st["last_error"]
-            .as_str()
-            .unwrap()
-            .starts_with("rolled-back"),
-        "{st}"
-    );
+    assert_eq!(st["state"], "rolled-back", "{st} {:?} {}", g.boot_env(), stderr(&out));
+    assert!(st["last_error"].as_str().unwrap().starts_with("rolled-back"), "{st}");
     assert_eq!(st["slots"]["B"]["state"], "bad");
-    assert_eq!(
-        st["primary_slot"],
-        "A",
-        "{st} {:?} {}",
-        g.boot_env(),
-        stderr(&out)
-    );
+    assert_eq!(st["primary_slot"], "A", "{st} {:?} {}", g.boot_env(), stderr(&out));
 }
 
 #[test]

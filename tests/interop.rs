@@ -6,23 +6,15 @@ use common::*;
 use std::process::Command;
 
 fn python_with_jwcrypto() -> Option<Command> {
-    let ok = Command::new("python3")
-        .args(["-c", "import jwcrypto"])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let ok =
+        Command::new("python3").args(["-c", "import jwcrypto"]).output().is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "jwcrypto must be installed in CI (scripts/setup)"
-        );
+        assert!(std::env::var_os("CI").is_none(), "jwcrypto must be installed in CI (scripts/setup)");
         eprintln!("SKIP: python3 with jwcrypto not available; run scripts/setup");
         return None;
     }
     let mut cmd = Command::new("python3");
-    cmd.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/interop/jose_interop.py"
-    ));
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/jose_interop.py"));
     Some(cmd)
 }
 
@@ -51,10 +43,7 @@ fn a_jwcrypto_message_verifies_in_fleetd() {
     bytes[i] = b'8';
     v["payload"] = fleetd::trust::b64url_encode(&bytes).into();
     std::fs::write(&msg, v.to_string()).unwrap();
-    assert!(d
-        .verify(&msg, false)
-        .1
-        .starts_with("rejected: signature-invalid"));
+    assert!(d.verify(&msg, false).1.starts_with("rejected: signature-invalid"));
 }
 
 #[test]
@@ -71,18 +60,12 @@ fn a_fleetctl_message_verifies_in_jwcrypto() {
 
     // jwcrypto must refuse it when one signature is broken.
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&msg).unwrap()).unwrap();
-    let sig = v["signatures"][1]["signature"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sig = v["signatures"][1]["signature"].as_str().unwrap().to_string();
     let mut raw = fleetd::trust::b64url_decode(&sig).unwrap();
     raw[10] ^= 1;
     v["signatures"][1]["signature"] = fleetd::trust::b64url_encode(&raw).into();
     std::fs::write(&msg, v.to_string()).unwrap();
     let mut py = python_with_jwcrypto().unwrap();
     let out = run(py.arg("verify").arg(d.path()).arg(&msg));
-    assert!(
-        !out.status.success(),
-        "jwcrypto accepted a broken signature"
-    );
+    assert!(!out.status.success(), "jwcrypto accepted a broken signature");
 }

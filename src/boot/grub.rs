@@ -50,10 +50,7 @@ impl EnvBlock {
     /// `\` newline → newline). Anything GRUB would misread is `Corrupt`.
     pub fn decode(bytes: &[u8]) -> Result<Self, BootError> {
         if bytes.len() != ENV_BLOCK_SIZE {
-            return Err(corrupt(format!(
-                "grubenv is {} bytes, expected {ENV_BLOCK_SIZE}",
-                bytes.len()
-            )));
+            return Err(corrupt(format!("grubenv is {} bytes, expected {ENV_BLOCK_SIZE}", bytes.len())));
         }
         let body = bytes
             .strip_prefix(HEADER)
@@ -77,20 +74,14 @@ impl EnvBlock {
             // GRUB takes the name raw up to the first '=' and unescapes only
             // the value.
             let Some(eq) = line.iter().position(|&b| b == b'=') else {
-                return Err(corrupt(format!(
-                    "line without '=': {:?}",
-                    String::from_utf8_lossy(line)
-                )));
+                return Err(corrupt(format!("line without '=': {:?}", String::from_utf8_lossy(line))));
             };
             let name = utf8(&line[..eq])?;
             if name.contains(['\\', '\n']) {
                 return Err(corrupt(format!("variable name {name:?}")));
             }
             let value = unescape(&line[eq + 1..])?;
-            if lines
-                .iter()
-                .any(|l| matches!(l, Line::Var { name: n, .. } if *n == name))
-            {
+            if lines.iter().any(|l| matches!(l, Line::Var { name: n, .. } if *n == name)) {
                 return Err(corrupt(format!("variable {name:?} appears twice")));
             }
             lines.push(Line::Var { name, value });
@@ -147,10 +138,7 @@ impl EnvBlock {
                 }
             }
         }
-        self.lines.push(Line::Var {
-            name: name.to_string(),
-            value: value.to_string(),
-        });
+        self.lines.push(Line::Var { name: name.to_string(), value: value.to_string() });
         Ok(())
     }
 
@@ -183,9 +171,7 @@ fn unescape(line: &[u8]) -> Result<String, BootError> {
     while let Some(&b) = bytes.next() {
         if b == b'\\' {
             // split_line never ends a line right after a backslash.
-            let &escaped = bytes
-                .next()
-                .ok_or_else(|| corrupt("line ends in a lone backslash".into()))?;
+            let &escaped = bytes.next().ok_or_else(|| corrupt("line ends in a lone backslash".into()))?;
             out.push(escaped);
         } else {
             out.push(b);
@@ -211,10 +197,7 @@ fn escape_into(out: &mut Vec<u8>, text: &str) {
 }
 
 fn corrupt(detail: String) -> BootError {
-    BootError::Corrupt {
-        backend: BACKEND,
-        detail,
-    }
+    BootError::Corrupt { backend: BACKEND, detail }
 }
 
 fn ok_var(slot: &str) -> String {
@@ -250,28 +233,19 @@ pub fn primary_in(env: &EnvBlock, slots: &[String]) -> Result<Option<String>, Bo
 
 /// `OK=0` → Bad; `OK=1, TRY=1` → Trying (booted once, unconfirmed); else Good.
 pub fn state_in(env: &EnvBlock, slot: &str) -> Result<SlotState, BootError> {
-    Ok(
-        match (flag(env, &ok_var(slot))?, flag(env, &try_var(slot))?) {
-            (false, _) => SlotState::Bad,
-            (true, true) => SlotState::Trying,
-            (true, false) => SlotState::Good,
-        },
-    )
+    Ok(match (flag(env, &ok_var(slot))?, flag(env, &try_var(slot))?) {
+        (false, _) => SlotState::Bad,
+        (true, true) => SlotState::Trying,
+        (true, false) => SlotState::Good,
+    })
 }
 
 /// Puts `slot` first in `ORDER` (the rest keep their order; configured slots
 /// missing from it are appended so a fallback exists) with `OK=1`, `TRY=0`.
-pub fn set_primary_for_trial_in(
-    env: &mut EnvBlock,
-    slot: &str,
-    slots: &[String],
-) -> Result<(), BootError> {
+pub fn set_primary_for_trial_in(env: &mut EnvBlock, slot: &str, slots: &[String]) -> Result<(), BootError> {
     let mut order = vec![slot];
     let current = env.get(ORDER).unwrap_or("").to_string();
-    for name in current
-        .split_whitespace()
-        .chain(slots.iter().map(String::as_str))
-    {
+    for name in current.split_whitespace().chain(slots.iter().map(String::as_str)) {
         if !order.contains(&name) {
             order.push(name);
         }
@@ -299,10 +273,7 @@ impl GrubEnv {
     /// The file is not read until it is needed.
     pub fn new(grubenv: PathBuf, slots: &[String]) -> Result<Self, BootError> {
         validate_slots(slots)?;
-        Ok(Self {
-            grubenv,
-            slots: slots.to_vec(),
-        })
+        Ok(Self { grubenv, slots: slots.to_vec() })
     }
 
     /// Writes a fresh environment for provisioning and tests: `ORDER` lists
@@ -319,13 +290,8 @@ impl GrubEnv {
 
     /// The whole environment as it is now.
     pub fn read(&self) -> Result<EnvBlock, BootError> {
-        let bytes = fsutil::read_prefix(&self.grubenv, ENV_BLOCK_SIZE + 1).map_err(|source| {
-            BootError::Io {
-                backend: BACKEND,
-                path: self.grubenv.clone(),
-                source,
-            }
-        })?;
+        let bytes = fsutil::read_prefix(&self.grubenv, ENV_BLOCK_SIZE + 1)
+            .map_err(|source| BootError::Io { backend: BACKEND, path: self.grubenv.clone(), source })?;
         EnvBlock::decode(&bytes)
     }
 
@@ -333,10 +299,7 @@ impl GrubEnv {
         if self.slots.iter().any(|s| s == slot) {
             Ok(())
         } else {
-            Err(BootError::UnknownSlot {
-                backend: BACKEND,
-                slot: slot.to_string(),
-            })
+            Err(BootError::UnknownSlot { backend: BACKEND, slot: slot.to_string() })
         }
     }
 
@@ -355,10 +318,7 @@ impl GrubEnv {
 
 fn validate_slots(slots: &[String]) -> Result<(), BootError> {
     if slots.is_empty() {
-        return Err(BootError::Config {
-            backend: BACKEND,
-            detail: "no slots".into(),
-        });
+        return Err(BootError::Config { backend: BACKEND, detail: "no slots".into() });
     }
     for (i, slot) in slots.iter().enumerate() {
         if slot.is_empty() || !slot.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -434,9 +394,7 @@ mod tests {
     }
 
     fn pairs(env: &EnvBlock) -> Vec<(String, String)> {
-        env.vars()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect()
+        env.vars().map(|(n, v)| (n.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -450,10 +408,7 @@ mod tests {
     #[test]
     fn decodes_variables_in_order() {
         let env = env("ORDER=B A\nA_OK=1\n");
-        assert_eq!(
-            pairs(&env),
-            [("ORDER".into(), "B A".into()), ("A_OK".into(), "1".into())]
-        );
+        assert_eq!(pairs(&env), [("ORDER".into(), "B A".into()), ("A_OK".into(), "1".into())]);
         assert_eq!(env.get("A_OK"), Some("1"));
         assert_eq!(env.get("B_OK"), None);
     }
@@ -478,10 +433,7 @@ mod tests {
         let mut env = env(text);
         env.set("X", "2").unwrap();
         env.set("Y", "3").unwrap();
-        assert_eq!(
-            env.encode().unwrap(),
-            block("# WARNING: keep me\\x\nX=2\nY=3\n")
-        );
+        assert_eq!(env.encode().unwrap(), block("# WARNING: keep me\\x\nX=2\nY=3\n"));
     }
 
     #[test]
@@ -522,15 +474,9 @@ mod tests {
     fn wrong_size_is_corrupt() {
         let mut bytes = block("");
         bytes.pop();
-        assert_eq!(
-            EnvBlock::decode(&bytes).unwrap_err().name(),
-            "boot-env-corrupt"
-        );
+        assert_eq!(EnvBlock::decode(&bytes).unwrap_err().name(), "boot-env-corrupt");
         bytes.extend_from_slice(b"##");
-        assert_eq!(
-            EnvBlock::decode(&bytes).unwrap_err().name(),
-            "boot-env-corrupt"
-        );
+        assert_eq!(EnvBlock::decode(&bytes).unwrap_err().name(), "boot-env-corrupt");
         assert!(EnvBlock::decode(&[]).is_err());
     }
 
@@ -538,10 +484,7 @@ mod tests {
     fn wrong_header_is_corrupt() {
         let mut bytes = block("");
         bytes[2] = b'g';
-        assert_eq!(
-            EnvBlock::decode(&bytes).unwrap_err().name(),
-            "boot-env-corrupt"
-        );
+        assert_eq!(EnvBlock::decode(&bytes).unwrap_err().name(), "boot-env-corrupt");
     }
 
     /// The header, `body`, then `fill` up to the block size.
@@ -574,10 +517,7 @@ mod tests {
     fn non_utf8_is_corrupt() {
         let mut bytes = block("X=\u{1}\n");
         bytes[HEADER.len() + 2] = 0xff;
-        assert_eq!(
-            EnvBlock::decode(&bytes).unwrap_err().name(),
-            "boot-env-corrupt"
-        );
+        assert_eq!(EnvBlock::decode(&bytes).unwrap_err().name(), "boot-env-corrupt");
     }
 
     #[test]
@@ -597,25 +537,13 @@ mod tests {
     #[test]
     fn primary_is_first_in_order_with_ok_and_no_try() {
         let s = slots();
-        assert_eq!(
-            primary_in(&env("ORDER=A B\nA_OK=1\nB_OK=1\n"), &s).unwrap(),
-            Some("A".into())
-        );
-        assert_eq!(
-            primary_in(&env("ORDER=B A\nA_OK=1\nB_OK=1\nB_TRY=1\n"), &s).unwrap(),
-            Some("A".into())
-        );
-        assert_eq!(
-            primary_in(&env("ORDER=B A\nA_OK=0\nB_OK=1\n"), &s).unwrap(),
-            Some("B".into())
-        );
+        assert_eq!(primary_in(&env("ORDER=A B\nA_OK=1\nB_OK=1\n"), &s).unwrap(), Some("A".into()));
+        assert_eq!(primary_in(&env("ORDER=B A\nA_OK=1\nB_OK=1\nB_TRY=1\n"), &s).unwrap(), Some("A".into()));
+        assert_eq!(primary_in(&env("ORDER=B A\nA_OK=0\nB_OK=1\n"), &s).unwrap(), Some("B".into()));
         assert_eq!(primary_in(&env("ORDER=A B\n"), &s).unwrap(), None);
         assert_eq!(primary_in(&env(""), &s).unwrap(), None);
         // Names grub.cfg has no entry for are skipped.
-        assert_eq!(
-            primary_in(&env("ORDER=C A\nC_OK=1\nA_OK=1\n"), &s).unwrap(),
-            Some("A".into())
-        );
+        assert_eq!(primary_in(&env("ORDER=C A\nC_OK=1\nA_OK=1\n"), &s).unwrap(), Some("A".into()));
     }
 
     #[test]
@@ -624,11 +552,7 @@ mod tests {
         assert_eq!(state_in(&env, "A").unwrap(), SlotState::Good);
         assert_eq!(state_in(&env, "B").unwrap(), SlotState::Trying);
         assert_eq!(state_in(&env, "C").unwrap(), SlotState::Bad);
-        assert_eq!(
-            state_in(&env, "D").unwrap(),
-            SlotState::Bad,
-            "missing OK is 0"
-        );
+        assert_eq!(state_in(&env, "D").unwrap(), SlotState::Bad, "missing OK is 0");
     }
 
     #[test]
@@ -642,10 +566,7 @@ mod tests {
         let s = slots();
         let mut env = env("ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=0\nB_TRY=1\nX=y\n");
         set_primary_for_trial_in(&mut env, "B", &s).unwrap();
-        assert_eq!(
-            env.encode().unwrap(),
-            block("ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\nX=y\n")
-        );
+        assert_eq!(env.encode().unwrap(), block("ORDER=B A\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\nX=y\n"));
         // From an empty env the fallback is added too.
         let mut env = EnvBlock::new();
         set_primary_for_trial_in(&mut env, "B", &s).unwrap();
@@ -656,16 +577,8 @@ mod tests {
     fn new_validates_slot_names() {
         let p = PathBuf::from("/nonexistent/grubenv");
         assert!(GrubEnv::new(p.clone(), &slots()).is_ok());
-        for bad in [
-            vec![],
-            vec!["A".to_string(), "A".into()],
-            vec!["A B".into()],
-            vec!["".into()],
-        ] {
-            assert_eq!(
-                GrubEnv::new(p.clone(), &bad).unwrap_err().name(),
-                "boot-config"
-            );
+        for bad in [vec![], vec!["A".to_string(), "A".into()], vec!["A B".into()], vec!["".into()]] {
+            assert_eq!(GrubEnv::new(p.clone(), &bad).unwrap_err().name(), "boot-config");
         }
     }
 
@@ -676,10 +589,7 @@ mod tests {
         let mut grub = GrubEnv::new(path.clone(), &slots()).unwrap();
         assert_eq!(grub.primary().unwrap_err().name(), "boot-env-io");
         GrubEnv::initialize(&path, &slots()).unwrap();
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            block("ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\n")
-        );
+        assert_eq!(std::fs::read(&path).unwrap(), block("ORDER=A B\nA_OK=1\nA_TRY=0\nB_OK=1\nB_TRY=0\n"));
         grub.set_primary_for_trial("B").unwrap();
         assert_eq!(grub.primary().unwrap(), Some("B".into()));
         grub.mark_bad("B").unwrap();

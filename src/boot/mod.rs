@@ -40,32 +40,19 @@ impl SlotState {
 pub enum BootError {
     /// Reading or writing the environment's storage failed.
     #[error("{backend}: boot-env-io: {path}: {source}")]
-    Io {
-        backend: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { backend: &'static str, path: PathBuf, source: std::io::Error },
     /// No valid copy of the environment (bad CRC, wrong size, garbage).
     #[error("{backend}: boot-env-corrupt: {detail}")]
-    Corrupt {
-        backend: &'static str,
-        detail: String,
-    },
+    Corrupt { backend: &'static str, detail: String },
     /// The backend's own configuration (fw_env.config, slot mapping) is wrong.
     #[error("{backend}: boot-config: {detail}")]
-    Config {
-        backend: &'static str,
-        detail: String,
-    },
+    Config { backend: &'static str, detail: String },
     /// A slot name the backend does not know.
     #[error("{backend}: unknown-slot: {slot:?}")]
     UnknownSlot { backend: &'static str, slot: String },
     /// An external command (custom script) failed or printed something unexpected.
     #[error("{backend}: boot-command: {detail}")]
-    Command {
-        backend: &'static str,
-        detail: String,
-    },
+    Command { backend: &'static str, detail: String },
 }
 
 impl BootError {
@@ -126,53 +113,35 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
     };
     Ok(match boot.backend {
         BootBackend::Uboot => {
-            return Err(BootError::Config {
-                backend: "uboot",
-                detail: "MERGE-PENDING".into(),
-            });
+            return Err(BootError::Config { backend: "uboot", detail: "MERGE-PENDING".into() });
         }
         BootBackend::Grub => {
-            let path = boot
-                .grubenv
-                .clone()
-                .ok_or_else(|| missing("grub", "grubenv"))?;
+            let path = boot.grubenv.clone().ok_or_else(|| missing("grub", "grubenv"))?;
             Box::new(grub::GrubEnv::new(path, &slots)?)
         }
         BootBackend::RpiTryboot => {
-            let path = boot
-                .autoboot_txt
-                .clone()
-                .ok_or_else(|| missing("rpi-tryboot", "autoboot_txt"))?;
+            let path = boot.autoboot_txt.clone().ok_or_else(|| missing("rpi-tryboot", "autoboot_txt"))?;
             let mut partitions = Vec::new();
             for (name, slot) in &config.slots {
-                let number = slot
-                    .boot_partition
-                    .or_else(|| trailing_number(&slot.device))
-                    .ok_or_else(|| BootError::Config {
-                        backend: "rpi-tryboot",
-                        detail: format!(
-                            "slots.{name}.boot_partition is needed: {} ends in no partition number",
-                            slot.device.display()
-                        ),
+                let number =
+                    slot.boot_partition.or_else(|| trailing_number(&slot.device)).ok_or_else(|| {
+                        BootError::Config {
+                            backend: "rpi-tryboot",
+                            detail: format!(
+                                "slots.{name}.boot_partition is needed: {} ends in no partition number",
+                                slot.device.display()
+                            ),
+                        }
                     })?;
                 partitions.push((name.clone(), number));
             }
             let _ = (path, partitions);
-            return Err(BootError::Config {
-                backend: "rpi-tryboot",
-                detail: "MERGE-PENDING".into(),
-            });
+            return Err(BootError::Config { backend: "rpi-tryboot", detail: "MERGE-PENDING".into() });
         }
         BootBackend::Script => {
-            let path = boot
-                .script
-                .clone()
-                .ok_or_else(|| missing("script", "script"))?;
+            let path = boot.script.clone().ok_or_else(|| missing("script", "script"))?;
             let _ = path;
-            return Err(BootError::Config {
-                backend: "script",
-                detail: "MERGE-PENDING".into(),
-            });
+            return Err(BootError::Config { backend: "script", detail: "MERGE-PENDING".into() });
         }
     })
 }
@@ -180,30 +149,21 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
 /// `mmcblk0p2` → 2, `sda3` → 3.
 fn trailing_number(device: &std::path::Path) -> Option<u32> {
     let name = device.file_name()?.to_str()?;
-    let digits: String = name
-        .chars()
-        .rev()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    let digits: String = name.chars().rev().take_while(char::is_ascii_digit).collect();
     digits.chars().rev().collect::<String>().parse().ok()
 }
 
 /// Which slot is running: the configured name, else (for `auto`) the kernel
 /// command line (`fleetd.slot=` or `rauc.slot=`), the bootloader's own word,
 /// or the slot whose device is mounted at `/`.
-pub fn booted_slot(
-    config: &crate::config::Config,
-    boot: &dyn BootControl,
-) -> Result<String, BootError> {
+pub fn booted_slot(config: &crate::config::Config, boot: &dyn BootControl) -> Result<String, BootError> {
     let known = |s: &str| config.slots.contains_key(s);
     if config.boot.booted_slot != "auto" {
         return Ok(config.boot.booted_slot.clone());
     }
     if let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") {
         for word in cmdline.split_whitespace() {
-            if let Some(slot) = word
-                .strip_prefix("fleetd.slot=")
-                .or_else(|| word.strip_prefix("rauc.slot="))
+            if let Some(slot) = word.strip_prefix("fleetd.slot=").or_else(|| word.strip_prefix("rauc.slot="))
             {
                 if known(slot) {
                     return Ok(slot.to_string());
@@ -230,11 +190,9 @@ pub fn booted_slot(
 /// This boot's id (changes at every boot): tells a reboot from a restart.
 pub fn boot_id(config: &crate::config::Config) -> Result<String, BootError> {
     let path = &config.boot.boot_id_file;
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|source| BootError::Io {
-            backend: "boot-id",
-            path: path.clone(),
-            source,
-        })
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).map_err(|source| BootError::Io {
+        backend: "boot-id",
+        path: path.clone(),
+        source,
+    })
 }

@@ -2,9 +2,7 @@
 //! part is the real one (keys on disk, the co-signer over HTTP on loopback,
 //! the device's verifier reading its config); only the addresses are local.
 
-use super::fleetctl::{
-    add_signature, hash_file, keygen, load_public_key, load_signing_key, sign_claims,
-};
+use super::fleetctl::{add_signature, hash_file, keygen, load_public_key, load_signing_key, sign_claims};
 use crate::config::Config;
 use crate::cosigner::{self, CosignerConfig, Registry};
 use crate::store::Store;
@@ -42,17 +40,10 @@ fn demo() -> Result<(), String> {
     let keys = dir.join("keys");
     for name in ["fleet", "cosigner", "fs1"] {
         let (private, public) = keygen(&keys, name)?;
-        println!(
-            "    {name}: {} (private, mode 0600) + {}",
-            rel(dir, &private),
-            rel(dir, &public)
-        );
+        println!("    {name}: {} (private, mode 0600) + {}", rel(dir, &private), rel(dir, &public));
     }
 
-    step(
-        2,
-        "Start the co-signer service on loopback and register fleet server fs1 with it.",
-    );
+    step(2, "Start the co-signer service on loopback and register fleet server fs1 with it.");
     let cosigner_config = CosignerConfig {
         listen: "127.0.0.1:0".into(),
         kid: "cosigner".into(),
@@ -65,23 +56,14 @@ fn demo() -> Result<(), String> {
         rate_limit_burst: 10,
     };
     let mut registry = Registry::default();
-    registry.register(
-        "fs1",
-        &load_public_key(&keys.join("fs1.pub.pem"))?,
-        crate::system_now(),
-    )?;
+    registry.register("fs1", &load_public_key(&keys.join("fs1.pub.pem"))?, crate::system_now())?;
     registry.save(&cosigner_config.registry_path())?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .map_err(|e| format!("bind loopback: {e}"))?;
-    let url = format!(
-        "http://{}",
-        listener.local_addr().map_err(|e| e.to_string())?
-    );
+    let url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
     let app = Arc::new(cosigner::App::new(cosigner_config.clone())?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = runtime.spawn(cosigner::serve(listener, app, async {
@@ -98,10 +80,7 @@ fn demo() -> Result<(), String> {
     store.save().map_err(|e| e.to_string())?;
     println!("    device gw-0042, project acme-gateways, hardware rpi4-gw, installed version 7");
 
-    step(
-        4,
-        "The fleet server describes an image (size + SHA-256) and signs it with its server key.",
-    );
+    step(4, "The fleet server describes an image (size + SHA-256) and signs it with its server key.");
     let image = dir.join("firmware-8.img");
     std::fs::write(&image, vec![0x5au8; 256 * 1024]).map_err(|e| e.to_string())?;
     let (size, sha256) = hash_file(&image)?;
@@ -113,57 +92,30 @@ fn demo() -> Result<(), String> {
         nbf: now,
         exp: now + 3600,
         project: "acme-gateways".into(),
-        target: Target {
-            hardware: "rpi4-gw".into(),
-            devices: vec!["gw-0042".into()],
-            groups: vec![],
-        },
+        target: Target { hardware: "rpi4-gw".into(), devices: vec!["gw-0042".into()], groups: vec![] },
         version: 8,
         name: "2026.11-demo".into(),
-        image: Image {
-            url: "https://updates.example.com/rpi4-gw/8.img".into(),
-            size,
-            sha256,
-        },
+        image: Image { url: "https://updates.example.com/rpi4-gw/8.img".into(), size, sha256 },
     };
-    let server_signed = sign_claims(
-        &claims,
-        &load_signing_key(&keys.join("fs1.key.pem"))?,
-        "server:fs1",
-    )?;
-    println!(
-        "    v8 \"{}\", {size} bytes, sha256 {}…",
-        claims.name,
-        &claims.image.sha256[..16]
-    );
+    let server_signed = sign_claims(&claims, &load_signing_key(&keys.join("fs1.key.pem"))?, "server:fs1")?;
+    println!("    v8 \"{}\", {size} bytes, sha256 {}…", claims.name, &claims.image.sha256[..16]);
 
-    step(5, "It asks the co-signer to co-sign over HTTP; the co-signer checks fs1 is registered and not revoked.");
-    let cosigned = runtime.block_on(super::fleetctl::request_cosignature(
-        &url,
-        &server_signed,
-        None,
-    ))?;
+    step(
+        5,
+        "It asks the co-signer to co-sign over HTTP; the co-signer checks fs1 is registered and not revoked.",
+    );
+    let cosigned = runtime.block_on(super::fleetctl::request_cosignature(&url, &server_signed, None))?;
     println!(
         "    co-signer answered with its signature; audit log: {}",
         rel(dir, &cosigner_config.audit_path())
     );
 
-    step(
-        6,
-        "The fleet server adds the fleet key's signature. The message now carries both.",
-    );
+    step(6, "The fleet server adds the fleet key's signature. The message now carries both.");
     let mut message = cosigned.clone();
-    add_signature(
-        &mut message,
-        &load_signing_key(&keys.join("fleet.key.pem"))?,
-        "fleet",
-    )?;
+    add_signature(&mut message, &load_signing_key(&keys.join("fleet.key.pem"))?, "fleet")?;
     println!("    signatures by: {}", message.kids().join(" + "));
 
-    step(
-        7,
-        "The device verifies it: both signatures, then every claim.",
-    );
+    step(7, "The device verifies it: both signatures, then every claim.");
     let state = Store::read(&config.device.state_dir).map_err(|e| e.to_string())?;
     let seen = state.replay_cache.clone();
     let trust_state = TrustState {
@@ -172,44 +124,28 @@ fn demo() -> Result<(), String> {
         seen_jtis: &seen,
     };
     let verified = policy
-        .verify(
-            message.to_json().as_bytes(),
-            &trust_state,
-            crate::system_now(),
-        )
+        .verify(message.to_json().as_bytes(), &trust_state, crate::system_now())
         .map_err(|e| format!("the genuine message was refused: {e}"))?;
-    println!(
-        "    accepted: {} v{}",
-        verified.claims.name, verified.claims.version
-    );
+    println!("    accepted: {} v{}", verified.claims.name, verified.claims.version);
 
     step(8, "An attacker who stole the fleet server's key signs a message alone. The device refuses it.");
     let mut evil = claims.clone();
     evil.jti = trust::random_id();
     evil.image.url = "https://evil.example/backdoor.img".into();
-    let forged = sign_claims(
-        &evil,
-        &load_signing_key(&keys.join("fleet.key.pem"))?,
-        "fleet",
-    )?;
-    match policy.verify(
-        forged.to_json().as_bytes(),
-        &trust_state,
-        crate::system_now(),
-    ) {
+    let forged = sign_claims(&evil, &load_signing_key(&keys.join("fleet.key.pem"))?, "fleet")?;
+    match policy.verify(forged.to_json().as_bytes(), &trust_state, crate::system_now()) {
         Err(e) => println!("    refused: {e}"),
         Ok(_) => return Err("a single-signature message was accepted".into()),
     }
 
-    step(9, "The fleet operator revokes fs1 at the co-signer; its next request is refused. No device changes.");
+    step(
+        9,
+        "The fleet operator revokes fs1 at the co-signer; its next request is refused. No device changes.",
+    );
     let mut registry = Registry::load(&cosigner_config.registry_path())?;
     registry.revoke("fs1", crate::system_now())?;
     registry.save(&cosigner_config.registry_path())?;
-    let again = sign_claims(
-        &evil,
-        &load_signing_key(&keys.join("fs1.key.pem"))?,
-        "server:fs1",
-    )?;
+    let again = sign_claims(&evil, &load_signing_key(&keys.join("fs1.key.pem"))?, "server:fs1")?;
     match runtime.block_on(super::fleetctl::request_cosignature(&url, &again, None)) {
         Err(e) => println!("    {e}"),
         Ok(_) => return Err("a revoked server was co-signed".into()),

@@ -23,10 +23,7 @@ fn open_updater(config: Config) -> Result<Updater, String> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())
 }
 
 /// Prints reports: a redrawn progress bar on a terminal, plain lines otherwise.
@@ -134,22 +131,12 @@ pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
             Some(j) if matches!(j.phase, Phase::Testing { .. }) && j.target_slot == booted
         );
         if in_trial {
-            let verdict = if good {
-                "marked good by hand"
-            } else {
-                "marked bad by hand"
-            };
-            runtime()?
-                .block_on(updater.health_verdict(good, verdict))
-                .map_err(|e| e.to_string())?;
+            let verdict = if good { "marked good by hand" } else { "marked bad by hand" };
+            runtime()?.block_on(updater.health_verdict(good, verdict)).map_err(|e| e.to_string())?;
         } else {
             let config = load_config(config_flag)?;
             let mut backend = boot::from_config(&config).map_err(|e| e.to_string())?;
-            let result = if good {
-                backend.mark_good(&booted)
-            } else {
-                backend.mark_bad(&booted)
-            };
+            let result = if good { backend.mark_good(&booted) } else { backend.mark_bad(&booted) };
             result.map_err(|e| e.to_string())?;
         }
         println!("slot {booted} marked {}", if good { "good" } else { "bad" });
@@ -177,19 +164,11 @@ pub fn status(config_flag: Option<&Path>, json: bool) -> ExitCode {
         }
     };
     let backend = boot::from_config(&config);
-    let booted = backend
-        .as_ref()
-        .ok()
-        .and_then(|b| boot::booted_slot(&config, b.as_ref()).ok());
-    let mut doc = StatusDoc::build(
-        &config,
-        &state,
-        backend.as_ref().ok().map(|b| b.as_ref()),
-        booted.as_deref(),
-    );
+    let booted = backend.as_ref().ok().and_then(|b| boot::booted_slot(&config, b.as_ref()).ok());
+    let mut doc =
+        StatusDoc::build(&config, &state, backend.as_ref().ok().map(|b| b.as_ref()), booted.as_deref());
     if let Err(e) = &backend {
-        doc.last_error
-            .get_or_insert_with(|| format!("{}: {e}", e.name()));
+        doc.last_error.get_or_insert_with(|| format!("{}: {e}", e.name()));
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());

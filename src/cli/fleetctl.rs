@@ -8,11 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "fleetctl",
-    version,
-    about = "Fleet-side tool for fleetd: keys, signing, co-signing"
-)]
+#[command(name = "fleetctl", version, about = "Fleet-side tool for fleetd: keys, signing, co-signing")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -132,12 +128,7 @@ pub fn main() -> ExitCode {
             println!("wrote {} (private, 0600) and {}", k.display(), p.display());
         }),
         Command::Sign(args) => sign_command(&args),
-        Command::Cosign {
-            key,
-            kid,
-            out,
-            file,
-        } => cosign_command(&key, &kid, &file, out.as_deref()),
+        Command::Cosign { key, kid, out, file } => cosign_command(&key, &kid, &file, out.as_deref()),
         Command::Cosigner(cmd) => cosigner_command(cmd),
     };
     match result {
@@ -159,10 +150,7 @@ pub fn keygen(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), String> {
     let pub_path = dir.join(format!("{name}.pub.pem"));
     for p in [&key_path, &pub_path] {
         if p.exists() {
-            return Err(format!(
-                "{} exists; refusing to overwrite a key",
-                p.display()
-            ));
+            return Err(format!("{} exists; refusing to overwrite a key", p.display()));
         }
     }
     let key = SigningKey::generate().map_err(|e| e.to_string())?;
@@ -191,9 +179,7 @@ pub fn hash_file(path: &Path) -> Result<(u64, String), String> {
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let n = file.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -210,16 +196,12 @@ fn claims_from_args(args: &SignArgs) -> Result<Claims, String> {
         return Claims::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()));
     }
     let need = |v: &Option<String>, flag: &str| {
-        v.clone()
-            .ok_or_else(|| format!("--{flag} is required (or --claims)"))
+        v.clone().ok_or_else(|| format!("--{flag} is required (or --claims)"))
     };
     let version = args.version.ok_or("--version is required (or --claims)")?;
     let (size, sha256) = match &args.image {
         Some(path) => hash_file(path)?,
-        None => (
-            args.size.ok_or("--size (or --image) is required")?,
-            need(&args.sha256, "sha256")?,
-        ),
+        None => (args.size.ok_or("--size (or --image) is required")?, need(&args.sha256, "sha256")?),
     };
     let now = crate::system_now();
     let nbf = args.not_before.unwrap_or(now);
@@ -237,23 +219,15 @@ fn claims_from_args(args: &SignArgs) -> Result<Claims, String> {
         },
         version,
         name: args.name.clone().unwrap_or_else(|| version.to_string()),
-        image: Image {
-            url: need(&args.url, "url")?,
-            size,
-            sha256,
-        },
+        image: Image { url: need(&args.url, "url")?, size, sha256 },
     })
 }
 
 /// Signs `claims` with one key into a new envelope.
 pub fn sign_claims(claims: &Claims, key: &SigningKey, kid: &str) -> Result<Envelope, String> {
-    claims
-        .check_structure()
-        .map_err(|e| format!("refusing to sign: {e}"))?;
+    claims.check_structure().map_err(|e| format!("refusing to sign: {e}"))?;
     let mut envelope = Envelope::new(&claims.to_json());
-    envelope
-        .add_signature(key, kid)
-        .map_err(|e| e.to_string())?;
+    envelope.add_signature(key, kid).map_err(|e| e.to_string())?;
     Ok(envelope)
 }
 
@@ -296,10 +270,7 @@ fn cosign_command(key: &Path, kid: &str, file: &Path, out: Option<&Path>) -> Res
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())
 }
 
 fn cosigner_command(cmd: CosignerCommand) -> Result<(), String> {
@@ -314,16 +285,10 @@ fn cosigner_command(cmd: CosignerCommand) -> Result<(), String> {
                     .map_err(|e| format!("listen on {listen}: {e}"))?;
                 let local = listener.local_addr().map_err(|e| e.to_string())?;
                 println!("co-signer listening on http://{local}");
-                cosigner::serve(listener, app, shutdown_signal())
-                    .await
-                    .map_err(|e| e.to_string())
+                cosigner::serve(listener, app, shutdown_signal()).await.map_err(|e| e.to_string())
             })
         }
-        CosignerCommand::Register {
-            config,
-            key,
-            server,
-        } => {
+        CosignerCommand::Register { config, key, server } => {
             let config = CosignerConfig::load(&config)?;
             let key = load_public_key(&key)?;
             let path = config.registry_path();
@@ -347,8 +312,7 @@ fn cosigner_command(cmd: CosignerCommand) -> Result<(), String> {
         }
         CosignerCommand::Request { url, ca, out, file } => {
             let envelope = read_envelope(&file)?;
-            let signed =
-                runtime()?.block_on(request_cosignature(&url, &envelope, ca.as_deref()))?;
+            let signed = runtime()?.block_on(request_cosignature(&url, &envelope, ca.as_deref()))?;
             write_output(out.as_deref(), &signed.to_json())
         }
     }
@@ -361,10 +325,9 @@ pub async fn request_cosignature(
     ca: Option<&Path>,
 ) -> Result<Envelope, String> {
     let url = format!("{}/v1/cosign", base_url.trim_end_matches('/'));
-    let (status, body) =
-        crate::http::post_json(&url, envelope.to_json(), ca, trust::MAX_MESSAGE_BYTES)
-            .await
-            .map_err(|e| e.to_string())?;
+    let (status, body) = crate::http::post_json(&url, envelope.to_json(), ca, trust::MAX_MESSAGE_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
     if status != 200 {
         let detail = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()

@@ -13,11 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "fleetd",
-    version,
-    about = "Gateway update and provisioning daemon"
-)]
+#[command(name = "fleetd", version, about = "Gateway update and provisioning daemon")]
 struct FleetdCli {
     #[command(subcommand)]
     command: FleetdCommand,
@@ -77,14 +73,10 @@ enum FleetdCommand {
 pub fn fleetd_main() -> ExitCode {
     let cli = FleetdCli::parse();
     match cli.command {
-        FleetdCommand::Verify { config, json, file } => {
-            verify_command(config.as_deref(), json, &file)
+        FleetdCommand::Verify { config, json, file } => verify_command(config.as_deref(), json, &file),
+        FleetdCommand::Install { config, no_reboot, file } => {
+            device::install(config.as_deref(), no_reboot, &file)
         }
-        FleetdCommand::Install {
-            config,
-            no_reboot,
-            file,
-        } => device::install(config.as_deref(), no_reboot, &file),
         FleetdCommand::MarkGood { config } => device::mark(config.as_deref(), true),
         FleetdCommand::MarkBad { config } => device::mark(config.as_deref(), false),
         FleetdCommand::Status { config, json } => device::status(config.as_deref(), json),
@@ -119,10 +111,7 @@ fn verify_command(config: Option<&Path>, json: bool, file: &Path) -> ExitCode {
         (VerifyOutcome::Rejected(e), true) => {
             let detail = e.to_string();
             let detail = detail.split_once(": ").map(|(_, d)| d).unwrap_or(&detail);
-            println!(
-                "{}",
-                serde_json::json!({"accepted": false, "error": e.name(), "detail": detail})
-            )
+            println!("{}", serde_json::json!({"accepted": false, "error": e.name(), "detail": detail}))
         }
     }
     match outcome {
@@ -144,10 +133,8 @@ pub(crate) fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutco
         clock_floor: state.clock_floor.max(crate::build_epoch()),
         seen_jtis: &state.replay_cache,
     };
-    Ok(
-        match policy.verify(&input, &trust_state, crate::system_now()) {
-            Ok(verified) => VerifyOutcome::Accepted(verified.claims),
-            Err(e) => VerifyOutcome::Rejected(e),
-        },
-    )
+    Ok(match policy.verify(&input, &trust_state, crate::system_now()) {
+        Ok(verified) => VerifyOutcome::Accepted(verified.claims),
+        Err(e) => VerifyOutcome::Rejected(e),
+    })
 }

@@ -65,14 +65,8 @@ impl CosignerConfig {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let de = toml::Deserializer::new(&text);
-        let mut config: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            format!(
-                "{}: key `{}`: {}",
-                path.display(),
-                e.path(),
-                e.inner().message()
-            )
-        })?;
+        let mut config: Self = serde_path_to_error::deserialize(de)
+            .map_err(|e| format!("{}: key `{}`: {}", path.display(), e.path(), e.inner().message()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         for p in [&mut config.key, &mut config.state_dir] {
             if p.is_relative() {
@@ -80,10 +74,7 @@ impl CosignerConfig {
             }
         }
         if config.projects.is_empty() {
-            return Err(format!(
-                "{}: key `projects`: at least one project is required",
-                path.display()
-            ));
+            return Err(format!("{}: key `projects`: at least one project is required", path.display()));
         }
         if config.rate_limit_per_minute == 0 || config.rate_limit_burst == 0 {
             return Err(format!(

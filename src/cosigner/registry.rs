@@ -23,9 +23,7 @@ pub struct ServerEntry {
 impl Registry {
     pub fn load(path: &Path) -> Result<Self, String> {
         match std::fs::read(path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
-            }
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(e) => Err(format!("{}: {e}", path.display())),
         }
@@ -42,30 +40,19 @@ impl Registry {
     /// Registers (or re-registers with a new key) a server id.
     pub fn register(&mut self, id: &str, key: &PublicKey, now: u64) -> Result<(), String> {
         if !(1..=128).contains(&id.len())
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(format!(
-                "server id {id:?} must be 1-128 characters of [A-Za-z0-9_-]"
-            ));
+            return Err(format!("server id {id:?} must be 1-128 characters of [A-Za-z0-9_-]"));
         }
         self.servers.insert(
             id.to_string(),
-            ServerEntry {
-                public_key: key.to_pem(),
-                registered_at: now,
-                revoked_at: None,
-            },
+            ServerEntry { public_key: key.to_pem(), registered_at: now, revoked_at: None },
         );
         Ok(())
     }
 
     pub fn revoke(&mut self, id: &str, now: u64) -> Result<(), String> {
-        let entry = self
-            .servers
-            .get_mut(id)
-            .ok_or_else(|| format!("server {id:?} is not registered"))?;
+        let entry = self.servers.get_mut(id).ok_or_else(|| format!("server {id:?} is not registered"))?;
         entry.revoked_at.get_or_insert(now);
         Ok(())
     }

@@ -79,20 +79,11 @@ pub struct App {
 
 impl App {
     pub fn new(config: CosignerConfig) -> Result<Self, String> {
-        let pem = std::fs::read_to_string(&config.key)
-            .map_err(|e| format!("{}: {e}", config.key.display()))?;
-        let key =
-            SigningKey::from_pem(&pem).map_err(|e| format!("{}: {e}", config.key.display()))?;
-        let limiter = Mutex::new(RateLimiter::new(
-            config.rate_limit_per_minute,
-            config.rate_limit_burst,
-        ));
-        Ok(Self {
-            config,
-            key,
-            limiter,
-            audit: Mutex::new(()),
-        })
+        let pem =
+            std::fs::read_to_string(&config.key).map_err(|e| format!("{}: {e}", config.key.display()))?;
+        let key = SigningKey::from_pem(&pem).map_err(|e| format!("{}: {e}", config.key.display()))?;
+        let limiter = Mutex::new(RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst));
+        Ok(Self { config, key, limiter, audit: Mutex::new(()) })
     }
 
     /// The whole decision, without HTTP: returns the co-signed envelope.
@@ -107,19 +98,15 @@ impl App {
         let Some(server) = kid.strip_prefix(SERVER_KID_PREFIX) else {
             return Err(CosignError::Message(VerifyError::KidUnknown(kid.clone())));
         };
-        let registry =
-            Registry::load(&self.config.registry_path()).map_err(CosignError::Internal)?;
-        let entry = registry
-            .servers
-            .get(server)
-            .ok_or_else(|| CosignError::ServerUnknown(server.to_string()))?;
+        let registry = Registry::load(&self.config.registry_path()).map_err(CosignError::Internal)?;
+        let entry =
+            registry.servers.get(server).ok_or_else(|| CosignError::ServerUnknown(server.to_string()))?;
         if entry.revoked_at.is_some() {
             return Err(CosignError::ServerRevoked(server.to_string()));
         }
         let server_key = PublicKey::from_pem(&entry.public_key)
             .map_err(|e| CosignError::Internal(format!("registry key of {server}: {e}")))?;
-        trust::verify_signatures(&envelope, &[(kid.clone(), server_key)])
-            .map_err(CosignError::Message)?;
+        trust::verify_signatures(&envelope, &[(kid.clone(), server_key)]).map_err(CosignError::Message)?;
         if !self.take_token(server) {
             return Err(CosignError::RateLimited(server.to_string()));
         }
@@ -129,18 +116,10 @@ impl App {
         if !self.config.projects.contains(&claims.project) {
             return Err(CosignError::ProjectRefused(claims.project));
         }
-        trust::check_validity_window(
-            &claims,
-            now,
-            self.config.leeway_s,
-            self.config.max_validity_s,
-        )
-        .map_err(CosignError::Message)?;
+        trust::check_validity_window(&claims, now, self.config.leeway_s, self.config.max_validity_s)
+            .map_err(CosignError::Message)?;
 
-        let mut signed = Envelope {
-            payload: envelope.payload.clone(),
-            signatures: Vec::new(),
-        };
+        let mut signed = Envelope { payload: envelope.payload.clone(), signatures: Vec::new() };
         signed
             .add_signature(&self.key, &self.config.kid)
             .map_err(|e| CosignError::Internal(e.to_string()))?;
@@ -184,11 +163,9 @@ async fn cosign_handler(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let now = crate::system_now();
     let result = tokio::task::spawn_blocking(move || app.cosign(&body, now)).await;
     match result {
-        Ok(Ok(envelope)) => (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            envelope.to_json(),
-        )
-            .into_response(),
+        Ok(Ok(envelope)) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], envelope.to_json()).into_response()
+        }
         Ok(Err(e)) => {
             eprintln!("cosign refused: {e}");
             e.into_response()
@@ -210,7 +187,5 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
 }

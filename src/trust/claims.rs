@@ -40,8 +40,7 @@ pub struct Image {
 impl Claims {
     /// Parses claims JSON; unknown claims are ignored so later versions can add fields.
     pub fn parse(bytes: &[u8]) -> Result<Self, VerifyError> {
-        super::envelope::parse_bounded(bytes)
-            .map_err(|e| VerifyError::Malformed(format!("claims: {e}")))
+        super::envelope::parse_bounded(bytes).map_err(|e| VerifyError::Malformed(format!("claims: {e}")))
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -54,19 +53,13 @@ impl Claims {
             return Err(VerifyError::WrongType(self.typ.clone()));
         }
         if !valid_jti(&self.jti) {
-            return Err(VerifyError::Malformed(
-                "jti must be 8-128 characters of [A-Za-z0-9_-]".into(),
-            ));
+            return Err(VerifyError::Malformed("jti must be 8-128 characters of [A-Za-z0-9_-]".into()));
         }
         if self.name.chars().count() > MAX_NAME_CHARS {
-            return Err(VerifyError::Malformed(format!(
-                "name is longer than {MAX_NAME_CHARS} characters"
-            )));
+            return Err(VerifyError::Malformed(format!("name is longer than {MAX_NAME_CHARS} characters")));
         }
         if !valid_sha256(&self.image.sha256) {
-            return Err(VerifyError::Malformed(
-                "image.sha256 must be 64 lowercase hex digits".into(),
-            ));
+            return Err(VerifyError::Malformed("image.sha256 must be 64 lowercase hex digits".into()));
         }
         if self.image.size == 0 {
             return Err(VerifyError::Malformed("image.size must be positive".into()));
@@ -76,16 +69,11 @@ impl Claims {
 }
 
 pub fn valid_jti(jti: &str) -> bool {
-    (8..=128).contains(&jti.len())
-        && jti
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    (8..=128).contains(&jti.len()) && jti.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 pub fn valid_sha256(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Checks an image URL's scheme: `https://` always, `http://` only when
@@ -105,10 +93,7 @@ pub fn check_url(url: &str, allow_http: bool) -> Result<(), VerifyError> {
     if authority.is_empty() || authority.contains('@') {
         return reject("the URL needs a host and must not carry credentials");
     }
-    if url
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b >= 0x80)
-    {
+    if url.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b >= 0x80) {
         return reject("the URL contains whitespace, control or non-ASCII characters");
     }
     Ok(())

@@ -46,23 +46,18 @@ impl Envelope {
     /// with a message that says so.
     pub fn parse(input: &[u8]) -> Result<Self, VerifyError> {
         if input.len() > MAX_MESSAGE_BYTES {
-            return Err(VerifyError::TooLarge {
-                limit: MAX_MESSAGE_BYTES,
-            });
+            return Err(VerifyError::TooLarge { limit: MAX_MESSAGE_BYTES });
         }
-        let text = std::str::from_utf8(input)
-            .map_err(|_| VerifyError::Malformed("message is not UTF-8".into()))?;
+        let text =
+            std::str::from_utf8(input).map_err(|_| VerifyError::Malformed("message is not UTF-8".into()))?;
         let trimmed = text.trim();
         if !trimmed.starts_with('{') {
             if trimmed.split('.').count() == 3 {
                 return Err(VerifyError::Malformed(
-                    "compact serialization is not accepted; use the general JSON serialization"
-                        .into(),
+                    "compact serialization is not accepted; use the general JSON serialization".into(),
                 ));
             }
-            return Err(VerifyError::Malformed(
-                "message is not a JSON object".into(),
-            ));
+            return Err(VerifyError::Malformed("message is not a JSON object".into()));
         }
         // serde_json stops at 128 levels of nesting, so hostile depth is an
         // error, not a stack overflow.
@@ -71,8 +66,7 @@ impl Envelope {
         if let Some(obj) = value.as_object() {
             if obj.contains_key("signature") || obj.contains_key("protected") {
                 return Err(VerifyError::Malformed(
-                    "flattened serialization is not accepted; use the general JSON serialization"
-                        .into(),
+                    "flattened serialization is not accepted; use the general JSON serialization".into(),
                 ));
             }
         }
@@ -86,10 +80,7 @@ impl Envelope {
 
     /// A new envelope over `claims_json`, with no signature yet.
     pub fn new(claims_json: &[u8]) -> Self {
-        Self {
-            payload: b64url_encode(claims_json),
-            signatures: Vec::new(),
-        }
+        Self { payload: b64url_encode(claims_json), signatures: Vec::new() }
     }
 
     /// Adds one ES256 signature by `key` under `kid`.
@@ -98,20 +89,13 @@ impl Envelope {
         let protected = b64url_encode(header.to_string().as_bytes());
         let input = format!("{protected}.{}", self.payload);
         let sig = key.sign(input.as_bytes())?;
-        self.signatures.push(Signature {
-            protected,
-            header: None,
-            signature: b64url_encode(&sig),
-        });
+        self.signatures.push(Signature { protected, header: None, signature: b64url_encode(&sig) });
         Ok(())
     }
 
     /// The kids this envelope claims to be signed by, in order (unchecked).
     pub fn kids(&self) -> Vec<String> {
-        self.signatures
-            .iter()
-            .filter_map(|s| check_header(s, "").ok().map(|c| c.kid))
-            .collect()
+        self.signatures.iter().filter_map(|s| check_header(s, "").ok().map(|c| c.kid)).collect()
     }
 
     pub(crate) fn checked_signatures(&self) -> Result<Vec<CheckedSignature>, VerifyError> {
@@ -121,10 +105,7 @@ impl Envelope {
         if self.signatures.is_empty() {
             return Err(VerifyError::Malformed("no signatures".into()));
         }
-        self.signatures
-            .iter()
-            .map(|s| check_header(s, &self.payload))
-            .collect()
+        self.signatures.iter().map(|s| check_header(s, &self.payload)).collect()
     }
 
     pub fn payload_bytes(&self) -> Result<Vec<u8>, VerifyError> {
@@ -136,9 +117,7 @@ impl Envelope {
 /// Parses JSON into `T` with serde_json's depth limit applied to every value,
 /// including members `T` ignores (skipped values are otherwise unbounded),
 /// and with duplicate members of `T` refused.
-pub(crate) fn parse_bounded<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-) -> Result<T, serde_json::Error> {
+pub(crate) fn parse_bounded<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
     serde_json::from_slice::<serde_json::Value>(bytes)?;
     serde_json::from_slice(bytes)
 }
@@ -153,11 +132,10 @@ fn check_header(sig: &Signature, payload: &str) -> Result<CheckedSignature, Veri
             }
         }
     }
-    let raw = b64url_decode(&sig.protected).ok_or_else(|| {
-        VerifyError::Malformed("protected header is not unpadded base64url".into())
-    })?;
-    let header: ProtectedHeader = parse_bounded(&raw)
-        .map_err(|e| VerifyError::Malformed(format!("protected header: {e}")))?;
+    let raw = b64url_decode(&sig.protected)
+        .ok_or_else(|| VerifyError::Malformed("protected header is not unpadded base64url".into()))?;
+    let header: ProtectedHeader =
+        parse_bounded(&raw).map_err(|e| VerifyError::Malformed(format!("protected header: {e}")))?;
     match &header.alg {
         Some(serde_json::Value::String(alg)) if alg == "ES256" => {}
         Some(serde_json::Value::String(alg)) => return Err(VerifyError::AlgRejected(alg.clone())),
@@ -169,11 +147,7 @@ fn check_header(sig: &Signature, payload: &str) -> Result<CheckedSignature, Veri
     }
     let kid = match header.kid {
         Some(serde_json::Value::String(kid)) => kid,
-        _ => {
-            return Err(VerifyError::Malformed(
-                "protected header has no string kid".into(),
-            ))
-        }
+        _ => return Err(VerifyError::Malformed("protected header has no string kid".into())),
     };
     let signature = b64url_decode(&sig.signature)
         .ok_or_else(|| VerifyError::Malformed("signature is not unpadded base64url".into()))?;
@@ -181,9 +155,5 @@ fn check_header(sig: &Signature, payload: &str) -> Result<CheckedSignature, Veri
     signing_input.extend_from_slice(sig.protected.as_bytes());
     signing_input.push(b'.');
     signing_input.extend_from_slice(payload.as_bytes());
-    Ok(CheckedSignature {
-        kid,
-        signing_input,
-        signature,
-    })
+    Ok(CheckedSignature { kid, signing_input, signature })
 }

@@ -9,8 +9,8 @@ use ring::signature::{self, EcdsaKeyPair, KeyPair, UnparsedPublicKey};
 /// DER prefix of a SubjectPublicKeyInfo for an uncompressed P-256 point:
 /// SEQ { SEQ { id-ecPublicKey, prime256v1 }, BIT STRING { 0x00, <65-byte point> } }.
 const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,
+    0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 const P256_POINT_LEN: usize = 65;
 /// Fixed-width JWS ES256 signature: 32-byte r then 32-byte s.
@@ -38,11 +38,7 @@ pub struct PublicKey {
 
 impl std::fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "PublicKey(P-256 {})",
-            crate::trust::hex(&self.point[1..9])
-        )
+        write!(f, "PublicKey(P-256 {})", crate::trust::hex(&self.point[1..9]))
     }
 }
 
@@ -53,9 +49,7 @@ impl PublicKey {
     }
 
     pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
-        if der.len() != P256_SPKI_PREFIX.len() + P256_POINT_LEN
-            || !der.starts_with(&P256_SPKI_PREFIX)
-        {
+        if der.len() != P256_SPKI_PREFIX.len() + P256_POINT_LEN || !der.starts_with(&P256_SPKI_PREFIX) {
             return Err(KeyError::NotP256Public);
         }
         let mut point = [0u8; P256_POINT_LEN];
@@ -113,10 +107,7 @@ impl SigningKey {
         let rng = SystemRandom::new();
         let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
             .map_err(|_| KeyError::NotP256Private)?;
-        Ok(Self {
-            pair,
-            pkcs8: der.to_vec(),
-        })
+        Ok(Self { pair, pkcs8: der.to_vec() })
     }
 
     pub fn to_pem(&self) -> String {
@@ -132,10 +123,7 @@ impl SigningKey {
     /// Signs `message`, returning the 64-byte `r || s` form.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         let rng = SystemRandom::new();
-        self.pair
-            .sign(&rng, message)
-            .map(|s| s.as_ref().to_vec())
-            .map_err(|_| KeyError::SigningFailed)
+        self.pair.sign(&rng, message).map(|s| s.as_ref().to_vec()).map_err(|_| KeyError::SigningFailed)
     }
 }
 
@@ -162,10 +150,7 @@ pub fn pem_decode(pem: &str, label: &'static str) -> Result<Vec<u8>, KeyError> {
     let end = format!("-----END {label}-----");
     let start = pem.find(&begin).ok_or(KeyError::NotPem(label))? + begin.len();
     let stop = pem[start..].find(&end).ok_or(KeyError::NotPem(label))? + start;
-    let body: String = pem[start..stop]
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
+    let body: String = pem[start..stop].chars().filter(|c| !c.is_ascii_whitespace()).collect();
     STANDARD.decode(body).map_err(|_| KeyError::BadBase64)
 }
 
@@ -187,16 +172,10 @@ mod tests {
     #[test]
     fn rejects_wrong_labels_and_junk() {
         let key = SigningKey::generate().unwrap();
-        assert_eq!(
-            PublicKey::from_pem(&key.to_pem()).unwrap_err(),
-            KeyError::NotPem("PUBLIC KEY")
-        );
+        assert_eq!(PublicKey::from_pem(&key.to_pem()).unwrap_err(), KeyError::NotPem("PUBLIC KEY"));
         assert!(SigningKey::from_pem(&key.public_key().to_pem()).is_err());
         let junk = pem_encode(&[1, 2, 3], "PUBLIC KEY");
-        assert_eq!(
-            PublicKey::from_pem(&junk).unwrap_err(),
-            KeyError::NotP256Public
-        );
+        assert_eq!(PublicKey::from_pem(&junk).unwrap_err(), KeyError::NotP256Public);
     }
 
     #[test]

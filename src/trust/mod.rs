@@ -105,9 +105,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// non-canonical trailing bits are all errors.
 pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(s)
-        .ok()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
 }
 
 pub fn b64url_encode(bytes: &[u8]) -> String {
@@ -140,10 +138,7 @@ mod tests {
         assert!(b64url_decode("aGk=").is_none(), "padding");
         assert!(b64url_decode("+/8").is_none(), "standard alphabet");
         assert!(b64url_decode("aG k").is_none(), "whitespace");
-        assert!(
-            b64url_decode("aGl").is_none(),
-            "non-canonical trailing bits"
-        );
+        assert!(b64url_decode("aGl").is_none(), "non-canonical trailing bits");
     }
 
     #[test]
@@ -151,9 +146,7 @@ mod tests {
         assert_eq!(hex(&[0x00, 0xab, 0xff]), "00abff");
         let id = random_id();
         assert_eq!(id.len(), 22);
-        assert!(id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         assert_ne!(id, random_id());
     }
 }

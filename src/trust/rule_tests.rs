@@ -16,10 +16,7 @@ fn fixture() -> Fixture {
     let fleet = SigningKey::generate().unwrap();
     let cosigner = SigningKey::generate().unwrap();
     let policy = Policy {
-        keys: vec![
-            ("fleet".into(), fleet.public_key()),
-            ("cosigner".into(), cosigner.public_key()),
-        ],
+        keys: vec![("fleet".into(), fleet.public_key()), ("cosigner".into(), cosigner.public_key())],
         project: "acme-gateways".into(),
         hardware: "rpi4-gw".into(),
         device_id: "gw-0042".into(),
@@ -29,11 +26,7 @@ fn fixture() -> Fixture {
         allow_http: false,
         max_image_size: Some(1 << 30),
     };
-    Fixture {
-        fleet,
-        cosigner,
-        policy,
-    }
+    Fixture { fleet, cosigner, policy }
 }
 
 fn claims() -> Claims {
@@ -44,11 +37,7 @@ fn claims() -> Claims {
         nbf: NOW,
         exp: NOW + 3600,
         project: "acme-gateways".into(),
-        target: Target {
-            hardware: "rpi4-gw".into(),
-            devices: vec!["gw-0042".into()],
-            groups: vec![],
-        },
+        target: Target { hardware: "rpi4-gw".into(), devices: vec!["gw-0042".into()], groups: vec![] },
         version: 42,
         name: "2026.11.1".into(),
         image: Image {
@@ -67,12 +56,7 @@ impl Fixture {
         e
     }
 
-    fn check_at(
-        &self,
-        input: &[u8],
-        now: u64,
-        state: &TrustState<'_>,
-    ) -> Result<Verified, VerifyError> {
+    fn check_at(&self, input: &[u8], now: u64, state: &TrustState<'_>) -> Result<Verified, VerifyError> {
         self.policy.verify(input, state, now)
     }
 
@@ -94,24 +78,14 @@ impl Fixture {
 }
 
 fn fresh(seen: &BTreeMap<String, u64>) -> TrustState<'_> {
-    TrustState {
-        installed_version: 7,
-        clock_floor: 0,
-        seen_jtis: seen,
-    }
+    TrustState { installed_version: 7, clock_floor: 0, seen_jtis: seen }
 }
 
 /// A protected header as given, signed by `key` over `payload`.
 fn raw_signature(key: &SigningKey, header: &str, payload: &str) -> Signature {
     let protected = b64url_encode(header.as_bytes());
-    let sig = key
-        .sign(format!("{protected}.{payload}").as_bytes())
-        .unwrap();
-    Signature {
-        protected,
-        header: None,
-        signature: b64url_encode(&sig),
-    }
+    let sig = key.sign(format!("{protected}.{payload}").as_bytes()).unwrap();
+    Signature { protected, header: None, signature: b64url_encode(&sig) }
 }
 
 fn der_integer(bytes: &[u8]) -> Vec<u8> {
@@ -159,11 +133,7 @@ fn hs256_with_the_public_key_as_secret_is_rejected() {
     let secret = f.fleet.public_key().to_pem();
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
     let tag = ring::hmac::sign(&key, format!("{protected}.{}", e.payload).as_bytes());
-    e.signatures[0] = Signature {
-        protected,
-        header: None,
-        signature: b64url_encode(tag.as_ref()),
-    };
+    e.signatures[0] = Signature { protected, header: None, signature: b64url_encode(tag.as_ref()) };
     assert_eq!(f.error(e.to_json().as_bytes()), "alg-rejected");
 }
 
@@ -206,9 +176,7 @@ fn duplicate_unknown_and_missing_kids() {
     assert_eq!(f.error(dup.to_json().as_bytes()), "kid-duplicate");
 
     let mut unknown = f.signed(&c);
-    unknown
-        .add_signature(&SigningKey::generate().unwrap(), "intruder")
-        .unwrap();
+    unknown.add_signature(&SigningKey::generate().unwrap(), "intruder").unwrap();
     assert_eq!(f.error(unknown.to_json().as_bytes()), "kid-unknown");
 
     let mut only_fleet = Envelope::new(&c.to_json());
@@ -226,8 +194,7 @@ fn the_right_kid_with_the_wrong_key_is_invalid() {
     let f = fixture();
     let mut e = Envelope::new(&claims().to_json());
     e.add_signature(&f.fleet, "fleet").unwrap();
-    e.add_signature(&SigningKey::generate().unwrap(), "cosigner")
-        .unwrap();
+    e.add_signature(&SigningKey::generate().unwrap(), "cosigner").unwrap();
     let err = f.check(e.to_json().as_bytes()).unwrap_err();
     assert_eq!(err, VerifyError::SignatureInvalid("cosigner".into()));
 }
@@ -259,10 +226,7 @@ fn padded_or_standard_base64_is_malformed() {
         }
     }
     let mut e = f.signed(&claims());
-    e.signatures[0].signature = e.signatures[0]
-        .signature
-        .replace('-', "+")
-        .replace('_', "/");
+    e.signatures[0].signature = e.signatures[0].signature.replace('-', "+").replace('_', "/");
     e.signatures[0].signature.push_str("==");
     assert_eq!(f.error(e.to_json().as_bytes()), "malformed");
     let mut e = f.signed(&claims());
@@ -274,10 +238,7 @@ fn padded_or_standard_base64_is_malformed() {
 fn compact_and_flattened_serializations_are_refused() {
     let f = fixture();
     let e = f.signed(&claims());
-    let compact = format!(
-        "{}.{}.{}",
-        e.signatures[0].protected, e.payload, e.signatures[0].signature
-    );
+    let compact = format!("{}.{}.{}", e.signatures[0].protected, e.payload, e.signatures[0].signature);
     let err = f.check(compact.as_bytes()).unwrap_err();
     assert_eq!(err.name(), "malformed");
     assert!(err.to_string().contains("compact"), "{err}");
@@ -295,11 +256,7 @@ fn compact_and_flattened_serializations_are_refused() {
 fn crit_and_unprotected_alg_or_kid_are_rejected() {
     let f = fixture();
     let mut e = f.signed(&claims());
-    e.signatures[0] = raw_signature(
-        &f.fleet,
-        r#"{"alg":"ES256","kid":"fleet","crit":["exp"]}"#,
-        &e.payload,
-    );
+    e.signatures[0] = raw_signature(&f.fleet, r#"{"alg":"ES256","kid":"fleet","crit":["exp"]}"#, &e.payload);
     assert_eq!(f.error(e.to_json().as_bytes()), "header-rejected");
 
     for name in ["alg", "kid"] {
@@ -321,11 +278,8 @@ fn crit_and_unprotected_alg_or_kid_are_rejected() {
 fn duplicate_members_in_a_protected_header_are_malformed() {
     let f = fixture();
     let mut e = f.signed(&claims());
-    e.signatures[0] = raw_signature(
-        &f.fleet,
-        r#"{"alg":"ES256","kid":"fleet","kid":"cosigner"}"#,
-        &e.payload,
-    );
+    e.signatures[0] =
+        raw_signature(&f.fleet, r#"{"alg":"ES256","kid":"fleet","kid":"cosigner"}"#, &e.payload);
     assert_eq!(f.error(e.to_json().as_bytes()), "malformed");
 }
 
@@ -334,10 +288,7 @@ fn validity_window_rules() {
     let f = fixture();
     let seen = BTreeMap::new();
     let msg = f.signed(&claims()).to_json();
-    let at = |now| {
-        f.check_at(msg.as_bytes(), now, &fresh(&seen))
-            .map_err(|e| e.name())
-    };
+    let at = |now| f.check_at(msg.as_bytes(), now, &fresh(&seen)).map_err(|e| e.name());
     // nbf - leeway <= now < exp + leeway
     assert!(at(NOW - 60).is_ok());
     assert_eq!(at(NOW - 61).unwrap_err(), "not-yet-valid");
@@ -362,31 +313,13 @@ fn the_clock_floor_stands_in_for_a_clock_that_reads_earlier() {
     let msg = f.signed(&claims()).to_json();
     // The system clock was reset to 2001; the floor remembers a later time.
     let reset_clock = 1_000_000_000;
-    let floor_after_expiry = TrustState {
-        installed_version: 7,
-        clock_floor: NOW + 7200,
-        seen_jtis: &seen,
-    };
-    let err = f
-        .check_at(msg.as_bytes(), reset_clock, &floor_after_expiry)
-        .unwrap_err();
-    assert_eq!(
-        err,
-        VerifyError::Expired {
-            exp: NOW + 3600,
-            now: NOW + 7200
-        }
-    );
+    let floor_after_expiry = TrustState { installed_version: 7, clock_floor: NOW + 7200, seen_jtis: &seen };
+    let err = f.check_at(msg.as_bytes(), reset_clock, &floor_after_expiry).unwrap_err();
+    assert_eq!(err, VerifyError::Expired { exp: NOW + 3600, now: NOW + 7200 });
     // By the wrong clock alone the message would be merely not yet valid;
     // with a floor inside the window it is accepted.
-    let floor_inside = TrustState {
-        installed_version: 7,
-        clock_floor: NOW + 5,
-        seen_jtis: &seen,
-    };
-    let v = f
-        .check_at(msg.as_bytes(), reset_clock, &floor_inside)
-        .unwrap();
+    let floor_inside = TrustState { installed_version: 7, clock_floor: NOW + 5, seen_jtis: &seen };
+    let v = f.check_at(msg.as_bytes(), reset_clock, &floor_inside).unwrap();
     assert_eq!(v.effective_now, NOW + 5);
 }
 
@@ -395,24 +328,14 @@ fn a_replayed_jti_is_rejected() {
     let f = fixture();
     let mut seen = BTreeMap::new();
     seen.insert(claims().jti, NOW + 3660);
-    let err = f
-        .check_at(
-            f.signed(&claims()).to_json().as_bytes(),
-            NOW + 10,
-            &fresh(&seen),
-        )
-        .unwrap_err();
+    let err = f.check_at(f.signed(&claims()).to_json().as_bytes(), NOW + 10, &fresh(&seen)).unwrap_err();
     assert_eq!(err.name(), "replayed");
 }
 
 #[test]
 fn version_must_be_newer() {
     let f = fixture();
-    for (version, expected) in [
-        (6, "version-not-newer"),
-        (7, "version-not-newer"),
-        (8, "accepted"),
-    ] {
+    for (version, expected) in [(6, "version-not-newer"), (7, "version-not-newer"), (8, "accepted")] {
         let mut c = claims();
         c.version = version;
         assert_eq!(f.claims_error(&c), expected, "version {version}");
@@ -495,10 +418,8 @@ fn structural_claim_rules() {
     }
     // Deep nesting inside an unknown (ignored) claim is still bounded.
     {
-        let payload = claims_value_with("x", serde_json::Value::Null).replace(
-            "\"x\":null",
-            &format!("\"x\":{}{}", "[".repeat(5_000), "]".repeat(5_000)),
-        );
+        let payload = claims_value_with("x", serde_json::Value::Null)
+            .replace("\"x\":null", &format!("\"x\":{}{}", "[".repeat(5_000), "]".repeat(5_000)));
         let mut e = Envelope::new(payload.as_bytes());
         e.add_signature(&f.fleet, "fleet").unwrap();
         e.add_signature(&f.cosigner, "cosigner").unwrap();
@@ -540,19 +461,12 @@ fn hostile_sizes_and_nesting() {
     let nested = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
     assert_eq!(f.error(nested.as_bytes()), "message-too-large");
     // Deep nesting that fits under the size cap is refused by the depth limit.
-    let deep = format!(
-        "{{\"payload\":{}{}}}",
-        "[".repeat(30_000),
-        "]".repeat(30_000)
-    );
+    let deep = format!("{{\"payload\":{}{}}}", "[".repeat(30_000), "]".repeat(30_000));
     assert_eq!(f.error(deep.as_bytes()), "malformed");
     // ... also inside a signed protected header.
     let mut e = f.signed(&claims());
-    let header = format!(
-        "{{\"alg\":\"ES256\",\"kid\":\"fleet\",\"x\":{}{}}}",
-        "[".repeat(5_000),
-        "]".repeat(5_000)
-    );
+    let header =
+        format!("{{\"alg\":\"ES256\",\"kid\":\"fleet\",\"x\":{}{}}}", "[".repeat(5_000), "]".repeat(5_000));
     e.signatures[0] = raw_signature(&f.fleet, &header, &e.payload);
     assert_eq!(f.error(e.to_json().as_bytes()), "malformed");
 }
@@ -574,14 +488,7 @@ fn arbitrary_bytes_never_panic() {
         }
         let _ = f.check(&m);
     }
-    for input in [
-        &b""[..],
-        b"\xff\xfe",
-        b"{}",
-        b"null",
-        b"[]",
-        b"{\"payload\":1}",
-    ] {
+    for input in [&b""[..], b"\xff\xfe", b"{}", b"null", b"[]", b"{\"payload\":1}"] {
         assert!(f.check(input).is_err());
     }
 }

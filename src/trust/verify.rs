@@ -57,18 +57,10 @@ impl Policy {
         let claims = Claims::parse(&envelope.payload_bytes()?)?;
         let effective_now = system_now.max(state.clock_floor);
         self.check_claims(&claims, state, effective_now)?;
-        Ok(Verified {
-            claims,
-            effective_now,
-        })
+        Ok(Verified { claims, effective_now })
     }
 
-    fn check_claims(
-        &self,
-        claims: &Claims,
-        state: &TrustState<'_>,
-        now: u64,
-    ) -> Result<(), VerifyError> {
+    fn check_claims(&self, claims: &Claims, state: &TrustState<'_>, now: u64) -> Result<(), VerifyError> {
         claims.check_structure()?;
         check_validity_window(claims, now, self.leeway_s, self.max_validity_s)?;
         if claims.project != self.project {
@@ -97,10 +89,7 @@ impl Policy {
         check_url(&claims.image.url, self.allow_http)?;
         if let Some(slot) = self.max_image_size {
             if claims.image.size > slot {
-                return Err(VerifyError::ImageTooLarge {
-                    size: claims.image.size,
-                    slot,
-                });
+                return Err(VerifyError::ImageTooLarge { size: claims.image.size, slot });
             }
         }
         if state.seen_jtis.contains_key(&claims.jti) {
@@ -123,32 +112,20 @@ pub fn check_validity_window(
     }
     let seconds = claims.exp - claims.nbf;
     if seconds > max_validity_s {
-        return Err(VerifyError::ValidityTooLong {
-            seconds,
-            max: max_validity_s,
-        });
+        return Err(VerifyError::ValidityTooLong { seconds, max: max_validity_s });
     }
     if now < claims.nbf.saturating_sub(leeway_s) {
-        return Err(VerifyError::NotYetValid {
-            nbf: claims.nbf,
-            now,
-        });
+        return Err(VerifyError::NotYetValid { nbf: claims.nbf, now });
     }
     if now >= claims.exp.saturating_add(leeway_s) {
-        return Err(VerifyError::Expired {
-            exp: claims.exp,
-            now,
-        });
+        return Err(VerifyError::Expired { exp: claims.exp, now });
     }
     Ok(())
 }
 
 /// Checks that the kids in `envelope` are exactly those of `keys`, each once,
 /// and that every signature verifies.
-pub fn verify_signatures(
-    envelope: &Envelope,
-    keys: &[(String, PublicKey)],
-) -> Result<(), VerifyError> {
+pub fn verify_signatures(envelope: &Envelope, keys: &[(String, PublicKey)]) -> Result<(), VerifyError> {
     let signatures = envelope.checked_signatures()?;
     let mut seen: Vec<&str> = Vec::with_capacity(signatures.len());
     for sig in &signatures {

@@ -20,14 +20,10 @@ pub enum DriveError {
     Engine(#[from] engine::UnexpectedEvent),
     #[error("busy: update {jti} (v{version}) is in progress")]
     Busy { jti: String, version: u64 },
-    #[error("target-is-booted: slot {0} is the running slot; refusing to write it")]
+    #[error("target-is-booted: slot {0} is the running slot or is mounted; refusing to write it")]
     TargetIsBooted(String),
     #[error("image-too-large: {size} bytes do not fit slot {slot} ({slot_size} bytes)")]
-    SlotTooSmall {
-        slot: String,
-        size: u64,
-        slot_size: u64,
-    },
+    SlotTooSmall { slot: String, size: u64, slot_size: u64 },
     #[error("no-slot: {0}")]
     NoSlot(String),
 }
@@ -75,15 +71,7 @@ impl Updater {
         booted: String,
         boot_id: String,
     ) -> Self {
-        Self {
-            config,
-            store,
-            boot,
-            booted,
-            boot_id,
-            no_reboot: false,
-            reporter: Box::new(|_| {}),
-        }
+        Self { config, store, boot, booted, boot_id, no_reboot: false, reporter: Box::new(|_| {}) }
     }
 
     pub fn on_report(&mut self, reporter: Reporter) {
@@ -117,41 +105,26 @@ impl Updater {
             .keys()
             .find(|s| **s != self.booted)
             .cloned()
-            .ok_or_else(|| {
-                DriveError::NoSlot(format!("no slot other than the booted {}", self.booted))
-            })
+            .ok_or_else(|| DriveError::NoSlot(format!("no slot other than the booted {}", self.booted)))
     }
 
     /// Records a verified message as a new job (persisted before anything
     /// else happens), then runs it as far as it goes.
     pub async fn start(&mut self, claims: &Claims) -> Result<(), DriveError> {
         if let Some(job) = self.store.state().active_job() {
-            return Err(DriveError::Busy {
-                jti: job.jti.clone(),
-                version: job.version,
-            });
+            return Err(DriveError::Busy { jti: job.jti.clone(), version: job.version });
         }
         let target = self.target_slot()?;
         self.refuse_booted_target(&target)?;
         let slot = &self.config.slots[&target];
         if let Some(slot_size) = crate::config::slot_size(slot) {
             if claims.image.size > slot_size {
-                return Err(DriveError::SlotTooSmall {
-                    slot: target,
-                    size: claims.image.size,
-                    slot_size,
-                });
+                return Err(DriveError::SlotTooSmall { slot: target, size: claims.image.size, slot_size });
             }
         }
         let now = crate::system_now();
         let state = self.store.state_mut();
-        state.record_accepted(
-            &claims.jti,
-            claims.iat,
-            claims.exp,
-            self.config.trust.leeway_s,
-            now,
-        );
+        state.record_accepted(&claims.jti, claims.iat, claims.exp, self.config.trust.leeway_s, now);
         state.job = Some(Job {
             jti: claims.jti.clone(),
             version: claims.version,
@@ -166,10 +139,7 @@ impl Updater {
             started_at: now,
         });
         self.store.save()?;
-        self.report_step(format!(
-            "accepted {} v{}; writing slot {target}",
-            claims.name, claims.version
-        ));
+        self.report_step(format!("accepted {} v{}; writing slot {target}", claims.name, claims.version));
         self.resume().await
     }
 
@@ -177,10 +147,7 @@ impl Updater {
     /// outside a trial, confirms the running slot to the bootloader.
     pub async fn resume(&mut self) -> Result<(), DriveError> {
         if self.job().is_some() {
-            let event = Event::Started {
-                booted: self.booted.clone(),
-                boot_id: self.boot_id.clone(),
-            };
+            let event = Event::Started { booted: self.booted.clone(), boot_id: self.boot_id.clone() };
             self.drive(event).await?;
         }
         if self.store.state().active_job().is_none() {
@@ -204,16 +171,12 @@ impl Updater {
     /// Feeds a health verdict given from outside (`fleetd mark-good/mark-bad`
     /// during a trial).
     pub async fn health_verdict(&mut self, healthy: bool, detail: &str) -> Result<(), DriveError> {
-        self.drive(Event::HealthChecked {
-            healthy,
-            detail: detail.to_string(),
-        })
-        .await
+        self.drive(Event::HealthChecked { healthy, detail: detail.to_string() }).await
     }
 
     fn refuse_booted_target(&self, target: &str) -> Result<(), DriveError> {
         // Two independent checks: the slot name, and the device against `/`.
-        if target == self.booted || device_backs_root(&self.config.slots[target].device) {
+        if target == self.booted || device_in_use(&self.config.slots[target].device) {
             return Err(DriveError::TargetIsBooted(target.to_string()));
         }
         Ok(())
@@ -240,9 +203,7 @@ impl Updater {
                     Err(e) if is_persist => return Err(e.into_drive_error()),
                     Err(e) => {
                         events.clear();
-                        events.push_back(Event::ActionFailed {
-                            error: e.to_string(),
-                        });
+                        events.push_back(Event::ActionFailed { error: e.to_string() });
                         break;
                     }
                 }
@@ -262,21 +223,14 @@ impl Updater {
                 Ok(None)
             }
             Action::InvalidateTarget => {
-                self.refuse_booted_target(&target)
-                    .map_err(|e| ActionError::Named(e.to_string()))?;
-                self.boot
-                    .mark_bad(&target)
-                    .map_err(|e| ActionError::Named(e.to_string()))?;
+                self.refuse_booted_target(&target).map_err(|e| ActionError::Named(e.to_string()))?;
+                self.boot.mark_bad(&target).map_err(|e| ActionError::Named(e.to_string()))?;
                 Ok(Some(Event::SlotInvalidated))
             }
             Action::Download { from } => self.download(from).await.map(Some),
             Action::SetPrimaryForTrial => {
-                self.boot
-                    .set_primary_for_trial(&target)
-                    .map_err(|e| ActionError::Named(e.to_string()))?;
-                Ok(Some(Event::Switched {
-                    boot_id: self.boot_id.clone(),
-                }))
+                self.boot.set_primary_for_trial(&target).map_err(|e| ActionError::Named(e.to_string()))?;
+                Ok(Some(Event::Switched { boot_id: self.boot_id.clone() }))
             }
             Action::Reboot => {
                 self.reboot().await?;
@@ -284,15 +238,11 @@ impl Updater {
             }
             Action::RunHealthCheck => Ok(Some(self.health_check().await)),
             Action::MarkTargetGood => {
-                self.boot
-                    .mark_good(&target)
-                    .map_err(|e| ActionError::Named(e.to_string()))?;
+                self.boot.mark_good(&target).map_err(|e| ActionError::Named(e.to_string()))?;
                 Ok(None)
             }
             Action::MarkTargetBad => {
-                self.boot
-                    .mark_bad(&target)
-                    .map_err(|e| ActionError::Named(e.to_string()))?;
+                self.boot.mark_bad(&target).map_err(|e| ActionError::Named(e.to_string()))?;
                 Ok(None)
             }
             Action::Finish => {
@@ -303,12 +253,8 @@ impl Updater {
     }
 
     async fn download(&mut self, from: u64) -> Result<Event, ActionError> {
-        let job = self
-            .job()
-            .cloned()
-            .ok_or_else(|| ActionError::Named("no job".into()))?;
-        self.refuse_booted_target(&job.target_slot)
-            .map_err(|e| ActionError::Named(e.to_string()))?;
+        let job = self.job().cloned().ok_or_else(|| ActionError::Named("no job".into()))?;
+        self.refuse_booted_target(&job.target_slot).map_err(|e| ActionError::Named(e.to_string()))?;
         let slot_path = self.config.slots[&job.target_slot].device.clone();
         let named = |e: &dyn std::fmt::Display| ActionError::Named(e.to_string());
         let mut writer =
@@ -325,8 +271,8 @@ impl Updater {
         let reporter = &mut self.reporter;
         let mut on_checkpoint = |durable: u64| -> Result<(), String> {
             let job = store.state().job.clone().ok_or("no job")?;
-            let (next, _) = engine::step(&job, Event::Checkpoint { written: durable })
-                .map_err(|e| e.to_string())?;
+            let (next, _) =
+                engine::step(&job, Event::Checkpoint { written: durable }).map_err(|e| e.to_string())?;
             store.state_mut().job = Some(next);
             store.save().map_err(|e| e.to_string())
         };
@@ -338,16 +284,9 @@ impl Updater {
                 reporter(&Report::Progress { done, total });
             }
         };
-        fetch::fetch_into(
-            &client,
-            &job.url,
-            &mut writer,
-            &policy,
-            &mut on_checkpoint,
-            &mut on_progress,
-        )
-        .await
-        .map_err(|e| named(&e))?;
+        fetch::fetch_into(&client, &job.url, &mut writer, &policy, &mut on_checkpoint, &mut on_progress)
+            .await
+            .map_err(|e| named(&e))?;
         let stats = writer.finish(&job.sha256).map_err(|e| named(&e))?;
         (self.reporter)(&Report::Step {
             state: "installing",
@@ -379,12 +318,7 @@ impl Updater {
         }
         let mut command = match self.config.update.reboot {
             RebootMethod::Command => {
-                let script = self
-                    .config
-                    .update
-                    .reboot_command
-                    .clone()
-                    .unwrap_or_default();
+                let script = self.config.update.reboot_command.clone().unwrap_or_default();
                 let mut c = tokio::process::Command::new("/bin/sh");
                 c.args(["-c", &script]).env("FLEETD_REBOOT_ARG", arg);
                 c
@@ -400,10 +334,7 @@ impl Updater {
             }
         };
         self.report_step("rebooting into the new slot".into());
-        let status = command
-            .status()
-            .await
-            .map_err(|e| ActionError::Named(format!("reboot-failed: {e}")))?;
+        let status = command.status().await.map_err(|e| ActionError::Named(format!("reboot-failed: {e}")))?;
         if !status.success() {
             return Err(ActionError::Named(format!("reboot-failed: {status}")));
         }
@@ -412,16 +343,11 @@ impl Updater {
 
     async fn health_check(&mut self) -> Event {
         let Some(command) = self.config.health.command.clone() else {
-            return Event::HealthChecked {
-                healthy: true,
-                detail: "no health check configured".into(),
-            };
+            return Event::HealthChecked { healthy: true, detail: "no health check configured".into() };
         };
         self.report_step(format!("running health check {}", command.display()));
         let timeout = Duration::from_secs(self.config.health.timeout_s);
-        let child = tokio::process::Command::new(&command)
-            .kill_on_drop(true)
-            .status();
+        let child = tokio::process::Command::new(&command).kill_on_drop(true).status();
         let (healthy, detail) = match tokio::time::timeout(timeout, child).await {
             Err(_) => (false, format!("timed out after {} s", timeout.as_secs())),
             Ok(Err(e)) => (false, format!("{}: {e}", command.display())),
@@ -475,6 +401,26 @@ impl ActionError {
     }
 }
 
+/// True when `device` is a block device that is mounted (at `/` or
+/// anywhere else): such a device is in use and must never be written.
+pub fn device_in_use(device: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(meta) = std::fs::metadata(device) else {
+        return false;
+    };
+    if !meta.file_type().is_block_device() {
+        return false;
+    }
+    let rdev = meta.rdev();
+    if std::fs::metadata("/").is_ok_and(|root| root.dev() == rdev) {
+        return true;
+    }
+    let wanted = format!("{}:{}", dev_major(rdev), dev_minor(rdev));
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| info.lines().any(|l| l.split_whitespace().nth(2) == Some(wanted.as_str())))
+        .unwrap_or(false)
+}
+
 /// True when `device` is the block device mounted at `/`.
 pub fn device_backs_root(device: &Path) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -482,4 +428,12 @@ pub fn device_backs_root(device: &Path) -> bool {
         return false;
     };
     dev.file_type().is_block_device() && dev.rdev() == root.dev()
+}
+
+fn dev_major(dev: u64) -> u64 {
+    ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)
+}
+
+fn dev_minor(dev: u64) -> u64 {
+    (dev & 0xff) | ((dev >> 12) & !0xff)
 }

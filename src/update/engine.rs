@@ -60,10 +60,7 @@ pub enum Phase {
 
 impl Phase {
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            Self::Committed | Self::RolledBack { .. } | Self::Failed { .. }
-        )
+        matches!(self, Self::Committed | Self::RolledBack { .. } | Self::Failed { .. })
     }
 
     /// The status document's `state` for this phase.
@@ -145,28 +142,17 @@ pub type Step = (Job, Vec<Action>);
 /// and changes nothing.
 pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
     use Action::*;
-    let with = |phase: Phase| Job {
-        phase,
-        ..job.clone()
-    };
+    let with = |phase: Phase| Job { phase, ..job.clone() };
     let event_text = format!("{event:?}");
-    let unexpected = || UnexpectedEvent {
-        phase: format!("{:?}", job.phase),
-        event: event_text.clone(),
-    };
+    let unexpected = || UnexpectedEvent { phase: format!("{:?}", job.phase), event: event_text.clone() };
     if let Event::ActionFailed { error } = &event {
         if job.phase.is_terminal() {
             return Err(unexpected());
         }
-        let failed = with(Phase::Failed {
-            error: error.clone(),
-        });
+        let failed = with(Phase::Failed { error: error.clone() });
         // Once the target may have been switched, give it up explicitly.
         let mut actions = vec![Finish, Persist];
-        if matches!(
-            job.phase,
-            Phase::Written | Phase::RebootPending { .. } | Phase::Testing { .. }
-        ) {
+        if matches!(job.phase, Phase::Written | Phase::RebootPending { .. } | Phase::Testing { .. }) {
             actions.insert(0, MarkTargetBad);
         }
         return Ok((failed, actions));
@@ -179,51 +165,30 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
             (next, vec![Persist, Download { from: 0 }])
         }
         (Phase::Downloading, Event::Started { booted, .. }) if booted == job.target_slot => {
-            return Ok(fail(
-                job,
-                "target-is-booted: the slot being written is running",
-            ));
+            return Ok(fail(job, "target-is-booted: the slot being written is running"));
         }
-        (Phase::Downloading, Event::Started { .. }) => (
-            job.clone(),
-            vec![InvalidateTarget, Download { from: job.written }],
-        ),
-        (Phase::Downloading, Event::Checkpoint { written }) if written <= job.size => (
-            Job {
-                written,
-                ..job.clone()
-            },
-            vec![Persist],
-        ),
-        (Phase::Downloading, Event::ImageVerified) => (
-            Job {
-                written: job.size,
-                ..with(Phase::Written)
-            },
-            vec![Persist, SetPrimaryForTrial],
-        ),
+        (Phase::Downloading, Event::Started { .. }) => {
+            (job.clone(), vec![InvalidateTarget, Download { from: job.written }])
+        }
+        // Resuming re-invalidates the target; its confirmation changes nothing.
+        (Phase::Downloading, Event::SlotInvalidated) => (job.clone(), vec![]),
+        (Phase::Downloading, Event::Checkpoint { written }) if written <= job.size => {
+            (Job { written, ..job.clone() }, vec![Persist])
+        }
+        (Phase::Downloading, Event::ImageVerified) => {
+            (Job { written: job.size, ..with(Phase::Written) }, vec![Persist, SetPrimaryForTrial])
+        }
         (Phase::Written, Event::Started { .. }) => (job.clone(), vec![SetPrimaryForTrial]),
-        (Phase::Written, Event::Switched { boot_id }) => (
-            with(Phase::RebootPending { boot_id }),
-            vec![Persist, Reboot],
-        ),
-        (
-            Phase::RebootPending {
-                boot_id: switched_in,
-            },
-            Event::Started { booted, boot_id },
-        ) => {
+        (Phase::Written, Event::Switched { boot_id }) => {
+            (with(Phase::RebootPending { boot_id }), vec![Persist, Reboot])
+        }
+        (Phase::RebootPending { boot_id: switched_in }, Event::Started { booted, boot_id }) => {
             if booted == job.target_slot {
-                (
-                    with(Phase::Testing { boot_id }),
-                    vec![Persist, RunHealthCheck],
-                )
+                (with(Phase::Testing { boot_id }), vec![Persist, RunHealthCheck])
             } else if *switched_in != boot_id {
                 // A new boot, yet the old slot runs: the bootloader fell back.
                 (
-                    with(Phase::RolledBack {
-                        reason: "rolled-back".into(),
-                    }),
+                    with(Phase::RolledBack { reason: "rolled-back".into() }),
                     vec![MarkTargetBad, Finish, Persist],
                 )
             } else {
@@ -233,33 +198,19 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
         }
         (Phase::Testing { .. }, Event::Started { booted, boot_id }) => {
             if booted == job.target_slot {
-                (
-                    with(Phase::Testing { boot_id }),
-                    vec![Persist, RunHealthCheck],
-                )
+                (with(Phase::Testing { boot_id }), vec![Persist, RunHealthCheck])
             } else {
                 (
-                    with(Phase::RolledBack {
-                        reason: "rolled-back".into(),
-                    }),
+                    with(Phase::RolledBack { reason: "rolled-back".into() }),
                     vec![MarkTargetBad, Finish, Persist],
                 )
             }
         }
-        (Phase::Testing { .. }, Event::HealthChecked { healthy: true, .. }) => (
-            with(Phase::Committed),
-            vec![MarkTargetGood, Finish, Persist],
-        ),
-        (
-            Phase::Testing { .. },
-            Event::HealthChecked {
-                healthy: false,
-                detail,
-            },
-        ) => (
-            with(Phase::RolledBack {
-                reason: format!("health-check-failed: {detail}"),
-            }),
+        (Phase::Testing { .. }, Event::HealthChecked { healthy: true, .. }) => {
+            (with(Phase::Committed), vec![MarkTargetGood, Finish, Persist])
+        }
+        (Phase::Testing { .. }, Event::HealthChecked { healthy: false, detail }) => (
+            with(Phase::RolledBack { reason: format!("health-check-failed: {detail}") }),
             vec![MarkTargetBad, Finish, Persist, Reboot],
         ),
         (phase, Event::Started { .. }) if phase.is_terminal() => (job.clone(), vec![]),
@@ -269,12 +220,7 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
 
 fn fail(job: &Job, error: &str) -> Step {
     (
-        Job {
-            phase: Phase::Failed {
-                error: error.to_string(),
-            },
-            ..job.clone()
-        },
+        Job { phase: Phase::Failed { error: error.to_string() }, ..job.clone() },
         vec![Action::Finish, Action::Persist],
     )
 }
@@ -301,10 +247,7 @@ mod tests {
     }
 
     fn started(booted: &str, boot_id: &str) -> Event {
-        Event::Started {
-            booted: booted.into(),
-            boot_id: boot_id.into(),
-        }
+        Event::Started { booted: booted.into(), boot_id: boot_id.into() }
     }
 
     fn pending(id: &str) -> Phase {
@@ -316,9 +259,7 @@ mod tests {
     }
 
     fn rolled_back() -> Phase {
-        Phase::RolledBack {
-            reason: "rolled-back".into(),
-        }
+        Phase::RolledBack { reason: "rolled-back".into() }
     }
 
     /// (phase, event) → (phase, actions)
@@ -331,88 +272,29 @@ mod tests {
                 Phase::Downloading,
                 vec![Persist, Download { from: 0 }],
             ),
-            (
-                Phase::Accepted,
-                started("A", "b1"),
-                Phase::Accepted,
-                vec![InvalidateTarget],
-            ),
-            (
-                Phase::Downloading,
-                Event::ImageVerified,
-                Phase::Written,
-                vec![Persist, SetPrimaryForTrial],
-            ),
-            (
-                Phase::Written,
-                started("A", "b1"),
-                Phase::Written,
-                vec![SetPrimaryForTrial],
-            ),
-            (
-                Phase::Written,
-                Event::Switched {
-                    boot_id: "b1".into(),
-                },
-                pending("b1"),
-                vec![Persist, Reboot],
-            ),
-            (
-                pending("b1"),
-                started("B", "b2"),
-                testing("b2"),
-                vec![Persist, RunHealthCheck],
-            ),
-            (
-                pending("b1"),
-                started("A", "b1"),
-                pending("b1"),
-                vec![Reboot],
-            ),
-            (
-                pending("b1"),
-                started("A", "b2"),
-                rolled_back(),
-                vec![MarkTargetBad, Finish, Persist],
-            ),
+            (Phase::Accepted, started("A", "b1"), Phase::Accepted, vec![InvalidateTarget]),
+            (Phase::Downloading, Event::ImageVerified, Phase::Written, vec![Persist, SetPrimaryForTrial]),
+            (Phase::Downloading, Event::SlotInvalidated, Phase::Downloading, vec![]),
+            (Phase::Written, started("A", "b1"), Phase::Written, vec![SetPrimaryForTrial]),
+            (Phase::Written, Event::Switched { boot_id: "b1".into() }, pending("b1"), vec![Persist, Reboot]),
+            (pending("b1"), started("B", "b2"), testing("b2"), vec![Persist, RunHealthCheck]),
+            (pending("b1"), started("A", "b1"), pending("b1"), vec![Reboot]),
+            (pending("b1"), started("A", "b2"), rolled_back(), vec![MarkTargetBad, Finish, Persist]),
+            (testing("b2"), started("B", "b3"), testing("b3"), vec![Persist, RunHealthCheck]),
+            (testing("b2"), started("A", "b3"), rolled_back(), vec![MarkTargetBad, Finish, Persist]),
             (
                 testing("b2"),
-                started("B", "b3"),
-                testing("b3"),
-                vec![Persist, RunHealthCheck],
-            ),
-            (
-                testing("b2"),
-                started("A", "b3"),
-                rolled_back(),
-                vec![MarkTargetBad, Finish, Persist],
-            ),
-            (
-                testing("b2"),
-                Event::HealthChecked {
-                    healthy: true,
-                    detail: String::new(),
-                },
+                Event::HealthChecked { healthy: true, detail: String::new() },
                 Phase::Committed,
                 vec![MarkTargetGood, Finish, Persist],
             ),
             (
                 testing("b2"),
-                Event::HealthChecked {
-                    healthy: false,
-                    detail: "exit 3".into(),
-                },
-                Phase::RolledBack {
-                    reason: "health-check-failed: exit 3".into(),
-                },
+                Event::HealthChecked { healthy: false, detail: "exit 3".into() },
+                Phase::RolledBack { reason: "health-check-failed: exit 3".into() },
                 vec![MarkTargetBad, Finish, Persist, Reboot],
             ),
-            (
-                Phase::Committed,
-                started("B", "b4"),
-                Phase::Committed,
-                vec![],
-            ),
+            (Phase::Committed, started("B", "b4"), Phase::Committed, vec![]),
             (rolled_back(), started("A", "b4"), rolled_back(), vec![]),
         ];
         for (from, event, to, actions) in table {
@@ -437,66 +319,32 @@ mod tests {
     #[test]
     fn writing_into_the_booted_slot_is_refused() {
         let (next, actions) = step(&job(Phase::Downloading), started("B", "b1")).unwrap();
-        assert!(
-            matches!(next.phase, Phase::Failed { ref error } if error.starts_with("target-is-booted"))
-        );
+        assert!(matches!(next.phase, Phase::Failed { ref error } if error.starts_with("target-is-booted")));
         assert_eq!(actions, vec![Finish, Persist]);
     }
 
     #[test]
     fn failures_give_up_a_switched_target() {
-        let (next, actions) = step(
-            &job(Phase::Downloading),
-            Event::ActionFailed {
-                error: "download: cut".into(),
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            next.phase,
-            Phase::Failed {
-                error: "download: cut".into()
-            }
-        );
+        let (next, actions) =
+            step(&job(Phase::Downloading), Event::ActionFailed { error: "download: cut".into() }).unwrap();
+        assert_eq!(next.phase, Phase::Failed { error: "download: cut".into() });
         assert_eq!(actions, vec![Finish, Persist]);
-        let (_, actions) = step(
-            &job(Phase::Written),
-            Event::ActionFailed { error: "x".into() },
-        )
-        .unwrap();
+        let (_, actions) = step(&job(Phase::Written), Event::ActionFailed { error: "x".into() }).unwrap();
         assert_eq!(actions, vec![MarkTargetBad, Finish, Persist]);
-        assert!(step(
-            &job(Phase::Committed),
-            Event::ActionFailed { error: "x".into() }
-        )
-        .is_err());
+        assert!(step(&job(Phase::Committed), Event::ActionFailed { error: "x".into() }).is_err());
     }
 
     #[test]
     fn unexpected_pairs_are_typed_errors() {
         for (phase, event) in [
             (Phase::Accepted, Event::ImageVerified),
-            (
-                Phase::Downloading,
-                Event::Switched {
-                    boot_id: "b".into(),
-                },
-            ),
-            (
-                Phase::Written,
-                Event::HealthChecked {
-                    healthy: true,
-                    detail: String::new(),
-                },
-            ),
+            (Phase::Downloading, Event::Switched { boot_id: "b".into() }),
+            (Phase::Written, Event::HealthChecked { healthy: true, detail: String::new() }),
             (Phase::Committed, Event::SlotInvalidated),
             (pending("b1"), Event::ImageVerified),
         ] {
             let err = step(&job(phase.clone()), event.clone()).unwrap_err();
-            assert!(
-                err.to_string().starts_with("unexpected-event"),
-                "{phase:?} {event:?}"
-            );
+            assert!(err.to_string().starts_with("unexpected-event"), "{phase:?} {event:?}");
         }
     }
 
@@ -504,10 +352,7 @@ mod tests {
     fn phases_serialize_with_a_tag() {
         let j = job(pending("b1"));
         let text = serde_json::to_string(&j).unwrap();
-        assert!(
-            text.contains(r#""phase":{"phase":"reboot-pending","boot_id":"b1"}"#),
-            "{text}"
-        );
+        assert!(text.contains(r#""phase":{"phase":"reboot-pending","boot_id":"b1"}"#), "{text}");
         assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), j);
     }
 }

@@ -95,9 +95,7 @@ pub async fn fetch_into(
     on_checkpoint: &mut dyn FnMut(u64) -> Result<(), String>,
     on_progress: &mut dyn FnMut(u64, u64),
 ) -> Result<FetchStats, FetchError> {
-    let uri: hyper::Uri = url
-        .parse()
-        .map_err(|e| FetchError::BadUrl(format!("{url}: {e}")))?;
+    let uri: hyper::Uri = url.parse().map_err(|e| FetchError::BadUrl(format!("{url}: {e}")))?;
     let mut stats = FetchStats::default();
     let mut fruitless = 0u32;
     let mut last_checkpoint = writer.position();
@@ -124,16 +122,9 @@ pub async fn fetch_into(
             Err(Interrupted::Transient(why)) => {
                 // Keep what arrived: those bytes are never fetched again.
                 writer.write_pending()?;
-                fruitless = if writer.position() > before {
-                    0
-                } else {
-                    fruitless + 1
-                };
+                fruitless = if writer.position() > before { 0 } else { fruitless + 1 };
                 if fruitless >= policy.max_attempts {
-                    return Err(FetchError::GaveUp {
-                        attempts: fruitless,
-                        last: why,
-                    });
+                    return Err(FetchError::GaveUp { attempts: fruitless, last: why });
                 }
                 tokio::time::sleep(backoff(policy, fruitless)).await;
             }
@@ -143,10 +134,7 @@ pub async fn fetch_into(
 
 /// Full jitter: a random delay up to `min(cap, base * 2^n)`.
 pub fn backoff(policy: &FetchPolicy, n: u32) -> Duration {
-    let ceiling = policy
-        .backoff_base
-        .saturating_mul(1u32 << n.min(16))
-        .min(policy.backoff_cap);
+    let ceiling = policy.backoff_base.saturating_mul(1u32 << n.min(16)).min(policy.backoff_cap);
     let millis = ceiling.as_millis().max(1) as u64;
     Duration::from_millis(random_u64() % (millis + 1))
 }
@@ -171,16 +159,13 @@ async fn attempt(
 ) -> Result<(), Interrupted> {
     let from = writer.position();
     let size = writer.size();
-    let mut request = hyper::Request::get(uri.clone()).header(
-        hyper::header::USER_AGENT,
-        concat!("fleetd/", env!("CARGO_PKG_VERSION")),
-    );
+    let mut request = hyper::Request::get(uri.clone())
+        .header(hyper::header::USER_AGENT, concat!("fleetd/", env!("CARGO_PKG_VERSION")));
     if from > 0 {
         request = request.header(hyper::header::RANGE, format!("bytes={from}-"));
     }
-    let request = request
-        .body(Empty::new())
-        .map_err(|e| Interrupted::Permanent(FetchError::BadUrl(e.to_string())))?;
+    let request =
+        request.body(Empty::new()).map_err(|e| Interrupted::Permanent(FetchError::BadUrl(e.to_string())))?;
     let response = match tokio::time::timeout(policy.stall_timeout, client.request(request)).await {
         Err(_) => return Err(Interrupted::Transient("no response (stall timeout)".into())),
         Ok(Err(e)) => return Err(Interrupted::Transient(format!("connect: {e}"))),
@@ -195,17 +180,16 @@ async fn attempt(
         }
         200 => from,
         408 | 429 | 500..=599 => return Err(Interrupted::Transient(format!("HTTP {status}"))),
-        _ => {
-            return Err(Interrupted::Permanent(FetchError::Refused {
-                status,
-                url: uri.to_string(),
-            }))
-        }
+        _ => return Err(Interrupted::Permanent(FetchError::Refused { status, url: uri.to_string() })),
     };
     if let Some(len) = content_length(response.headers()) {
         let end = if status == 206 { from + len } else { len };
         if end > size {
             return Err(WriteError::TooManyBytes { size }.into());
+        }
+        // The server says the whole object is shorter: retrying cannot help.
+        if end < size && status == 200 {
+            return Err(WriteError::Truncated { got: end, size }.into());
         }
     }
     let mut body = response.into_body();
@@ -214,12 +198,7 @@ async fn attempt(
     loop {
         let frame = match tokio::time::timeout(policy.stall_timeout, body.frame()).await {
             Err(_) if writer.position() == size => return Ok(()),
-            Err(_) => {
-                return Err(Interrupted::Transient(format!(
-                    "stalled at {} bytes",
-                    writer.position()
-                )))
-            }
+            Err(_) => return Err(Interrupted::Transient(format!("stalled at {} bytes", writer.position()))),
             Ok(None) if writer.position() == size => return Ok(()),
             Ok(None) => {
                 return Err(Interrupted::Transient(format!(
@@ -245,18 +224,14 @@ async fn attempt(
         writer.push(&data)?;
         window_bytes += data.len() as u64;
         on_progress(writer.position(), size);
-        if writer.position() - *last_checkpoint >= policy.checkpoint_every
-            || writer.position() == size
-        {
+        if writer.position() - *last_checkpoint >= policy.checkpoint_every || writer.position() == size {
             let durable = writer.sync()?;
-            on_checkpoint(durable)
-                .map_err(|e| Interrupted::Permanent(FetchError::Checkpoint(e)))?;
+            on_checkpoint(durable).map_err(|e| Interrupted::Permanent(FetchError::Checkpoint(e)))?;
             *last_checkpoint = durable;
         }
         let elapsed = window_start.elapsed();
         if elapsed >= policy.rate_window {
-            if policy.min_rate > 0
-                && window_bytes < policy.min_rate.saturating_mul(elapsed.as_secs().max(1))
+            if policy.min_rate > 0 && window_bytes < policy.min_rate.saturating_mul(elapsed.as_secs().max(1))
             {
                 return Err(Interrupted::Transient(format!(
                     "too slow: {window_bytes} bytes in {} s",
@@ -270,42 +245,29 @@ async fn attempt(
 }
 
 fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
-    headers
-        .get(hyper::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    headers.get(hyper::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// `Content-Range: bytes START-END/TOTAL` must start where we asked and not
 /// promise more than the signed size.
-fn check_content_range(
-    headers: &hyper::HeaderMap,
-    from: u64,
-    size: u64,
-) -> Result<(), Interrupted> {
+fn check_content_range(headers: &hyper::HeaderMap, from: u64, size: u64) -> Result<(), Interrupted> {
     let bad = |why: String| Interrupted::Transient(format!("bad Content-Range: {why}"));
     let value = headers
         .get(hyper::header::CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| bad("missing".into()))?;
-    let range = value
-        .strip_prefix("bytes ")
-        .ok_or_else(|| bad(value.into()))?;
+    let range = value.strip_prefix("bytes ").ok_or_else(|| bad(value.into()))?;
     let (span, total) = range.split_once('/').ok_or_else(|| bad(value.into()))?;
-    let start: u64 = span
-        .split('-')
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad(value.into()))?;
+    let start: u64 = span.split('-').next().and_then(|s| s.parse().ok()).ok_or_else(|| bad(value.into()))?;
     if start != from {
         return Err(bad(format!("{value} does not start at {from}")));
     }
     if let Ok(total) = total.parse::<u64>() {
         if total > size {
             return Err(WriteError::TooManyBytes { size }.into());
+        }
+        if total < size {
+            return Err(WriteError::Truncated { got: total, size }.into());
         }
     }
     Ok(())

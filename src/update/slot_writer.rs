@@ -13,24 +13,13 @@ pub const DEFAULT_BLOCK: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("slot-open: {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("image-too-large: {size} bytes do not fit the {slot_size} bytes of slot {path}")]
-    SlotTooSmall {
-        path: PathBuf,
-        size: u64,
-        slot_size: u64,
-    },
+    SlotTooSmall { path: PathBuf, size: u64, slot_size: u64 },
     #[error("disk-full: {path}: no space left while writing at offset {offset}")]
     DiskFull { path: PathBuf, offset: u64 },
     #[error("slot-io: {path} at offset {offset}: {source}")]
-    Io {
-        path: PathBuf,
-        offset: u64,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, offset: u64, source: std::io::Error },
     #[error("image-larger-than-claimed: more than the signed {size} bytes arrived")]
     TooManyBytes { size: u64 },
     #[error("image-truncated: {got} of {size} bytes")]
@@ -77,23 +66,12 @@ impl SlotWriter {
     /// Opens `path` for an image of `size` bytes, resuming after `prefix`
     /// bytes that are already in the slot: they are read back and hashed.
     pub fn open(path: &Path, size: u64, prefix: u64, block: usize) -> Result<Self, WriteError> {
-        let open_err = |source| WriteError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(open_err)?;
+        let open_err = |source| WriteError::Open { path: path.to_path_buf(), source };
+        let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(open_err)?;
         // Regular files and block devices both report their size by seeking.
         let slot_size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         if size > slot_size {
-            return Err(WriteError::SlotTooSmall {
-                path: path.to_path_buf(),
-                size,
-                slot_size,
-            });
+            return Err(WriteError::SlotTooSmall { path: path.to_path_buf(), size, slot_size });
         }
         let mut writer = Self {
             path: path.to_path_buf(),
@@ -115,9 +93,7 @@ impl SlotWriter {
         let mut left = prefix;
         while left > 0 {
             let n = left.min(self.compare.len() as u64) as usize;
-            reader
-                .read_exact(&mut self.compare[..n])
-                .map_err(|e| self.io(self.offset, e))?;
+            reader.read_exact(&mut self.compare[..n]).map_err(|e| self.io(self.offset, e))?;
             self.hasher.update(&self.compare[..n]);
             self.offset += n as u64;
             left -= n as u64;
@@ -127,16 +103,9 @@ impl SlotWriter {
 
     fn io(&self, offset: u64, source: std::io::Error) -> WriteError {
         if source.raw_os_error() == Some(28) {
-            return WriteError::DiskFull {
-                path: self.path.clone(),
-                offset,
-            };
+            return WriteError::DiskFull { path: self.path.clone(), offset };
         }
-        WriteError::Io {
-            path: self.path.clone(),
-            offset,
-            source,
-        }
+        WriteError::Io { path: self.path.clone(), offset, source }
     }
 
     /// Image bytes received so far (written or buffered).
@@ -179,9 +148,7 @@ impl SlotWriter {
         if same {
             self.stats.skipped += n as u64;
         } else {
-            self.file
-                .write_all_at(&self.pending, self.offset)
-                .map_err(|e| self.io(self.offset, e))?;
+            self.file.write_all_at(&self.pending, self.offset).map_err(|e| self.io(self.offset, e))?;
             self.stats.written += n as u64;
         }
         self.offset += n as u64;
@@ -200,18 +167,12 @@ impl SlotWriter {
     pub fn finish(mut self, sha256_hex: &str) -> Result<WriteStats, WriteError> {
         self.sync()?;
         if self.offset != self.size {
-            return Err(WriteError::Truncated {
-                got: self.offset,
-                size: self.size,
-            });
+            return Err(WriteError::Truncated { got: self.offset, size: self.size });
         }
         let got = crate::trust::hex(self.hasher.finish().as_ref());
         // Not a secret: the expected hash is public, so a plain comparison is fine.
         if got != sha256_hex {
-            return Err(WriteError::HashMismatch {
-                got,
-                want: sha256_hex.to_string(),
-            });
+            return Err(WriteError::HashMismatch { got, want: sha256_hex.to_string() });
         }
         Ok(self.stats)
     }
@@ -245,24 +206,12 @@ mod tests {
             w.push(chunk).unwrap();
         }
         let stats = w.finish(&sha(&img)).unwrap();
-        assert_eq!(
-            stats,
-            WriteStats {
-                written: 9_000,
-                skipped: 0
-            }
-        );
+        assert_eq!(stats, WriteStats { written: 9_000, skipped: 0 });
         assert_eq!(&std::fs::read(&path).unwrap()[..9_000], &img[..]);
 
         let mut w = SlotWriter::open(&path, 9_000, 0, 1024).unwrap();
         w.push(&img).unwrap();
-        assert_eq!(
-            w.finish(&sha(&img)).unwrap(),
-            WriteStats {
-                written: 0,
-                skipped: 9_000
-            }
-        );
+        assert_eq!(w.finish(&sha(&img)).unwrap(), WriteStats { written: 0, skipped: 9_000 });
     }
 
     #[test]
@@ -284,34 +233,16 @@ mod tests {
     fn bad_inputs_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = slot(dir.path(), 1000);
-        assert_eq!(
-            SlotWriter::open(&path, 1001, 0, 256).err().unwrap().name(),
-            "image-too-large"
-        );
-        assert_eq!(
-            SlotWriter::open(&dir.path().join("none"), 1, 0, 256)
-                .err()
-                .unwrap()
-                .name(),
-            "slot-open"
-        );
+        assert_eq!(SlotWriter::open(&path, 1001, 0, 256).err().unwrap().name(), "image-too-large");
+        assert_eq!(SlotWriter::open(&dir.path().join("none"), 1, 0, 256).err().unwrap().name(), "slot-open");
 
         let mut w = SlotWriter::open(&path, 100, 0, 256).unwrap();
-        assert_eq!(
-            w.push(&[0; 101]).unwrap_err().name(),
-            "image-larger-than-claimed"
-        );
+        assert_eq!(w.push(&[0; 101]).unwrap_err().name(), "image-larger-than-claimed");
         w.push(&[1; 50]).unwrap();
-        assert_eq!(
-            w.finish(&sha(&[1; 50])).unwrap_err().name(),
-            "image-truncated"
-        );
+        assert_eq!(w.finish(&sha(&[1; 50])).unwrap_err().name(), "image-truncated");
 
         let mut w = SlotWriter::open(&path, 100, 0, 256).unwrap();
         w.push(&[1; 100]).unwrap();
-        assert_eq!(
-            w.finish(&sha(&[2; 100])).unwrap_err().name(),
-            "hash-mismatch"
-        );
+        assert_eq!(w.finish(&sha(&[2; 100])).unwrap_err().name(), "hash-mismatch");
     }
 }

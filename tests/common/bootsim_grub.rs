@@ -32,16 +32,8 @@ pub fn grub_editenv_available() -> bool {
 
 /// Runs `grub-editenv FILE args...`, asserting success; returns stdout.
 pub fn editenv(grubenv: &Path, args: &[&str]) -> String {
-    let out = Command::new("grub-editenv")
-        .arg(grubenv)
-        .args(args)
-        .output()
-        .expect("run grub-editenv");
-    assert!(
-        out.status.success(),
-        "grub-editenv {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("grub-editenv").arg(grubenv).args(args).output().expect("run grub-editenv");
+    assert!(out.status.success(), "grub-editenv {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("grub-editenv prints UTF-8")
 }
 
@@ -73,14 +65,9 @@ fn grub_select(grubenv: &Path) -> String {
     // grub.cfg's defaults, overridden by load_env's five variables.
     let var = |name: &str, default: &str| env.get(name).cloned().unwrap_or(default.into());
     let order = var("ORDER", "A B");
-    let ok: BTreeMap<&str, String> = SLOTS
-        .iter()
-        .map(|s| (*s, var(&format!("{s}_OK"), "0")))
-        .collect();
-    let mut tried: BTreeMap<&str, String> = SLOTS
-        .iter()
-        .map(|s| (*s, var(&format!("{s}_TRY"), "0")))
-        .collect();
+    let ok: BTreeMap<&str, String> = SLOTS.iter().map(|s| (*s, var(&format!("{s}_OK"), "0"))).collect();
+    let mut tried: BTreeMap<&str, String> =
+        SLOTS.iter().map(|s| (*s, var(&format!("{s}_TRY"), "0"))).collect();
 
     let pick = |tried: &BTreeMap<&str, String>| {
         order
@@ -101,20 +88,13 @@ fn grub_select(grubenv: &Path) -> String {
         Some(slot) => {
             tried.insert(slot, "1".into());
             // save_env A_TRY B_TRY
-            let assignments: Vec<String> = SLOTS
-                .iter()
-                .map(|s| format!("{s}_TRY={}", tried[s]))
-                .collect();
+            let assignments: Vec<String> = SLOTS.iter().map(|s| format!("{s}_TRY={}", tried[s])).collect();
             let mut args = vec!["set"];
             args.extend(assignments.iter().map(String::as_str));
             editenv(grubenv, &args);
             slot.to_string()
         }
         // Nothing OK: the first known slot in ORDER boots, uncounted.
-        None => order
-            .split_whitespace()
-            .find(|name| SLOTS.contains(name))
-            .unwrap_or("A")
-            .to_string(),
+        None => order.split_whitespace().find(|name| SLOTS.contains(name)).unwrap_or("A").to_string(),
     }
 }

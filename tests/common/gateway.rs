@@ -21,13 +21,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(bootloader: Bootloader, slot_size: u64) -> Self {
         let dev = Device::with_slot_size(slot_size);
-        let g = Self {
-            dev,
-            bootloader,
-            booted: "A".into(),
-            boots: 1,
-            extra_config: String::new(),
-        };
+        let g = Self { dev, bootloader, booted: "A".into(), boots: 1, extra_config: String::new() };
         match bootloader {
             Bootloader::Grub => {
                 fleetd::boot::grub::GrubEnv::initialize(&g.grubenv(), &["A".into(), "B".into()])
@@ -49,26 +43,17 @@ impl Gateway {
     }
 
     pub fn slot(&self, name: &str) -> PathBuf {
-        self.path()
-            .join(format!("slot-{}.img", name.to_lowercase()))
+        self.path().join(format!("slot-{}.img", name.to_lowercase()))
     }
 
     fn write_boot_id(&self) {
-        std::fs::write(
-            self.path().join("boot_id"),
-            format!("boot-{}\n", self.boots),
-        )
-        .unwrap();
+        std::fs::write(self.path().join("boot_id"), format!("boot-{}\n", self.boots)).unwrap();
     }
 
     /// The health check passes or fails, as a real command.
     pub fn set_health(&self, healthy: bool) {
         let script = self.path().join("health-check");
-        std::fs::write(
-            &script,
-            format!("#!/bin/sh\nexit {}\n", if healthy { 0 } else { 3 }),
-        )
-        .unwrap();
+        std::fs::write(&script, format!("#!/bin/sh\nexit {}\n", if healthy { 0 } else { 3 })).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
@@ -121,14 +106,7 @@ timeout_s = 20
     pub fn message(&self, name: &str, url: &str, image: &Path, version: u64) -> PathBuf {
         self.dev.cosigned(
             name,
-            &[
-                "--url",
-                url,
-                "--image",
-                image.to_str().unwrap(),
-                "--version",
-                &version.to_string(),
-            ],
+            &["--url", url, "--image", image.to_str().unwrap(), "--version", &version.to_string()],
         )
     }
 
@@ -137,10 +115,7 @@ timeout_s = 20
     }
 
     pub fn install(&self, message: &Path) -> Output {
-        run(fleetd()
-            .args(["install", "--no-reboot", "--config"])
-            .arg(self.dev.config())
-            .arg(message))
+        run(fleetd().args(["install", "--no-reboot", "--config"]).arg(self.dev.config()).arg(message))
     }
 
     pub fn run_once(&self) -> Output {

@@ -64,11 +64,7 @@ impl ImageServer {
     }
 
     pub fn add(&self, path: &str, data: Vec<u8>) -> String {
-        self.inner
-            .lock()
-            .unwrap()
-            .files
-            .insert(path.to_string(), Arc::new(data));
+        self.inner.lock().unwrap().files.insert(path.to_string(), Arc::new(data));
         format!("{}{path}", self.base)
     }
 
@@ -90,11 +86,7 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
         if reader.read_line(&mut request_line)? == 0 {
             return Ok(());
         }
-        let path = request_line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("/")
-            .to_string();
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut range_start = 0u64;
         loop {
             let mut line = String::new();
@@ -103,9 +95,7 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
             if line.is_empty() {
                 break;
             }
-            if let Some(v) = line
-                .strip_prefix("Range: bytes=")
-                .or_else(|| line.strip_prefix("range: bytes="))
+            if let Some(v) = line.strip_prefix("Range: bytes=").or_else(|| line.strip_prefix("range: bytes="))
             {
                 range_start = v.trim_end_matches('-').parse().unwrap_or(0);
             }
@@ -119,18 +109,11 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
             continue;
         };
         if let Some(Fault::Status(code)) = fault {
-            write!(
-                stream,
-                "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\n\r\n"
-            )?;
+            write!(stream, "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\n\r\n")?;
             continue;
         }
         let ignore_range = matches!(fault, Some(Fault::IgnoreRange));
-        let start = if ignore_range {
-            0
-        } else {
-            range_start.min(file.len() as u64)
-        };
+        let start = if ignore_range { 0 } else { range_start.min(file.len() as u64) };
         let body = &file[start as usize..];
         let mut head = if start > 0 {
             format!(

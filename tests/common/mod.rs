@@ -31,20 +31,12 @@ pub fn stderr(out: &Output) -> String {
 /// Runs and asserts success, returning stdout.
 pub fn ok(cmd: &mut Command) -> String {
     let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        stderr(&out),
-        stdout(&out)
-    );
+    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", stderr(&out), stdout(&out));
     stdout(&out)
 }
 
 pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// A device directory with fleet and cosigner keys, two file slots and a config.
@@ -61,10 +53,7 @@ impl Device {
         let dir = tempfile::tempdir().unwrap();
         let d = Self { dir };
         for name in ["fleet", "cosigner"] {
-            ok(fleetctl()
-                .args(["keygen", "--out"])
-                .arg(d.keys())
-                .args(["--name", name]));
+            ok(fleetctl().args(["keygen", "--out"]).arg(d.keys()).args(["--name", name]));
         }
         for slot in ["a", "b"] {
             let f = std::fs::File::create(d.path().join(format!("slot-{slot}.img"))).unwrap();
@@ -133,10 +122,7 @@ booted_slot = "A"
             ("--device", "gw-0042"),
             ("--url", "https://updates.example.com/x.img"),
             ("--size", "1048576"),
-            (
-                "--sha256",
-                "c7be90c1253943c94f256c17c430305e300d117d8a70adaf749bf2488913b184",
-            ),
+            ("--sha256", "c7be90c1253943c94f256c17c430305e300d117d8a70adaf749bf2488913b184"),
             ("--name", "2026.11.1"),
             ("--version", "8"),
         ];
@@ -179,9 +165,6 @@ booted_slot = "A"
             cmd.arg("--json");
         }
         let out = run(cmd.arg(file));
-        (
-            out.status.code().unwrap_or(-1),
-            stdout(&out) + &stderr(&out),
-        )
+        (out.status.code().unwrap_or(-1), stdout(&out) + &stderr(&out))
     }
 }

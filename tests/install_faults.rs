@@ -1,0 +1,329 @@
+//! Downloads that are cut, a daemon killed mid-write, and every kind of bad
+//! input: each ends in a named error or a completed install, and the device
+//! stays bootable on its old slot.
+
+mod common;
+use common::gateway::*;
+use common::imageserver::{Fault, ImageServer};
+use common::*;
+use std::path::{Path, PathBuf};
+
+const SLOT: u64 = 8 << 20;
+const MIB: u64 = 1 << 20;
+
+struct Case {
+    g: Gateway,
+    server: ImageServer,
+    image: Vec<u8>,
+    slot_a_before: Vec<u8>,
+}
+
+fn case(image_len: usize) -> Case {
+    let g = Gateway::new(Bootloader::Grub, SLOT);
+    // Slot A holds the running system: it must never change.
+    std::fs::write(g.slot("A"), image_bytes(SLOT as usize, 99)).unwrap();
+    let slot_a_before = std::fs::read(g.slot("A")).unwrap();
+    Case { g, server: ImageServer::start(), image: image_bytes(image_len, 5), slot_a_before }
+}
+
+impl Case {
+    /// Serves `served` at /img and signs a message describing `self.image`.
+    fn message(&self, served: Vec<u8>, extra: &[&str]) -> PathBuf {
+        let file = self.g.path().join("image.bin");
+        std::fs::write(&file, &self.image).unwrap();
+        let url = self.server.add("/img", served);
+        let mut args = vec!["--url", url.as_str(), "--image", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.g.dev.cosigned("msg", &args)
+    }
+
+    fn assert_old_slot_still_boots(&self) {
+        assert_eq!(
+            std::fs::read(self.g.slot("A")).unwrap(),
+            self.slot_a_before,
+            "the running slot was written"
+        );
+        let st = self.g.status();
+        assert_eq!(st["primary_slot"], "A", "{st}");
+        assert_eq!(st["slots"]["B"]["state"], "bad", "{st}");
+    }
+
+    fn assert_failed_with(&self, name: &str) {
+        let st = self.g.status();
+        assert_eq!(st["state"], "failed", "{st}");
+        let err = st["last_error"].as_str().unwrap_or_default();
+        assert!(err.starts_with(name), "expected {name}, got {err}");
+        self.assert_old_slot_still_boots();
+    }
+
+    fn assert_installed(&self) {
+        let st = self.g.status();
+        assert_eq!(st["state"], "reboot-pending", "{st}");
+        assert_eq!(st["primary_slot"], "B", "{st}");
+        assert_eq!(&std::fs::read(self.g.slot("B")).unwrap()[..self.image.len()], &self.image[..]);
+        assert_eq!(std::fs::read(self.g.slot("A")).unwrap(), self.slot_a_before);
+    }
+}
+
+fn seed() -> u64 {
+    let s = std::env::var("FLEETD_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now() ^ std::process::id() as u64);
+    eprintln!("seed {s} (set FLEETD_TEST_SEED to repeat)");
+    s
+}
+
+#[test]
+fn cuts_at_random_offsets_resume_with_range_requests() {
+    let c = case((6 * MIB + 777) as usize);
+    let mut x = seed() | 1;
+    let cuts = 6;
+    for _ in 0..cuts {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.server.fault(Fault::CutAfter(x % (2 * MIB)));
+    }
+    let msg = c.message(c.image.clone(), &[]);
+    let out = c.g.install(&msg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.assert_installed();
+    let log = c.server.log();
+    assert!(log.len() > cuts, "every cut led to a new request: {log:?}");
+    let served: u64 = log.iter().map(|r| r.body_bytes).sum();
+    let resent = served - c.image.len() as u64;
+    eprintln!("{} requests, {resent} bytes downloaded twice over {cuts} cuts", log.len());
+    assert!(resent <= cuts as u64 * MIB, "re-downloaded {resent} bytes over {cuts} cuts");
+    for pair in log.windows(2) {
+        assert!(pair[1].range_start >= pair[0].range_start, "resumed from further on: {log:?}");
+    }
+}
+
+#[test]
+fn a_server_that_ignores_range_still_yields_the_right_image() {
+    let c = case((3 * MIB) as usize);
+    c.server.fault(Fault::CutAfter(MIB + 5));
+    c.server.fault(Fault::IgnoreRange);
+    let msg = c.message(c.image.clone(), &[]);
+    let out = c.g.install(&msg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.assert_installed();
+}
+
+#[test]
+fn killed_mid_download_resumes_after_restart() {
+    let c = case((6 * MIB) as usize);
+    // The first response sends 3 MiB and then hangs, like a dying link.
+    c.server.fault(Fault::Stall(3 * MIB, std::time::Duration::from_secs(20)));
+    let msg = c.message(c.image.clone(), &[]);
+    let mut child = fleetd()
+        .args(["install", "--no-reboot", "--config"])
+        .arg(c.g.dev.config())
+        .arg(&msg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state_file = c.g.path().join("state/state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let written = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["job"]["written"].as_u64())
+            .unwrap_or(0);
+        if written >= 2 * MIB {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint reached");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    assert_eq!(c.g.status()["state"], "downloading");
+
+    let out = c.g.run_once();
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.assert_installed();
+    let log = c.server.log();
+    let resumed = log.last().unwrap();
+    assert!(resumed.range_start >= 2 * MIB, "resumed with a Range request: {log:?}");
+}
+
+#[test]
+fn a_truncated_image_is_named_and_nothing_boots_it() {
+    let c = case((2 * MIB) as usize);
+    let short = c.image[..c.image.len() - 1000].to_vec();
+    let msg = c.message(short, &[]);
+    let out = c.g.install(&msg);
+    assert_eq!(out.status.code(), Some(1));
+    c.assert_failed_with("image-truncated");
+}
+
+#[test]
+fn more_bytes_than_signed_is_named() {
+    // A larger object (Content-Length says so)...
+    let c = case((2 * MIB) as usize);
+    let mut long = c.image.clone();
+    long.extend_from_slice(&[0u8; 4096]);
+    let msg = c.message(long, &[]);
+    assert_eq!(c.g.install(&msg).status.code(), Some(1));
+    c.assert_failed_with("image-larger-than-claimed");
+
+    // ...and an endless stream with no length at all.
+    let c = case((2 * MIB) as usize);
+    c.server.fault(Fault::Extra(10 * MIB));
+    let msg = c.message(c.image.clone(), &[]);
+    assert_eq!(c.g.install(&msg).status.code(), Some(1));
+    c.assert_failed_with("image-larger-than-claimed");
+}
+
+#[test]
+fn a_wrong_hash_makes_nothing_bootable() {
+    let c = case((2 * MIB) as usize);
+    let mut other = c.image.clone();
+    other[12345] ^= 0xff;
+    let msg = c.message(other, &[]);
+    assert_eq!(c.g.install(&msg).status.code(), Some(1));
+    c.assert_failed_with("hash-mismatch");
+}
+
+#[test]
+fn an_image_larger_than_the_slot_is_refused_before_download() {
+    let c = case((2 * MIB) as usize);
+    let msg = c.message(c.image.clone(), &["--size", &(SLOT + 1).to_string(), "--sha256", &"ab".repeat(32)]);
+    let out = c.g.install(&msg);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).starts_with("rejected: image-too-large"), "{}", stdout(&out));
+    assert!(c.server.log().is_empty(), "nothing was downloaded");
+    assert_eq!(c.g.status()["primary_slot"], "A");
+}
+
+#[test]
+fn http_errors_are_named() {
+    let c = case(MIB as usize);
+    for _ in 0..20 {
+        c.server.fault(Fault::Status(404));
+    }
+    let msg = c.message(c.image.clone(), &[]);
+    assert_eq!(c.g.install(&msg).status.code(), Some(1));
+    c.assert_failed_with("download-refused");
+}
+
+#[test]
+fn a_corrupt_boot_env_is_named_and_nothing_is_written() {
+    let c = case(MIB as usize);
+    std::fs::write(c.g.grubenv(), b"garbage that is not a grub environment block").unwrap();
+    let slot_b_before = std::fs::read(c.g.slot("B")).unwrap();
+    let msg = c.message(c.image.clone(), &[]);
+    let out = c.g.install(&msg);
+    assert_eq!(out.status.code(), Some(1));
+    let st = c.g.status();
+    assert!(st["last_error"].as_str().unwrap().contains("boot-env-corrupt"), "{st}");
+    assert_eq!(std::fs::read(c.g.slot("B")).unwrap(), slot_b_before, "no byte written to the target");
+    assert_eq!(std::fs::read(c.g.slot("A")).unwrap(), c.slot_a_before);
+    assert!(c.server.log().is_empty());
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn require_root(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI runs as root: {what} must run");
+    eprintln!("SKIP {what}: needs root (mount, loop devices)");
+    false
+}
+
+struct Mount(PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn sh(cmd: &str) -> String {
+    let out = std::process::Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_full_disk_is_named_and_the_device_stays_bootable() {
+    if !require_root("full-disk test") {
+        return;
+    }
+    let c = case((3 * MIB) as usize);
+    // The target slot is a sparse file on a 2 MiB tmpfs: it cannot hold 3 MiB.
+    let small = c.g.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    sh(&format!("mount -t tmpfs -o size=2m tmpfs {}", small.display()));
+    let _m = Mount(small.clone());
+    let slot_b = small.join("slot-b.img");
+    std::fs::File::create(&slot_b).unwrap().set_len(SLOT).unwrap();
+    std::fs::remove_file(c.g.slot("B")).unwrap();
+    std::os::unix::fs::symlink(&slot_b, c.g.slot("B")).unwrap();
+    let msg = c.message(c.image.clone(), &[]);
+    let out = c.g.install(&msg);
+    assert_eq!(out.status.code(), Some(1));
+    c.assert_failed_with("disk-full");
+}
+
+/// A loop device with a GPT holding two partitions: the slots are real block devices.
+#[test]
+fn installs_into_a_gpt_partition_on_a_loop_device_and_refuses_a_mounted_one() {
+    if !require_root("loop-device test") {
+        return;
+    }
+    let c = case((3 * MIB) as usize);
+    let disk = c.g.path().join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(20 * MIB).unwrap();
+    sh(&format!("printf 'label: gpt\\n,8M\\n,8M\\n' | sfdisk -q {}", disk.display()));
+    let loop_dev = sh(&format!("losetup -f --show -P {}", disk.display()));
+    struct Loop(String);
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _l = Loop(loop_dev.clone());
+    let (p1, p2) = (format!("{loop_dev}p1"), format!("{loop_dev}p2"));
+    for _ in 0..100 {
+        if Path::new(&p2).exists() {
+            break;
+        }
+        let _ = std::process::Command::new("partx").args(["-a", &loop_dev]).output();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(Path::new(&p2).exists(), "partition device {p2} did not appear");
+    // Slot A (running) is partition 1; its content must not change.
+    sh(&format!("dd if={} of={p1} bs=1M conv=fsync status=none", c.g.slot("A").display()));
+    let config = std::fs::read_to_string(c.g.dev.config()).unwrap();
+    std::fs::write(c.g.dev.config(), config.replace("slot-a.img", &p1).replace("slot-b.img", &p2)).unwrap();
+
+    let msg = c.message(c.image.clone(), &[]);
+    let out = c.g.install(&msg);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let written = std::fs::read(&p2).unwrap();
+    assert_eq!(&written[..c.image.len()], &c.image[..]);
+    assert_eq!(std::fs::read(&p1).unwrap()[..(SLOT as usize)], c.slot_a_before[..], "partition 1 untouched");
+
+    // A target that is mounted is refused (the same check guards `/`).
+    let c2 = case(MIB as usize);
+    sh(&format!("mkfs.ext4 -q -F {p2}"));
+    let mnt = c2.g.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    sh(&format!("mount {p2} {}", mnt.display()));
+    let _m = Mount(mnt);
+    let config = std::fs::read_to_string(c2.g.dev.config()).unwrap();
+    std::fs::write(c2.g.dev.config(), config.replace("slot-b.img", &p2)).unwrap();
+    let msg = c2.message(c2.image.clone(), &[]);
+    let out = c2.g.install(&msg);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("target-is-booted"), "{}", stderr(&out));
+}
