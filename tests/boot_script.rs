@@ -44,11 +44,7 @@ fn slots() -> Vec<String> {
 /// "text file busy").
 fn write_script(path: &Path, text: &str) {
     let status = Command::new("sh")
-        .args([
-            "-c",
-            "printf '%s' \"$1\" > \"$2\" && chmod 755 \"$2\"",
-            "sh",
-        ])
+        .args(["-c", "printf '%s' \"$1\" > \"$2\" && chmod 755 \"$2\"", "sh"])
         .arg(text)
         .arg(path)
         .status()
@@ -114,10 +110,7 @@ fn mark_good_and_bad_call_set_state() {
     assert_eq!(s.boot.state("B").unwrap(), SlotState::Bad);
     s.boot.mark_good("B").unwrap();
     assert_eq!(s.read("state"), "primary=A\nA=good\ncurrent=A\nB=good\n");
-    assert_eq!(
-        s.read("calls"),
-        "set-state B bad\nget-state B\nset-state B good\n"
-    );
+    assert_eq!(s.read("calls"), "set-state B bad\nget-state B\nset-state B good\n");
 }
 
 #[test]
@@ -126,10 +119,7 @@ fn unknown_slot_never_reaches_the_script() {
     assert_eq!(s.boot.state("C").unwrap_err().name(), "unknown-slot");
     assert_eq!(s.boot.mark_good("C").unwrap_err().name(), "unknown-slot");
     assert_eq!(s.boot.mark_bad("C").unwrap_err().name(), "unknown-slot");
-    assert_eq!(
-        s.boot.set_primary_for_trial("C").unwrap_err().name(),
-        "unknown-slot"
-    );
+    assert_eq!(s.boot.set_primary_for_trial("C").unwrap_err().name(), "unknown-slot");
     assert_eq!(s.read("calls"), "");
 }
 
@@ -174,9 +164,7 @@ fn surrounding_whitespace_is_tolerated() {
 #[test]
 fn hanging_script_is_killed() {
     let s = setup("#!/bin/sh\nexec sleep 30\n");
-    let boot = ScriptBoot::new(s.script(), &slots())
-        .unwrap()
-        .with_timeout(Duration::from_millis(300));
+    let boot = ScriptBoot::new(s.script(), &slots()).unwrap().with_timeout(Duration::from_millis(300));
     let started = std::time::Instant::now();
     let detail = command_detail(boot.primary().unwrap_err());
     assert!(detail.contains("timed out"), "{detail}");

@@ -30,12 +30,7 @@ fn pi(autoboot_txt: &str) -> Pi {
     let booted = dir.path().join("partition");
     std::fs::write(&autoboot, autoboot_txt).unwrap();
     let tryboot = RpiTryboot::new(autoboot.clone(), partitions(), booted.clone()).unwrap();
-    Pi {
-        _dir: dir,
-        autoboot,
-        booted,
-        tryboot,
-    }
+    Pi { _dir: dir, autoboot, booted, tryboot }
 }
 
 impl Pi {
@@ -44,20 +39,11 @@ impl Pi {
     }
 
     fn power_on(&self, tryboot_flag: bool, boots_ok: &dyn Fn(&str) -> bool) -> Option<String> {
-        power_on(
-            &self.autoboot,
-            tryboot_flag,
-            &partitions(),
-            &self.booted,
-            boots_ok,
-        )
+        power_on(&self.autoboot, tryboot_flag, &partitions(), &self.booted, boots_ok)
     }
 
     fn states(&self) -> (SlotState, SlotState) {
-        (
-            self.tryboot.state("A").unwrap(),
-            self.tryboot.state("B").unwrap(),
-        )
+        (self.tryboot.state("A").unwrap(), self.tryboot.state("B").unwrap())
     }
 }
 
@@ -121,10 +107,7 @@ fn other_lines_survive_rewrites() {
                   \n[pi5]\nfoo=bar\n[tryboot]\nboot_partition=2\n";
     let mut pi = pi(before);
     pi.tryboot.set_primary_for_trial("B").unwrap();
-    assert_eq!(
-        pi.text(),
-        before.replace("[tryboot]\nboot_partition=2", "[tryboot]\nboot_partition=3")
-    );
+    assert_eq!(pi.text(), before.replace("[tryboot]\nboot_partition=2", "[tryboot]\nboot_partition=3"));
     pi.tryboot.mark_good("B").unwrap();
     assert_eq!(
         pi.text(),
@@ -137,15 +120,9 @@ fn other_lines_survive_rewrites() {
 fn unknown_slot_is_refused_and_nothing_written() {
     let mut pi = pi(A2_B3);
     assert_eq!(pi.tryboot.state("C").unwrap_err().name(), "unknown-slot");
-    assert_eq!(
-        pi.tryboot.mark_good("C").unwrap_err().name(),
-        "unknown-slot"
-    );
+    assert_eq!(pi.tryboot.mark_good("C").unwrap_err().name(), "unknown-slot");
     assert_eq!(pi.tryboot.mark_bad("C").unwrap_err().name(), "unknown-slot");
-    assert_eq!(
-        pi.tryboot.set_primary_for_trial("C").unwrap_err().name(),
-        "unknown-slot"
-    );
+    assert_eq!(pi.tryboot.set_primary_for_trial("C").unwrap_err().name(), "unknown-slot");
     assert_eq!(pi.text(), A2_B3);
 }
 
@@ -153,10 +130,7 @@ fn unknown_slot_is_refused_and_nothing_written() {
 fn missing_and_corrupt_files_are_named_errors() {
     let mut pi = pi("[all]\nboot_partition=2\n");
     assert_eq!(pi.tryboot.primary().unwrap_err().name(), "boot-env-corrupt");
-    assert_eq!(
-        pi.tryboot.mark_good("A").unwrap_err().name(),
-        "boot-env-corrupt"
-    );
+    assert_eq!(pi.tryboot.mark_good("A").unwrap_err().name(), "boot-env-corrupt");
     assert_eq!(pi.text(), "[all]\nboot_partition=2\n");
     std::fs::write(&pi.autoboot, "x".repeat(5000)).unwrap();
     assert_eq!(pi.tryboot.primary().unwrap_err().name(), "boot-env-corrupt");
@@ -173,10 +147,7 @@ fn booted_hint_reads_the_device_tree_property() {
     std::fs::write(&pi.booted, 7u32.to_be_bytes()).unwrap();
     assert_eq!(pi.tryboot.booted_hint().unwrap_err().name(), "boot-config");
     std::fs::write(&pi.booted, b"\x00\x02").unwrap();
-    assert_eq!(
-        pi.tryboot.booted_hint().unwrap_err().name(),
-        "boot-env-corrupt"
-    );
+    assert_eq!(pi.tryboot.booted_hint().unwrap_err().name(), "boot-env-corrupt");
 }
 
 #[test]

@@ -191,7 +191,9 @@ fn a_wrong_hash_makes_nothing_bootable() {
 #[test]
 fn an_image_larger_than_the_slot_is_refused_before_download() {
     let c = case((2 * MIB) as usize);
-    let msg = c.message(c.image.clone(), &["--size", &(SLOT + 1).to_string(), "--sha256", &"ab".repeat(32)]);
+    let url = c.server.add("/img", c.image.clone());
+    let size = (SLOT + 1).to_string();
+    let msg = c.g.dev.cosigned("big", &["--url", &url, "--size", &size, "--sha256", &"ab".repeat(32)]);
     let out = c.g.install(&msg);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).starts_with("rejected: image-too-large"), "{}", stdout(&out));

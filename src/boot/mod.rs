@@ -135,13 +135,11 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
                     })?;
                 partitions.push((name.clone(), number));
             }
-            let _ = (path, partitions);
-            return Err(BootError::Config { backend: "rpi-tryboot", detail: "MERGE-PENDING".into() });
+            Box::new(tryboot::RpiTryboot::new(path, partitions, boot.tryboot_partition_file.clone())?)
         }
         BootBackend::Script => {
             let path = boot.script.clone().ok_or_else(|| missing("script", "script"))?;
-            let _ = path;
-            return Err(BootError::Config { backend: "script", detail: "MERGE-PENDING".into() });
+            Box::new(script::ScriptBoot::new(path, &slots)?)
         }
     })
 }

@@ -39,18 +39,13 @@ impl ScriptBoot {
     /// The script must exist; slot names must be letters or digits, so they
     /// pass through argv and stdout unchanged.
     pub fn new(script: PathBuf, slots: &[String]) -> Result<Self, BootError> {
-        let config = |detail: String| BootError::Config {
-            backend: BACKEND,
-            detail,
-        };
+        let config = |detail: String| BootError::Config { backend: BACKEND, detail };
         if slots.is_empty() {
             return Err(config("no slots".into()));
         }
         for (i, slot) in slots.iter().enumerate() {
             if slot.is_empty() || !slot.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Err(config(format!(
-                    "slot name {slot:?} is not letters and digits"
-                )));
+                return Err(config(format!("slot name {slot:?} is not letters and digits")));
             }
             if slots[..i].contains(slot) {
                 return Err(config(format!("slot {slot:?} is listed twice")));
@@ -59,11 +54,7 @@ impl ScriptBoot {
         if !script.is_file() {
             return Err(config(format!("{} is not a file", script.display())));
         }
-        Ok(Self {
-            script,
-            slots: slots.to_vec(),
-            timeout: DEFAULT_TIMEOUT,
-        })
+        Ok(Self { script, slots: slots.to_vec(), timeout: DEFAULT_TIMEOUT })
     }
 
     /// How long one call may take before it is killed.
@@ -76,10 +67,7 @@ impl ScriptBoot {
         if self.slots.iter().any(|s| s == slot) {
             Ok(())
         } else {
-            Err(BootError::UnknownSlot {
-                backend: BACKEND,
-                slot: slot.to_string(),
-            })
+            Err(BootError::UnknownSlot { backend: BACKEND, slot: slot.to_string() })
         }
     }
 
@@ -102,9 +90,8 @@ impl ScriptBoot {
         let stdout = stdout
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .map_err(|_| failed("did not close its output in time".into()))?;
-        let stderr = stderr
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_default();
+        let stderr =
+            stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_default();
         if !status.success() {
             return Err(failed(format!("{status}{}", stderr_suffix(&stderr))));
         }
@@ -112,11 +99,7 @@ impl ScriptBoot {
     }
 
     /// Runs a `get-*` verb and parses its single line with `parse`.
-    fn query<T>(
-        &self,
-        args: &[&str],
-        parse: impl FnOnce(&str) -> Option<T>,
-    ) -> Result<T, BootError> {
+    fn query<T>(&self, args: &[&str], parse: impl FnOnce(&str) -> Option<T>) -> Result<T, BootError> {
         let stdout = self.run(args)?;
         let line = single_line(&stdout).map_err(|detail| command_error(args, detail))?;
         parse(line).ok_or_else(|| command_error(args, format!("unexpected output {line:?}")))
@@ -167,10 +150,7 @@ impl BootControl for ScriptBoot {
 }
 
 fn command_error(args: &[&str], detail: String) -> BootError {
-    BootError::Command {
-        backend: BACKEND,
-        detail: format!("{}: {detail}", args.join(" ")),
-    }
+    BootError::Command { backend: BACKEND, detail: format!("{}: {detail}", args.join(" ")) }
 }
 
 /// The output's one line, trimmed; a trailing newline is allowed.
@@ -273,20 +253,11 @@ mod tests {
     fn new_validates_slots_and_script() {
         let script = PathBuf::from("/bin/sh");
         assert!(ScriptBoot::new(script.clone(), &["A".into(), "B".into()]).is_ok());
-        for bad in [
-            vec![],
-            vec!["A".into(), "A".into()],
-            vec!["A B".to_string()],
-        ] {
-            assert_eq!(
-                ScriptBoot::new(script.clone(), &bad).unwrap_err().name(),
-                "boot-config"
-            );
+        for bad in [vec![], vec!["A".into(), "A".into()], vec!["A B".to_string()]] {
+            assert_eq!(ScriptBoot::new(script.clone(), &bad).unwrap_err().name(), "boot-config");
         }
         assert_eq!(
-            ScriptBoot::new("/nonexistent/boot.sh".into(), &["A".into()])
-                .unwrap_err()
-                .name(),
+            ScriptBoot::new("/nonexistent/boot.sh".into(), &["A".into()]).unwrap_err().name(),
             "boot-config"
         );
     }

@@ -99,9 +99,7 @@ impl Autoboot {
                         "{}: {line:?} under {}: only one {TRYBOOT_A_B}=1 in [{ALL}] and one \
                          {BOOT_PARTITION} in each of [{ALL}] and [{TRYBOOT}] are understood",
                         at(),
-                        section
-                            .as_deref()
-                            .map_or("no section".into(), |s| format!("[{s}]"))
+                        section.as_deref().map_or("no section".into(), |s| format!("[{s}]"))
                     )))
                 }
                 _ => continue,
@@ -117,21 +115,14 @@ impl Autoboot {
         if !a_b {
             return Err(corrupt(format!("[{ALL}] lacks {TRYBOOT_A_B}=1")));
         }
-        let committed =
-            committed.ok_or_else(|| corrupt(format!("[{ALL}] lacks {BOOT_PARTITION}")))?;
+        let committed = committed.ok_or_else(|| corrupt(format!("[{ALL}] lacks {BOOT_PARTITION}")))?;
         let trial = trial.ok_or_else(|| corrupt(format!("[{TRYBOOT}] lacks {BOOT_PARTITION}")))?;
         // The firmware applies settings in order: an [all] line after the
         // [tryboot] one would override it on a trial boot.
         if trial.0 < committed.0 {
-            return Err(corrupt(format!(
-                "[{TRYBOOT}] {BOOT_PARTITION} comes before the [{ALL}] one"
-            )));
+            return Err(corrupt(format!("[{TRYBOOT}] {BOOT_PARTITION} comes before the [{ALL}] one")));
         }
-        Ok(Self {
-            lines,
-            committed,
-            trial,
-        })
+        Ok(Self { lines, committed, trial })
     }
 
     pub fn render(&self) -> String {
@@ -178,28 +169,18 @@ impl Autoboot {
 
 /// Decodes the device-tree property: one big-endian u32.
 pub fn decode_partition_property(bytes: &[u8]) -> Result<u32, BootError> {
-    let array: [u8; 4] = bytes.try_into().map_err(|_| {
-        corrupt(format!(
-            "booted partition property is {} bytes, expected 4",
-            bytes.len()
-        ))
-    })?;
+    let array: [u8; 4] = bytes
+        .try_into()
+        .map_err(|_| corrupt(format!("booted partition property is {} bytes, expected 4", bytes.len())))?;
     Ok(u32::from_be_bytes(array))
 }
 
 fn corrupt(detail: String) -> BootError {
-    BootError::Corrupt {
-        backend: BACKEND,
-        detail,
-    }
+    BootError::Corrupt { backend: BACKEND, detail }
 }
 
 fn io_error(path: &Path, source: io::Error) -> BootError {
-    BootError::Io {
-        backend: BACKEND,
-        path: path.to_path_buf(),
-        source,
-    }
+    BootError::Io { backend: BACKEND, path: path.to_path_buf(), source }
 }
 
 #[derive(Debug)]
@@ -219,29 +200,17 @@ impl RpiTryboot {
         partitions: Vec<(String, u32)>,
         booted_partition_file: PathBuf,
     ) -> Result<Self, BootError> {
-        let config = |detail: String| BootError::Config {
-            backend: BACKEND,
-            detail,
-        };
+        let config = |detail: String| BootError::Config { backend: BACKEND, detail };
         let [(a, pa), (b, pb)] = partitions.as_slice() else {
-            return Err(config(format!(
-                "tryboot needs exactly two slots, got {}",
-                partitions.len()
-            )));
+            return Err(config(format!("tryboot needs exactly two slots, got {}", partitions.len())));
         };
         if a.is_empty() || b.is_empty() || a == b {
             return Err(config(format!("slot names {a:?} and {b:?}")));
         }
         if pa == pb || *pa == 0 || *pb == 0 {
-            return Err(config(format!(
-                "slots need distinct non-zero boot partitions, got {pa} and {pb}"
-            )));
+            return Err(config(format!("slots need distinct non-zero boot partitions, got {pa} and {pb}")));
         }
-        Ok(Self {
-            autoboot_txt,
-            partitions,
-            booted_partition_file,
-        })
+        Ok(Self { autoboot_txt, partitions, booted_partition_file })
     }
 
     /// Writes a fresh autoboot.txt for provisioning and tests.
@@ -253,12 +222,9 @@ impl RpiTryboot {
         let bytes = fsutil::read_prefix(&self.autoboot_txt, MAX_AUTOBOOT_BYTES + 1)
             .map_err(|e| io_error(&self.autoboot_txt, e))?;
         if bytes.len() > MAX_AUTOBOOT_BYTES {
-            return Err(corrupt(format!(
-                "autoboot.txt is larger than {MAX_AUTOBOOT_BYTES} bytes"
-            )));
+            return Err(corrupt(format!("autoboot.txt is larger than {MAX_AUTOBOOT_BYTES} bytes")));
         }
-        let text =
-            String::from_utf8(bytes).map_err(|_| corrupt("autoboot.txt is not UTF-8".into()))?;
+        let text = String::from_utf8(bytes).map_err(|_| corrupt("autoboot.txt is not UTF-8".into()))?;
         Autoboot::parse(&text)
     }
 
@@ -276,33 +242,21 @@ impl RpiTryboot {
             .iter()
             .find(|(name, _)| name == slot)
             .map(|(_, partition)| *partition)
-            .ok_or_else(|| BootError::UnknownSlot {
-                backend: BACKEND,
-                slot: slot.to_string(),
-            })
+            .ok_or_else(|| BootError::UnknownSlot { backend: BACKEND, slot: slot.to_string() })
     }
 
     fn slot_of(&self, partition: u32) -> Option<&str> {
-        self.partitions
-            .iter()
-            .find(|(_, p)| *p == partition)
-            .map(|(name, _)| name.as_str())
+        self.partitions.iter().find(|(_, p)| *p == partition).map(|(name, _)| name.as_str())
     }
 
     /// The partition of the slot that is not `slot`.
     fn other_partition(&self, slot: &str) -> u32 {
-        self.partitions
-            .iter()
-            .find(|(name, _)| name != slot)
-            .map_or(0, |(_, partition)| *partition)
+        self.partitions.iter().find(|(name, _)| name != slot).map_or(0, |(_, partition)| *partition)
     }
 
     /// Read, change, and store in one atomic write; no write if nothing
     /// changed (spares the FAT).
-    fn update(
-        &self,
-        change: impl FnOnce(&mut Autoboot) -> Result<(), BootError>,
-    ) -> Result<(), BootError> {
+    fn update(&self, change: impl FnOnce(&mut Autoboot) -> Result<(), BootError>) -> Result<(), BootError> {
         let before = self.read()?;
         let mut after = before.clone();
         change(&mut after)?;
@@ -479,10 +433,7 @@ mod tests {
         assert_eq!(decode_partition_property(&[0, 0, 0, 3]).unwrap(), 3);
         assert_eq!(decode_partition_property(&[0, 0, 1, 0]).unwrap(), 256);
         for bad in [&[][..], &[3], &[0, 0, 0, 0, 3]] {
-            assert_eq!(
-                decode_partition_property(bad).unwrap_err().name(),
-                "boot-env-corrupt"
-            );
+            assert_eq!(decode_partition_property(bad).unwrap_err().name(), "boot-env-corrupt");
         }
     }
 
@@ -490,11 +441,7 @@ mod tests {
     fn new_validates_the_slot_mapping() {
         let p = || PathBuf::from("/nonexistent");
         let new = |parts: Vec<(&str, u32)>| {
-            RpiTryboot::new(
-                p(),
-                parts.into_iter().map(|(s, n)| (s.to_string(), n)).collect(),
-                p(),
-            )
+            RpiTryboot::new(p(), parts.into_iter().map(|(s, n)| (s.to_string(), n)).collect(), p())
         };
         assert!(new(vec![("A", 2), ("B", 3)]).is_ok());
         for bad in [

@@ -52,12 +52,8 @@ pub fn power_on(
         let text = std::fs::read_to_string(autoboot_txt).expect("read autoboot.txt");
         let partition = selected_partition(&text, tryboot)?;
         tryboot = false;
-        std::fs::write(booted_partition_file, partition.to_be_bytes())
-            .expect("write booted partition");
-        let slot = partitions
-            .iter()
-            .find(|(_, p)| *p == partition)
-            .map(|(name, _)| name.as_str());
+        std::fs::write(booted_partition_file, partition.to_be_bytes()).expect("write booted partition");
+        let slot = partitions.iter().find(|(_, p)| *p == partition).map(|(name, _)| name.as_str());
         // A partition no slot owns holds nothing bootable.
         if let Some(slot) = slot {
             if boots_ok(slot) {
