@@ -376,8 +376,8 @@ pub fn parse_fw_env_config(text: &str) -> Result<FwEnvConfig, BootError> {
 fn parse_c_integer(text: &str) -> Option<u64> {
     if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
         parse_digits(hex, 16)
-    } else if text.len() > 1 && text.starts_with('0') {
-        parse_digits(&text[1..], 8)
+    } else if let Some(octal) = text.strip_prefix('0').filter(|rest| !rest.is_empty()) {
+        parse_digits(octal, 8)
     } else {
         parse_digits(text, 10)
     }
@@ -1065,6 +1065,15 @@ mod tests {
         // Sizes: always hex.
         assert_eq!(copy("/f 0 100").env_size, 0x100);
         assert_eq!(copy("/f 0 2000 1000 2").sector_size, Some(0x1000));
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let text = include_str!("../../packaging/boot/uboot/fw_env.config.example");
+        let config = parse_fw_env_config(text).unwrap();
+        assert!(config.redundant());
+        assert_eq!(config.env_size(), 0x4000);
+        assert_eq!(config.copies[1].offset, 0x3F_C000);
     }
 
     #[test]
