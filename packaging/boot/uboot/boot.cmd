@@ -1,0 +1,77 @@
+# fleetd A/B boot script for U-Boot (hush shell).
+#
+# The counting half of fleetd's boot chooser, on RAUC's variables:
+#   BOOT_ORDER       slots to try, first to last ("A B")
+#   BOOT_A_LEFT      attempts left for slot A (BOOT_B_LEFT for B)
+# Each boot spends one attempt of the first slot in BOOT_ORDER that has any;
+# fleetd restores the attempts when the slot proves healthy (mark-good) or
+# removes the slot from BOOT_ORDER when it gives up on it (mark-bad).
+#
+# Build: mkimage -A arm -T script -C none -d boot.cmd boot.scr
+# Needs: CONFIG_HUSH_PARSER, CONFIG_CMD_SETEXPR, a writable environment.
+#
+# tests/common/bootsim_uboot.rs mirrors this script step by step; change
+# both together. The defaults below (slots A and B, 3 attempts) must match
+# fleetd.toml ([slots.A], [slots.B], boot.attempts).
+
+# --- Board specifics: adapt. Hush locals (name=value) are never saved. ---
+slot_A_root=/dev/mmcblk0p2
+slot_A_dev="mmc 0:2"
+slot_B_root=/dev/mmcblk0p3
+slot_B_dev="mmc 0:3"
+
+# --- Missing variables take the defaults (fleetd reads them the same way). ---
+test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
+test -n "${BOOT_A_LEFT}" || setenv BOOT_A_LEFT 3
+test -n "${BOOT_B_LEFT}" || setenv BOOT_B_LEFT 3
+
+# --- Choose: the first slot in BOOT_ORDER with attempts left spends one. ---
+# setexpr works in hex; attempts stay single digits, so hex and decimal agree.
+fleetd_slot=
+for BOOT_SLOT in "${BOOT_ORDER}"; do
+  if test -n "${fleetd_slot}"; then
+    # a slot is chosen; skip the rest
+  elif test "x${BOOT_SLOT}" = "xA"; then
+    if test ${BOOT_A_LEFT} -gt 0; then
+      setexpr BOOT_A_LEFT ${BOOT_A_LEFT} - 1
+      echo "fleetd: booting slot A, ${BOOT_A_LEFT} attempts left after this one"
+      fleetd_slot=A
+      fleetd_root=${slot_A_root}
+      fleetd_dev=${slot_A_dev}
+    fi
+  elif test "x${BOOT_SLOT}" = "xB"; then
+    if test ${BOOT_B_LEFT} -gt 0; then
+      setexpr BOOT_B_LEFT ${BOOT_B_LEFT} - 1
+      echo "fleetd: booting slot B, ${BOOT_B_LEFT} attempts left after this one"
+      fleetd_slot=B
+      fleetd_root=${slot_B_root}
+      fleetd_dev=${slot_B_dev}
+    fi
+  fi
+done
+
+# --- Nothing bootable: give every slot its attempts back and start over. ---
+# Unlike RAUC's example this also restores BOOT_ORDER: with every slot
+# exhausted, trying the one fleetd gave up on beats looping on the others.
+if test -z "${fleetd_slot}"; then
+  echo "fleetd: no slot has attempts left; restoring defaults and resetting"
+  setenv BOOT_ORDER "A B"
+  setenv BOOT_A_LEFT 3
+  setenv BOOT_B_LEFT 3
+  saveenv
+  reset
+fi
+
+# Save the spent attempt before loading anything: a crash from here on
+# counts against the slot. bootargs is set after saveenv so it is not saved.
+saveenv
+setenv bootargs "${bootargs} root=${fleetd_root} rootwait rauc.slot=${fleetd_slot} fleetd.slot=${fleetd_slot}"
+
+# --- Load and boot: adapt to the board (kernel name, FIT image, fdt). ---
+load ${fleetd_dev} ${kernel_addr_r} /boot/Image
+load ${fleetd_dev} ${fdt_addr_r} /boot/${fdtfile}
+booti ${kernel_addr_r} - ${fdt_addr_r}
+
+# Reached only if booting failed; the attempt stays spent.
+echo "fleetd: booting slot ${fleetd_slot} failed; resetting"
+reset
