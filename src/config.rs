@@ -369,8 +369,10 @@ impl Config {
                 format!("{:?} is neither \"auto\" nor a slot name", self.boot.booted_slot),
             ));
         }
-        if !(1..=10).contains(&self.boot.attempts) {
-            return Err(self.invalid("boot.attempts", "must be between 1 and 10"));
+        // The shipped U-Boot script counts with setexpr (hex) and compares with
+        // test (decimal): both agree only on single digits.
+        if !(1..=9).contains(&self.boot.attempts) {
+            return Err(self.invalid("boot.attempts", "must be between 1 and 9"));
         }
         let needed = match self.boot.backend {
             BootBackend::Grub => self.boot.grubenv.as_ref().map(|_| ()).ok_or("boot.grubenv"),

@@ -24,12 +24,9 @@ const ATTEMPTS: u32 = 3;
 
 /// Whether the tools are here; under CI their absence fails the test.
 fn tools_available() -> bool {
-    let found = ["fw_printenv", "fw_setenv"].iter().all(|tool| {
-        Command::new(tool)
-            .arg("-V")
-            .output()
-            .is_ok_and(|out| out.status.success())
-    });
+    let found = ["fw_printenv", "fw_setenv"]
+        .iter()
+        .all(|tool| Command::new(tool).arg("-V").output().is_ok_and(|out| out.status.success()));
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -71,12 +68,7 @@ impl Board {
         };
         fs::write(&env, vec![0u8; copies * SIZE]).unwrap();
         fs::write(&config, text).unwrap();
-        Self {
-            _dir: dir,
-            config,
-            env,
-            layout,
-        }
+        Self { _dir: dir, config, env, layout }
     }
 
     fn uboot(&self) -> UbootEnv {
@@ -119,18 +111,8 @@ impl Board {
     #[track_caller]
     fn assert_env(&self, expected: &[(&str, &str)], context: &str) {
         let expected = map(expected);
-        assert_eq!(
-            self.printenv(),
-            expected,
-            "{:?} fw_printenv, {context}",
-            self.layout
-        );
-        assert_eq!(
-            self.fleetd_vars(),
-            expected,
-            "{:?} fleetd, {context}",
-            self.layout
-        );
+        assert_eq!(self.printenv(), expected, "{:?} fw_printenv, {context}", self.layout);
+        assert_eq!(self.fleetd_vars(), expected, "{:?} fleetd, {context}", self.layout);
     }
 }
 
@@ -145,44 +127,24 @@ fn fw_setenv(config: &Path, extra_args: &[&str], vars: &[(&str, &str)]) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "fw_setenv: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "fw_setenv: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
 }
 
 fn strings(vars: &Vars) -> BTreeMap<String, String> {
     vars.iter()
-        .map(|(n, v)| {
-            (
-                String::from_utf8_lossy(n).into_owned(),
-                String::from_utf8_lossy(v).into_owned(),
-            )
-        })
+        .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), String::from_utf8_lossy(v).into_owned()))
         .collect()
 }
 
 /// Variables a board's environment holds besides the chooser's.
-const BOARD_VARS: [(&str, &str); 3] = [
-    ("bootcmd", "run distro_bootcmd; echo x=y"),
-    ("bootdelay", "2"),
-    ("ethaddr", "02:00:00:00:00:01"),
-];
+const BOARD_VARS: [(&str, &str); 3] =
+    [("bootcmd", "run distro_bootcmd; echo x=y"), ("bootdelay", "2"), ("ethaddr", "02:00:00:00:00:01")];
 
 fn with_board_vars(chooser: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     BOARD_VARS.iter().chain(chooser).copied().collect()
@@ -195,21 +157,13 @@ fn fw_printenv_reads_what_fleetd_writes() {
     }
     for layout in LAYOUTS {
         let board = Board::new(layout);
-        let start = with_board_vars(&[
-            ("BOOT_ORDER", "A B"),
-            ("BOOT_A_LEFT", "3"),
-            ("BOOT_B_LEFT", "3"),
-        ]);
+        let start = with_board_vars(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]);
         board.initialize(&start);
         board.assert_env(&start, "after initialize");
         let mut env = board.uboot();
         env.set_primary_for_trial("B").unwrap();
         board.assert_env(
-            &with_board_vars(&[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "3"),
-            ]),
+            &with_board_vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]),
             "after set_primary_for_trial(B)",
         );
         // Several rounds, so the redundant counter advances.
@@ -217,20 +171,12 @@ fn fw_printenv_reads_what_fleetd_writes() {
             env.mark_bad("B").unwrap();
             env.mark_good("B").unwrap();
             board.assert_env(
-                &with_board_vars(&[
-                    ("BOOT_ORDER", "A B"),
-                    ("BOOT_A_LEFT", "3"),
-                    ("BOOT_B_LEFT", "3"),
-                ]),
+                &with_board_vars(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]),
                 &format!("round {round}"),
             );
         }
         if layout == Layout::Redundant {
-            assert_eq!(
-                board.flags(),
-                (9, 10),
-                "initialize wrote 1 and 0; nine writes since"
-            );
+            assert_eq!(board.flags(), (9, 10), "initialize wrote 1 and 0; nine writes since");
         }
     }
 }
@@ -246,17 +192,9 @@ fn fleetd_reads_what_fw_setenv_writes() {
         let defaults = board.config.with_file_name("defaults.env");
         fs::write(&defaults, "bootdelay=2\nBOOT_ORDER=A B\n").unwrap();
         let defaults_arg = defaults.to_str().unwrap();
-        fw_setenv(
-            &board.config,
-            &["-f", defaults_arg],
-            &[("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
-        );
-        let mut expected = map(&[
-            ("bootdelay", "2"),
-            ("BOOT_ORDER", "A B"),
-            ("BOOT_A_LEFT", "3"),
-            ("BOOT_B_LEFT", "3"),
-        ]);
+        fw_setenv(&board.config, &["-f", defaults_arg], &[("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]);
+        let mut expected =
+            map(&[("bootdelay", "2"), ("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]);
         assert_eq!(board.fleetd_vars(), expected, "{layout:?}");
 
         // Several tool rounds; each time fleetd reads the latest.
@@ -308,11 +246,7 @@ fn a_torn_newest_copy_falls_back_to_the_older_one_in_both_readers() {
     let mut env = board.uboot();
     env.set_primary_for_trial("B").unwrap();
     assert_eq!(board.flags(), (1, 2));
-    let newer = with_board_vars(&[
-        ("BOOT_ORDER", "B A"),
-        ("BOOT_A_LEFT", "3"),
-        ("BOOT_B_LEFT", "3"),
-    ]);
+    let newer = with_board_vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]);
     board.assert_env(&newer, "after fleetd rewrote the torn copy");
 
     // And the other way round: fleetd's newest copy torn.
@@ -327,15 +261,8 @@ fn a_torn_newest_copy_falls_back_to_the_older_one_in_both_readers() {
     assert_eq!(env.primary().unwrap_err().name(), "boot-env-corrupt");
     assert_eq!(env.mark_good("A").unwrap_err().name(), "boot-env-corrupt");
     assert_eq!(fs::read(&board.env).unwrap(), before, "nothing written");
-    let out = Command::new("fw_printenv")
-        .arg("-c")
-        .arg(&board.config)
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "fw_printenv also finds no valid copy"
-    );
+    let out = Command::new("fw_printenv").arg("-c").arg(&board.config).output().unwrap();
+    assert!(!out.status.success(), "fw_printenv also finds no valid copy");
 }
 
 #[test]
@@ -369,16 +296,11 @@ fn the_flags_counter_wraps_the_same_way_in_both() {
     fs::write(&board.env, bytes).unwrap();
     board.uboot().mark_good("A").unwrap();
     assert_eq!(board.flags(), (1, 0));
-    board.assert_env(
-        &[("n", "copy1"), ("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3")],
-        "after fleetd's write",
-    );
+    board.assert_env(&[("n", "copy1"), ("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3")], "after fleetd's write");
     board.setenv(&[("n", "tool")]);
     assert_eq!(board.flags(), (1, 2));
-    board.assert_env(
-        &[("n", "tool"), ("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3")],
-        "after fw_setenv's write",
-    );
+    board
+        .assert_env(&[("n", "tool"), ("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3")], "after fw_setenv's write");
 }
 
 /// RAUC's test/bootchooser.c style: each operation from a known environment
@@ -394,31 +316,15 @@ fn every_operation_from_and_to_an_exact_environment() {
     let cases: [(&str, Env, Op, Env); 9] = [
         (
             "trial B from A B",
-            &[
-                ("BOOT_ORDER", "A B"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
             |e| e.set_primary_for_trial("B"),
-            &[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
         ),
         (
             "trial B after it was marked bad",
-            &[
-                ("BOOT_ORDER", "A"),
-                ("BOOT_A_LEFT", "2"),
-                ("BOOT_B_LEFT", "0"),
-            ],
+            &[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "0")],
             |e| e.set_primary_for_trial("B"),
-            &[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "2"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "3")],
         ),
         (
             "trial A on an unprovisioned environment",
@@ -428,81 +334,37 @@ fn every_operation_from_and_to_an_exact_environment() {
         ),
         (
             "good B after a trial boot",
-            &[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "2"),
-            ],
+            &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "2")],
             |e| e.mark_good("B"),
-            &[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
         ),
         (
             "good A keeps its place behind B",
-            &[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "1"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "1"), ("BOOT_B_LEFT", "3")],
             |e| e.mark_good("A"),
-            &[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
         ),
         (
             "good B re-enters the order at the end",
-            &[
-                ("BOOT_ORDER", "A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "0"),
-            ],
+            &[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")],
             |e| e.mark_good("B"),
-            &[
-                ("BOOT_ORDER", "A B"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
         ),
         (
             "bad B",
-            &[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "1"),
-            ],
+            &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "1")],
             |e| e.mark_bad("B"),
-            &[
-                ("BOOT_ORDER", "A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "0"),
-            ],
+            &[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")],
         ),
         (
             "bad A, keeping an unknown word",
-            &[
-                ("BOOT_ORDER", "A R B"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "A R B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
             |e| e.mark_bad("A"),
-            &[
-                ("BOOT_ORDER", "R B"),
-                ("BOOT_A_LEFT", "0"),
-                ("BOOT_B_LEFT", "3"),
-            ],
+            &[("BOOT_ORDER", "R B"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "3")],
         ),
         (
             "bad on the last slot in the order removes BOOT_ORDER",
-            &[
-                ("BOOT_ORDER", "A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "0"),
-            ],
+            &[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")],
             |e| e.mark_bad("A"),
             &[("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "0")],
         ),
@@ -550,11 +412,7 @@ fn a_trial_that_keeps_crashing_rolls_back_under_the_boot_script() {
         assert_eq!(booted.as_deref(), Some("A"), "{layout:?}");
         assert_eq!(crashes.get(), ATTEMPTS, "every attempt spent on B");
         board.assert_env(
-            &with_board_vars(&[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "2"),
-                ("BOOT_B_LEFT", "0"),
-            ]),
+            &with_board_vars(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "0")]),
             "after the rollback boot",
         );
         assert_eq!(env.primary().unwrap().as_deref(), Some("A"));
@@ -563,11 +421,7 @@ fn a_trial_that_keeps_crashing_rolls_back_under_the_boot_script() {
         env.mark_bad("B").unwrap();
         env.mark_good("A").unwrap();
         board.assert_env(
-            &with_board_vars(&[
-                ("BOOT_ORDER", "A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "0"),
-            ]),
+            &with_board_vars(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")]),
             "after fleetd's rollback",
         );
     }
@@ -579,11 +433,7 @@ fn a_healthy_trial_is_committed_and_stays() {
         return;
     }
     let board = Board::new(Layout::Redundant);
-    board.initialize(&[
-        ("BOOT_ORDER", "A B"),
-        ("BOOT_A_LEFT", "3"),
-        ("BOOT_B_LEFT", "3"),
-    ]);
+    board.initialize(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]);
     let mut env = board.uboot();
     env.set_primary_for_trial("B").unwrap();
     assert_eq!(power_on(&board.config, &|_| true).as_deref(), Some("B"));
@@ -594,11 +444,7 @@ fn a_healthy_trial_is_committed_and_stays() {
         env.mark_good("B").unwrap();
     }
     board.assert_env(
-        &[
-            ("BOOT_ORDER", "B A"),
-            ("BOOT_A_LEFT", "3"),
-            ("BOOT_B_LEFT", "3"),
-        ],
+        &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
         "after six confirmed boots of B",
     );
 }
@@ -615,11 +461,7 @@ fn the_boot_script_fills_in_defaults_and_resets_when_nothing_boots() {
     assert_eq!(env.primary().unwrap().as_deref(), Some("A"));
     assert_eq!(power_on(&board.config, &|_| true).as_deref(), Some("A"));
     board.assert_env(
-        &with_board_vars(&[
-            ("BOOT_ORDER", "A B"),
-            ("BOOT_A_LEFT", "2"),
-            ("BOOT_B_LEFT", "3"),
-        ]),
+        &with_board_vars(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "3")]),
         "after the first boot",
     );
 
@@ -633,11 +475,7 @@ fn the_boot_script_fills_in_defaults_and_resets_when_nothing_boots() {
     assert_eq!(booted, None);
     assert_eq!(tries.into_inner(), ["A", "A", "B", "B", "B"]);
     board.assert_env(
-        &with_board_vars(&[
-            ("BOOT_ORDER", "A B"),
-            ("BOOT_A_LEFT", "3"),
-            ("BOOT_B_LEFT", "3"),
-        ]),
+        &with_board_vars(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]),
         "after the reset branch",
     );
 }

@@ -26,7 +26,12 @@ fn install_ok(g: &Gateway, msg: &std::path::Path) {
     assert!(out.status.success(), "install: {}{}", stdout(&out), stderr(&out));
     let st = g.status();
     assert_eq!(st["state"], "reboot-pending", "{st}");
-    assert_eq!(st["primary_slot"], "B", "{st}");
+    let expected_reboot_arg = if g.bootloader == Bootloader::Tryboot { "0 tryboot" } else { "" };
+    assert_eq!(g.reboot_requested().as_deref(), Some(expected_reboot_arg), "fleetd asked for the reboot");
+    if g.bootloader != Bootloader::Tryboot {
+        // Tryboot's normal boot stays on the committed slot; the trial is one-shot.
+        assert_eq!(st["primary_slot"], "B", "{st}");
+    }
 }
 
 fn committed_cycle(bootloader: Bootloader) {
@@ -79,6 +84,13 @@ fn never_boots_falls_back(bootloader: Bootloader) {
     assert!(st["last_error"].as_str().unwrap().starts_with("rolled-back"), "{st}");
     assert_eq!(st["slots"]["B"]["state"], "bad");
     assert_eq!(st["primary_slot"], "A", "{st} {:?} {}", g.boot_env(), stderr(&out));
+    if g.bootloader == Bootloader::Uboot {
+        // U-Boot spent all its tries on B before falling back; fw_printenv agrees.
+        let env = g.boot_env();
+        assert_eq!(env.get("BOOT_B_LEFT").map(String::as_str), Some("0"), "{env:?}");
+        assert_eq!(env.get("BOOT_ORDER").map(String::as_str), Some("A"), "{env:?}");
+        assert_eq!(env.get("bootdelay").map(String::as_str), Some("2"), "other variables kept");
+    }
 }
 
 #[test]
@@ -94,4 +106,34 @@ fn grub_health_failure_rolls_back() {
 #[test]
 fn grub_slot_that_never_boots_falls_back() {
     never_boots_falls_back(Bootloader::Grub);
+}
+
+#[test]
+fn uboot_install_reboot_health_ok_commits() {
+    committed_cycle(Bootloader::Uboot);
+}
+
+#[test]
+fn uboot_health_failure_rolls_back() {
+    health_failure_rolls_back(Bootloader::Uboot);
+}
+
+#[test]
+fn uboot_slot_that_never_boots_falls_back() {
+    never_boots_falls_back(Bootloader::Uboot);
+}
+
+#[test]
+fn tryboot_install_reboot_health_ok_commits() {
+    committed_cycle(Bootloader::Tryboot);
+}
+
+#[test]
+fn tryboot_health_failure_rolls_back() {
+    health_failure_rolls_back(Bootloader::Tryboot);
+}
+
+#[test]
+fn tryboot_slot_that_never_boots_falls_back() {
+    never_boots_falls_back(Bootloader::Tryboot);
 }

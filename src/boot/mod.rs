@@ -113,7 +113,8 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
     };
     Ok(match boot.backend {
         BootBackend::Uboot => {
-            return Err(BootError::Config { backend: "uboot", detail: "MERGE-PENDING".into() });
+            let env_config = boot.env_config.clone().unwrap_or_else(|| PathBuf::from("/etc/fw_env.config"));
+            Box::new(uboot::UbootEnv::open(&env_config, &slots, boot.attempts)?)
         }
         BootBackend::Grub => {
             let path = boot.grubenv.clone().ok_or_else(|| missing("grub", "grubenv"))?;

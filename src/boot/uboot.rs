@@ -97,11 +97,7 @@ const fn crc_table() -> [u32; 256] {
         let mut crc = i as u32;
         let mut bit = 0;
         while bit < 8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ POLY
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ POLY } else { crc >> 1 };
             bit += 1;
         }
         table[i] = crc;
@@ -169,19 +165,10 @@ pub fn decode_block(block: &[u8], redundant: bool) -> Result<Block, BootError> {
     let stored = u32::from_le_bytes(stored);
     let computed = crc32(data);
     if stored != computed {
-        return Err(corrupt(format!(
-            "CRC mismatch: stored {stored:#010x}, computed {computed:#010x}"
-        )));
+        return Err(corrupt(format!("CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")));
     }
-    let flags = if redundant {
-        block.get(CRC_LEN).copied()
-    } else {
-        None
-    };
-    Ok(Block {
-        flags,
-        vars: parse_vars(data)?,
-    })
+    let flags = if redundant { block.get(CRC_LEN).copied() } else { None };
+    Ok(Block { flags, vars: parse_vars(data)? })
 }
 
 fn too_short(len: usize) -> BootError {
@@ -223,10 +210,7 @@ fn check_var(name: &[u8], value: &[u8]) -> Result<(), BootError> {
     match problem {
         Some(problem) => Err(BootError::Config {
             backend: BACKEND,
-            detail: format!(
-                "cannot store {problem}: {:?}",
-                String::from_utf8_lossy(name)
-            ),
+            detail: format!("cannot store {problem}: {:?}", String::from_utf8_lossy(name)),
         }),
         None => Ok(()),
     }
@@ -251,10 +235,7 @@ pub fn next_flags(current: u8) -> u8 {
 }
 
 fn corrupt(detail: String) -> BootError {
-    BootError::Corrupt {
-        backend: BACKEND,
-        detail,
-    }
+    BootError::Corrupt { backend: BACKEND, detail }
 }
 
 // ---------------------------------------------------------------------------
@@ -312,21 +293,16 @@ pub fn parse_fw_env_config(text: &str) -> Result<FwEnvConfig, BootError> {
             return Err(bad("expected DEVICE OFFSET ENVSIZE".into()));
         };
         if rest.len() > 2 {
-            return Err(bad(
-                "more fields than DEVICE OFFSET ENVSIZE SECTORSIZE NUMSECTORS".into(),
-            ));
+            return Err(bad("more fields than DEVICE OFFSET ENVSIZE SECTORSIZE NUMSECTORS".into()));
         }
         if !device.starts_with('/') {
             // fw_printenv resolves a relative path against its working directory.
             return Err(bad("the device path must be absolute".into()));
         }
         if device.starts_with("/dev/mtd") || device.starts_with("/dev/ubi") {
-            return Err(bad(
-                "MTD and UBI devices need erase handling; use a block device or file".into(),
-            ));
+            return Err(bad("MTD and UBI devices need erase handling; use a block device or file".into()));
         }
-        let offset =
-            parse_c_integer(offset).ok_or_else(|| bad(format!("bad OFFSET {offset:?}")))?;
+        let offset = parse_c_integer(offset).ok_or_else(|| bad(format!("bad OFFSET {offset:?}")))?;
         let env_size = parse_hex(env_size)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| bad(format!("bad ENVSIZE {env_size:?}")))?;
@@ -337,9 +313,7 @@ pub fn parse_fw_env_config(text: &str) -> Result<FwEnvConfig, BootError> {
         }
         let optional = |field: Option<&&str>, what: &str| match field {
             None => Ok(None),
-            Some(text) => parse_hex(text)
-                .map(Some)
-                .ok_or_else(|| bad(format!("bad {what} {text:?}"))),
+            Some(text) => parse_hex(text).map(Some).ok_or_else(|| bad(format!("bad {what} {text:?}"))),
         };
         let sector_size = optional(rest.first(), "SECTORSIZE")?;
         let sectors = optional(rest.get(1), "NUMSECTORS")?;
@@ -355,13 +329,7 @@ pub fn parse_fw_env_config(text: &str) -> Result<FwEnvConfig, BootError> {
                 return Err(bad("the two copies overlap".into()));
             }
         }
-        copies.push(EnvCopy {
-            device: PathBuf::from(device),
-            offset,
-            env_size,
-            sector_size,
-            sectors,
-        });
+        copies.push(EnvCopy { device: PathBuf::from(device), offset, env_size, sector_size, sectors });
     }
     if copies.is_empty() {
         return Err(BootError::Config {
@@ -385,10 +353,7 @@ fn parse_c_integer(text: &str) -> Option<u64> {
 
 /// C's `%x`: hex digits with an optional `0x`.
 fn parse_hex(text: &str) -> Option<u64> {
-    let digits = text
-        .strip_prefix("0x")
-        .or_else(|| text.strip_prefix("0X"))
-        .unwrap_or(text);
+    let digits = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")).unwrap_or(text);
     parse_digits(digits, 16)
 }
 
@@ -426,10 +391,9 @@ impl EnvStorage {
             detail: format!("{}: not UTF-8", env_config.display()),
         })?;
         let config = parse_fw_env_config(&text).map_err(|err| match err {
-            BootError::Config { detail, .. } => BootError::Config {
-                backend: BACKEND,
-                detail: format!("{}: {detail}", env_config.display()),
-            },
+            BootError::Config { detail, .. } => {
+                BootError::Config { backend: BACKEND, detail: format!("{}: {detail}", env_config.display()) }
+            }
             other => other,
         })?;
         Ok(Self { config })
@@ -465,15 +429,8 @@ impl EnvStorage {
             _ => None,
         };
         match chosen {
-            Some((copy, block)) => Ok(Loaded {
-                vars: block.vars,
-                copy,
-                flags: block.flags,
-            }),
-            None => Err(corrupt(format!(
-                "no valid copy of the environment: {}",
-                problems.join("; ")
-            ))),
+            Some((copy, block)) => Ok(Loaded { vars: block.vars, copy, flags: block.flags }),
+            None => Err(corrupt(format!("no valid copy of the environment: {}", problems.join("; ")))),
         }
     }
 
@@ -514,20 +471,14 @@ impl EnvStorage {
                 // The copy is the whole file: replace it, so a power cut leaves
                 // the old or the new environment and never a mix.
                 let target = fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-                return fsutil::atomic_write(&target, &block, mode)
-                    .map_err(|e| io_error(&target, e));
+                return fsutil::atomic_write(&target, &block, mode).map_err(|e| io_error(&target, e));
             }
         }
         // A copy inside a larger file or a block device is written in place.
         // Redundant copies make that safe; a single copy on a block device
         // cannot be atomic (README: use two copies).
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| io_error(path, e))?;
-        file.write_all_at(&block, copy.offset)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io_error(path, e))
+        let file = OpenOptions::new().write(true).open(path).map_err(|e| io_error(path, e))?;
+        file.write_all_at(&block, copy.offset).and_then(|()| file.sync_all()).map_err(|e| io_error(path, e))
     }
 }
 
@@ -560,11 +511,7 @@ fn read_copy(copy: &EnvCopy) -> Result<Option<Vec<u8>>, BootError> {
 }
 
 fn io_error(path: &Path, source: io::Error) -> BootError {
-    BootError::Io {
-        backend: BACKEND,
-        path: path.to_path_buf(),
-        source,
-    }
+    BootError::Io { backend: BACKEND, path: path.to_path_buf(), source }
 }
 
 fn detail_of(err: &BootError) -> String {
@@ -579,10 +526,8 @@ fn detail_of(err: &BootError) -> String {
 /// on its own, because a fresh environment drops the board's variables.
 pub fn initialize(env_config: &Path, vars: &[(&str, &str)]) -> Result<(), BootError> {
     let storage = EnvStorage::open(env_config)?;
-    let vars: Vars = vars
-        .iter()
-        .map(|(name, value)| (name.as_bytes().to_vec(), value.as_bytes().to_vec()))
-        .collect();
+    let vars: Vars =
+        vars.iter().map(|(name, value)| (name.as_bytes().to_vec(), value.as_bytes().to_vec())).collect();
     storage.initialize(&vars)
 }
 
@@ -605,17 +550,11 @@ impl Chooser {
         let words: Vec<Vec<u8>> = vars
             .get(BOOT_ORDER.as_bytes())
             .map(|v| {
-                v.split(|b| *b == b' ' || *b == b'\t')
-                    .filter(|w| !w.is_empty())
-                    .map(<[u8]>::to_vec)
-                    .collect()
+                v.split(|b| *b == b' ' || *b == b'\t').filter(|w| !w.is_empty()).map(<[u8]>::to_vec).collect()
             })
             .unwrap_or_default();
-        let order = if words.is_empty() {
-            slots.iter().map(|s| s.as_bytes().to_vec()).collect()
-        } else {
-            words
-        };
+        let order =
+            if words.is_empty() { slots.iter().map(|s| s.as_bytes().to_vec()).collect() } else { words };
         Self { order }
     }
 
@@ -624,11 +563,7 @@ impl Chooser {
     }
 
     fn without(&self, slot: &str) -> Vec<Vec<u8>> {
-        self.order
-            .iter()
-            .filter(|w| *w != slot.as_bytes())
-            .cloned()
-            .collect()
+        self.order.iter().filter(|w| *w != slot.as_bytes()).cloned().collect()
     }
 }
 
@@ -645,9 +580,7 @@ fn attempts_left(vars: &Vars, slot: &str, default: u32) -> u32 {
         Some(value) => value
             .iter()
             .take_while(|b| b.is_ascii_digit())
-            .fold(0u32, |n, b| {
-                n.saturating_mul(10).saturating_add(u32::from(b - b'0'))
-            }),
+            .fold(0u32, |n, b| n.saturating_mul(10).saturating_add(u32::from(b - b'0'))),
     }
 }
 
@@ -673,10 +606,7 @@ impl UbootEnv {
     /// Reads `env_config` (fw_env.config syntax) and checks the slot names
     /// and attempts; the environment itself is read on each call.
     pub fn open(env_config: &Path, slots: &[String], attempts: u32) -> Result<Self, BootError> {
-        let config_error = |detail: String| BootError::Config {
-            backend: BACKEND,
-            detail,
-        };
+        let config_error = |detail: String| BootError::Config { backend: BACKEND, detail };
         if !(1..=MAX_ATTEMPTS).contains(&attempts) {
             return Err(config_error(format!(
                 "attempts {attempts}: U-Boot counts with setexpr in hex and compares in decimal; \
@@ -688,22 +618,15 @@ impl UbootEnv {
         }
         for (i, slot) in slots.iter().enumerate() {
             // The name becomes part of a variable name and a BOOT_ORDER word.
-            let valid =
-                !slot.is_empty() && slot.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            let valid = !slot.is_empty() && slot.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !valid {
-                return Err(config_error(format!(
-                    "slot name {slot:?}: use letters, digits and '_'"
-                )));
+                return Err(config_error(format!("slot name {slot:?}: use letters, digits and '_'")));
             }
             if slots[..i].contains(slot) {
                 return Err(config_error(format!("slot {slot:?} is listed twice")));
             }
         }
-        Ok(Self {
-            storage: EnvStorage::open(env_config)?,
-            slots: slots.to_vec(),
-            attempts,
-        })
+        Ok(Self { storage: EnvStorage::open(env_config)?, slots: slots.to_vec(), attempts })
     }
 
     /// Every variable of the current environment.
@@ -715,10 +638,7 @@ impl UbootEnv {
         if self.slots.iter().any(|s| s == slot) {
             Ok(())
         } else {
-            Err(BootError::UnknownSlot {
-                backend: BACKEND,
-                slot: slot.to_string(),
-            })
+            Err(BootError::UnknownSlot { backend: BACKEND, slot: slot.to_string() })
         }
     }
 
@@ -818,10 +738,7 @@ mod tests {
     const SIZE: usize = 0x100;
 
     fn vars(pairs: &[(&str, &str)]) -> Vars {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect()
+        pairs.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()
     }
 
     /// A copy around arbitrary `data`, with a correct CRC.
@@ -904,22 +821,13 @@ mod tests {
 
     #[test]
     fn codec_round_trips_any_bytes_in_values() {
-        let mut original = vars(&[
-            ("bootcmd", "run distro_bootcmd; echo a=b"),
-            ("BOOT_ORDER", "A B"),
-            ("empty", ""),
-        ]);
+        let mut original =
+            vars(&[("bootcmd", "run distro_bootcmd; echo a=b"), ("BOOT_ORDER", "A B"), ("empty", "")]);
         original.insert(b"binary".to_vec(), vec![0xff, 0x01, b'=', 0x80]);
         for flags in [None, Some(0), Some(0xff)] {
             let block = encode_block(&original, SIZE, flags).unwrap();
             let decoded = decode_block(&block, flags.is_some()).unwrap();
-            assert_eq!(
-                decoded,
-                Block {
-                    flags,
-                    vars: original.clone()
-                }
-            );
+            assert_eq!(decoded, Block { flags, vars: original.clone() });
         }
         let empty = encode_block(&Vars::new(), SIZE, None).unwrap();
         assert_eq!(decode_block(&empty, false).unwrap().vars, Vars::new());
@@ -945,10 +853,7 @@ mod tests {
     fn decode_accepts_a_list_that_ends_at_the_end_of_the_copy() {
         let data = b"a=1\0bb=22\0";
         let block = raw_block(data, 4 + data.len(), None);
-        assert_eq!(
-            decode_block(&block, false).unwrap().vars,
-            vars(&[("a", "1"), ("bb", "22")])
-        );
+        assert_eq!(decode_block(&block, false).unwrap().vars, vars(&[("a", "1"), ("bb", "22")]));
     }
 
     #[test]
@@ -959,10 +864,7 @@ mod tests {
         for short in [&[][..], &[1, 2, 3], &[1, 2, 3, 4]] {
             assert!(decode_block(short, true).is_err());
         }
-        assert!(
-            decode_block(&[0, 0, 0, 0], false).is_err(),
-            "CRC of nothing is 0"
-        );
+        assert!(decode_block(&[0, 0, 0, 0], false).is_err(), "CRC of nothing is 0");
     }
 
     #[test]
@@ -1018,11 +920,7 @@ mod tests {
             (0xff, 1, 0),
             (0x80, 0, 0),
         ] {
-            assert_eq!(
-                current_copy(flags0, flags1),
-                current,
-                "{flags0:#x} {flags1:#x}"
-            );
+            assert_eq!(current_copy(flags0, flags1), current, "{flags0:#x} {flags1:#x}");
         }
         assert_eq!(next_flags(0), 1);
         assert_eq!(next_flags(0xff), 0);
@@ -1097,10 +995,7 @@ mod tests {
             let err = parse_fw_env_config(text).unwrap_err();
             let message = err.to_string();
             assert_eq!(err.name(), "boot-config");
-            assert!(
-                message.contains(&format!("line {line}:")),
-                "{text:?}: {message}"
-            );
+            assert!(message.contains(&format!("line {line}:")), "{text:?}: {message}");
             assert!(message.contains(why), "{text:?}: {message}");
         }
         assert!(parse_fw_env_config("# nothing\n\n").is_err());
@@ -1131,18 +1026,14 @@ mod tests {
         let storage = fx.storage();
         storage.initialize(&vars(&[("n", "old")])).unwrap();
         let loaded = storage.load().unwrap();
-        storage
-            .store_after(&loaded, &vars(&[("n", "new")]))
-            .unwrap();
+        storage.store_after(&loaded, &vars(&[("n", "new")])).unwrap();
         assert_eq!(fx.flags(), (1, 2));
         fx.flip_byte(SIZE + 5); // copy 1, the newest: a torn write
         let loaded = storage.load().unwrap();
         assert_eq!((loaded.copy, loaded.flags), (0, Some(1)));
         assert_eq!(loaded.vars, vars(&[("n", "old")]));
         // The next write replaces the broken copy, newer than the survivor.
-        storage
-            .store_after(&loaded, &vars(&[("n", "again")]))
-            .unwrap();
+        storage.store_after(&loaded, &vars(&[("n", "again")])).unwrap();
         assert_eq!(fx.flags(), (1, 2));
         assert_eq!(storage.load().unwrap().vars, vars(&[("n", "again")]));
     }
@@ -1155,13 +1046,8 @@ mod tests {
         fs::write(&fx.env, bytes).unwrap();
         let storage = fx.storage();
         let loaded = storage.load().unwrap();
-        assert_eq!(
-            (loaded.copy, loaded.vars.clone()),
-            (1, vars(&[("n", "zero")]))
-        );
-        storage
-            .store_after(&loaded, &vars(&[("n", "one")]))
-            .unwrap();
+        assert_eq!((loaded.copy, loaded.vars.clone()), (1, vars(&[("n", "zero")])));
+        storage.store_after(&loaded, &vars(&[("n", "one")])).unwrap();
         assert_eq!(fx.flags(), (1, 0));
         assert_eq!(storage.load().unwrap().vars, vars(&[("n", "one")]));
     }
@@ -1172,10 +1058,7 @@ mod tests {
         let err = fx.storage().load().unwrap_err();
         let message = err.to_string();
         assert_eq!(err.name(), "boot-env-corrupt");
-        assert!(
-            message.contains("copy 0") && message.contains("copy 1"),
-            "{message}"
-        );
+        assert!(message.contains("copy 0") && message.contains("copy 1"), "{message}");
         // A file too short for the second copy: that copy is invalid, not an error.
         fs::write(&fx.env, raw_block(b"a=1\0\0", SIZE, Some(4))).unwrap();
         let loaded = fx.storage().load().unwrap();
@@ -1213,11 +1096,7 @@ mod tests {
         let after = fs::metadata(&fx.env).unwrap();
         assert_eq!(before.ino(), after.ino());
         let bytes = fs::read(&fx.env).unwrap();
-        assert_eq!(
-            &bytes[..0x40],
-            &[0xaa; 0x40][..],
-            "before the copy untouched"
-        );
+        assert_eq!(&bytes[..0x40], &[0xaa; 0x40][..], "before the copy untouched");
         assert_eq!(&bytes[0x40 + SIZE..], &[0xaa; 0x10][..], "after it too");
         assert_eq!(storage.load().unwrap().vars, vars(&[("a", "2")]));
     }
@@ -1257,78 +1136,43 @@ mod tests {
         let fx = Fixture::new(false);
         let env = fx.uboot();
         // (environment, primary, state of A, state of B)
-        type Case<'a> = (
-            &'a [(&'a str, &'a str)],
-            Option<&'a str>,
-            SlotState,
-            SlotState,
-        );
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>, SlotState, SlotState);
         let cases: &[Case] = &[
             (
-                &[
-                    ("BOOT_ORDER", "A B"),
-                    ("BOOT_A_LEFT", "3"),
-                    ("BOOT_B_LEFT", "3"),
-                ],
+                &[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
                 Some("A"),
                 SlotState::Good,
                 SlotState::Good,
             ),
             (
-                &[
-                    ("BOOT_ORDER", "B A"),
-                    ("BOOT_A_LEFT", "3"),
-                    ("BOOT_B_LEFT", "2"),
-                ],
+                &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "2")],
                 Some("B"),
                 SlotState::Good,
                 SlotState::Trying,
             ),
             (
-                &[
-                    ("BOOT_ORDER", "B A"),
-                    ("BOOT_A_LEFT", "3"),
-                    ("BOOT_B_LEFT", "0"),
-                ],
+                &[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")],
                 Some("A"),
                 SlotState::Good,
                 SlotState::Bad,
             ),
             (
-                &[
-                    ("BOOT_ORDER", "B"),
-                    ("BOOT_A_LEFT", "3"),
-                    ("BOOT_B_LEFT", "1"),
-                ],
+                &[("BOOT_ORDER", "B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "1")],
                 Some("B"),
                 SlotState::Bad,
                 SlotState::Trying,
             ),
             (
-                &[
-                    ("BOOT_ORDER", "A B"),
-                    ("BOOT_A_LEFT", "0"),
-                    ("BOOT_B_LEFT", "junk"),
-                ],
+                &[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "junk")],
                 None,
                 SlotState::Bad,
                 SlotState::Bad,
             ),
             // Unknown words are skipped; the missing variables take the
             // script's defaults (BOOT_B_LEFT → attempts).
-            (
-                &[("BOOT_ORDER", "X  B\tA")],
-                Some("B"),
-                SlotState::Good,
-                SlotState::Good,
-            ),
+            (&[("BOOT_ORDER", "X  B\tA")], Some("B"), SlotState::Good, SlotState::Good),
             (&[], Some("A"), SlotState::Good, SlotState::Good),
-            (
-                &[("BOOT_ORDER", " "), ("BOOT_A_LEFT", "0")],
-                Some("B"),
-                SlotState::Bad,
-                SlotState::Good,
-            ),
+            (&[("BOOT_ORDER", " "), ("BOOT_A_LEFT", "0")], Some("B"), SlotState::Bad, SlotState::Good),
         ];
         for (env_vars, primary, a, b) in cases {
             initialize(&fx.config, env_vars).unwrap();
@@ -1353,55 +1197,23 @@ mod tests {
         let start: Vec<(&str, &str)> = base
             .iter()
             .copied()
-            .chain([
-                ("BOOT_ORDER", "A B"),
-                ("BOOT_A_LEFT", "2"),
-                ("BOOT_B_LEFT", "3"),
-            ])
+            .chain([("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "3")])
             .collect();
         initialize(&fx.config, &start).unwrap();
 
         env.set_primary_for_trial("B").unwrap();
-        assert_eq!(
-            env_of(&fx),
-            with(&[
-                ("BOOT_ORDER", "B A"),
-                ("BOOT_A_LEFT", "2"),
-                ("BOOT_B_LEFT", "3")
-            ])
-        );
+        assert_eq!(env_of(&fx), with(&[("BOOT_ORDER", "B A"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "3")]));
         assert_eq!(env.primary().unwrap().as_deref(), Some("B"));
 
         env.mark_bad("B").unwrap();
-        assert_eq!(
-            env_of(&fx),
-            with(&[
-                ("BOOT_ORDER", "A"),
-                ("BOOT_A_LEFT", "2"),
-                ("BOOT_B_LEFT", "0")
-            ])
-        );
+        assert_eq!(env_of(&fx), with(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "0")]));
         assert_eq!(env.primary().unwrap().as_deref(), Some("A"));
 
         env.mark_good("A").unwrap();
-        assert_eq!(
-            env_of(&fx),
-            with(&[
-                ("BOOT_ORDER", "A"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "0")
-            ])
-        );
+        assert_eq!(env_of(&fx), with(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")]));
 
         env.mark_good("B").unwrap();
-        assert_eq!(
-            env_of(&fx),
-            with(&[
-                ("BOOT_ORDER", "A B"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "3")
-            ])
-        );
+        assert_eq!(env_of(&fx), with(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]));
 
         env.mark_bad("A").unwrap();
         env.mark_bad("B").unwrap();
@@ -1415,11 +1227,7 @@ mod tests {
         env.set_primary_for_trial("A").unwrap();
         assert_eq!(
             env_of(&fx),
-            with(&[
-                ("BOOT_ORDER", "A B"),
-                ("BOOT_A_LEFT", "3"),
-                ("BOOT_B_LEFT", "0")
-            ]),
+            with(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")]),
             "the default order, with A first"
         );
         for op in ["trial", "good", "bad"] {
@@ -1453,11 +1261,7 @@ mod tests {
             let before = fs::read(&fx.env).unwrap();
             assert_eq!(env.primary().unwrap_err().name(), "boot-env-corrupt");
             assert_eq!(env.state("A").unwrap_err().name(), "boot-env-corrupt");
-            for result in [
-                env.set_primary_for_trial("A"),
-                env.mark_good("A"),
-                env.mark_bad("B"),
-            ] {
+            for result in [env.set_primary_for_trial("A"), env.mark_good("A"), env.mark_bad("B")] {
                 assert_eq!(result.unwrap_err().name(), "boot-env-corrupt");
             }
             assert_eq!(fs::read(&fx.env).unwrap(), before, "nothing written");

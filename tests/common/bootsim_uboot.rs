@@ -108,11 +108,7 @@ struct Env<'a> {
 
 impl<'a> Env<'a> {
     fn load(config: &'a Path) -> Self {
-        Self {
-            config,
-            vars: printenv(config),
-            changed: BTreeMap::new(),
-        }
+        Self { config, vars: printenv(config), changed: BTreeMap::new() }
     }
 
     fn get(&self, name: &str) -> String {
@@ -127,11 +123,7 @@ impl<'a> Env<'a> {
     /// saveenv: one store of everything, here the changed variables in one
     /// `fw_setenv -s` (itself a single write of the whole environment).
     fn saveenv(&mut self) {
-        let script: String = self
-            .changed
-            .iter()
-            .map(|(name, value)| format!("{name}={value}\n"))
-            .collect();
+        let script: String = self.changed.iter().map(|(name, value)| format!("{name}={value}\n")).collect();
         let mut child = Command::new("fw_setenv")
             .arg("-c")
             .arg(self.config)
@@ -139,12 +131,7 @@ impl<'a> Env<'a> {
             .stdin(Stdio::piped())
             .spawn()
             .expect("spawn fw_setenv");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(script.as_bytes())
-            .expect("write fw_setenv script");
+        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write fw_setenv script");
         let status = child.wait().expect("wait for fw_setenv");
         assert!(status.success(), "fw_setenv -s failed: {status}");
         self.changed.clear();
@@ -153,16 +140,8 @@ impl<'a> Env<'a> {
 
 /// Every variable, as the real `fw_printenv -c` prints it.
 pub fn printenv(env_config: &Path) -> BTreeMap<String, String> {
-    let out = Command::new("fw_printenv")
-        .arg("-c")
-        .arg(env_config)
-        .output()
-        .expect("spawn fw_printenv");
-    assert!(
-        out.status.success(),
-        "fw_printenv failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("fw_printenv").arg("-c").arg(env_config).output().expect("spawn fw_printenv");
+    assert!(out.status.success(), "fw_printenv failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| line.split_once('='))

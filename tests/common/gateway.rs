@@ -8,6 +8,18 @@ use std::process::Output;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bootloader {
     Grub,
+    /// Redundant environment, read and written by the real fw_printenv/fw_setenv.
+    Uboot,
+    /// Raspberry Pi firmware: autoboot.txt and a one-shot tryboot flag.
+    Tryboot,
+}
+
+pub const ENV_SIZE: usize = 0x4000;
+pub const ATTEMPTS: u32 = 3;
+
+/// Slot → boot partition number (tryboot).
+pub fn partitions() -> Vec<(String, u32)> {
+    vec![("A".into(), 2), ("B".into(), 3)]
 }
 
 pub struct Gateway {
@@ -27,6 +39,22 @@ impl Gateway {
                 fleetd::boot::grub::GrubEnv::initialize(&g.grubenv(), &["A".into(), "B".into()])
                     .expect("initialize grubenv")
             }
+            Bootloader::Uboot => {
+                let env = g.path().join("uboot.env");
+                std::fs::write(&env, vec![0u8; 2 * ENV_SIZE]).unwrap();
+                let text =
+                    format!("{e} 0x0 {ENV_SIZE:#x}\n{e} {ENV_SIZE:#x} {ENV_SIZE:#x}\n", e = env.display());
+                std::fs::write(g.fw_env_config(), text).unwrap();
+                fleetd::boot::uboot::initialize(
+                    &g.fw_env_config(),
+                    &[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3"), ("bootdelay", "2")],
+                )
+                .expect("initialize U-Boot env");
+            }
+            Bootloader::Tryboot => {
+                fleetd::boot::tryboot::RpiTryboot::initialize(&g.autoboot_txt(), 2, 3).expect("autoboot.txt");
+                std::fs::write(g.path().join("dt-partition"), 2u32.to_be_bytes()).unwrap();
+            }
         }
         g.set_health(true);
         g.write_boot_id();
@@ -40,6 +68,18 @@ impl Gateway {
 
     pub fn grubenv(&self) -> PathBuf {
         self.path().join("grubenv")
+    }
+
+    pub fn fw_env_config(&self) -> PathBuf {
+        self.path().join("fw_env.config")
+    }
+
+    pub fn autoboot_txt(&self) -> PathBuf {
+        self.path().join("autoboot.txt")
+    }
+
+    fn reboot_request(&self) -> PathBuf {
+        self.path().join("reboot-request")
     }
 
     pub fn slot(&self, name: &str) -> PathBuf {
@@ -59,9 +99,19 @@ impl Gateway {
     }
 
     pub fn write_config(&self) {
+        // Tryboot detects the booted slot as on a Pi (from the firmware's
+        // partition number); the others are told, as a kernel cmdline would.
         let boot = match self.bootloader {
-            Bootloader::Grub => "backend = \"grub\"\ngrubenv = \"grubenv\"",
+            Bootloader::Grub => format!("backend = \"grub\"\ngrubenv = \"grubenv\"\nbooted_slot = \"{}\"", self.booted),
+            Bootloader::Uboot => format!(
+                "backend = \"uboot\"\nenv_config = \"fw_env.config\"\nattempts = {ATTEMPTS}\nbooted_slot = \"{}\"",
+                self.booted
+            ),
+            Bootloader::Tryboot => "backend = \"rpi-tryboot\"\nautoboot_txt = \"autoboot.txt\"\n\
+                                    tryboot_partition_file = \"dt-partition\"\nbooted_slot = \"auto\""
+                .to_string(),
         };
+        let reboot_request = self.reboot_request();
         let text = format!(
             r#"[device]
 id = "gw-0042"
@@ -78,16 +128,18 @@ cosigner = "keys/cosigner.pub.pem"
 
 [slots.A]
 device = "slot-a.img"
+boot_partition = 2
 [slots.B]
 device = "slot-b.img"
+boot_partition = 3
 
 [boot]
 {boot}
-booted_slot = "{booted}"
 boot_id_file = "boot_id"
 
 [update]
-reboot = "none"
+reboot = "command"
+reboot_command = "printf '%s' \"$FLEETD_REBOOT_ARG\" > '{reboot_request}'"
 retry_base_ms = 50
 checkpoint_mib = 1
 {extra}
@@ -96,7 +148,7 @@ checkpoint_mib = 1
 command = "health-check"
 timeout_s = 20
 "#,
-            booted = self.booted,
+            reboot_request = reboot_request.display(),
             extra = self.extra_config,
         );
         std::fs::write(self.dev.config(), text).unwrap();
@@ -114,8 +166,14 @@ timeout_s = 20
         run(fleetd().args(args).arg("--config").arg(self.dev.config()))
     }
 
+    /// `fleetd install`: it ends by asking for a reboot (recorded, not done).
     pub fn install(&self, message: &Path) -> Output {
-        run(fleetd().args(["install", "--no-reboot", "--config"]).arg(self.dev.config()).arg(message))
+        run(fleetd().args(["install", "--config"]).arg(self.dev.config()).arg(message))
+    }
+
+    /// Whether fleetd asked for a reboot since the last power-on, and its argument.
+    pub fn reboot_requested(&self) -> Option<String> {
+        std::fs::read_to_string(self.reboot_request()).ok()
     }
 
     pub fn run_once(&self) -> Output {
@@ -131,8 +189,18 @@ timeout_s = 20
     /// Power cycle: the bootloader picks a slot (the real tools read and
     /// write its env), a new boot id, and the config names the booted slot.
     pub fn power_on(&mut self, boots_ok: &dyn Fn(&str) -> bool) -> Option<String> {
+        let tryboot_flag = self.reboot_requested().is_some_and(|arg| arg.contains("tryboot"));
+        let _ = std::fs::remove_file(self.reboot_request());
         let booted = match self.bootloader {
             Bootloader::Grub => bootsim_grub::power_on(&self.grubenv(), boots_ok),
+            Bootloader::Uboot => bootsim_uboot::power_on(&self.fw_env_config(), boots_ok),
+            Bootloader::Tryboot => bootsim_tryboot::power_on(
+                &self.autoboot_txt(),
+                tryboot_flag,
+                &partitions(),
+                &self.path().join("dt-partition"),
+                boots_ok,
+            ),
         };
         self.boots += 1;
         self.write_boot_id();
@@ -143,9 +211,15 @@ timeout_s = 20
         booted
     }
 
+    /// The boot environment as the bootloader's own tools print it.
     pub fn boot_env(&self) -> BTreeMap<String, String> {
         match self.bootloader {
             Bootloader::Grub => bootsim_grub::list(&self.grubenv()),
+            Bootloader::Uboot => bootsim_uboot::printenv(&self.fw_env_config()),
+            Bootloader::Tryboot => {
+                let text = std::fs::read_to_string(self.autoboot_txt()).unwrap_or_default();
+                BTreeMap::from([("autoboot.txt".to_string(), text)])
+            }
         }
     }
 }

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod bootsim_grub;
+pub mod bootsim_tryboot;
+pub mod bootsim_uboot;
 pub mod gateway;
 pub mod imageserver;
 
