@@ -203,7 +203,7 @@ fn default_retry_base_ms() -> u64 {
     1000
 }
 fn default_checkpoint_mib() -> u64 {
-    32
+    64
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -26,7 +26,8 @@ struct Tally {
 
 #[test]
 fn kill_minus_9_at_random_moments_never_leaves_a_bad_state() {
-    let trials: u32 = std::env::var("FLEETD_POWER_CUT_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let trials: u32 =
+        std::env::var("FLEETD_POWER_CUT_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
     let template = Gateway::new(Bootloader::Uboot, SLOT);
     std::fs::write(template.slot("A"), image_bytes(SLOT as usize, 1)).unwrap();
     let slot_a = std::fs::read(template.slot("A")).unwrap();
@@ -43,7 +44,9 @@ fn kill_minus_9_at_random_moments_never_leaves_a_bad_state() {
     copy_dir(template.path(), &probe);
     let config = |dir: &Path| -> std::path::PathBuf {
         let path = dir.join("fleetd.toml");
-        let text = std::fs::read_to_string(&path).unwrap().replace(template.path().to_str().unwrap(), dir.to_str().unwrap());
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(template.path().to_str().unwrap(), dir.to_str().unwrap());
         std::fs::write(&path, text).unwrap();
         path
     };
@@ -81,7 +84,8 @@ fn kill_minus_9_at_random_moments_never_leaves_a_bad_state() {
         let state_path = dir.join("state/state.json");
         if state_path.exists() {
             let bytes = std::fs::read(&state_path).unwrap();
-            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_else(|e| panic!("{context}: state.json: {e}"));
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .unwrap_or_else(|e| panic!("{context}: state.json: {e}"));
         }
         // The running slot is untouched, and the real tool reads the env.
         assert!(std::fs::read(dir.join("slot-a.img")).unwrap() == slot_a, "{context}: slot A was written");

@@ -8,7 +8,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-pub const DEFAULT_BLOCK: usize = 1 << 20;
+/// 512 KiB: large enough for full-speed writes, small enough that the whole
+/// pipeline's buffers stay at 2 MiB.
+pub const DEFAULT_BLOCK: usize = 512 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -50,15 +52,44 @@ pub struct WriteStats {
     pub skipped: u64,
 }
 
+/// Blocks handed to the IO thread and not yet returned: with the block being
+/// filled and the IO thread's compare buffer, memory is `(DEPTH + 2) * block`.
+const DEPTH: usize = 2;
+
+enum Command {
+    Block { offset: u64, data: Vec<u8> },
+    Sync,
+}
+
+enum Reply {
+    Done {
+        buffer: Vec<u8>,
+        wrote: bool,
+    },
+    Synced,
+    /// A block could not be written (its buffer is dropped).
+    Failed(WriteError),
+    SyncFailed(WriteError),
+}
+
+/// Hashes on the caller's thread and writes on its own IO thread, so hashing
+/// and receiving overlap with the disk. Blocks flow through a fixed pool of
+/// buffers: memory does not depend on the image size.
 pub struct SlotWriter {
     path: PathBuf,
-    file: File,
     hasher: digest::Context,
-    /// Image bytes already handed to the slot (hashed), excluding `pending`.
+    /// Image bytes handed to the IO thread (and hashed), excluding `pending`.
     offset: u64,
     size: u64,
+    block: usize,
     pending: Vec<u8>,
-    compare: Vec<u8>,
+    spare: Vec<Vec<u8>>,
+    in_flight: usize,
+    commands: Option<std::sync::mpsc::SyncSender<Command>>,
+    replies: std::sync::mpsc::Receiver<Reply>,
+    io_thread: Option<std::thread::JoinHandle<()>>,
+    failed: Option<String>,
+    pending_error: Option<WriteError>,
     pub stats: WriteStats,
 }
 
@@ -73,42 +104,44 @@ impl SlotWriter {
         if size > slot_size {
             return Err(WriteError::SlotTooSmall { path: path.to_path_buf(), size, slot_size });
         }
-        let mut writer = Self {
+        let mut hasher = digest::Context::new(&digest::SHA256);
+        let prefix = prefix.min(size);
+        let mut buffer = vec![0u8; block];
+        file.seek(SeekFrom::Start(0)).map_err(|e| io_error(path, 0, e))?;
+        let mut done = 0u64;
+        while done < prefix {
+            let n = (prefix - done).min(block as u64) as usize;
+            file.read_exact(&mut buffer[..n]).map_err(|e| io_error(path, done, e))?;
+            hasher.update(&buffer[..n]);
+            done += n as u64;
+        }
+        let (commands, command_rx) = std::sync::mpsc::sync_channel(DEPTH);
+        let (reply_tx, replies) = std::sync::mpsc::channel();
+        let io_path = path.to_path_buf();
+        let io_thread = std::thread::Builder::new()
+            .name("slot-io".into())
+            .spawn(move || io_loop(file, io_path, block, command_rx, reply_tx))
+            .map_err(open_err)?;
+        buffer.clear();
+        Ok(Self {
             path: path.to_path_buf(),
-            file,
-            hasher: digest::Context::new(&digest::SHA256),
-            offset: 0,
+            hasher,
+            offset: prefix,
             size,
-            pending: Vec::with_capacity(block),
-            compare: vec![0; block],
+            block,
+            pending: buffer,
+            spare: Vec::new(),
+            in_flight: 0,
+            commands: Some(commands),
+            replies,
+            io_thread: Some(io_thread),
+            failed: None,
+            pending_error: None,
             stats: WriteStats::default(),
-        };
-        writer.rehash_prefix(prefix.min(size))?;
-        Ok(writer)
+        })
     }
 
-    fn rehash_prefix(&mut self, prefix: u64) -> Result<(), WriteError> {
-        let mut reader = &self.file;
-        reader.seek(SeekFrom::Start(0)).map_err(|e| self.io(0, e))?;
-        let mut left = prefix;
-        while left > 0 {
-            let n = left.min(self.compare.len() as u64) as usize;
-            reader.read_exact(&mut self.compare[..n]).map_err(|e| self.io(self.offset, e))?;
-            self.hasher.update(&self.compare[..n]);
-            self.offset += n as u64;
-            left -= n as u64;
-        }
-        Ok(())
-    }
-
-    fn io(&self, offset: u64, source: std::io::Error) -> WriteError {
-        if source.raw_os_error() == Some(28) {
-            return WriteError::DiskFull { path: self.path.clone(), offset };
-        }
-        WriteError::Io { path: self.path.clone(), offset, source }
-    }
-
-    /// Image bytes received so far (written or buffered).
+    /// Image bytes received so far (written, in flight or buffered).
     pub fn position(&self) -> u64 {
         self.offset + self.pending.len() as u64
     }
@@ -123,43 +156,44 @@ impl SlotWriter {
             return Err(WriteError::TooManyBytes { size: self.size });
         }
         while !data.is_empty() {
-            let room = self.pending.capacity() - self.pending.len();
-            let take = room.min(data.len());
+            let take = (self.block - self.pending.len()).min(data.len());
             self.pending.extend_from_slice(&data[..take]);
             data = &data[take..];
-            if self.pending.len() == self.pending.capacity() {
+            if self.pending.len() == self.block {
                 self.write_pending()?;
             }
         }
         Ok(())
     }
 
-    /// Writes the buffered bytes (a partial block after a cut, say).
+    /// Hands the buffered bytes (a partial block after a cut, say) to the IO thread.
     pub fn write_pending(&mut self) -> Result<(), WriteError> {
+        self.check_failed()?;
         if self.pending.is_empty() {
             return Ok(());
         }
-        let n = self.pending.len();
         self.hasher.update(&self.pending);
-        let same = match self.file.read_exact_at(&mut self.compare[..n], self.offset) {
-            Ok(()) => self.compare[..n] == self.pending[..],
-            Err(_) => false,
-        };
-        if same {
-            self.stats.skipped += n as u64;
-        } else {
-            self.file.write_all_at(&self.pending, self.offset).map_err(|e| self.io(self.offset, e))?;
-            self.stats.written += n as u64;
-        }
-        self.offset += n as u64;
-        self.pending.clear();
+        let next = self.take_spare()?;
+        let data = std::mem::replace(&mut self.pending, next);
+        let len = data.len() as u64;
+        self.send(Command::Block { offset: self.offset, data })?;
+        self.in_flight += 1;
+        self.offset += len;
         Ok(())
     }
 
     /// Writes and fsyncs everything received; returns the durable offset.
     pub fn sync(&mut self) -> Result<u64, WriteError> {
         self.write_pending()?;
-        self.file.sync_data().map_err(|e| self.io(self.offset, e))?;
+        self.send(Command::Sync)?;
+        loop {
+            match self.replies.recv() {
+                Ok(Reply::Synced) => break,
+                Ok(reply) => self.handle(reply),
+                Err(_) => return Err(self.io_thread_gone()),
+            }
+        }
+        self.check_failed()?;
         Ok(self.offset)
     }
 
@@ -169,12 +203,216 @@ impl SlotWriter {
         if self.offset != self.size {
             return Err(WriteError::Truncated { got: self.offset, size: self.size });
         }
-        let got = crate::trust::hex(self.hasher.finish().as_ref());
+        let hasher = std::mem::replace(&mut self.hasher, digest::Context::new(&digest::SHA256));
+        let got = crate::trust::hex(hasher.finish().as_ref());
         // Not a secret: the expected hash is public, so a plain comparison is fine.
         if got != sha256_hex {
             return Err(WriteError::HashMismatch { got, want: sha256_hex.to_string() });
         }
         Ok(self.stats)
+    }
+
+    /// A free buffer: a returned one, or a new one while the pool is not full.
+    fn take_spare(&mut self) -> Result<Vec<u8>, WriteError> {
+        loop {
+            if let Some(mut buffer) = self.spare.pop() {
+                buffer.clear();
+                return Ok(buffer);
+            }
+            if self.in_flight < DEPTH {
+                return Ok(Vec::with_capacity(self.block));
+            }
+            match self.replies.recv() {
+                Ok(reply) => self.handle(reply),
+                Err(_) => return Err(self.io_thread_gone()),
+            }
+            self.check_failed()?;
+        }
+    }
+
+    fn handle(&mut self, reply: Reply) {
+        match reply {
+            Reply::Done { buffer, wrote } => {
+                self.in_flight -= 1;
+                let n = buffer.len() as u64;
+                if wrote {
+                    self.stats.written += n;
+                } else {
+                    self.stats.skipped += n;
+                }
+                self.spare.push(buffer);
+            }
+            Reply::Failed(e) => {
+                self.in_flight -= 1;
+                self.failed.get_or_insert(e.to_string());
+                self.pending_error.get_or_insert(e);
+            }
+            Reply::SyncFailed(e) => {
+                self.failed.get_or_insert(e.to_string());
+                self.pending_error.get_or_insert(e);
+            }
+            Reply::Synced => {}
+        }
+    }
+
+    fn check_failed(&mut self) -> Result<(), WriteError> {
+        match self.pending_error.take() {
+            Some(e) => Err(e),
+            None => match &self.failed {
+                Some(message) => Err(WriteError::Io {
+                    path: self.path.clone(),
+                    offset: self.offset,
+                    source: std::io::Error::other(message.clone()),
+                }),
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn send(&mut self, command: Command) -> Result<(), WriteError> {
+        let sent = self.commands.as_ref().map(|c| c.send(command).is_ok()).unwrap_or(false);
+        if sent {
+            Ok(())
+        } else {
+            Err(self.io_thread_gone())
+        }
+    }
+
+    fn io_thread_gone(&self) -> WriteError {
+        WriteError::Io {
+            path: self.path.clone(),
+            offset: self.offset,
+            source: std::io::Error::other("the slot IO thread stopped"),
+        }
+    }
+}
+
+impl Drop for SlotWriter {
+    fn drop(&mut self) {
+        // Closing the channel ends the IO thread once it has written what it holds.
+        self.commands.take();
+        if let Some(thread) = self.io_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Decides which blocks to read back before writing. Reading costs time, so
+/// after a run of blocks that differed (a new image) only every 2^k-th block
+/// is compared, k growing to 6; one identical block brings back comparing
+/// every block. A re-install of the same image thus writes nothing, and a new
+/// image costs few reads.
+#[derive(Debug, Default)]
+struct CompareSampler {
+    differing_in_a_row: u32,
+    until_next: u32,
+}
+
+impl CompareSampler {
+    const MAX_SHIFT: u32 = 6;
+
+    fn should_compare(&mut self) -> bool {
+        if self.until_next == 0 {
+            return true;
+        }
+        self.until_next -= 1;
+        false
+    }
+
+    /// The outcome of a block that was compared.
+    fn record(&mut self, same: bool) {
+        if same {
+            self.differing_in_a_row = 0;
+        } else {
+            self.differing_in_a_row = (self.differing_in_a_row + 1).min(Self::MAX_SHIFT);
+            self.until_next = (1 << self.differing_in_a_row) - 1;
+        }
+    }
+}
+
+/// Bytes of written data after which writeback is started.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// Starts writing the range to disk now, without waiting: the disk streams
+/// while the next blocks arrive, and the checkpoint fsync finds little left
+/// to do. (Left alone, the kernel would hold the pages until the fsync.)
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an fd we own; failure only loses the hint.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+fn io_error(path: &Path, offset: u64, source: std::io::Error) -> WriteError {
+    if source.raw_os_error() == Some(28) {
+        return WriteError::DiskFull { path: path.to_path_buf(), offset };
+    }
+    WriteError::Io { path: path.to_path_buf(), offset, source }
+}
+
+/// The IO thread: compare each block with what the slot holds, write it only
+/// when it differs, fsync on request. After a failure it only reports.
+fn io_loop(
+    file: File,
+    path: PathBuf,
+    block: usize,
+    commands: std::sync::mpsc::Receiver<Command>,
+    replies: std::sync::mpsc::Sender<Reply>,
+) {
+    let mut compare = vec![0u8; block];
+    let mut sampler = CompareSampler::default();
+    let mut failed = false;
+    // Written bytes not yet handed to the disk: flushed in large windows so
+    // the kernel can merge them into big requests.
+    let mut unflushed: Option<(u64, u64)> = None;
+    for command in commands {
+        let reply = match command {
+            Command::Block { offset, data } if !failed => {
+                let n = data.len();
+                let compared = sampler.should_compare();
+                let same = compared
+                    && file.read_exact_at(&mut compare[..n], offset).is_ok()
+                    && compare[..n] == data[..];
+                if compared {
+                    sampler.record(same);
+                }
+                if same {
+                    Reply::Done { buffer: data, wrote: false }
+                } else {
+                    match file.write_all_at(&data, offset) {
+                        Ok(()) => {
+                            let (start, end) = unflushed.unwrap_or((offset, offset));
+                            let (start, end) = (start.min(offset), end.max(offset + n as u64));
+                            if end - start >= WRITEBACK_WINDOW {
+                                start_writeback(&file, start, end - start);
+                                unflushed = None;
+                            } else {
+                                unflushed = Some((start, end));
+                            }
+                            Reply::Done { buffer: data, wrote: true }
+                        }
+                        Err(e) => Reply::Failed(io_error(&path, offset, e)),
+                    }
+                }
+            }
+            Command::Block { offset, .. } => {
+                Reply::Failed(io_error(&path, offset, std::io::Error::other("an earlier write failed")))
+            }
+            Command::Sync if failed => Reply::Synced,
+            Command::Sync => {
+                unflushed = None;
+                if let Err(e) = file.sync_data() {
+                    failed = true;
+                    let _ = replies.send(Reply::SyncFailed(io_error(&path, 0, e)));
+                }
+                Reply::Synced
+            }
+        };
+        failed |= matches!(reply, Reply::Failed(_));
+        if replies.send(reply).is_err() {
+            return;
+        }
     }
 }
 
@@ -227,6 +465,26 @@ mod tests {
         assert_eq!(w.position(), 1500);
         w.push(&img[1500..]).unwrap();
         w.finish(&sha(&img)).unwrap();
+    }
+
+    #[test]
+    fn compare_sampling_backs_off_on_differences_and_recovers_on_a_match() {
+        let mut s = CompareSampler::default();
+        let mut compared = Vec::new();
+        // 40 differing blocks: compared at 0, 2, 6, 14, 30 (gaps 2, 4, 8, 16, ...).
+        for i in 0..40 {
+            if s.should_compare() {
+                compared.push(i);
+                s.record(false);
+            }
+        }
+        assert_eq!(compared, vec![0, 2, 6, 14, 30]);
+        // Skip to the next sample, which matches: back to every block.
+        while !s.should_compare() {}
+        s.record(true);
+        assert!(s.should_compare());
+        s.record(true);
+        assert!(s.should_compare());
     }
 
     #[test]
