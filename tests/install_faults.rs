@@ -335,3 +335,36 @@ fn installs_into_a_gpt_partition_on_a_loop_device_and_refuses_a_mounted_one() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("target-is-booted"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_target_that_is_now_the_booted_slot_is_never_written() {
+    // A download into B is interrupted; then the device reports B as booted
+    // (misconfiguration, or a bootloader surprise). Resuming must refuse.
+    let c = case((4 * MIB) as usize);
+    c.server.fault(Fault::Stall(2 * MIB, std::time::Duration::from_secs(20)));
+    let msg = c.message(c.image.clone(), &[]);
+    let mut child = fleetd()
+        .args(["install", "--no-reboot", "--config"])
+        .arg(c.g.dev.config())
+        .arg(&msg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state_file = c.g.path().join("state/state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&state_file).unwrap_or_default().contains("downloading") {
+        assert!(std::time::Instant::now() < deadline, "the download never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let slot_b_before = std::fs::read(c.g.slot("B")).unwrap();
+    let config = std::fs::read_to_string(c.g.dev.config()).unwrap();
+    std::fs::write(c.g.dev.config(), config.replace("booted_slot = \"A\"", "booted_slot = \"B\"")).unwrap();
+    let out = c.g.run_once();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = c.g.status();
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["last_error"].as_str().unwrap().starts_with("target-is-booted"), "{st}");
+    assert_eq!(std::fs::read(c.g.slot("B")).unwrap(), slot_b_before, "the booted slot was written");
+}
