@@ -4,12 +4,15 @@
 //! encoders) perform no IO; the binaries and the daemon wire them to disks and
 //! sockets. See `ARCHITECTURE.md` for the map.
 
+pub mod backoff;
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod cosigner;
+pub mod daemon;
 pub mod fsutil;
 pub mod http;
+pub mod mqtt;
 pub mod status;
 pub mod store;
 pub mod trust;

@@ -109,6 +109,22 @@ impl State {
         self.history.drain(..excess);
     }
 
+    /// What message verification needs from the stored state; the clock
+    /// floor is never below this binary's build time.
+    pub fn trust_state(&self) -> crate::trust::TrustState<'_> {
+        crate::trust::TrustState {
+            installed_version: self.installed_version,
+            clock_floor: self.clock_floor.max(crate::build_epoch()),
+            seen_jtis: &self.replay_cache,
+        }
+    }
+
+    /// True when `jti` belongs to the current or a finished job: a second
+    /// delivery of a message already handled.
+    pub fn knows_job(&self, jti: &str) -> bool {
+        self.job.as_ref().is_some_and(|j| j.jti == jti) || self.history.iter().any(|h| h.jti == jti)
+    }
+
     /// An update that has not reached its end yet.
     pub fn active_job(&self) -> Option<&crate::update::Job> {
         self.job.as_ref().filter(|j| !j.phase.is_terminal())

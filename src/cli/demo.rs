@@ -6,7 +6,7 @@ use super::fleetctl::{add_signature, hash_file, keygen, load_public_key, load_si
 use crate::config::Config;
 use crate::cosigner::{self, CosignerConfig, Registry};
 use crate::store::Store;
-use crate::trust::{self, Claims, Image, Target, TrustState, CLAIMS_TYPE};
+use crate::trust::{self, Claims, Image, Target, CLAIMS_TYPE};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -117,12 +117,7 @@ fn demo() -> Result<(), String> {
 
     step(7, "The device verifies it: both signatures, then every claim.");
     let state = Store::read(&config.device.state_dir).map_err(|e| e.to_string())?;
-    let seen = state.replay_cache.clone();
-    let trust_state = TrustState {
-        installed_version: state.installed_version,
-        clock_floor: state.clock_floor.max(crate::build_epoch()),
-        seen_jtis: &seen,
-    };
+    let trust_state = state.trust_state();
     let verified = policy
         .verify(message.to_json().as_bytes(), &trust_state, crate::system_now())
         .map_err(|e| format!("the genuine message was refused: {e}"))?;

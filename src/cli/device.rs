@@ -37,7 +37,8 @@ fn reporter() -> crate::update::driver::Reporter {
             }
             eprintln!("{state}: {detail}");
         }
-        Report::Progress { done, total } => {
+        Report::Status(_) => {}
+        Report::Progress { done, total, .. } => {
             let percent = done * 100 / (*total).max(1);
             if tty {
                 let filled = (percent / 4) as usize;
@@ -115,7 +116,7 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
 }
 
 /// The jti of a message, unverified: only to recognise a job already accepted.
-fn peek_jti(input: &[u8]) -> Option<String> {
+pub fn peek_jti(input: &[u8]) -> Option<String> {
     let envelope = crate::trust::Envelope::parse(input).ok()?;
     let claims = crate::trust::Claims::parse(&envelope.payload_bytes().ok()?).ok()?;
     Some(claims.jti)
@@ -180,7 +181,16 @@ pub fn status(config_flag: Option<&Path>, json: bool) -> ExitCode {
 
 pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
     let result = (|| -> Result<ExitCode, String> {
-        let mut updater = open_updater(load_config(config_flag)?)?;
+        let config = load_config(config_flag)?;
+        if !once && config.mqtt.is_some() {
+            crate::daemon::run(config, |config| {
+                let mut updater = open_updater(config)?;
+                updater.on_report(reporter());
+                Ok(updater)
+            })?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut updater = open_updater(config)?;
         updater.on_report(reporter());
         let rt = runtime()?;
         rt.block_on(updater.resume()).map_err(|e| e.to_string())?;

@@ -39,6 +39,61 @@ enum Command {
     /// The co-signer service and its registry of fleet servers.
     #[command(subcommand)]
     Cosigner(CosignerCommand),
+    /// Publish an update message to a device's or a group's update topic (QoS 1).
+    Publish {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[arg(long)]
+        project: String,
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        device: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// The co-signed message, or `-` for standard input.
+        file: PathBuf,
+    },
+    /// Print devices' status, progress and online messages as they change.
+    Watch {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[arg(long)]
+        project: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+/// How the fleet side reaches the broker: mutual TLS with its own certificate.
+#[derive(Args)]
+struct BrokerArgs {
+    #[arg(long)]
+    host: String,
+    #[arg(long, default_value_t = 8883)]
+    port: u16,
+    #[arg(long)]
+    ca: PathBuf,
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    /// Defaults to `fleetctl-<random>`.
+    #[arg(long)]
+    client_id: Option<String>,
+}
+
+impl BrokerArgs {
+    fn connection(&self) -> Result<crate::mqtt::fleet::FleetConnection, String> {
+        Ok(crate::mqtt::fleet::FleetConnection {
+            host: self.host.clone(),
+            port: self.port,
+            client_id: self.client_id.clone().unwrap_or_else(|| format!("fleetctl-{}", trust::random_id())),
+            tls: crate::mqtt::tls_config(&self.ca, &self.cert, &self.key).map_err(|e| e.to_string())?,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -130,6 +185,19 @@ pub fn main() -> ExitCode {
         Command::Sign(args) => sign_command(&args),
         Command::Cosign { key, kid, out, file } => cosign_command(&key, &kid, &file, out.as_deref()),
         Command::Cosigner(cmd) => cosigner_command(cmd),
+        Command::Publish { broker, project, device, group, file } => {
+            publish_command(&broker, &project, device.as_deref(), group.as_deref(), &file)
+        }
+        Command::Watch { broker, project, count, timeout } => (|| {
+            let conn = broker.connection()?;
+            runtime()?.block_on(crate::mqtt::fleet::watch(
+                conn,
+                &project,
+                count,
+                timeout.map(std::time::Duration::from_secs),
+                |topic, payload| println!("{topic} {}", String::from_utf8_lossy(payload)),
+            ))
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -267,6 +335,31 @@ fn cosign_command(key: &Path, kid: &str, file: &Path, out: Option<&Path>) -> Res
     let mut envelope = read_envelope(file)?;
     add_signature(&mut envelope, &load_signing_key(key)?, kid)?;
     write_output(out, &envelope.to_json())
+}
+
+fn publish_command(
+    broker: &BrokerArgs,
+    project: &str,
+    device: Option<&str>,
+    group: Option<&str>,
+    file: &Path,
+) -> Result<(), String> {
+    let envelope = read_envelope(file)?;
+    let topic = match (device, group) {
+        (Some(d), _) => crate::mqtt::Topics::update_for_device(project, d),
+        (None, Some(g)) => crate::mqtt::Topics::update_for_group(project, g),
+        (None, None) => return Err("--device or --group is required".into()),
+    };
+    let conn = broker.connection()?;
+    let payload = envelope.to_json().into_bytes();
+    runtime()?.block_on(crate::mqtt::fleet::publish(
+        conn,
+        &topic,
+        payload,
+        std::time::Duration::from_secs(30),
+    ))?;
+    println!("published to {topic}");
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -3,11 +3,12 @@
 
 mod demo;
 mod device;
+pub(crate) use device::peek_jti;
 pub mod fleetctl;
 
 use crate::config::{self, Config};
 use crate::store::Store;
-use crate::trust::{self, TrustState, VerifyError};
+use crate::trust::{self, VerifyError};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -128,12 +129,7 @@ pub(crate) fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutco
     // One byte past the cap is enough to know the message is too large.
     let input = crate::fsutil::read_prefix(file, trust::MAX_MESSAGE_BYTES + 1)
         .map_err(|e| format!("{}: {e}", file.display()))?;
-    let trust_state = TrustState {
-        installed_version: state.installed_version,
-        clock_floor: state.clock_floor.max(crate::build_epoch()),
-        seen_jtis: &state.replay_cache,
-    };
-    Ok(match policy.verify(&input, &trust_state, crate::system_now()) {
+    Ok(match policy.verify(&input, &state.trust_state(), crate::system_now()) {
         Ok(verified) => VerifyOutcome::Accepted(verified.claims),
         Err(e) => VerifyOutcome::Rejected(e),
     })

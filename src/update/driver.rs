@@ -47,7 +47,9 @@ pub enum Report {
     /// A new phase: the status `state` name and a sentence for people.
     Step { state: &'static str, detail: String },
     /// Download progress, at most once per percent.
-    Progress { done: u64, total: u64 },
+    Progress { jti: String, version: u64, done: u64, total: u64 },
+    /// The status document, after every persisted change.
+    Status(Box<crate::status::StatusDoc>),
 }
 
 pub type Reporter = Box<dyn FnMut(&Report) + Send>;
@@ -61,6 +63,7 @@ pub struct Updater {
     /// Stop at reboot-pending instead of rebooting (`--no-reboot`).
     pub no_reboot: bool,
     reporter: Reporter,
+    health_gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Updater {
@@ -71,7 +74,16 @@ impl Updater {
         booted: String,
         boot_id: String,
     ) -> Self {
-        Self { config, store, boot, booted, boot_id, no_reboot: false, reporter: Box::new(|_| {}) }
+        Self {
+            config,
+            store,
+            boot,
+            booted,
+            boot_id,
+            no_reboot: false,
+            reporter: Box::new(|_| {}),
+            health_gate: None,
+        }
     }
 
     pub fn on_report(&mut self, reporter: Reporter) {
@@ -111,6 +123,16 @@ impl Updater {
     /// Records a verified message as a new job (persisted before anything
     /// else happens), then runs it as far as it goes.
     pub async fn start(&mut self, claims: &Claims) -> Result<(), DriveError> {
+        self.start_then(claims, Box::new(|| {})).await
+    }
+
+    /// As `start`, calling `on_persisted` as soon as the job is on disk: the
+    /// moment an MQTT message may be acknowledged.
+    pub async fn start_then(
+        &mut self,
+        claims: &Claims,
+        on_persisted: Box<dyn FnOnce() + Send>,
+    ) -> Result<(), DriveError> {
         if let Some(job) = self.store.state().active_job() {
             return Err(DriveError::Busy { jti: job.jti.clone(), version: job.version });
         }
@@ -139,6 +161,8 @@ impl Updater {
             started_at: now,
         });
         self.store.save()?;
+        on_persisted();
+        self.report_status();
         self.report_step(format!("accepted {} v{}; writing slot {target}", claims.name, claims.version));
         self.resume().await
     }
@@ -220,6 +244,7 @@ impl Updater {
         match action {
             Action::Persist => {
                 self.store.save().map_err(ActionError::Store)?;
+                self.report_status();
                 Ok(None)
             }
             Action::InvalidateTarget => {
@@ -281,7 +306,7 @@ impl Updater {
             let percent = done * 100 / total.max(1);
             if percent != last_percent {
                 last_percent = percent;
-                reporter(&Report::Progress { done, total });
+                reporter(&Report::Progress { jti: job.jti.clone(), version: job.version, done, total });
             }
         };
         fetch::fetch_into(&client, &job.url, &mut writer, &policy, &mut on_checkpoint, &mut on_progress)
@@ -342,19 +367,57 @@ impl Updater {
     }
 
     async fn health_check(&mut self) -> Event {
-        let Some(command) = self.config.health.command.clone() else {
-            return Event::HealthChecked { healthy: true, detail: "no health check configured".into() };
-        };
-        self.report_step(format!("running health check {}", command.display()));
         let timeout = Duration::from_secs(self.config.health.timeout_s);
-        let child = tokio::process::Command::new(&command).kill_on_drop(true).status();
-        let (healthy, detail) = match tokio::time::timeout(timeout, child).await {
-            Err(_) => (false, format!("timed out after {} s", timeout.as_secs())),
-            Ok(Err(e)) => (false, format!("{}: {e}", command.display())),
-            Ok(Ok(status)) if status.success() => (true, "passed".into()),
-            Ok(Ok(status)) => (false, format!("{} {status}", command.display())),
-        };
-        Event::HealthChecked { healthy, detail }
+        let deadline = tokio::time::Instant::now() + timeout;
+        if let Some(command) = self.config.health.command.clone() {
+            self.report_step(format!("running health check {}", command.display()));
+            let child = tokio::process::Command::new(&command).kill_on_drop(true).status();
+            let failure = match tokio::time::timeout_at(deadline, child).await {
+                Err(_) => Some(format!("timed out after {} s", timeout.as_secs())),
+                Ok(Err(e)) => Some(format!("{}: {e}", command.display())),
+                Ok(Ok(status)) if status.success() => None,
+                Ok(Ok(status)) => Some(format!("{} {status}", command.display())),
+            };
+            if let Some(detail) = failure {
+                return Event::HealthChecked { healthy: false, detail };
+            }
+        }
+        if let Some(mut gate) = self.health_gate.clone() {
+            self.report_step("waiting for the MQTT connection (health check)".into());
+            let connected = tokio::time::timeout_at(deadline, gate.wait_for(|c| *c)).await;
+            if !matches!(connected, Ok(Ok(_))) {
+                return Event::HealthChecked {
+                    healthy: false,
+                    detail: format!("mqtt-not-connected within {} s", timeout.as_secs()),
+                };
+            }
+        }
+        Event::HealthChecked { healthy: true, detail: "passed".into() }
+    }
+
+    /// The status document as of now.
+    pub fn status_doc(&self) -> crate::status::StatusDoc {
+        crate::status::StatusDoc::build(
+            &self.config,
+            self.store.state(),
+            Some(self.boot.as_ref()),
+            Some(&self.booted),
+        )
+    }
+
+    pub fn report_status(&mut self) {
+        let doc = self.status_doc();
+        (self.reporter)(&Report::Status(Box::new(doc)));
+    }
+
+    /// Makes "connected" part of the health check: a trial slot that cannot
+    /// reach the broker within the health timeout is not committed.
+    pub fn set_health_gate(&mut self, connected: tokio::sync::watch::Receiver<bool>) {
+        self.health_gate = Some(connected);
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     fn report_step(&mut self, detail: String) {

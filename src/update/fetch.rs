@@ -134,16 +134,7 @@ pub async fn fetch_into(
 
 /// Full jitter: a random delay up to `min(cap, base * 2^n)`.
 pub fn backoff(policy: &FetchPolicy, n: u32) -> Duration {
-    let ceiling = policy.backoff_base.saturating_mul(1u32 << n.min(16)).min(policy.backoff_cap);
-    let millis = ceiling.as_millis().max(1) as u64;
-    Duration::from_millis(random_u64() % (millis + 1))
-}
-
-fn random_u64() -> u64 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 8];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    u64::from_le_bytes(b)
+    crate::backoff::Backoff { base: policy.backoff_base, cap: policy.backoff_cap }.delay(n)
 }
 
 #[allow(clippy::too_many_arguments)]

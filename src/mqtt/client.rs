@@ -1,0 +1,201 @@
+//! The MQTT task: keeps one connection alive and moves messages between the
+//! broker and the update worker. It never decides anything about updates.
+
+use super::{ProgressLimiter, Topics};
+use crate::backoff::Backoff;
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// From the broker to the update worker.
+#[derive(Debug)]
+pub enum Inbound {
+    /// An update message; `token` is handed back in `Outbound::Ack` once the
+    /// job it carries is persisted (or the message was refused and recorded).
+    UpdateMessage { topic: String, payload: Vec<u8>, token: u64 },
+}
+
+/// From the update worker to the broker.
+#[derive(Debug)]
+pub enum Outbound {
+    Ack(u64),
+    /// The status document (retained).
+    Status(Vec<u8>),
+    /// A progress event; `step` changes always go out, the rest ≤ 1/s.
+    Progress {
+        step: String,
+        payload: Vec<u8>,
+    },
+}
+
+/// What the connection did, for logs and `fleetd status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    Connected { session_present: bool },
+    Subscribed { topics: Vec<String> },
+    SubscriptionRefused { topic: String },
+    Disconnected { error: String, retry_in: Duration },
+}
+
+pub struct ClientSetup {
+    pub options: rumqttc::MqttOptions,
+    pub topics: Topics,
+    pub backoff: Backoff,
+    /// Written on every connect and disconnect, for `fleetd status`.
+    pub connection_file: Option<PathBuf>,
+}
+
+/// Runs until `shutdown` turns true. `connected` follows the connection.
+pub async fn run(
+    setup: ClientSetup,
+    to_worker: mpsc::Sender<Inbound>,
+    mut from_worker: mpsc::UnboundedReceiver<Outbound>,
+    connected: watch::Sender<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    mut on_event: impl FnMut(&ClientEvent),
+) {
+    let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(setup.options, 64);
+    let topics = setup.topics;
+    let mut pending_acks: HashMap<u64, rumqttc::Publish> = HashMap::new();
+    let mut next_token = 0u64;
+    let mut last_status: Option<Vec<u8>> = None;
+    let mut limiter = ProgressLimiter::new(Duration::from_secs(1));
+    let mut suback_topics: Vec<String> = Vec::new();
+    let mut failures = 0u32;
+    let mut record = |event: &ClientEvent| {
+        if let Some(path) = &setup.connection_file {
+            write_connection_file(path, event);
+        }
+        on_event(event);
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            outbound = from_worker.recv() => match outbound {
+                None => break,
+                Some(Outbound::Ack(token)) => {
+                    if let Some(publish) = pending_acks.remove(&token) {
+                        let _ = client.try_ack(&publish);
+                    }
+                }
+                Some(Outbound::Status(doc)) => {
+                    if *connected.borrow() {
+                        let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, doc.clone());
+                    }
+                    last_status = Some(doc);
+                }
+                Some(Outbound::Progress { step, payload }) => {
+                    if *connected.borrow() && limiter.allow(&step, Instant::now()) {
+                        let _ = client.try_publish(&topics.progress, QoS::AtMostOnce, false, payload);
+                    }
+                }
+            },
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    failures = 0;
+                    let _ = connected.send(true);
+                    record(&ClientEvent::Connected { session_present: ack.session_present });
+                    // Without a stored session the broker forgot our subscriptions.
+                    if !ack.session_present {
+                        let filters = topics.updates.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                        let _ = client.try_subscribe_many(filters);
+                        suback_topics = topics.updates.clone();
+                    }
+                    let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, b"true".to_vec());
+                    if let Some(doc) = &last_status {
+                        let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, doc.clone());
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    // mosquitto grants and silently withholds on an ACL denial;
+                    // other brokers answer Failure: say so.
+                    let mut granted = Vec::new();
+                    for (code, topic) in ack.return_codes.iter().zip(suback_topics.iter()) {
+                        match code {
+                            SubscribeReasonCode::Failure => record(&ClientEvent::SubscriptionRefused { topic: topic.clone() }),
+                            SubscribeReasonCode::Success(_) => granted.push(topic.clone()),
+                        }
+                    }
+                    record(&ClientEvent::Subscribed { topics: granted });
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if topics.updates.iter().any(|t| *t == publish.topic) {
+                        next_token += 1;
+                        let message = Inbound::UpdateMessage {
+                            topic: publish.topic.clone(),
+                            payload: publish.payload.to_vec(),
+                            token: next_token,
+                        };
+                        pending_acks.insert(next_token, publish);
+                        if to_worker.send(message).await.is_err() {
+                            break;
+                        }
+                    } else {
+                        // Not ours to handle: acknowledge so it is not redelivered.
+                        let _ = client.try_ack(&publish);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = connected.send(false);
+                    // Unacked messages will be redelivered by the broker.
+                    pending_acks.clear();
+                    let retry_in = setup.backoff.delay(failures);
+                    failures = failures.saturating_add(1);
+                    record(&ClientEvent::Disconnected { error: describe(&e), retry_in });
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry_in) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            },
+        }
+    }
+    let _ = connected.send(false);
+    let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, b"false".to_vec());
+    let _ = client.try_disconnect();
+    // Let the disconnect go out.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(event) = eventloop.poll().await {
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// A connection error in words, with TLS problems named as such.
+fn describe(e: &rumqttc::ConnectionError) -> String {
+    use rumqttc::ConnectionError as E;
+    match e {
+        E::Tls(t) => format!("mqtt-tls: {t}"),
+        E::Io(io)
+            if io.to_string().to_lowercase().contains("alert") || io.to_string().contains("certificate") =>
+        {
+            format!("mqtt-tls: {io}")
+        }
+        E::ConnectionRefused(code) => format!("mqtt-refused: {code:?}"),
+        E::Io(io) => format!("mqtt-io: {io}"),
+        other => format!("mqtt: {other}"),
+    }
+}
+
+fn write_connection_file(path: &std::path::Path, event: &ClientEvent) {
+    let doc = match event {
+        ClientEvent::Connected { session_present } => serde_json::json!({
+            "connected": true, "since": crate::system_now(), "session_present": session_present, "error": null,
+        }),
+        ClientEvent::Disconnected { error, retry_in } => serde_json::json!({
+            "connected": false, "since": crate::system_now(), "error": error, "retry_in_ms": retry_in.as_millis() as u64,
+        }),
+        _ => return,
+    };
+    // Runtime information: atomic but not worth an fsync of its own.
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, doc.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}

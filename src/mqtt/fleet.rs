@@ -1,0 +1,91 @@
+//! The fleet side's MQTT: publish an update message, watch devices report.
+
+use super::Topics;
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use std::time::Duration;
+
+pub struct FleetConnection {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub tls: rustls::ClientConfig,
+}
+
+impl FleetConnection {
+    fn options(self) -> rumqttc::MqttOptions {
+        let mut options = super::options(&self.client_id, &self.host, self.port, self.tls, 30, None);
+        options.set_clean_session(true).set_manual_acks(false);
+        options
+    }
+}
+
+/// Publishes `payload` with QoS 1 and returns once the broker acknowledged it.
+pub async fn publish(
+    conn: FleetConnection,
+    topic: &str,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let (client, mut eventloop) = AsyncClient::new(conn.options(), 8);
+    let work = async {
+        let mut sent = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if !sent => {
+                    client
+                        .try_publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                        .map_err(|e| e.to_string())?;
+                    sent = true;
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("mqtt: {e}")),
+            }
+        }
+    };
+    let result =
+        tokio::time::timeout(timeout, work).await.map_err(|_| format!("no PUBACK within {timeout:?}"))?;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(300), eventloop.poll()).await;
+    result
+}
+
+/// Prints `TOPIC PAYLOAD` for each status, progress and online message of
+/// the project's devices, until `count` messages or `timeout`.
+pub async fn watch(
+    conn: FleetConnection,
+    project: &str,
+    count: Option<usize>,
+    timeout: Option<Duration>,
+    mut on_message: impl FnMut(&str, &[u8]),
+) -> Result<(), String> {
+    let (client, mut eventloop) = AsyncClient::new(conn.options(), 8);
+    let work = async {
+        let mut seen = 0usize;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    for topic in Topics::fleet_watch(project) {
+                        client.try_subscribe(topic, QoS::AtMostOnce).map_err(|e| e.to_string())?;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    on_message(&p.topic, &p.payload);
+                    seen += 1;
+                    if count.is_some_and(|c| seen >= c) {
+                        return Ok(());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("mqtt: {e}")),
+            }
+        }
+    };
+    match timeout {
+        Some(t) => match tokio::time::timeout(t, work).await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        },
+        None => work.await,
+    }
+}
