@@ -20,15 +20,34 @@ pub fn run(
     };
     let (cert, key) = mqtt::identity_paths(&config, &mqtt_config);
     let tls = mqtt::tls_config(&mqtt_config.ca_file, &cert, &key).map_err(|e| e.to_string())?;
+    run_until(config, Some(tls), open, crate::cli::fleetctl::shutdown_signal())
+}
+
+/// The daemon until `shutdown` completes. `tls` is the mutual-TLS setup; only
+/// the built-in demo passes `None` (plain MQTT on loopback) — no
+/// configuration can.
+pub fn run_until(
+    config: Config,
+    tls: Option<rustls::ClientConfig>,
+    open: impl FnOnce(Config) -> Result<Updater, String> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let Some(mqtt_config) = config.mqtt.clone() else {
+        return Err("no [mqtt] section: nothing to connect to".into());
+    };
     let topics = Topics::for_config(&config);
-    let options = mqtt::options(
-        &config.device.id,
-        &mqtt_config.host,
-        mqtt_config.port,
-        tls,
-        mqtt_config.keep_alive_s,
-        Some((topics.online.clone(), b"false".to_vec())),
-    );
+    let will = Some((topics.online.clone(), b"false".to_vec()));
+    let options = match tls {
+        Some(tls) => mqtt::options(
+            &config.device.id,
+            &mqtt_config.host,
+            mqtt_config.port,
+            tls,
+            mqtt_config.keep_alive_s,
+            will,
+        ),
+        None => mqtt::plain_options_for_demo(&config.device.id, &mqtt_config.host, mqtt_config.port, will),
+    };
     let setup = ClientSetup {
         options,
         topics,
@@ -60,7 +79,7 @@ pub fn run(
         tokio::pin!(client);
         tokio::select! {
             _ = &mut client => {}
-            _ = crate::cli::fleetctl::shutdown_signal() => {
+                        _ = shutdown => {
                 let _ = shutdown_tx.send(true);
                 // Say goodbye (online=false, DISCONNECT) before leaving.
                 let _ = tokio::time::timeout(Duration::from_secs(2), &mut client).await;

@@ -91,7 +91,7 @@ impl BrokerArgs {
             host: self.host.clone(),
             port: self.port,
             client_id: self.client_id.clone().unwrap_or_else(|| format!("fleetctl-{}", trust::random_id())),
-            tls: crate::mqtt::tls_config(&self.ca, &self.cert, &self.key).map_err(|e| e.to_string())?,
+            tls: Some(crate::mqtt::tls_config(&self.ca, &self.cert, &self.key).map_err(|e| e.to_string())?),
         })
     }
 }

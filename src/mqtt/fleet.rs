@@ -8,12 +8,16 @@ pub struct FleetConnection {
     pub host: String,
     pub port: u16,
     pub client_id: String,
-    pub tls: rustls::ClientConfig,
+    /// Mutual TLS; `None` only for the built-in demo's loopback broker.
+    pub tls: Option<rustls::ClientConfig>,
 }
 
 impl FleetConnection {
     fn options(self) -> rumqttc::MqttOptions {
-        let mut options = super::options(&self.client_id, &self.host, self.port, self.tls, 30, None);
+        let mut options = match self.tls {
+            Some(tls) => super::options(&self.client_id, &self.host, self.port, tls, 30, None),
+            None => super::plain_options_for_demo(&self.client_id, &self.host, self.port, None),
+        };
         options.set_clean_session(true).set_manual_acks(false);
         options
     }

@@ -125,6 +125,22 @@ pub fn options(
     options
 }
 
+/// Plain TCP on loopback, for `fleetd demo` only: a device's configuration
+/// has no way to turn TLS off.
+pub(crate) fn plain_options_for_demo(
+    client_id: &str,
+    host: &str,
+    port: u16,
+    will: Option<(String, Vec<u8>)>,
+) -> rumqttc::MqttOptions {
+    let mut options = rumqttc::MqttOptions::new(client_id, host, port);
+    options.set_clean_session(false).set_manual_acks(true).set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    if let Some((topic, payload)) = will {
+        options.set_last_will(rumqttc::LastWill::new(topic, payload, rumqttc::QoS::AtLeastOnce, true));
+    }
+    options
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
