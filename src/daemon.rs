@@ -187,9 +187,8 @@ async fn handle_message(
     }
     let verdict = policy.verify(payload, &updater.store().state().trust_state(), crate::system_now());
     match verdict {
-        Err(e) => {
-            eprintln!("update on {topic} refused: {e}");
-            record_refusal(updater, &e.to_string());
+                Err(e) => {
+            record_refusal(updater, &format!("{e} (on {topic})"));
             ack();
         }
         Ok(verified) => {
@@ -208,6 +207,7 @@ async fn handle_message(
 
 /// Records a refused message as the last error before it is acknowledged.
 fn record_refusal(updater: &mut Updater, error: &str) {
+    eprintln!("update refused: {error}");
     let store = updater.store_mut();
     store.state_mut().last_error = Some(error.to_string());
     if let Err(e) = store.save() {

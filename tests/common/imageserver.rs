@@ -14,8 +14,10 @@ pub enum Fault {
     CutAfter(u64),
     /// Send the whole requested range and then this many more bytes (no Content-Length).
     Extra(u64),
-    /// Send this many bytes, then go silent for the duration.
+        /// Send this many bytes, then go silent for the duration.
     Stall(u64, Duration),
+    /// Send the body at about this many bytes per second.
+    Throttle(u64),
     /// Answer with this status and no body.
     Status(u16),
     /// Ignore the Range header and send the whole file with 200.
@@ -27,6 +29,8 @@ pub struct Served {
     pub path: String,
     pub range_start: u64,
     pub body_bytes: u64,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -34,6 +38,8 @@ struct Inner {
     files: HashMap<String, Arc<Vec<u8>>>,
     faults: VecDeque<Fault>,
     log: Vec<Served>,
+    /// Bytes per second for every response without a fault of its own.
+    rate: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -73,6 +79,11 @@ impl ImageServer {
         self.inner.lock().unwrap().faults.push_back(fault);
     }
 
+        /// Slows every later response to about `bytes_per_second` (None: full speed).
+    pub fn set_rate(&self, bytes_per_second: Option<u64>) {
+        self.inner.lock().unwrap().rate = bytes_per_second;
+    }
+
     pub fn log(&self) -> Vec<Served> {
         self.inner.lock().unwrap().log.clone()
     }
@@ -86,6 +97,7 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
         if reader.read_line(&mut request_line)? == 0 {
             return Ok(());
         }
+                let arrived = std::time::Instant::now();
         let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut range_start = 0u64;
         loop {
@@ -100,9 +112,10 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
                 range_start = v.trim_end_matches('-').parse().unwrap_or(0);
             }
         }
-        let (file, fault) = {
+                let (file, fault) = {
             let mut g = inner.lock().unwrap();
-            (g.files.get(&path).cloned(), g.faults.pop_front())
+            let fault = g.faults.pop_front().or(g.rate.map(Fault::Throttle));
+            (g.files.get(&path).cloned(), fault)
         };
         let Some(file) = file else {
             stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
@@ -136,17 +149,25 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
             }
             _ => (body.len(), fault.clone()),
         };
-        let mut sent = 0usize;
+                let mut sent = 0usize;
+        let pace = match &fault {
+            Some(Fault::Throttle(rate)) => Some(Duration::from_secs_f64(64.0 * 1024.0 / *rate as f64)),
+            _ => None,
+        };
         for chunk in body[..send].chunks(64 * 1024) {
             if stream.write_all(chunk).is_err() {
                 break;
             }
             sent += chunk.len();
+            if let Some(pause) = pace {
+                std::thread::sleep(pause);
+            }
         }
         inner.lock().unwrap().log.push(Served {
             path: path.clone(),
             range_start: start,
-            body_bytes: sent as u64,
+                        body_bytes: sent as u64,
+            at: arrived,
         });
         match after {
             Some(Fault::CutAfter(_)) => {

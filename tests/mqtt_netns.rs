@@ -1,0 +1,457 @@
+//! fleetd against a real mosquitto (TLS, client certificates, per-device
+//! ACLs) in a `cloud` namespace, with the device in a `device` namespace
+//! joined by veth: end to end, faults (broker killed, link down, crash
+//! before the ack), and security. Needs root; CI runs as root.
+
+mod common;
+use common::cloud::{self, Broker, Net, Pki};
+use common::gateway::*;
+use common::imageserver::ImageServer;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+const PROJECT: &str = "acme-gateways";
+const SLOT: u64 = 8 << 20;
+
+fn runs(name: &str, default: u32) -> u32 {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn can_run() -> bool {
+    let ok = is_root() && cloud::available(&["ip", "mosquitto"]);
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the namespace tests (root, mosquitto, iproute2)");
+        eprintln!("SKIP: needs root, iproute2 and mosquitto (scripts/setup)");
+    }
+    ok
+}
+
+struct World {
+    net: Net,
+    pki: Pki,
+    broker: Broker,
+    server: ImageServer,
+    g: Gateway,
+    daemon: Option<Child>,
+    daemon_log: PathBuf,
+}
+
+enum To<'a> {
+    Device(&'a str),
+    Group(&'a str),
+}
+
+impl World {
+    fn new(device_cert: Option<(PathBuf, PathBuf)>) -> World {
+        let net = Net::new();
+        let mut g = Gateway::new(Bootloader::Grub, SLOT);
+        let pki = Pki::new(&g.path().join("pki"), net.cloud_ip());
+        let broker = Broker::start(&net, &pki, &g.path().join("broker"), &[("gw-0042", PROJECT, "pilot")]);
+        let ip = net.cloud_ip();
+        let server = cloud::run_in_netns(net.cloud_ns(), move || ImageServer::start_on(&format!("{ip}:8080")));
+        let (cert, key) = device_cert.unwrap_or_else(|| pki.client("gw-0042"));
+        let (host, port) = broker.url();
+        g.extra_config = format!(
+            "stall_timeout_s = 5\nmin_rate_bps = 0\n\n[mqtt]\nhost = \"{host}\"\nport = {port}\nca_file = \"{}\"\n\
+             cert_file = \"{}\"\nkey_file = \"{}\"\nkeep_alive_s = 5\n",
+            pki.ca_pem.display(),
+            cert.display(),
+            key.display()
+        );
+        g.write_config();
+        let daemon_log = g.path().join("fleetd.log");
+        World { net, pki, broker, server, g, daemon: None, daemon_log }
+    }
+
+    fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.daemon_log).unwrap();
+        let child = self
+            .net
+            .in_device(env!("CARGO_BIN_EXE_fleetd"))
+            .args(["run", "--config"])
+            .arg(self.g.dev.config())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+    }
+
+    fn signal_daemon(&mut self, signal: i32) {
+        if let Some(mut child) = self.daemon.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+
+    fn stop_daemon(&mut self) {
+        self.signal_daemon(libc::SIGTERM);
+    }
+
+    fn kill_daemon(&mut self) {
+        self.signal_daemon(libc::SIGKILL);
+    }
+
+    fn connection(&self) -> serde_json::Value {
+        std::fs::read(self.g.path().join("state/connection.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_connected(&self) {
+        self.wait_for("the MQTT connection", Duration::from_secs(20), || self.connection()["connected"] == true);
+    }
+
+    fn wait_state(&self, state: &str, timeout: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        self.wait_for(&format!("state {state}"), timeout, || {
+            last = self.g.status();
+            last["state"] == state
+        });
+        last
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.daemon_log).unwrap_or_default()
+    }
+
+    fn fleet_args(&self) -> Vec<String> {
+        let (host, port) = self.broker.url();
+        let (cert, key) = self.pki.client("fleet-server");
+        vec![
+            "--host".into(),
+            host,
+            "--port".into(),
+            port.to_string(),
+            "--ca".into(),
+            self.pki.ca_pem.display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+        ]
+    }
+
+    /// `fleetctl publish` from the cloud side; returns when the broker acked.
+    fn publish(&self, message: &Path, to: To) -> Instant {
+        let mut cmd = self.net.in_cloud(env!("CARGO_BIN_EXE_fleetctl"));
+        cmd.arg("publish").args(self.fleet_args()).args(["--project", PROJECT]);
+        match to {
+            To::Device(d) => cmd.args(["--device", d]),
+            To::Group(g) => cmd.args(["--group", g]),
+        };
+        ok(cmd.arg(message));
+        Instant::now()
+    }
+
+    /// The retained status document of gw-0042 as the fleet sees it.
+    fn retained_status(&self) -> serde_json::Value {
+        let mut cmd = self.net.in_cloud(env!("CARGO_BIN_EXE_fleetctl"));
+        cmd.arg("watch").args(self.fleet_args()).args(["--project", PROJECT, "--timeout", "2"]);
+        let out = ok(&mut cmd);
+        out.lines()
+            .filter_map(|l| l.strip_prefix("fleet/acme-gateways/devices/gw-0042/status "))
+            .filter_map(|doc| serde_json::from_str(doc).ok())
+            .last()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn message(&self, name: &str, version: u64, image: &[u8], extra: &[&str]) -> PathBuf {
+        let file = self.g.path().join(format!("{name}.img"));
+        std::fs::write(&file, image).unwrap();
+        let url = self.server.add(&format!("/{name}.img"), image.to_vec());
+        let mut args = vec!["--url", url.as_str(), "--image", file.to_str().unwrap()];
+        let v = version.to_string();
+        args.extend(["--version", v.as_str()]);
+        args.extend_from_slice(extra);
+        self.g.dev.cosigned(name, &args)
+    }
+
+    /// Simulated reboot: the daemon stops, the bootloader picks, it starts again.
+    fn reboot(&mut self) {
+        self.stop_daemon();
+        self.g.power_on(&|_| true).expect("a slot boots");
+        self.start_daemon();
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kill_daemon();
+    }
+}
+
+fn full_cycle(to: To) {
+    let mut w = World::new(None);
+    w.start_daemon();
+    w.wait_connected();
+    let image = image_bytes(3 << 20, 11);
+    let msg = w.message("v8", 8, &image, &[]);
+    let started = Instant::now();
+    let acked = w.publish(&msg, to);
+    w.wait_for("the first image request", Duration::from_secs(20), || !w.server.log().is_empty());
+    let first = w.server.log()[0].at;
+    eprintln!(
+        "publish → first image byte requested: {:?} after fleetctl started, {:?} after its PUBACK",
+        first.saturating_duration_since(started),
+        first.saturating_duration_since(acked)
+    );
+    let st = w.wait_state("reboot-pending", Duration::from_secs(30));
+    assert_eq!(st["primary_slot"], "B");
+    assert_eq!(w.g.reboot_requested().as_deref(), Some(""), "fleetd asked for the reboot");
+    w.reboot();
+    let st = w.wait_state("committed", Duration::from_secs(30));
+    assert_eq!(st["installed_version"], 8);
+    assert_eq!(st["booted_slot"], "B");
+    // The fleet sees the same in the retained status.
+    let mut retained = serde_json::Value::Null;
+    w.wait_for("the retained status to show v8", Duration::from_secs(10), || {
+        retained = w.retained_status();
+        retained["installed_version"] == 8
+    });
+    assert_eq!(retained["state"], "committed", "{retained}");
+    assert_eq!(retained["slots"]["B"]["version"], 8, "{retained}");
+}
+
+#[test]
+fn update_on_the_device_topic_is_installed_and_committed() {
+    if can_run() {
+        full_cycle(To::Device("gw-0042"));
+    }
+}
+
+#[test]
+fn update_on_the_group_topic_is_installed_and_committed() {
+    if can_run() {
+        full_cycle(To::Group("pilot"));
+    }
+}
+
+/// Exactly once: one job, one commit-ready slot, no second download.
+fn assert_done_once(w: &World, image: &[u8]) {
+    let st = w.wait_state("reboot-pending", Duration::from_secs(120));
+    assert_eq!(st["job"]["version"], 8);
+    let slot = std::fs::read(w.g.slot("B")).unwrap();
+    assert!(slot[..image.len()] == image[..], "slot B holds the image");
+        // A second run would need a second acceptance, which the replay cache and
+    // the duplicate check forbid: at most one acceptance is logged (a kill can
+    // fall between persisting the job and logging it), and no delivery was
+    // mistaken for a replay attack.
+    let accepted = w.log().matches("accepted v8").count();
+    assert!(accepted <= 1, "the job started more than once:\n{}", w.log());
+    assert!(!st["last_error"].as_str().unwrap_or("").starts_with("replayed"), "{st}");
+}
+
+#[test]
+fn broker_killed_and_restarted_mid_download() {
+    if !can_run() {
+        return;
+    }
+    let n = runs("FLEETD_FAULT_RUNS", 3);
+    for run in 0..n {
+        let mut w = World::new(None);
+        w.server.set_rate(Some(2 << 20));
+        w.start_daemon();
+        w.wait_connected();
+        let image = image_bytes(6 << 20, run as u64 + 1);
+        let msg = w.message("v8", 8, &image, &["--name", "v8"]);
+        w.publish(&msg, To::Device("gw-0042"));
+        w.wait_for("the download", Duration::from_secs(20), || w.g.status()["state"] == "downloading");
+        w.broker.kill();
+        w.wait_for("the disconnect", Duration::from_secs(20), || w.connection()["connected"] == false);
+        std::thread::sleep(Duration::from_secs(1));
+        w.broker.restart();
+        w.wait_connected();
+        assert_done_once(&w, &image);
+        // Subscriptions were restored (or kept by the session): a second message arrives.
+        let msg9 = w.message("v9", 9, &image_bytes(1 << 20, 99), &["--name", "v9"]);
+        w.publish(&msg9, To::Device("gw-0042"));
+        w.wait_for("the next message to be handled", Duration::from_secs(20), || w.log().contains("busy: update"));
+        eprintln!("broker-kill run {run}: ok");
+    }
+    eprintln!("broker killed mid-download: {n}/{n} runs completed exactly once");
+}
+
+#[test]
+fn link_down_for_30_seconds_mid_download() {
+    if !can_run() {
+        return;
+    }
+    let n = runs("FLEETD_LINK_RUNS", 1);
+    for run in 0..n {
+        let mut w = World::new(None);
+        w.server.set_rate(Some(2 << 20));
+        w.start_daemon();
+        w.wait_connected();
+        let image = image_bytes(6 << 20, run as u64 + 7);
+        let msg = w.message("v8", 8, &image, &["--name", "v8"]);
+        w.publish(&msg, To::Device("gw-0042"));
+        w.wait_for("the download", Duration::from_secs(20), || w.g.status()["state"] == "downloading");
+        w.net.link_down();
+        std::thread::sleep(Duration::from_secs(30));
+        w.net.link_up();
+        assert_done_once(&w, &image);
+        w.wait_connected();
+        let log = w.server.log();
+        assert!(log.len() >= 2 && log.last().unwrap().range_start > 0, "resumed with Range: {log:?}");
+        eprintln!("link-down run {run}: ok, {} requests", log.len());
+    }
+    eprintln!("link down 30 s mid-download: {n}/{n} runs completed exactly once");
+}
+
+#[test]
+fn a_message_unacked_at_a_crash_is_redelivered_and_run_once() {
+    if !can_run() {
+        return;
+    }
+    let n = runs("FLEETD_FAULT_RUNS", 3);
+    let mut x = now() | 1;
+    for run in 0..n {
+        let mut w = World::new(None);
+        w.start_daemon();
+        w.wait_connected();
+        let image = image_bytes(2 << 20, run as u64 + 3);
+        let msg = w.message("v8", 8, &image, &["--name", "v8"]);
+        // Freeze the daemon so the message sits unacknowledged in its socket,
+        // then kill it at a random moment after it wakes.
+        let pid = w.daemon.as_ref().unwrap().id() as i32;
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        w.publish(&msg, To::Device("gw-0042"));
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        std::thread::sleep(Duration::from_millis(x % 40));
+        w.kill_daemon();
+        w.start_daemon();
+        assert_done_once(&w, &image);
+        eprintln!("redelivery run {run}: ok");
+    }
+    eprintln!("crash before/after the ack: {n}/{n} runs ran the update exactly once");
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_refused_with_a_clear_tls_error() {
+    if !can_run() {
+        return;
+    }
+        // The device presents a certificate from a CA the broker does not trust.
+    let mut w = World::new(None);
+    let (cert, key) = w.pki.foreign_client("gw-0042");
+    let (host, port) = w.broker.url();
+    w.g.extra_config = format!(
+        "stall_timeout_s = 5\n\n[mqtt]\nhost = \"{host}\"\nport = {port}\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        w.pki.ca_pem.display(),
+        cert.display(),
+        key.display()
+    );
+    w.g.write_config();
+    w.start_daemon();
+    w.wait_for("a connection error", Duration::from_secs(20), || w.connection()["error"].is_string());
+    let error = w.connection()["error"].as_str().unwrap().to_string();
+    assert!(error.starts_with("mqtt-tls") || error.contains("alert") || error.contains("certificate"), "{error}");
+    assert_ne!(w.connection()["connected"], true);
+    eprintln!("foreign-CA device: {error}");
+}
+
+#[test]
+fn a_device_never_receives_another_devices_update() {
+    if !can_run() {
+        return;
+    }
+    let w = {
+        let mut w = World::new(None);
+        w.start_daemon();
+        w.wait_connected();
+        w
+    };
+    // A valid message for gw-0043, on gw-0043's topic: gw-0042 must not see it.
+    let msg = w.message("other", 8, &image_bytes(1 << 20, 5), &["--device", "gw-0042"]);
+    w.publish(&msg, To::Device("gw-0043"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(w.g.status()["state"], "idle");
+    assert!(w.server.log().is_empty(), "nothing was downloaded");
+    // And gw-0042 cannot even subscribe its way to it: the broker withholds delivery.
+    let (cert, key) = w.pki.client("gw-0042");
+    let (host, port) = w.broker.url();
+    let sub = w
+        .net
+        .in_device("mosquitto_sub")
+        .args(["-h", &host, "-p", &port.to_string(), "--cafile"])
+        .arg(&w.pki.ca_pem)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(["-i", "gw-0042-spy", "-t", "fleet/acme-gateways/devices/gw-0043/update", "-C", "1", "-W", "3"])
+        .output()
+        .unwrap();
+    w.publish(&msg, To::Device("gw-0043"));
+    assert!(sub.stdout.is_empty(), "gw-0042 received gw-0043's message");
+}
+
+#[test]
+fn forged_replayed_and_expired_messages_are_refused_and_reported() {
+    if !can_run() {
+        return;
+    }
+    let mut w = World::new(None);
+    w.start_daemon();
+    w.wait_connected();
+    let image = image_bytes(1 << 20, 8);
+
+    let forged = {
+        let file = w.g.path().join("forged.img");
+        std::fs::write(&file, &image).unwrap();
+        let url = w.server.add("/forged.img", image.clone());
+        w.g.dev.sign("forged", "fleet", "fleet", &["--url", &url, "--image", file.to_str().unwrap()])
+    };
+    w.publish(&forged, To::Device("gw-0042"));
+    w.wait_for("the forged message to be refused", Duration::from_secs(20), || {
+        w.g.status()["last_error"].as_str().is_some_and(|e| e.starts_with("signature-missing"))
+    });
+    let mut retained = serde_json::Value::Null;
+    w.wait_for("the refusal in the retained status", Duration::from_secs(10), || {
+        retained = w.retained_status();
+        retained["last_error"].as_str().is_some_and(|e| e.starts_with("signature-missing"))
+    });
+
+    let expired = w.message("expired", 8, &image, &["--not-before", "1736000000", "--valid-for", "3600"]);
+    w.publish(&expired, To::Device("gw-0042"));
+    w.wait_for("the expired message to be refused", Duration::from_secs(20), || {
+        w.g.status()["last_error"].as_str().is_some_and(|e| e.starts_with("expired"))
+    });
+
+    // A genuine message, installed; the same message again is a replay.
+    let genuine = w.message("v8", 8, &image, &[]);
+    w.publish(&genuine, To::Device("gw-0042"));
+    w.wait_state("reboot-pending", Duration::from_secs(30));
+    w.reboot();
+    w.wait_state("committed", Duration::from_secs(30));
+    w.publish(&genuine, To::Device("gw-0042"));
+    w.wait_for("the replay to be recognised", Duration::from_secs(20), || {
+        w.log().contains("a second delivery of a message already handled")
+    });
+    assert_eq!(w.g.status()["installed_version"], 8);
+    assert!(w.server.log().len() == 1, "the replay downloaded nothing");
+    assert!(w.g.status()["state"] == "committed");
+}
