@@ -187,7 +187,7 @@ async fn handle_message(
     }
     let verdict = policy.verify(payload, &updater.store().state().trust_state(), crate::system_now());
     match verdict {
-                Err(e) => {
+        Err(e) => {
             record_refusal(updater, &format!("{e} (on {topic})"));
             ack();
         }

@@ -28,7 +28,10 @@ fn is_root() -> bool {
 fn can_run() -> bool {
     let ok = is_root() && cloud::available(&["ip", "mosquitto"]);
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the namespace tests (root, mosquitto, iproute2)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the namespace tests (root, mosquitto, iproute2)"
+        );
         eprintln!("SKIP: needs root, iproute2 and mosquitto (scripts/setup)");
     }
     ok
@@ -56,7 +59,8 @@ impl World {
         let pki = Pki::new(&g.path().join("pki"), net.cloud_ip());
         let broker = Broker::start(&net, &pki, &g.path().join("broker"), &[("gw-0042", PROJECT, "pilot")]);
         let ip = net.cloud_ip();
-        let server = cloud::run_in_netns(net.cloud_ns(), move || ImageServer::start_on(&format!("{ip}:8080")));
+        let server =
+            cloud::run_in_netns(net.cloud_ns(), move || ImageServer::start_on(&format!("{ip}:8080")));
         let (cert, key) = device_cert.unwrap_or_else(|| pki.client("gw-0042"));
         let (host, port) = broker.url();
         g.extra_config = format!(
@@ -117,7 +121,9 @@ impl World {
     }
 
     fn wait_connected(&self) {
-        self.wait_for("the MQTT connection", Duration::from_secs(20), || self.connection()["connected"] == true);
+        self.wait_for("the MQTT connection", Duration::from_secs(20), || {
+            self.connection()["connected"] == true
+        });
     }
 
     fn wait_state(&self, state: &str, timeout: Duration) -> serde_json::Value {
@@ -251,7 +257,7 @@ fn assert_done_once(w: &World, image: &[u8]) {
     assert_eq!(st["job"]["version"], 8);
     let slot = std::fs::read(w.g.slot("B")).unwrap();
     assert!(slot[..image.len()] == image[..], "slot B holds the image");
-        // A second run would need a second acceptance, which the replay cache and
+    // A second run would need a second acceptance, which the replay cache and
     // the duplicate check forbid: at most one acceptance is logged (a kill can
     // fall between persisting the job and logging it), and no delivery was
     // mistaken for a replay attack.
@@ -284,7 +290,9 @@ fn broker_killed_and_restarted_mid_download() {
         // Subscriptions were restored (or kept by the session): a second message arrives.
         let msg9 = w.message("v9", 9, &image_bytes(1 << 20, 99), &["--name", "v9"]);
         w.publish(&msg9, To::Device("gw-0042"));
-        w.wait_for("the next message to be handled", Duration::from_secs(20), || w.log().contains("busy: update"));
+        w.wait_for("the next message to be handled", Duration::from_secs(20), || {
+            w.log().contains("busy: update")
+        });
         eprintln!("broker-kill run {run}: ok");
     }
     eprintln!("broker killed mid-download: {n}/{n} runs completed exactly once");
@@ -354,7 +362,7 @@ fn a_certificate_from_another_ca_is_refused_with_a_clear_tls_error() {
     if !can_run() {
         return;
     }
-        // The device presents a certificate from a CA the broker does not trust.
+    // The device presents a certificate from a CA the broker does not trust.
     let mut w = World::new(None);
     let (cert, key) = w.pki.foreign_client("gw-0042");
     let (host, port) = w.broker.url();
@@ -368,7 +376,10 @@ fn a_certificate_from_another_ca_is_refused_with_a_clear_tls_error() {
     w.start_daemon();
     w.wait_for("a connection error", Duration::from_secs(20), || w.connection()["error"].is_string());
     let error = w.connection()["error"].as_str().unwrap().to_string();
-    assert!(error.starts_with("mqtt-tls") || error.contains("alert") || error.contains("certificate"), "{error}");
+    assert!(
+        error.starts_with("mqtt-tls") || error.contains("alert") || error.contains("certificate"),
+        "{error}"
+    );
     assert_ne!(w.connection()["connected"], true);
     eprintln!("foreign-CA device: {error}");
 }

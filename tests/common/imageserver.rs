@@ -14,7 +14,7 @@ pub enum Fault {
     CutAfter(u64),
     /// Send the whole requested range and then this many more bytes (no Content-Length).
     Extra(u64),
-        /// Send this many bytes, then go silent for the duration.
+    /// Send this many bytes, then go silent for the duration.
     Stall(u64, Duration),
     /// Send the body at about this many bytes per second.
     Throttle(u64),
@@ -79,7 +79,7 @@ impl ImageServer {
         self.inner.lock().unwrap().faults.push_back(fault);
     }
 
-        /// Slows every later response to about `bytes_per_second` (None: full speed).
+    /// Slows every later response to about `bytes_per_second` (None: full speed).
     pub fn set_rate(&self, bytes_per_second: Option<u64>) {
         self.inner.lock().unwrap().rate = bytes_per_second;
     }
@@ -97,7 +97,7 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
         if reader.read_line(&mut request_line)? == 0 {
             return Ok(());
         }
-                let arrived = std::time::Instant::now();
+        let arrived = std::time::Instant::now();
         let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut range_start = 0u64;
         loop {
@@ -112,7 +112,7 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
                 range_start = v.trim_end_matches('-').parse().unwrap_or(0);
             }
         }
-                let (file, fault) = {
+        let (file, fault) = {
             let mut g = inner.lock().unwrap();
             let fault = g.faults.pop_front().or(g.rate.map(Fault::Throttle));
             (g.files.get(&path).cloned(), fault)
@@ -149,7 +149,7 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
             }
             _ => (body.len(), fault.clone()),
         };
-                let mut sent = 0usize;
+        let mut sent = 0usize;
         let pace = match &fault {
             Some(Fault::Throttle(rate)) => Some(Duration::from_secs_f64(64.0 * 1024.0 / *rate as f64)),
             _ => None,
@@ -166,7 +166,7 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
         inner.lock().unwrap().log.push(Served {
             path: path.clone(),
             range_start: start,
-                        body_bytes: sent as u64,
+            body_bytes: sent as u64,
             at: arrived,
         });
         match after {

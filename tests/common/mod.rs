@@ -4,6 +4,7 @@
 pub mod bootsim_grub;
 pub mod bootsim_tryboot;
 pub mod bootsim_uboot;
+pub mod cloud;
 pub mod gateway;
 pub mod imageserver;
 
