@@ -115,7 +115,12 @@ impl World {
     fn wait_for(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;
         while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n--- fleetd\n{}\n--- mosquitto\n{}",
+                self.log(),
+                self.broker.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -56,14 +56,17 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut on_event: impl FnMut(&ClientEvent),
 ) {
-    let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(setup.options, 64);
+    let (client, eventloop): (AsyncClient, EventLoop) = AsyncClient::new(setup.options, 64);
+    // `poll()` must never be cancelled half-way through a (re)connect, so it
+    // runs in a task of its own that only forwards what happened.
+    let (events_tx, mut events) = mpsc::channel(64);
+    let poller = tokio::spawn(poll_forever(eventloop, setup.backoff, events_tx));
     let topics = setup.topics;
     let mut pending_acks: HashMap<u64, rumqttc::Publish> = HashMap::new();
     let mut next_token = 0u64;
     let mut last_status: Option<Vec<u8>> = None;
     let mut limiter = ProgressLimiter::new(Duration::from_secs(1));
     let mut suback_topics: Vec<String> = Vec::new();
-    let mut failures = 0u32;
     let mut record = |event: &ClientEvent| {
         if let Some(path) = &setup.connection_file {
             write_connection_file(path, event);
@@ -92,9 +95,10 @@ pub async fn run(
                     }
                 }
             },
-            event = eventloop.poll() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    failures = 0;
+                        polled = events.recv() => match polled {
+                None => break,
+                Some(Polled::Event(event)) => match event {
+                                Event::Incoming(Packet::ConnAck(ack)) => {
                     let _ = connected.send(true);
                     record(&ClientEvent::Connected { session_present: ack.session_present });
                     // Without a stored session the broker forgot our subscriptions.
@@ -108,7 +112,7 @@ pub async fn run(
                         let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, doc.clone());
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                                Event::Incoming(Packet::SubAck(ack)) => {
                     // mosquitto grants and silently withholds on an ACL denial;
                     // other brokers answer Failure: say so.
                     let mut granted = Vec::new();
@@ -120,7 +124,7 @@ pub async fn run(
                     }
                     record(&ClientEvent::Subscribed { topics: granted });
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                                Event::Incoming(Packet::Publish(publish)) => {
                     if topics.updates.iter().any(|t| *t == publish.topic) {
                         next_token += 1;
                         let message = Inbound::UpdateMessage {
@@ -137,18 +141,13 @@ pub async fn run(
                         let _ = client.try_ack(&publish);
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
+                                _ => {}
+                },
+                Some(Polled::Lost { error, retry_in }) => {
                     let _ = connected.send(false);
                     // Unacked messages will be redelivered by the broker.
                     pending_acks.clear();
-                    let retry_in = setup.backoff.delay(failures);
-                    failures = failures.saturating_add(1);
-                    record(&ClientEvent::Disconnected { error: describe(&e), retry_in });
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry_in) => {}
-                        _ = shutdown.changed() => break,
-                    }
+                    record(&ClientEvent::Disconnected { error, retry_in });
                 }
             },
         }
@@ -156,27 +155,66 @@ pub async fn run(
     let _ = connected.send(false);
     let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, b"false".to_vec());
     let _ = client.try_disconnect();
-    // Let the disconnect go out.
+    // Let the goodbye go out, then stop polling.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while let Ok(event) = eventloop.poll().await {
-            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+        while let Some(polled) = events.recv().await {
+            if matches!(polled, Polled::Event(Event::Outgoing(rumqttc::Outgoing::Disconnect))) {
                 break;
             }
         }
     })
     .await;
+    poller.abort();
+}
+
+/// What the polling task saw.
+enum Polled {
+    Event(Event),
+    /// The connection failed; the next attempt comes after `retry_in`.
+    Lost {
+        error: String,
+        retry_in: Duration,
+    },
+}
+
+/// Polls the event loop for ever, waiting out a full-jitter backoff after
+/// each failure (reset by a successful connection).
+async fn poll_forever(mut eventloop: EventLoop, backoff: Backoff, events: mpsc::Sender<Polled>) {
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(event) => {
+                if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                    failures = 0;
+                }
+                if events.send(Polled::Event(event)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let retry_in = backoff.delay(failures);
+                failures = failures.saturating_add(1);
+                if events.send(Polled::Lost { error: describe(&e), retry_in }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(retry_in).await;
+            }
+        }
+    }
 }
 
 /// A connection error in words, with TLS problems named as such.
 fn describe(e: &rumqttc::ConnectionError) -> String {
     use rumqttc::ConnectionError as E;
+    let text = e.to_string();
+    let lower = text.to_lowercase();
+    // A refused client certificate shows up as a TLS alert wrapped in an IO
+    // or protocol error, depending on when it arrives.
+    if lower.contains("alert") || lower.contains("certificate") {
+        return format!("mqtt-tls: {text}");
+    }
     match e {
         E::Tls(t) => format!("mqtt-tls: {t}"),
-        E::Io(io)
-            if io.to_string().to_lowercase().contains("alert") || io.to_string().contains("certificate") =>
-        {
-            format!("mqtt-tls: {io}")
-        }
         E::ConnectionRefused(code) => format!("mqtt-refused: {code:?}"),
         E::Io(io) => format!("mqtt-io: {io}"),
         other => format!("mqtt: {other}"),
