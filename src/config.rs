@@ -170,6 +170,10 @@ pub struct Update {
     pub retries: u32,
     #[serde(default = "default_retry_base_ms")]
     pub retry_base_ms: u64,
+    /// A download gives up after `retries` fruitless attempts and at least
+    /// this many seconds without progress.
+    #[serde(default = "default_give_up_after")]
+    pub give_up_after_s: u64,
     /// fsync and record progress every this many MiB.
     #[serde(default = "default_checkpoint_mib")]
     pub checkpoint_mib: u64,
@@ -185,6 +189,7 @@ impl Default for Update {
             min_rate_bps: default_min_rate(),
             retries: default_retries(),
             retry_base_ms: default_retry_base_ms(),
+            give_up_after_s: default_give_up_after(),
             checkpoint_mib: default_checkpoint_mib(),
         }
     }
@@ -201,6 +206,9 @@ fn default_retries() -> u32 {
 }
 fn default_retry_base_ms() -> u64 {
     1000
+}
+fn default_give_up_after() -> u64 {
+    300
 }
 fn default_checkpoint_mib() -> u64 {
     64

@@ -70,6 +70,8 @@ impl World {
             cert.display(),
             key.display()
         );
+        // Ride out the 30 s link-down test's outage.
+        g.give_up_after_s = 120;
         g.write_config();
         let daemon_log = g.path().join("fleetd.log");
         World { net, pki, broker, server, g, daemon: None, daemon_log }
@@ -381,10 +383,7 @@ fn a_certificate_from_another_ca_is_refused_with_a_clear_tls_error() {
     w.start_daemon();
     w.wait_for("a connection error", Duration::from_secs(20), || w.connection()["error"].is_string());
     let error = w.connection()["error"].as_str().unwrap().to_string();
-    assert!(
-        error.starts_with("mqtt-tls") || error.contains("alert") || error.contains("certificate"),
-        "{error}"
-    );
+    assert!(error.starts_with("mqtt-tls: ") && error.contains("UnknownCA"), "{error}");
     assert_ne!(w.connection()["connected"], true);
     eprintln!("foreign-CA device: {error}");
 }

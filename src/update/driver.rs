@@ -330,6 +330,7 @@ impl Updater {
             min_rate: u.min_rate_bps,
             max_attempts: u.retries,
             backoff_base: Duration::from_millis(u.retry_base_ms),
+            give_up_after: Duration::from_secs(u.give_up_after_s),
             checkpoint_every: u.checkpoint_mib << 20,
             ..FetchPolicy::default()
         }

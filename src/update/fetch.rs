@@ -15,8 +15,10 @@ pub struct FetchPolicy {
     /// Bytes per second that each `rate_window` must reach (0: no minimum).
     pub min_rate: u64,
     pub rate_window: Duration,
-    /// Consecutive attempts that make no progress before giving up.
+    /// Consecutive attempts that make no progress before giving up...
     pub max_attempts: u32,
+    /// ...and at least this long without progress.
+    pub give_up_after: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     /// fsync and report a durable offset this often.
@@ -30,6 +32,7 @@ impl Default for FetchPolicy {
             min_rate: 1024,
             rate_window: Duration::from_secs(60),
             max_attempts: 8,
+            give_up_after: Duration::from_secs(300),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
             checkpoint_every: 32 << 20,
@@ -98,6 +101,7 @@ pub async fn fetch_into(
     let uri: hyper::Uri = url.parse().map_err(|e| FetchError::BadUrl(format!("{url}: {e}")))?;
     let mut stats = FetchStats::default();
     let mut fruitless = 0u32;
+    let mut last_progress = Instant::now();
     let mut last_checkpoint = writer.position();
     loop {
         if writer.position() == writer.size() {
@@ -122,8 +126,15 @@ pub async fn fetch_into(
             Err(Interrupted::Transient(why)) => {
                 // Keep what arrived: those bytes are never fetched again.
                 writer.write_pending()?;
-                fruitless = if writer.position() > before { 0 } else { fruitless + 1 };
-                if fruitless >= policy.max_attempts {
+                if writer.position() > before {
+                    fruitless = 0;
+                    last_progress = Instant::now();
+                } else {
+                    fruitless += 1;
+                }
+                // An outage (a link down, a router rebooting) is ridden out:
+                // give up only after enough attempts AND enough time.
+                if fruitless >= policy.max_attempts && last_progress.elapsed() >= policy.give_up_after {
                     return Err(FetchError::GaveUp { attempts: fruitless, last: why });
                 }
                 tokio::time::sleep(backoff(policy, fruitless)).await;

@@ -28,12 +28,21 @@ pub struct Gateway {
     pub booted: String,
     boots: u32,
     pub extra_config: String,
+    /// `update.give_up_after_s`: 0 gives up after the retries alone.
+    pub give_up_after_s: u64,
 }
 
 impl Gateway {
     pub fn new(bootloader: Bootloader, slot_size: u64) -> Self {
         let dev = Device::with_slot_size(slot_size);
-        let g = Self { dev, bootloader, booted: "A".into(), boots: 1, extra_config: String::new() };
+        let g = Self {
+            dev,
+            bootloader,
+            booted: "A".into(),
+            boots: 1,
+            extra_config: String::new(),
+            give_up_after_s: 0,
+        };
         match bootloader {
             Bootloader::Grub => {
                 fleetd::boot::grub::GrubEnv::initialize(&g.grubenv(), &["A".into(), "B".into()])
@@ -141,6 +150,7 @@ boot_id_file = "boot_id"
 reboot = "command"
 reboot_command = "printf '%s' \"$FLEETD_REBOOT_ARG\" > '{reboot_request}'"
 retry_base_ms = 50
+give_up_after_s = {give_up}
 checkpoint_mib = 1
 {extra}
 
@@ -149,6 +159,7 @@ command = "health-check"
 timeout_s = 20
 "#,
             reboot_request = reboot_request.display(),
+            give_up = self.give_up_after_s,
             extra = self.extra_config,
         );
         std::fs::write(self.dev.config(), text).unwrap();
