@@ -121,7 +121,7 @@ pub async fn run(
                     record(&ClientEvent::Subscribed { topics: granted });
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if topics.updates.iter().any(|t| *t == publish.topic) {
+                    if topics.updates.contains(&publish.topic) {
                         next_token += 1;
                         let message = Inbound::UpdateMessage {
                             topic: publish.topic.clone(),
