@@ -172,9 +172,14 @@ async fn handle_message(
     let jti = crate::cli::peek_jti(payload);
     if let Some(jti) = &jti {
         if updater.store().state().knows_job(jti) {
-            eprintln!(
-                "update {jti} on {topic}: a second delivery of a message already handled; not run again"
-            );
+            let detail = "a second delivery of a message already handled; not run again";
+            eprintln!("update {jti} on {topic}: {detail}");
+            // The fleet sees it too: a replay or a redelivery is not silent.
+            let payload = serde_json::json!({ "jti": jti, "step": "duplicate", "detail": detail });
+            let _ = outbox.send(Outbound::Progress {
+                step: "duplicate".into(),
+                payload: payload.to_string().into_bytes(),
+            });
             ack();
             return;
         }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod cosigner;
 pub mod daemon;
+mod demo_broker;
 pub mod fsutil;
 pub mod http;
 pub mod mqtt;

@@ -14,7 +14,7 @@ fn load_config(flag: Option<&Path>) -> Result<Config, String> {
     Config::load(&config::resolve_path(flag)).map_err(|e| e.to_string())
 }
 
-fn open_updater(config: Config) -> Result<Updater, String> {
+pub(super) fn open_updater(config: Config) -> Result<Updater, String> {
     let store = Store::open(&config.device.state_dir).map_err(|e| e.to_string())?;
     let backend = boot::from_config(&config).map_err(|e| e.to_string())?;
     let booted = boot::booted_slot(&config, backend.as_ref()).map_err(|e| e.to_string())?;

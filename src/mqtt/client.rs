@@ -124,8 +124,8 @@ pub async fn run(
                     }
                     record(&ClientEvent::Subscribed { topics: granted });
                 }
-                                Event::Incoming(Packet::Publish(publish)) => {
-                    if topics.updates.iter().any(|t| *t == publish.topic) {
+                Event::Incoming(Packet::Publish(publish)) => {
+                    if topics.updates.contains(&publish.topic) {
                         next_token += 1;
                         let message = Inbound::UpdateMessage {
                             topic: publish.topic.clone(),
