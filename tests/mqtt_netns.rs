@@ -181,9 +181,9 @@ impl World {
         cmd.arg("watch").args(self.fleet_args()).args(["--project", PROJECT, "--timeout", "2"]);
         let out = ok(&mut cmd);
         out.lines()
+            .rev()
             .filter_map(|l| l.strip_prefix("fleet/acme-gateways/devices/gw-0042/status "))
-            .filter_map(|doc| serde_json::from_str(doc).ok())
-            .last()
+            .find_map(|doc| serde_json::from_str(doc).ok())
             .unwrap_or(serde_json::Value::Null)
     }
 
@@ -319,14 +319,21 @@ fn link_down_for_30_seconds_mid_download() {
         let image = image_bytes(6 << 20, run as u64 + 7);
         let msg = w.message("v8", 8, &image, &["--name", "v8"]);
         w.publish(&msg, To::Device("gw-0042"));
-        w.wait_for("the download", Duration::from_secs(20), || w.g.status()["state"] == "downloading");
+        // Cut the link once bytes have landed in the slot (a checkpoint).
+        w.wait_for("a checkpoint", Duration::from_secs(20), || {
+            w.g.status()["job"]["progress"].as_u64().unwrap_or(0) >= 16
+        });
         w.net.link_down();
         std::thread::sleep(Duration::from_secs(30));
         w.net.link_up();
         assert_done_once(&w, &image);
         w.wait_connected();
         let log = w.server.log();
-        assert!(log.len() >= 2 && log.last().unwrap().range_start > 0, "resumed with Range: {log:?}");
+        assert!(
+            log.len() >= 2 && log.last().unwrap().range_start > 0,
+            "resumed with Range: {log:?}\n{}",
+            w.log()
+        );
         eprintln!("link-down run {run}: ok, {} requests", log.len());
     }
     eprintln!("link down 30 s mid-download: {n}/{n} runs completed exactly once");

@@ -293,7 +293,8 @@ impl Updater {
         let client: fetch::Client = crate::http::client(tls);
         let policy = self.fetch_policy();
         let store = &mut self.store;
-        let reporter = &mut self.reporter;
+        // Two hooks report; they take turns with the one reporter.
+        let reporter = std::cell::RefCell::new(&mut self.reporter);
         let mut on_checkpoint = |durable: u64| -> Result<(), String> {
             let job = store.state().job.clone().ok_or("no job")?;
             let (next, _) =
@@ -306,12 +307,26 @@ impl Updater {
             let percent = done * 100 / total.max(1);
             if percent != last_percent {
                 last_percent = percent;
-                reporter(&Report::Progress { jti: job.jti.clone(), version: job.version, done, total });
+                (reporter.borrow_mut())(&Report::Progress {
+                    jti: job.jti.clone(),
+                    version: job.version,
+                    done,
+                    total,
+                });
             }
         };
-        fetch::fetch_into(&client, &job.url, &mut writer, &policy, &mut on_checkpoint, &mut on_progress)
-            .await
-            .map_err(|e| named(&e))?;
+        let mut on_retry = |why: &str, wait: Duration| {
+            (reporter.borrow_mut())(&Report::Step {
+                state: "downloading",
+                detail: format!("download interrupted ({why}); retrying in {} ms", wait.as_millis()),
+            });
+        };
+        let hooks = fetch::FetchHooks {
+            on_checkpoint: &mut on_checkpoint,
+            on_progress: &mut on_progress,
+            on_retry: &mut on_retry,
+        };
+        fetch::fetch_into(&client, &job.url, &mut writer, &policy, hooks).await.map_err(|e| named(&e))?;
         let stats = writer.finish(&job.sha256).map_err(|e| named(&e))?;
         (self.reporter)(&Report::Step {
             state: "installing",

@@ -88,16 +88,25 @@ pub struct FetchStats {
 
 pub type Client = crate::http::HttpsClient<Empty<Bytes>>;
 
-/// Downloads until the writer holds the whole image. `on_checkpoint` gets
-/// each durable (fsynced) offset; `on_progress` every received chunk.
+/// What a download tells its caller as it goes.
+pub struct FetchHooks<'a> {
+    /// Each durable (fsynced) offset; an error stops the download.
+    pub on_checkpoint: &'a mut dyn FnMut(u64) -> Result<(), String>,
+    /// Every received chunk: (received, total).
+    pub on_progress: &'a mut dyn FnMut(u64, u64),
+    /// An interrupted attempt: why, and the wait before the next.
+    pub on_retry: &'a mut dyn FnMut(&str, Duration),
+}
+
+/// Downloads until the writer holds the whole image.
 pub async fn fetch_into(
     client: &Client,
     url: &str,
     writer: &mut SlotWriter,
     policy: &FetchPolicy,
-    on_checkpoint: &mut dyn FnMut(u64) -> Result<(), String>,
-    on_progress: &mut dyn FnMut(u64, u64),
+    hooks: FetchHooks<'_>,
 ) -> Result<FetchStats, FetchError> {
+    let FetchHooks { on_checkpoint, on_progress, on_retry } = hooks;
     let uri: hyper::Uri = url.parse().map_err(|e| FetchError::BadUrl(format!("{url}: {e}")))?;
     let mut stats = FetchStats::default();
     let mut fruitless = 0u32;
@@ -137,7 +146,9 @@ pub async fn fetch_into(
                 if fruitless >= policy.max_attempts && last_progress.elapsed() >= policy.give_up_after {
                     return Err(FetchError::GaveUp { attempts: fruitless, last: why });
                 }
-                tokio::time::sleep(backoff(policy, fruitless)).await;
+                let wait = backoff(policy, fruitless);
+                on_retry(&why, wait);
+                tokio::time::sleep(wait).await;
             }
         }
     }

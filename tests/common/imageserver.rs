@@ -149,6 +149,12 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
             }
             _ => (body.len(), fault.clone()),
         };
+        // Logged on arrival; the byte count is filled in as the body goes out.
+        let index = {
+            let mut g = inner.lock().unwrap();
+            g.log.push(Served { path: path.clone(), range_start: start, body_bytes: 0, at: arrived });
+            g.log.len() - 1
+        };
         let mut sent = 0usize;
         let pace = match &fault {
             Some(Fault::Throttle(rate)) => Some(Duration::from_secs_f64(64.0 * 1024.0 / *rate as f64)),
@@ -159,16 +165,12 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
                 break;
             }
             sent += chunk.len();
+            inner.lock().unwrap().log[index].body_bytes = sent as u64;
             if let Some(pause) = pace {
                 std::thread::sleep(pause);
             }
         }
-        inner.lock().unwrap().log.push(Served {
-            path: path.clone(),
-            range_start: start,
-            body_bytes: sent as u64,
-            at: arrived,
-        });
+        inner.lock().unwrap().log[index].body_bytes = sent as u64;
         match after {
             Some(Fault::CutAfter(_)) => {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
