@@ -15,9 +15,15 @@ pub fn run(
     config: Config,
     open: impl FnOnce(Config) -> Result<Updater, String> + Send + 'static,
 ) -> Result<(), String> {
-    let Some(mqtt_config) = config.mqtt.clone() else {
+        let Some(mqtt_config) = config.mqtt.clone() else {
         return Err("no [mqtt] section: nothing to connect to".into());
     };
+    if mqtt_config.profile != crate::config::MqttProfile::Native {
+        return Err(format!(
+            "{}: key `mqtt.profile`: \"aws-iot-jobs\" is not implemented yet; use \"native\"",
+            config.source.display()
+        ));
+    }
     let (cert, key) = mqtt::identity_paths(&config, &mqtt_config);
     let tls = mqtt::tls_config(&mqtt_config.ca_file, &cert, &key).map_err(|e| e.to_string())?;
     run_until(config, Some(tls), open, crate::cli::fleetctl::shutdown_signal())
