@@ -15,7 +15,7 @@ pub fn run(
     config: Config,
     open: impl FnOnce(Config) -> Result<Updater, String> + Send + 'static,
 ) -> Result<(), String> {
-        let Some(mqtt_config) = config.mqtt.clone() else {
+    let Some(mqtt_config) = config.mqtt.clone() else {
         return Err("no [mqtt] section: nothing to connect to".into());
     };
     if mqtt_config.profile != crate::config::MqttProfile::Native {
