@@ -18,12 +18,7 @@ pub fn run(
     let Some(mqtt_config) = config.mqtt.clone() else {
         return Err("no [mqtt] section: nothing to connect to".into());
     };
-    if mqtt_config.profile != crate::config::MqttProfile::Native {
-        return Err(format!(
-            "{}: key `mqtt.profile`: \"aws-iot-jobs\" is not implemented yet; use \"native\"",
-            config.source.display()
-        ));
-    }
+
     let (cert, key) = mqtt::identity_paths(&config, &mqtt_config);
     let tls = mqtt::tls_config(&mqtt_config.ca_file, &cert, &key).map_err(|e| e.to_string())?;
     run_until(config, Some(tls), open, crate::cli::fleetctl::shutdown_signal())
@@ -54,9 +49,14 @@ pub fn run_until(
         ),
         None => mqtt::plain_options_for_demo(&config.device.id, &mqtt_config.host, mqtt_config.port, will),
     };
+    let aws_jobs = match mqtt_config.profile {
+        crate::config::MqttProfile::AwsIotJobs => Some(mqtt::aws::AwsJobs::new(&config.device.id)),
+        crate::config::MqttProfile::Native => None,
+    };
     let setup = ClientSetup {
         options,
         topics,
+        aws_jobs,
         backoff: Backoff { base: Duration::from_secs(1), cap: Duration::from_secs(300) },
         connection_file: Some(config.device.state_dir.join("connection.json")),
     };
@@ -175,6 +175,9 @@ async fn handle_message(
     let ack = || {
         let _ = outbox.send(Outbound::Ack(token));
     };
+    let refuse = |error: &str| {
+        let _ = outbox.send(Outbound::Refused { token, error: error.to_string() });
+    };
     let jti = crate::cli::peek_jti(payload);
     if let Some(jti) = &jti {
         if updater.store().state().knows_job(jti) {
@@ -193,14 +196,14 @@ async fn handle_message(
     if let Some(job) = updater.store().state().active_job() {
         let error = format!("busy: update {} (v{}) is in progress", job.jti, job.version);
         record_refusal(updater, &error);
-        ack();
+        refuse(&error);
         return;
     }
     let verdict = policy.verify(payload, &updater.store().state().trust_state(), crate::system_now());
     match verdict {
         Err(e) => {
             record_refusal(updater, &format!("{e} (on {topic})"));
-            ack();
+            refuse(&e.to_string());
         }
         Ok(verified) => {
             let outbox = outbox.clone();
@@ -210,7 +213,7 @@ async fn handle_message(
             if let Err(e) = updater.start_then(&verified.claims, on_persisted).await {
                 eprintln!("update {}: {e}", verified.claims.jti);
                 record_refusal(updater, &e.to_string());
-                ack();
+                refuse(&e.to_string());
             }
         }
     }

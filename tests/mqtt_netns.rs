@@ -477,3 +477,158 @@ fn forged_replayed_and_expired_messages_are_refused_and_reported() {
     assert!(w.server.log().len() == 1, "the replay downloaded nothing");
     assert!(w.g.status()["state"] == "committed");
 }
+
+/// A double of the AWS IoT Jobs service (no AWS here), speaking the Jobs
+/// MQTT protocol over the real broker: it answers start-next, announces new
+/// jobs on notify-next, and records every status update. It drops the
+/// response to the first final status, so the device must retry.
+struct JobsService {
+    state: std::sync::Arc<std::sync::Mutex<JobsState>>,
+    client: rumqttc::Client,
+}
+
+#[derive(Default)]
+struct JobsState {
+    jobs: Vec<(String, serde_json::Value, String)>,
+    updates: Vec<(String, String, serde_json::Value)>,
+    dropped_a_final: bool,
+}
+
+impl JobsService {
+    fn start(w: &World) -> JobsService {
+        let (host, port) = w.broker.url();
+        let tls = w.pki.rustls_client("aws-jobs");
+        let mut options = rumqttc::MqttOptions::new("aws-jobs", host, port);
+        options
+            .set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)))
+            .set_max_packet_size(128 << 10, 128 << 10);
+        let state = std::sync::Arc::new(std::sync::Mutex::new(JobsState::default()));
+        let shared = state.clone();
+        let (client, mut connection) =
+            cloud::run_in_netns(w.net.cloud_ns(), move || rumqttc::Client::new(options, 16));
+        let responder = client.clone();
+        cloud::spawn_in_netns(w.net.cloud_ns(), move || {
+            for event in connection.iter() {
+                let Ok(rumqttc::Event::Incoming(packet)) = event else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                match packet {
+                    rumqttc::Packet::ConnAck(_) => {
+                        let _ =
+                            responder.subscribe("$aws/things/+/jobs/start-next", rumqttc::QoS::AtLeastOnce);
+                        let _ = responder.subscribe("$aws/things/+/jobs/+/update", rumqttc::QoS::AtLeastOnce);
+                    }
+                    rumqttc::Packet::Publish(p) => {
+                        let parts: Vec<&str> = p.topic.split('/').collect();
+                        let thing = parts.get(2).copied().unwrap_or_default().to_string();
+                        let mut s = shared.lock().unwrap();
+                        if p.topic.ends_with("/jobs/start-next") {
+                            let next = s.jobs.iter_mut().find(|j| j.2 == "QUEUED" || j.2 == "IN_PROGRESS");
+                            let body = match next {
+                                Some(job) => {
+                                    job.2 = "IN_PROGRESS".into();
+                                    serde_json::json!({"execution": {"jobId": job.0, "status": "IN_PROGRESS", "jobDocument": job.1, "versionNumber": 1}})
+                                }
+                                None => serde_json::json!({}),
+                            };
+                            let topic = format!("$aws/things/{thing}/jobs/start-next/accepted");
+                            let _ =
+                                responder.publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string());
+                        } else if p.topic.ends_with("/update") {
+                            let job_id = parts.get(4).copied().unwrap_or_default().to_string();
+                            let body: serde_json::Value =
+                                serde_json::from_slice(&p.payload).unwrap_or_default();
+                            let status = body["status"].as_str().unwrap_or_default().to_string();
+                            s.updates.push((job_id.clone(), status.clone(), body["statusDetails"].clone()));
+                            let is_final = status != "IN_PROGRESS";
+                            if is_final && !s.dropped_a_final {
+                                s.dropped_a_final = true;
+                                continue;
+                            }
+                            if let Some(job) = s.jobs.iter_mut().find(|j| j.0 == job_id) {
+                                job.2 = status;
+                            }
+                            let topic = format!("$aws/things/{thing}/jobs/{job_id}/update/accepted");
+                            let _ = responder.publish(topic, rumqttc::QoS::AtLeastOnce, false, "{}");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        JobsService { state, client }
+    }
+
+    fn add_job(&self, job_id: &str, message: &Path) {
+        let document: serde_json::Value = serde_json::from_slice(&std::fs::read(message).unwrap()).unwrap();
+        self.state.lock().unwrap().jobs.push((job_id.into(), document.clone(), "QUEUED".into()));
+        let body = serde_json::json!({"execution": {"jobId": job_id, "status": "QUEUED", "jobDocument": document, "versionNumber": 1}});
+        self.client
+            .publish(
+                "$aws/things/gw-0042/jobs/notify-next",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                body.to_string(),
+            )
+            .unwrap();
+    }
+
+    fn updates(&self, job_id: &str) -> Vec<(String, serde_json::Value)> {
+        let s = self.state.lock().unwrap();
+        s.updates.iter().filter(|u| u.0 == job_id).map(|u| (u.1.clone(), u.2.clone())).collect()
+    }
+
+    fn status(&self, job_id: &str) -> String {
+        let s = self.state.lock().unwrap();
+        s.jobs.iter().find(|j| j.0 == job_id).map(|j| j.2.clone()).unwrap_or_default()
+    }
+}
+
+#[test]
+fn aws_iot_jobs_profile_runs_a_job_reports_it_and_rejects_a_forged_one() {
+    if !can_run() {
+        return;
+    }
+    let mut w = World::new(None);
+    let config = std::fs::read_to_string(w.g.dev.config()).unwrap();
+    let config = config.replace("keep_alive_s = 5\n", "keep_alive_s = 5\nprofile = \"aws-iot-jobs\"\n");
+    assert!(config.contains("aws-iot-jobs"));
+    w.g.extra_config =
+        w.g.extra_config.replace("keep_alive_s = 5\n", "keep_alive_s = 5\nprofile = \"aws-iot-jobs\"\n");
+    w.g.write_config();
+    let jobs = JobsService::start(&w);
+    std::thread::sleep(Duration::from_millis(300));
+    w.start_daemon();
+    w.wait_connected();
+
+    let genuine = w.message("v8", 8, &image_bytes(3 << 20, 21), &[]);
+    jobs.add_job("job-1", &genuine);
+    w.wait_state("reboot-pending", Duration::from_secs(30));
+    w.wait_for("IN_PROGRESS reports", Duration::from_secs(10), || {
+        jobs.updates("job-1").iter().any(|(s, d)| s == "IN_PROGRESS" && d["step"].is_string())
+    });
+    w.reboot();
+    w.wait_state("committed", Duration::from_secs(30));
+    // The first SUCCEEDED got no answer: fleetd repeats it until accepted.
+    w.wait_for("SUCCEEDED, accepted", Duration::from_secs(40), || jobs.status("job-1") == "SUCCEEDED");
+    let finals = jobs.updates("job-1").iter().filter(|(s, _)| s == "SUCCEEDED").count();
+    assert!(finals >= 2, "the final report was retried: {:?}", jobs.updates("job-1"));
+
+    let forged = {
+        let file = w.g.path().join("forged.img");
+        std::fs::write(&file, b"evil").unwrap();
+        let url = w.server.add("/forged.img", b"evil".to_vec());
+        w.g.dev.sign(
+            "forged",
+            "fleet",
+            "fleet",
+            &["--url", &url, "--image", file.to_str().unwrap(), "--version", "9"],
+        )
+    };
+    jobs.add_job("job-2", &forged);
+    w.wait_for("REJECTED", Duration::from_secs(30), || jobs.status("job-2") == "REJECTED");
+    let (_, details) = jobs.updates("job-2").into_iter().find(|(s, _)| s == "REJECTED").unwrap();
+    assert!(details["reason"].as_str().unwrap().starts_with("signature-missing"), "{details}");
+    assert_eq!(w.g.status()["installed_version"], 8);
+}

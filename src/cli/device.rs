@@ -118,8 +118,8 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
 /// The jti of a message, unverified: only to recognise a job already accepted.
 pub fn peek_jti(input: &[u8]) -> Option<String> {
     let envelope = crate::trust::Envelope::parse(input).ok()?;
-    let claims = crate::trust::Claims::parse(&envelope.payload_bytes().ok()?).ok()?;
-    Some(claims.jti)
+    let claims: serde_json::Value = serde_json::from_slice(&envelope.payload_bytes().ok()?).ok()?;
+    claims.get("jti")?.as_str().map(str::to_string)
 }
 
 pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {

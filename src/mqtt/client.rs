@@ -1,6 +1,7 @@
 //! The MQTT task: keeps one connection alive and moves messages between the
 //! broker and the update worker. It never decides anything about updates.
 
+use super::aws::{AwsJobs, JobsEvent};
 use super::{ProgressLimiter, Topics};
 use crate::backoff::Backoff;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
@@ -21,6 +22,12 @@ pub enum Inbound {
 #[derive(Debug)]
 pub enum Outbound {
     Ack(u64),
+    /// The message was refused (and the refusal recorded): ack it, and in the
+    /// AWS profile report the job REJECTED.
+    Refused {
+        token: u64,
+        error: String,
+    },
     /// The status document (retained).
     Status(Vec<u8>),
     /// A progress event; `step` changes always go out, the rest ≤ 1/s.
@@ -42,6 +49,8 @@ pub enum ClientEvent {
 pub struct ClientSetup {
     pub options: rumqttc::MqttOptions,
     pub topics: Topics,
+    /// `Some` for the AWS IoT Jobs profile: updates arrive as job documents.
+    pub aws_jobs: Option<AwsJobs>,
     pub backoff: Backoff,
     /// Written on every connect and disconnect, for `fleetd status`.
     pub connection_file: Option<PathBuf>,
@@ -62,6 +71,17 @@ pub async fn run(
     let (events_tx, mut events) = mpsc::channel(64);
     let poller = tokio::spawn(poll_forever(eventloop, setup.backoff, events_tx));
     let topics = setup.topics;
+    let mut aws = setup.aws_jobs;
+    let subscriptions = match &aws {
+        Some(jobs) => jobs.subscriptions(),
+        None => topics.updates.clone(),
+    };
+    let mut aws_retry = tokio::time::interval(Duration::from_secs(15));
+    let publish_all = |client: &AsyncClient, list: Vec<super::aws::Publish>| {
+        for (topic, payload) in list {
+            let _ = client.try_publish(topic, QoS::AtLeastOnce, false, payload);
+        }
+    };
     let mut pending_acks: HashMap<u64, rumqttc::Publish> = HashMap::new();
     let mut next_token = 0u64;
     let mut last_status: Option<Vec<u8>> = None;
@@ -78,20 +98,44 @@ pub async fn run(
             _ = shutdown.changed() => break,
             outbound = from_worker.recv() => match outbound {
                 None => break,
-                Some(Outbound::Ack(token)) => {
+                                Some(Outbound::Ack(token)) => {
                     if let Some(publish) = pending_acks.remove(&token) {
                         let _ = client.try_ack(&publish);
+                    }
+                }
+                Some(Outbound::Refused { token, error }) => {
+                    if let Some(publish) = pending_acks.remove(&token) {
+                        let _ = client.try_ack(&publish);
+                    }
+                    if let Some(jobs) = aws.as_mut() {
+                        publish_all(&client, jobs.on_refused(&error));
                     }
                 }
                 Some(Outbound::Status(doc)) => {
                     if *connected.borrow() {
                         let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, doc.clone());
+                        if let (Some(jobs), Ok(value)) = (aws.as_mut(), serde_json::from_slice(&doc)) {
+                            publish_all(&client, jobs.on_status(&value));
+                        }
                     }
                     last_status = Some(doc);
                 }
                 Some(Outbound::Progress { step, payload }) => {
                     if *connected.borrow() && limiter.allow(&step, Instant::now()) {
+                                                if let Some(jobs) = aws.as_mut().filter(|_| step != "duplicate") {
+                            let progress = serde_json::from_slice::<serde_json::Value>(&payload)
+                                .ok()
+                                .and_then(|v| v.get("progress").and_then(|p| p.as_u64()));
+                            publish_all(&client, jobs.on_progress(&step, progress));
+                        }
                         let _ = client.try_publish(&topics.progress, QoS::AtMostOnce, false, payload);
+                    }
+                }
+            },
+            _ = aws_retry.tick(), if aws.is_some() => {
+                if let Some(jobs) = &aws {
+                    if *connected.borrow() {
+                        publish_all(&client, jobs.retry());
                     }
                 }
             },
@@ -102,10 +146,13 @@ pub async fn run(
                     let _ = connected.send(true);
                     record(&ClientEvent::Connected { session_present: ack.session_present });
                     // Without a stored session the broker forgot our subscriptions.
-                    if !ack.session_present {
-                        let filters = topics.updates.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                                        if !ack.session_present {
+                        let filters = subscriptions.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
                         let _ = client.try_subscribe_many(filters);
-                        suback_topics = topics.updates.clone();
+                        suback_topics = subscriptions.clone();
+                    }
+                    if let Some(jobs) = &aws {
+                        publish_all(&client, jobs.on_connect());
                     }
                     let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, b"true".to_vec());
                     if let Some(doc) = &last_status {
@@ -124,12 +171,25 @@ pub async fn run(
                     }
                     record(&ClientEvent::Subscribed { topics: granted });
                 }
-                Event::Incoming(Packet::Publish(publish)) => {
-                    if topics.updates.contains(&publish.topic) {
+                                Event::Incoming(Packet::Publish(publish)) => {
+                    let document = match aws.as_mut() {
+                        Some(jobs) if jobs.owns(&publish.topic) => match jobs.on_message(&publish.topic, &publish.payload) {
+                            JobsEvent::Document { document, .. } => Some(document),
+                            JobsEvent::Reply(list) => {
+                                publish_all(&client, list);
+                                None
+                            }
+                            JobsEvent::Nothing => None,
+                        },
+                        Some(_) => None,
+                        None if topics.updates.contains(&publish.topic) => Some(publish.payload.to_vec()),
+                        None => None,
+                    };
+                    if let Some(payload) = document {
                         next_token += 1;
                         let message = Inbound::UpdateMessage {
                             topic: publish.topic.clone(),
-                            payload: publish.payload.to_vec(),
+                            payload,
                             token: next_token,
                         };
                         pending_acks.insert(next_token, publish);

@@ -5,6 +5,7 @@
 //! rumqttc does not resubscribe after a reconnect, does not back off, and
 //! caps packets at 10 KiB by default; `client.rs` handles all three.
 
+pub mod aws;
 mod client;
 pub mod fleet;
 mod limiter;

@@ -699,9 +699,12 @@ fn acl_text(groups: &[(&str, &str, &str)]) -> String {
          pattern read fleet/+/devices/%u/update\n\
          pattern write fleet/+/devices/%u/status\n\
          pattern write fleet/+/devices/%u/progress\n\
-         pattern write fleet/+/devices/%u/online\n\n",
+                  pattern write fleet/+/devices/%u/online\n\
+         # AWS IoT Jobs profile: a thing's own job topics.\n\
+         pattern readwrite $aws/things/%u/jobs/#\n\n",
     );
     text.push_str(&format!("user {FLEET_SERVER}\ntopic readwrite fleet/#\n"));
+    text.push_str("\n# The AWS IoT Jobs service double in tests.\nuser aws-jobs\ntopic readwrite $aws/#\n");
     for (device, topics) in by_device {
         text.push_str(&format!("\nuser {device}\n"));
         for topic in topics {
