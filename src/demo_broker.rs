@@ -35,9 +35,16 @@ const DISCONNECT: u8 = 14;
 /// Binds 127.0.0.1 on a free port and serves on the current tokio runtime
 /// until it stops.
 pub(crate) async fn start() -> std::io::Result<SocketAddr> {
+    start_denying(Vec::new()).await
+}
+
+/// As `start`, refusing (SubAck return code 0x80) every subscription whose
+/// filter starts with one of `denied`, as brokers that enforce ACLs at
+/// subscribe time do. Lets tests exercise a client's SubAck failure path.
+pub(crate) async fn start_denying(denied: Vec<String>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let broker = Arc::new(Mutex::new(Broker::default()));
+    let broker = Arc::new(Mutex::new(Broker { denied, ..Broker::default() }));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(connection(stream, broker.clone()));
@@ -53,6 +60,8 @@ struct Broker {
     /// topic → (payload, QoS).
     retained: BTreeMap<String, (Vec<u8>, u8)>,
     next_connection: u64,
+    /// Filter prefixes whose subscription is refused.
+    denied: Vec<String>,
 }
 
 struct Client {
@@ -201,9 +210,11 @@ fn handle(
             if wanted.is_empty() {
                 return None;
             }
-            let mut suback = id.to_be_bytes().to_vec();
-            suback.extend(wanted.iter().map(|(_, q)| *q));
             let mut b = lock(broker);
+            let refused = |f: &str| b.denied.iter().any(|d| f.starts_with(d.as_str()));
+            let mut suback = id.to_be_bytes().to_vec();
+            suback.extend(wanted.iter().map(|(f, q)| if refused(f) { 0x80 } else { *q }));
+            wanted.retain(|(f, _)| !refused(f));
             let _ = out.send(packet(0x90, &suback));
             let Broker { clients, retained, .. } = &mut *b;
             let client = clients.get_mut(client_id)?;

@@ -290,10 +290,28 @@ fn broker_killed_and_restarted_mid_download() {
         w.wait_for("the download", Duration::from_secs(20), || w.g.status()["state"] == "downloading");
         w.broker.kill();
         w.wait_for("the disconnect", Duration::from_secs(20), || w.connection()["connected"] == false);
+        // Odd runs: the broker comes back without its database, so the
+        // session (and its subscriptions) are gone and fleetd must resubscribe.
+        let session_lost = run % 2 == 1;
+        if session_lost {
+            let _ = std::fs::remove_file(w.broker.db_path());
+        }
         std::thread::sleep(Duration::from_secs(1));
         w.broker.restart();
-        w.wait_connected();
+        w.wait_for("the reconnect", Duration::from_secs(30), || {
+            w.log().matches("mqtt: connected").count() >= 2
+        });
         assert_done_once(&w, &image);
+        let subscriptions = w.log().matches("mqtt: subscribed to").count();
+        if session_lost {
+            assert!(
+                w.log().contains("mqtt: connected (session present: false)\n") && subscriptions == 2,
+                "{}",
+                w.log()
+            );
+        } else {
+            assert_eq!(subscriptions, 1, "the session kept the subscriptions:\n{}", w.log());
+        }
         // Subscriptions were restored (or kept by the session): a second message arrives.
         let msg9 = w.message("v9", 9, &image_bytes(1 << 20, 99), &["--name", "v9"]);
         w.publish(&msg9, To::Device("gw-0042"));

@@ -297,3 +297,47 @@ fn write_connection_file(path: &std::path::Path, event: &ClientEvent) {
         let _ = std::fs::rename(&tmp, path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against a broker that answers a SubAck failure (mosquitto never does;
+    /// others do), the refusal is reported by topic and the rest subscribed.
+    #[tokio::test]
+    async fn a_subscription_refused_in_the_suback_is_reported() {
+        let addr = crate::demo_broker::start_denying(vec!["fleet/acme/groups/secret/".into()]).await.unwrap();
+        let topics = Topics::native("acme", "gw-1", &["pilot".into(), "secret".into()]);
+        let options = super::super::plain_options_for_demo("gw-1", &addr.ip().to_string(), addr.port(), None);
+        let setup = ClientSetup {
+            options,
+            topics,
+            aws_jobs: None,
+            backoff: Backoff { base: Duration::from_millis(50), cap: Duration::from_millis(200) },
+            connection_file: None,
+        };
+        let (to_worker, _inbox) = mpsc::channel(4);
+        let (_outbox, from_worker) = mpsc::unbounded_channel();
+        let (connected, _) = watch::channel(false);
+        let (stop, shutdown) = watch::channel(false);
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let client = tokio::spawn(run(setup, to_worker, from_worker, connected, shutdown, move |e| {
+            let _ = events_tx.send(e.clone());
+        }));
+        let mut refused = Vec::new();
+        let mut granted = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while granted.is_empty() {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(ClientEvent::SubscriptionRefused { topic })) => refused.push(topic),
+                Ok(Some(ClientEvent::Subscribed { topics })) => granted = topics,
+                Ok(Some(_)) => {}
+                other => panic!("no SubAck: {other:?}"),
+            }
+        }
+        assert_eq!(refused, vec!["fleet/acme/groups/secret/update".to_string()]);
+        assert_eq!(granted, vec!["fleet/acme/devices/gw-1/update", "fleet/acme/groups/pilot/update"]);
+        let _ = stop.send(true);
+        let _ = client.await;
+    }
+}
