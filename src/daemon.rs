@@ -20,6 +20,7 @@ pub fn run(
     };
 
     let (cert, key) = mqtt::identity_paths(&config, &mqtt_config);
+    mqtt::check_identity(&cert, &config.device.id).map_err(|e| e.to_string())?;
     let tls = mqtt::tls_config(&mqtt_config.ca_file, &cert, &key).map_err(|e| e.to_string())?;
     run_until(config, Some(tls), open, crate::cli::fleetctl::shutdown_signal())
 }

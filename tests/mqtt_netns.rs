@@ -650,3 +650,22 @@ fn aws_iot_jobs_profile_runs_a_job_reports_it_and_rejects_a_forged_one() {
     assert!(details["reason"].as_str().unwrap().starts_with("signature-missing"), "{details}");
     assert_eq!(w.g.status()["installed_version"], 8);
 }
+
+#[test]
+fn a_certificate_for_another_device_id_is_refused_at_start() {
+    // No namespace needed: fleetd refuses before it connects.
+    let mut g = Gateway::new(Bootloader::Grub, SLOT);
+    let pki = Pki::new(&g.path().join("pki"), "127.0.0.1".parse().unwrap());
+    let (cert, key) = pki.client("gw-9999");
+    g.extra_config = format!(
+        "\n[mqtt]\nhost = \"127.0.0.1\"\nport = 1\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.ca_pem.display(),
+        cert.display(),
+        key.display()
+    );
+    g.write_config();
+    let out = g.fleetd(&["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("CN is \"gw-9999\" but the device id is \"gw-0042\""), "{err}");
+}
