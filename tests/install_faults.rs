@@ -65,6 +65,33 @@ impl Case {
     }
 }
 
+/// Runs `fleetd install` and kills it (SIGKILL: no chance to clean up) as
+/// soon as its state file satisfies `ready`.
+fn kill_install_when(c: &Case, msg: &Path, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+    let mut child = fleetd()
+        .args(["install", "--no-reboot", "--config"])
+        .arg(c.g.dev.config())
+        .arg(msg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state_file = c.g.path().join("state/state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let state = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .unwrap_or_default();
+        if ready(&state) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 fn seed() -> u64 {
     let s = std::env::var("FLEETD_TEST_SEED")
         .ok()
@@ -123,29 +150,9 @@ fn killed_mid_download_resumes_after_restart() {
     // The first response sends 3 MiB and then hangs, like a dying link.
     c.server.fault(Fault::Stall(3 * MIB, std::time::Duration::from_secs(20)));
     let msg = c.message(c.image.clone(), &[]);
-    let mut child = fleetd()
-        .args(["install", "--no-reboot", "--config"])
-        .arg(c.g.dev.config())
-        .arg(&msg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let state_file = c.g.path().join("state/state.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let written = std::fs::read(&state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v["job"]["written"].as_u64())
-            .unwrap_or(0);
-        if written >= 2 * MIB {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no checkpoint reached");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
+    kill_install_when(&c, &msg, "a checkpoint past 2 MiB", |state| {
+        state["job"]["written"].as_u64().unwrap_or(0) >= 2 * MIB
+    });
     assert_eq!(c.g.status()["state"], "downloading");
 
     let out = c.g.run_once();
@@ -343,21 +350,9 @@ fn a_target_that_is_now_the_booted_slot_is_never_written() {
     let c = case((4 * MIB) as usize);
     c.server.fault(Fault::Stall(2 * MIB, std::time::Duration::from_secs(20)));
     let msg = c.message(c.image.clone(), &[]);
-    let mut child = fleetd()
-        .args(["install", "--no-reboot", "--config"])
-        .arg(c.g.dev.config())
-        .arg(&msg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let state_file = c.g.path().join("state/state.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !std::fs::read_to_string(&state_file).unwrap_or_default().contains("downloading") {
-        assert!(std::time::Instant::now() < deadline, "the download never started");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_install_when(&c, &msg, "the download to start", |state| {
+        state["job"]["phase"]["phase"] == "downloading"
+    });
     let slot_b_before = std::fs::read(c.g.slot("B")).unwrap();
     let config = std::fs::read_to_string(c.g.dev.config()).unwrap();
     std::fs::write(c.g.dev.config(), config.replace("booted_slot = \"A\"", "booted_slot = \"B\"")).unwrap();
