@@ -192,7 +192,10 @@ fn clock_floor_with_the_system_clock_set_back() {
 
     // A current message under the set-back clock: the floor stands in for now,
     // so it is accepted...
-    let fresh = d.cosigned("fresh", &["--not-before", &(now() - 3600).to_string(), "--valid-for", "172800"]);
+    // Valid from 6 days ago to tomorrow: the binary's build time (its lowest
+    // clock floor) lies inside, however long ago within a week it was built.
+    let fresh =
+        d.cosigned("fresh", &["--not-before", &(now() - 6 * 86400).to_string(), "--valid-for", "604800"]);
     let run_fresh = |date: &str| {
         let out = run(std::process::Command::new(faketime)
             .arg(date)

@@ -92,6 +92,24 @@ fn kill_install_when(c: &Case, msg: &Path, what: &str, ready: impl Fn(&serde_jso
     child.wait().unwrap();
 }
 
+#[test]
+fn a_stored_job_for_a_slot_no_longer_configured_fails_cleanly() {
+    // state.json survives a config change that renamed the slots.
+    let c = case(MIB as usize);
+    kill_install_when(&c, &c.message(c.image.clone(), &[]), "the job to be stored", |state| {
+        state["job"].is_object()
+    });
+    let path = c.g.path().join("state/state.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["job"]["target_slot"] = "C".into();
+    std::fs::write(&path, state.to_string()).unwrap();
+    let out = c.g.run_once();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = c.g.status();
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["last_error"].as_str().unwrap().contains("not in the configuration"), "{st}");
+}
+
 fn seed() -> u64 {
     let s = std::env::var("FLEETD_TEST_SEED")
         .ok()

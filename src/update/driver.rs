@@ -200,10 +200,18 @@ impl Updater {
 
     fn refuse_booted_target(&self, target: &str) -> Result<(), DriveError> {
         // Two independent checks: the slot name, and the device against `/`.
-        if target == self.booted || device_in_use(&self.config.slots[target].device) {
+        if target == self.booted || device_in_use(self.slot_device(target)?) {
             return Err(DriveError::TargetIsBooted(target.to_string()));
         }
         Ok(())
+    }
+
+    /// The device of a slot named by the stored job: the configuration may
+    /// have changed since, so an unknown name is an error, not a panic.
+    fn slot_device(&self, slot: &str) -> Result<&Path, DriveError> {
+        self.config.slots.get(slot).map(|s| s.device.as_path()).ok_or_else(|| {
+            DriveError::NoSlot(format!("slot {slot:?} of the stored job is not in the configuration"))
+        })
     }
 
     async fn drive(&mut self, first: Event) -> Result<(), DriveError> {
@@ -280,7 +288,8 @@ impl Updater {
     async fn download(&mut self, from: u64) -> Result<Event, ActionError> {
         let job = self.job().cloned().ok_or_else(|| ActionError::Named("no job".into()))?;
         self.refuse_booted_target(&job.target_slot).map_err(|e| ActionError::Named(e.to_string()))?;
-        let slot_path = self.config.slots[&job.target_slot].device.clone();
+        let slot_path =
+            self.slot_device(&job.target_slot).map_err(|e| ActionError::Named(e.to_string()))?.to_path_buf();
         let named = |e: &dyn std::fmt::Display| ActionError::Named(e.to_string());
         let mut writer =
             SlotWriter::open(&slot_path, job.size, from, DEFAULT_BLOCK).map_err(|e| named(&e))?;
