@@ -137,3 +137,16 @@ fn tryboot_health_failure_rolls_back() {
 fn tryboot_slot_that_never_boots_falls_back() {
     never_boots_falls_back(Bootloader::Tryboot);
 }
+
+#[test]
+fn mark_bad_and_mark_good_outside_a_trial_change_the_booted_slot() {
+    let g = Gateway::new(Bootloader::Grub, SLOT);
+    let out = g.fleetd(&["mark-bad"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(g.boot_env()["A_OK"], "0", "grub-editenv sees slot A given up");
+    assert_eq!(g.status()["slots"]["A"]["state"], "bad");
+    let out = g.fleetd(&["mark-good"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!((g.boot_env()["A_OK"].as_str(), g.boot_env()["A_TRY"].as_str()), ("1", "0"));
+    assert_eq!(g.status()["slots"]["A"]["state"], "good");
+}

@@ -1,6 +1,5 @@
 //! `fleetd install | mark-good | mark-bad | status | run`.
 
-use super::{verify_file, VerifyOutcome};
 use crate::boot;
 use crate::config::{self, Config};
 use crate::status::StatusDoc;
@@ -75,9 +74,7 @@ fn job_outcome(updater: &Updater) -> ExitCode {
 
 pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> ExitCode {
     let result = (|| -> Result<ExitCode, String> {
-        let config_path = config::resolve_path(config_flag);
-        let config = load_config(config_flag)?;
-        let mut updater = open_updater(config)?;
+        let mut updater = open_updater(load_config(config_flag)?)?;
         updater.no_reboot = no_reboot;
         updater.on_report(reporter());
         let rt = runtime()?;
@@ -91,9 +88,13 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
                 return Ok(job_outcome(&updater));
             }
         }
-        let claims = match verify_file(&config_path, file)? {
-            VerifyOutcome::Accepted(claims) => claims,
-            VerifyOutcome::Rejected(e) => {
+        // Verify with what the updater already loaded: the same config, keys
+        // and state, and the bytes read above.
+        let policy = updater.config().policy().map_err(|e| e.to_string())?;
+        let verdict = policy.verify(&input, &updater.store().state().trust_state(), crate::system_now());
+        let claims = match verdict {
+            Ok(verified) => verified.claims,
+            Err(e) => {
                 let store = updater.store_mut();
                 store.state_mut().last_error = Some(e.to_string());
                 store.save().map_err(|e| e.to_string())?;
@@ -135,8 +136,7 @@ pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
             let verdict = if good { "marked good by hand" } else { "marked bad by hand" };
             runtime()?.block_on(updater.health_verdict(good, verdict)).map_err(|e| e.to_string())?;
         } else {
-            let config = load_config(config_flag)?;
-            let mut backend = boot::from_config(&config).map_err(|e| e.to_string())?;
+            let backend = updater.boot_mut();
             let result = if good { backend.mark_good(&booted) } else { backend.mark_bad(&booted) };
             result.map_err(|e| e.to_string())?;
         }

@@ -87,7 +87,7 @@ pub fn fleetd_main() -> ExitCode {
 }
 
 /// The outcome of `fleetd verify`, for printing.
-pub(crate) enum VerifyOutcome {
+enum VerifyOutcome {
     Accepted(trust::Claims),
     Rejected(VerifyError),
 }
@@ -122,7 +122,7 @@ fn verify_command(config: Option<&Path>, json: bool, file: &Path) -> ExitCode {
 }
 
 /// Loads config, keys and state, then verifies. `Err` is a usage or config problem (exit 2).
-pub(crate) fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, String> {
+fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
     let policy = config.policy().map_err(|e| e.to_string())?;
     let state = Store::read(&config.device.state_dir).map_err(|e| e.to_string())?;

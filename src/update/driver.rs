@@ -102,6 +102,11 @@ impl Updater {
         self.boot.as_ref()
     }
 
+    /// For changes outside a job (`fleetd mark-good/mark-bad`).
+    pub fn boot_mut(&mut self) -> &mut dyn BootControl {
+        self.boot.as_mut()
+    }
+
     pub fn booted(&self) -> &str {
         &self.booted
     }
