@@ -104,9 +104,8 @@ pub async fn fetch_into(
     url: &str,
     writer: &mut SlotWriter,
     policy: &FetchPolicy,
-    hooks: FetchHooks<'_>,
+    mut hooks: FetchHooks<'_>,
 ) -> Result<FetchStats, FetchError> {
-    let FetchHooks { on_checkpoint, on_progress, on_retry } = hooks;
     let uri: hyper::Uri = url.parse().map_err(|e| FetchError::BadUrl(format!("{url}: {e}")))?;
     let mut stats = FetchStats::default();
     let mut fruitless = 0u32;
@@ -118,17 +117,8 @@ pub async fn fetch_into(
         }
         let before = writer.position();
         stats.attempts += 1;
-        let result = attempt(
-            client,
-            &uri,
-            writer,
-            policy,
-            &mut stats,
-            &mut last_checkpoint,
-            on_checkpoint,
-            on_progress,
-        )
-        .await;
+        let result =
+            attempt(client, &uri, writer, policy, &mut stats, &mut last_checkpoint, &mut hooks).await;
         match result {
             Ok(()) => return Ok(stats),
             Err(Interrupted::Permanent(e)) => return Err(e),
@@ -147,7 +137,7 @@ pub async fn fetch_into(
                     return Err(FetchError::GaveUp { attempts: fruitless, last: why });
                 }
                 let wait = backoff(policy, fruitless);
-                on_retry(&why, wait);
+                (hooks.on_retry)(&why, wait);
                 tokio::time::sleep(wait).await;
             }
         }
@@ -159,7 +149,6 @@ pub fn backoff(policy: &FetchPolicy, n: u32) -> Duration {
     crate::backoff::Backoff { base: policy.backoff_base, cap: policy.backoff_cap }.delay(n)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn attempt(
     client: &Client,
     uri: &hyper::Uri,
@@ -167,8 +156,7 @@ async fn attempt(
     policy: &FetchPolicy,
     stats: &mut FetchStats,
     last_checkpoint: &mut u64,
-    on_checkpoint: &mut dyn FnMut(u64) -> Result<(), String>,
-    on_progress: &mut dyn FnMut(u64, u64),
+    hooks: &mut FetchHooks<'_>,
 ) -> Result<(), Interrupted> {
     let from = writer.position();
     let size = writer.size();
@@ -236,10 +224,10 @@ async fn attempt(
         }
         writer.push(&data)?;
         window_bytes += data.len() as u64;
-        on_progress(writer.position(), size);
+        (hooks.on_progress)(writer.position(), size);
         if writer.position() - *last_checkpoint >= policy.checkpoint_every || writer.position() == size {
             let durable = writer.sync()?;
-            on_checkpoint(durable).map_err(|e| Interrupted::Permanent(FetchError::Checkpoint(e)))?;
+            (hooks.on_checkpoint)(durable).map_err(|e| Interrupted::Permanent(FetchError::Checkpoint(e)))?;
             *last_checkpoint = durable;
         }
         let elapsed = window_start.elapsed();
