@@ -25,40 +25,50 @@ pub enum HttpError {
 
 pub type HttpsClient<B> = Client<hyper_rustls::HttpsConnector<HttpConnector>, B>;
 
+/// Where every TLS client in fleetd starts: rustls on the ring provider,
+/// with the safe protocol versions.
+pub fn ring_client_builder(
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, String> {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())
+}
+
+/// Every certificate of a PEM file, as trust roots; errors name the file.
+pub fn roots_from_pem(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| named(&e))? {
+        roots.add(cert.map_err(|e| named(&e))?).map_err(|e| named(&e))?;
+    }
+    Ok(roots)
+}
+
 /// A rustls client configuration trusting `ca_file` alone, or else the system roots.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HttpError::TlsConfig(e.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?
-            {
-                let cert = cert.map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
-                roots.add(cert).map_err(|e| HttpError::TlsConfig(format!("{}: {e}", path.display())))?;
-            }
-        }
+    let roots = match ca_file {
+        Some(path) => roots_from_pem(path).map_err(HttpError::TlsConfig)?,
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            for cert in found.certs {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(cert);
             }
+            roots
         }
-    }
+    };
     if roots.is_empty() {
         return Err(HttpError::TlsConfig("no trusted CA certificates".into()));
     }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    Ok(ring_client_builder()
+        .map_err(HttpError::TlsConfig)?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// A configuration for plain-http use, where no certificate is ever checked.
 pub fn plain_tls_config() -> Result<rustls::ClientConfig, HttpError> {
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| HttpError::TlsConfig(e.to_string()))?
+    Ok(ring_client_builder()
+        .map_err(HttpError::TlsConfig)?
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth())
 }

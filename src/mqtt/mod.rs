@@ -146,10 +146,7 @@ pub fn check_identity(cert: &Path, device_id: &str) -> Result<(), MqttError> {
 /// rustls with the ring provider, trusting only `ca_file`, presenting `cert`/`key`.
 pub fn tls_config(ca_file: &Path, cert: &Path, key: &Path) -> Result<rustls::ClientConfig, MqttError> {
     let named = |path: &Path, e: &dyn std::fmt::Display| MqttError::Tls(format!("{}: {e}", path.display()));
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(ca_file).map_err(|e| named(ca_file, &e))? {
-        roots.add(ca.map_err(|e| named(ca_file, &e))?).map_err(|e| named(ca_file, &e))?;
-    }
+    let roots = crate::http::roots_from_pem(ca_file).map_err(MqttError::Tls)?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| named(cert, &e))?
         .collect::<Result<_, _>>()
@@ -158,9 +155,8 @@ pub fn tls_config(ca_file: &Path, cert: &Path, key: &Path) -> Result<rustls::Cli
         return Err(MqttError::Tls(format!("{}: no certificate", cert.display())));
     }
     let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| named(key, &e))?;
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| MqttError::Tls(e.to_string()))?
+    crate::http::ring_client_builder()
+        .map_err(MqttError::Tls)?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, private_key)
         .map_err(|e| MqttError::Tls(format!("{}: {e}", key.display())))
