@@ -39,13 +39,25 @@ pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 }
 
 /// Appends one line and fsyncs before returning (audit logs, histories).
+/// The first line also fsyncs the directory, or a power cut could lose the
+/// new file's name together with the line it holds.
 pub fn append_line_synced(path: &Path, line: &str) -> io::Result<()> {
-    let mut file = OpenOptions::new().append(true).create(true).mode(0o640).open(path)?;
+    let (mut file, created) = match OpenOptions::new().append(true).create_new(true).mode(0o640).open(path) {
+        Ok(file) => (file, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            (OpenOptions::new().append(true).open(path)?, false)
+        }
+        Err(e) => return Err(e),
+    };
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
     file.write_all(&buf)?;
-    file.sync_data()
+    file.sync_data()?;
+    if created {
+        fsync_dir(parent_dir(path))?;
+    }
+    Ok(())
 }
 
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {

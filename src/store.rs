@@ -59,12 +59,17 @@ pub struct HistoryEntry {
 }
 
 impl State {
-    /// Records an accepted message: remembers its jti until it can no longer
-    /// verify, and raises the clock floor.
-    pub fn record_accepted(&mut self, jti: &str, iat: u64, exp: u64, leeway_s: u64, now: u64) {
-        self.prune_replay_cache(now);
-        self.replay_cache.insert(jti.to_string(), exp.saturating_add(leeway_s));
+    /// Records a message that passed every check: remembers its jti until it
+    /// can no longer verify, and raises the clock floor.
+    ///
+    /// The cache is pruned by the clock floor, never by the system clock: a
+    /// clock that jumps ahead for a while must not forget jtis that are still
+    /// valid once it comes back. A jti is dropped only when the floor itself
+    /// has passed its exp, and then its message is `expired` anyway.
+    pub fn record_accepted(&mut self, jti: &str, iat: u64, exp: u64, leeway_s: u64) {
         self.clock_floor = self.clock_floor.max(iat);
+        self.prune_replay_cache(self.clock_floor.max(crate::build_epoch()));
+        self.replay_cache.insert(jti.to_string(), exp.saturating_add(leeway_s));
     }
 
     /// Records a finished job: versions on success, the error otherwise.
@@ -194,7 +199,7 @@ mod tests {
         let mut store = Store::open(&dir.path().join("s")).unwrap();
         assert_eq!(store.state(), &State::default());
         store.state_mut().installed_version = 7;
-        store.state_mut().record_accepted("jti-00000001", 100, 200, 60, 150);
+        store.state_mut().record_accepted("jti-00000001", 100, 200, 60);
         store.save().unwrap();
         let again = Store::read(&dir.path().join("s")).unwrap();
         assert_eq!(again.installed_version, 7);
@@ -203,15 +208,21 @@ mod tests {
     }
 
     #[test]
-    fn replay_cache_is_pruned_after_exp() {
+    fn replay_cache_is_pruned_by_the_clock_floor_only() {
+        let b = crate::build_epoch();
         let mut s = State::default();
-        s.record_accepted("first-jti", 10, 100, 0, 50);
-        s.record_accepted("second-jti", 20, 300, 0, 150);
+        s.record_accepted("first-jti", b + 10, b + 100, 0);
+        // Accepted while the system clock read far ahead (it is not an input
+        // any more): the first jti is still valid by the floor, so kept.
+        s.record_accepted("second-jti", b + 20, b + 300, 0);
+        assert!(s.replay_cache.contains_key("first-jti"), "{s:?}");
+        assert_eq!(s.clock_floor, b + 20);
+        // The floor passes the first jti's exp: it can no longer verify.
+        s.record_accepted("third-jti", b + 150, b + 400, 0);
         assert!(!s.replay_cache.contains_key("first-jti"));
         assert!(s.replay_cache.contains_key("second-jti"));
-        assert_eq!(s.clock_floor, 20);
-        s.record_accepted("third-jti", 5, 400, 0, 160);
-        assert_eq!(s.clock_floor, 20, "the floor never goes down");
+        s.record_accepted("fourth-jti", b + 5, b + 400, 0);
+        assert_eq!(s.clock_floor, b + 150, "the floor never goes down");
     }
 
     #[test]

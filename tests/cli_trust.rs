@@ -220,3 +220,23 @@ fn clock_floor_with_the_system_clock_set_back() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains(&format!("now {later}")), "the faked clock was used: {out}");
 }
+
+#[test]
+fn iat_in_the_future_or_after_exp_is_refused_and_a_month_old_iat_is_fine() {
+    let d = Device::new();
+    let now = now();
+    let future = d.cosigned("future", &["--issued-at", "4102444800"]);
+    let (code, out) = d.verify(&future, false);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("rejected: iat-invalid: "), "{out}");
+    let after_exp = (now + 2 * 86_400).to_string();
+    let late = d.cosigned("late", &["--issued-at", &after_exp, "--valid-for", "3600"]);
+    let (code, out) = d.verify(&late, true);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"], "iat-invalid");
+    let month_ago = (now - 30 * 86_400).to_string();
+    let old = d.cosigned("old", &["--issued-at", &month_ago]);
+    let (code, out) = d.verify(&old, false);
+    assert_eq!((code, out.trim()), (0, "accepted: 2026.11.1 v8"));
+}

@@ -16,6 +16,15 @@ struct Cosigner {
 
 impl Drop for Cosigner {
     fn drop(&mut self) {
+        // Under strace the service is the child's child: stop it first, or a
+        // killed strace leaves it running (and holding our output pipe).
+        let pid = self.child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for grandchild in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            // SAFETY: signalling a process this test started.
+            unsafe { libc::kill(grandchild, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -32,17 +41,7 @@ fn start_cosigner(d: &Device, per_minute: u32, burst: u32) -> Cosigner {
         ),
     )
     .unwrap();
-    let mut child = fleetctl()
-        .args(["cosigner", "serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
-    Cosigner { child, url, config, audit: d.path().join("cosigner-state/audit.jsonl") }
+    restart_cosigner(d, &config)
 }
 
 fn register(d: &Device, c: &Cosigner, server: &str) {
@@ -168,6 +167,144 @@ fn requests_are_rate_limited_per_server() {
     let other = d.sign("o", "fs2", "server:fs2", &["--valid-for", "3600"]);
     request(&c, &other).expect("another server has its own budget");
     assert_eq!(audit_lines(&c).len(), 4);
+}
+
+#[test]
+fn iat_and_urls_are_checked_as_a_device_would() {
+    let d = Device::new();
+    let c = start_cosigner(&d, 600, 20);
+    register(&d, &c, "fs1");
+    let now = now();
+    // An iat in 2100 would lock every device's clock floor past all later messages.
+    let future = d.sign("f", "fs1", "server:fs1", &["--valid-for", "3600", "--issued-at", "4102444800"]);
+    let err = request(&c, &future).unwrap_err();
+    assert!(err.contains("(422)") && err.contains("iat-invalid"), "{err}");
+    // An iat far behind the co-signer's clock: a stored message, not a fresh request.
+    let old_iat = (now - 2 * 86_400).to_string();
+    let stale = d.sign("s", "fs1", "server:fs1", &["--valid-for", "3600", "--issued-at", &old_iat]);
+    let err = request(&c, &stale).unwrap_err();
+    assert!(err.contains("(422)") && err.contains("iat-invalid"), "{err}");
+    for (name, url) in [("h", "http://updates.example.com/x.img"), ("file", "file:///dev/mmcblk0p3")] {
+        let msg = d.sign(name, "fs1", "server:fs1", &["--valid-for", "3600", "--url", url]);
+        let err = request(&c, &msg).unwrap_err();
+        assert!(err.contains("(422)") && err.contains("url-scheme-rejected"), "{url}: {err}");
+    }
+    assert!(audit_lines(&c).is_empty(), "nothing was signed");
+    // The same claims with a fresh iat and an https URL are signed.
+    let fine = d.sign("ok", "fs1", "server:fs1", &["--valid-for", "3600"]);
+    request(&c, &fine).expect("co-signed");
+}
+
+#[test]
+fn an_unauthenticated_flood_is_limited_per_peer_before_any_signature_check() {
+    let d = Device::new();
+    let config = d.path().join("cosigner.toml");
+    let c = start_cosigner(&d, 600, 20);
+    // A tight per-peer budget, then restart with it.
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "peer_rate_limit_per_minute = 1\npeer_rate_limit_burst = 5\n";
+    drop(c);
+    std::fs::write(&config, text).unwrap();
+    let c = restart_cosigner(&d, &config);
+    register(&d, &c, "fs1");
+    // Well-formed but forged: each would cost an ECDSA verify (401).
+    ok(fleetctl().args(["keygen", "--out"]).arg(d.keys()).args(["--name", "stranger"]));
+    let forged = d.sign("f", "stranger", "server:fs1", &["--valid-for", "3600"]);
+    let body = std::fs::read_to_string(&forged).unwrap();
+    let statuses: Vec<String> =
+        (0..8).map(|_| raw_post(&c.url, &body).split(' ').nth(1).unwrap_or("").to_string()).collect();
+    assert_eq!(&statuses[..5], &["401"; 5], "{statuses:?}");
+    assert_eq!(&statuses[5..], &["429"; 3], "{statuses:?}");
+    // The body of a peer refusal is a named JSON error.
+    let raw = raw_post(&c.url, &body);
+    let v: serde_json::Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(v["error"], "rate-limited");
+}
+
+#[test]
+fn registering_a_revoked_server_again_needs_reinstate() {
+    let d = Device::new();
+    let c = start_cosigner(&d, 600, 20);
+    register(&d, &c, "fs1");
+    ok(fleetctl().args(["cosigner", "revoke", "--config"]).arg(&c.config).arg("fs1"));
+    let register_again = || {
+        let mut cmd = fleetctl();
+        cmd.args(["cosigner", "register", "--config"])
+            .arg(&c.config)
+            .arg("--key")
+            .arg(d.keys().join("fs1.pub.pem"));
+        cmd
+    };
+    let out = run(register_again().arg("fs1"));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("server-revoked") && stderr(&out).contains("--reinstate"),
+        "{}",
+        stderr(&out)
+    );
+    let msg = d.sign("m", "fs1", "server:fs1", &["--valid-for", "3600"]);
+    let err = request(&c, &msg).unwrap_err();
+    assert!(err.contains("(403)") && err.contains("revoked"), "still revoked: {err}");
+    ok(register_again().args(["--reinstate", "fs1"]));
+    request(&c, &msg).expect("reinstated");
+}
+
+/// strace shows the audit log's directory fsynced when the log is created.
+#[test]
+fn creating_the_audit_log_fsyncs_its_directory() {
+    if !tool_available("strace") {
+        assert!(std::env::var_os("CI").is_none(), "CI must have strace (scripts/setup)");
+        eprintln!("SKIP: needs strace (scripts/setup)");
+        return;
+    }
+    let d = Device::new();
+    let config = d.path().join("cosigner.toml");
+    drop(start_cosigner(&d, 600, 20));
+    let trace = d.path().join("strace.log");
+    let c = restart_cosigner_with(&d, &config, Some(&trace));
+    register(&d, &c, "fs1");
+    let msg = d.sign("m", "fs1", "server:fs1", &["--valid-for", "3600"]);
+    request(&c, &msg).expect("co-signed");
+    drop(c);
+    let log = std::fs::read_to_string(&trace).unwrap();
+    let state_dir = d.path().join("cosigner-state");
+    let dir_fd = log
+        .lines()
+        .filter(|l| l.contains("openat(") && l.contains(&format!("\"{}\"", state_dir.display())))
+        .filter_map(|l| l.rsplit("= ").next()?.trim().parse::<u32>().ok())
+        .collect::<Vec<_>>();
+    let audit_at = log.lines().position(|l| l.contains("audit.jsonl") && l.contains("O_CREAT")).expect(&log);
+    let synced =
+        log.lines().skip(audit_at).any(|l| dir_fd.iter().any(|fd| l.contains(&format!("fsync({fd})"))));
+    assert!(synced, "no fsync of {} after creating the audit log:\n{log}", state_dir.display());
+}
+
+fn restart_cosigner(d: &Device, config: &Path) -> Cosigner {
+    restart_cosigner_with(d, config, None)
+}
+
+fn restart_cosigner_with(d: &Device, config: &Path, trace: Option<&Path>) -> Cosigner {
+    let mut cmd = match trace {
+        Some(trace) => {
+            let mut c = std::process::Command::new("strace");
+            c.args(["-f", "-e", "trace=openat,fsync,fdatasync", "-o"])
+                .arg(trace)
+                .arg(env!("CARGO_BIN_EXE_fleetctl"));
+            c
+        }
+        None => fleetctl(),
+    };
+    let mut child =
+        cmd.args(["cosigner", "serve", "--config"]).arg(config).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    Cosigner { child, url, config: config.to_path_buf(), audit: d.path().join("cosigner-state/audit.jsonl") }
+}
+
+fn tool_available(name: &str) -> bool {
+    std::process::Command::new(name).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
 
 fn raw_post(url: &str, body: &str) -> String {

@@ -87,9 +87,13 @@ async fn demo(dir: &Path) -> Result<(), String> {
         leeway_s: 60,
         rate_limit_per_minute: 60,
         rate_limit_burst: 10,
+        peer_rate_limit_per_minute: 120,
+        peer_rate_limit_burst: 20,
+        // The demo's image server is plain HTTP on loopback.
+        allow_http: true,
     };
     let mut registry = Registry::default();
-    registry.register("fs1", &load_public_key(&keys.join("fs1.pub.pem"))?, crate::system_now())?;
+    registry.register("fs1", &load_public_key(&keys.join("fs1.pub.pem"))?, crate::system_now(), false)?;
     registry.save(&cosigner_config.registry_path())?;
     let listener =
         tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("bind loopback: {e}"))?;

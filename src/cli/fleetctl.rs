@@ -135,6 +135,9 @@ struct SignArgs {
     /// nbf (seconds since the epoch); defaults to now.
     #[arg(long)]
     not_before: Option<u64>,
+    /// iat (seconds since the epoch); defaults to now, or nbf if earlier.
+    #[arg(long)]
+    issued_at: Option<u64>,
     #[arg(long)]
     jti: Option<String>,
     #[arg(long)]
@@ -154,6 +157,9 @@ enum CosignerCommand {
         config: PathBuf,
         #[arg(long)]
         key: PathBuf,
+        /// Register a server that was revoked (its revocation is lifted).
+        #[arg(long)]
+        reinstate: bool,
         server: String,
     },
     /// Revoke a fleet server; its next request is refused.
@@ -276,7 +282,7 @@ fn claims_from_args(args: &SignArgs) -> Result<Claims, String> {
     Ok(Claims {
         typ: CLAIMS_TYPE.into(),
         jti: args.jti.clone().unwrap_or_else(trust::random_id),
-        iat: now.min(nbf),
+        iat: args.issued_at.unwrap_or(now.min(nbf)),
         nbf,
         exp: nbf.saturating_add(args.valid_for),
         project: need(&args.project, "project")?,
@@ -381,12 +387,12 @@ fn cosigner_command(cmd: CosignerCommand) -> Result<(), String> {
                 cosigner::serve(listener, app, shutdown_signal()).await.map_err(|e| e.to_string())
             })
         }
-        CosignerCommand::Register { config, key, server } => {
+        CosignerCommand::Register { config, key, reinstate, server } => {
             let config = CosignerConfig::load(&config)?;
             let key = load_public_key(&key)?;
             let path = config.registry_path();
             let mut registry = Registry::load(&path)?;
-            registry.register(&server, &key, crate::system_now())?;
+            registry.register(&server, &key, crate::system_now(), reinstate)?;
             registry.save(&path)?;
             println!(
                 "registered server {server:?}: it signs as kid \"{}{server}\"",

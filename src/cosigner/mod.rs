@@ -9,7 +9,7 @@ mod service;
 
 pub use ratelimit::RateLimiter;
 pub use registry::{Registry, ServerEntry};
-pub use service::{router, serve, App, CosignError};
+pub use service::{serve, App, CosignError};
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,15 @@ pub struct CosignerConfig {
     pub rate_limit_per_minute: u32,
     #[serde(default = "default_burst")]
     pub rate_limit_burst: u32,
+    /// Requests per minute and burst, per peer address, counted before any
+    /// signature is verified: an unauthenticated flood costs no ECDSA.
+    #[serde(default = "default_peer_rate")]
+    pub peer_rate_limit_per_minute: u32,
+    #[serde(default = "default_peer_burst")]
+    pub peer_rate_limit_burst: u32,
+    /// Image URLs over plain http (the devices' `trust.allow_http`).
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 fn default_listen() -> String {
@@ -60,6 +69,12 @@ fn default_rate() -> u32 {
 fn default_burst() -> u32 {
     10
 }
+fn default_peer_rate() -> u32 {
+    120
+}
+fn default_peer_burst() -> u32 {
+    20
+}
 
 impl CosignerConfig {
     pub fn load(path: &Path) -> Result<Self, String> {
@@ -79,6 +94,12 @@ impl CosignerConfig {
         if config.rate_limit_per_minute == 0 || config.rate_limit_burst == 0 {
             return Err(format!(
                 "{}: key `rate_limit_per_minute`: rate and burst must be positive",
+                path.display()
+            ));
+        }
+        if config.peer_rate_limit_per_minute == 0 || config.peer_rate_limit_burst == 0 {
+            return Err(format!(
+                "{}: key `peer_rate_limit_per_minute`: rate and burst must be positive",
                 path.display()
             ));
         }

@@ -3,11 +3,12 @@
 use super::{CosignerConfig, RateLimiter, Registry, SERVER_KID_PREFIX};
 use crate::trust::{self, Claims, Envelope, PublicKey, SigningKey, VerifyError};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -73,6 +74,8 @@ pub struct App {
     config: CosignerConfig,
     key: SigningKey,
     limiter: Mutex<RateLimiter>,
+    /// Per peer address, taken before any parsing or signature check.
+    peer_limiter: Mutex<RateLimiter>,
     /// Serialises audit appends so lines never interleave.
     audit: Mutex<()>,
 }
@@ -83,7 +86,9 @@ impl App {
             std::fs::read_to_string(&config.key).map_err(|e| format!("{}: {e}", config.key.display()))?;
         let key = SigningKey::from_pem(&pem).map_err(|e| format!("{}: {e}", config.key.display()))?;
         let limiter = Mutex::new(RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst));
-        Ok(Self { config, key, limiter, audit: Mutex::new(()) })
+        let peer_limiter =
+            Mutex::new(RateLimiter::new(config.peer_rate_limit_per_minute, config.peer_rate_limit_burst));
+        Ok(Self { config, key, limiter, peer_limiter, audit: Mutex::new(()) })
     }
 
     /// The whole decision, without HTTP: returns the co-signed envelope.
@@ -118,6 +123,17 @@ impl App {
         }
         trust::check_validity_window(&claims, now, self.config.leeway_s, self.config.max_validity_s)
             .map_err(CosignError::Message)?;
+        // The window check already refuses an iat ahead of this clock; a
+        // co-signer also refuses one far behind it: a fresh request carries
+        // a fresh iat, and an old one is somebody's stored message.
+        if now.saturating_sub(claims.iat) > self.config.leeway_s {
+            return Err(CosignError::Message(VerifyError::IatInvalid {
+                iat: claims.iat,
+                why: format!("more than {} s before the co-signer's clock ({now})", self.config.leeway_s),
+            }));
+        }
+        // The same URL rules as the device: never sign what no device may fetch.
+        trust::check_url(&claims.image.url, self.config.allow_http).map_err(CosignError::Message)?;
 
         let mut signed = Envelope { payload: envelope.payload.clone(), signatures: Vec::new() };
         signed
@@ -131,6 +147,17 @@ impl App {
         match self.limiter.lock() {
             Ok(mut l) => l.allow(server, Instant::now()),
             Err(poisoned) => poisoned.into_inner().allow(server, Instant::now()),
+        }
+    }
+
+    /// The first gate, before the body is even parsed: one token per request
+    /// from `peer`, so an unauthenticated flood costs no signature checks.
+    pub fn admit_peer(&self, peer: IpAddr, now: Instant) -> Result<(), CosignError> {
+        let mut limiter = self.peer_limiter.lock().unwrap_or_else(|p| p.into_inner());
+        if limiter.allow(&peer.to_string(), now) {
+            Ok(())
+        } else {
+            Err(CosignError::RateLimited(peer.to_string()))
         }
     }
 
@@ -159,7 +186,15 @@ impl App {
     }
 }
 
-async fn cosign_handler(State(app): State<Arc<App>>, body: Bytes) -> Response {
+async fn cosign_handler(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = app.admit_peer(peer.ip(), Instant::now()) {
+        eprintln!("cosign refused: {e}");
+        return e.into_response();
+    }
     let now = crate::system_now();
     let result = tokio::task::spawn_blocking(move || app.cosign(&body, now)).await;
     match result {
@@ -174,7 +209,7 @@ async fn cosign_handler(State(app): State<Arc<App>>, body: Bytes) -> Response {
     }
 }
 
-pub fn router(app: Arc<App>) -> Router {
+fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/cosign", post(cosign_handler))
         .layer(DefaultBodyLimit::max(trust::MAX_MESSAGE_BYTES))
@@ -187,5 +222,6 @@ pub async fn serve(
     app: Arc<App>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+    let service = router(app).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
 }

@@ -70,7 +70,10 @@ impl Envelope {
                 ));
             }
         }
-        serde_json::from_value(value).map_err(|e| VerifyError::Malformed(format!("envelope: {e}")))
+        // Typed from the text, not the Value: a Value keeps only the last of
+        // two `payload` (or `signatures`) members, the derive refuses both.
+        drop(value);
+        serde_json::from_str(trimmed).map_err(|e| VerifyError::Malformed(format!("envelope: {e}")))
     }
 
     pub fn to_json(&self) -> String {

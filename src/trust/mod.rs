@@ -45,6 +45,8 @@ pub enum VerifyError {
     Expired { exp: u64, now: u64 },
     #[error("not-yet-valid: nbf {nbf} - leeway is after now {now}")]
     NotYetValid { nbf: u64, now: u64 },
+    #[error("iat-invalid: iat {iat} is {why}")]
+    IatInvalid { iat: u64, why: String },
     #[error("validity-too-long: {seconds} s between nbf and exp, at most {max} s allowed")]
     ValidityTooLong { seconds: u64, max: u64 },
     #[error("replayed: jti {0:?} was already accepted")]
@@ -78,6 +80,7 @@ impl VerifyError {
             Self::WrongType(_) => "wrong-type",
             Self::Expired { .. } => "expired",
             Self::NotYetValid { .. } => "not-yet-valid",
+            Self::IatInvalid { .. } => "iat-invalid",
             Self::ValidityTooLong { .. } => "validity-too-long",
             Self::Replayed(_) => "replayed",
             Self::VersionNotNewer { .. } => "version-not-newer",

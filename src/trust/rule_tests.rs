@@ -307,6 +307,55 @@ fn validity_window_rules() {
 }
 
 #[test]
+fn iat_must_not_be_in_the_future_nor_after_exp() {
+    let f = fixture();
+    let seen = BTreeMap::new();
+    // One message with iat in 2100 would raise the clock floor past every
+    // later message: refused, whatever its window says.
+    let mut future = claims();
+    future.iat = 4_102_444_800;
+    future.nbf = NOW;
+    future.exp = NOW + 3600;
+    assert_eq!(f.claims_error(&future), "iat-invalid");
+    let mut after_exp = claims();
+    after_exp.iat = after_exp.exp + 1;
+    assert_eq!(f.claims_error(&after_exp), "iat-invalid");
+    // iat <= now + leeway, at the boundary.
+    let mut ahead = claims();
+    ahead.iat = NOW + 10 + 60;
+    assert_eq!(f.claims_error(&ahead), "accepted");
+    ahead.iat = NOW + 10 + 61;
+    assert_eq!(f.claims_error(&ahead), "iat-invalid");
+    // Issued a month ago with a current window: still fine.
+    let mut old = claims();
+    old.iat = NOW - 30 * 86_400;
+    assert_eq!(f.claims_error(&old), "accepted");
+    // The rule uses the clock floor when the system clock reads earlier.
+    let floor = TrustState { installed_version: 7, clock_floor: NOW + 5, seen_jtis: &seen };
+    let msg = f.signed(&claims()).to_json();
+    assert!(f.check_at(msg.as_bytes(), 1_000_000_000, &floor).is_ok());
+}
+
+#[test]
+fn duplicate_envelope_members_are_malformed() {
+    let f = fixture();
+    let good = f.signed(&claims());
+    let mut other = claims();
+    other.version = 99;
+    let evil = f.signed(&other);
+    let sigs = serde_json::to_string(&good.signatures).unwrap();
+    // Two payloads: a Value-based parser keeps the last one silently.
+    let twice =
+        format!(r#"{{"payload":"{}","payload":"{}","signatures":{sigs}}}"#, good.payload, evil.payload);
+    assert_eq!(f.error(twice.as_bytes()), "malformed");
+    let sigs_twice = format!(r#"{{"payload":"{}","signatures":[],"signatures":{sigs}}}"#, good.payload);
+    assert_eq!(f.error(sigs_twice.as_bytes()), "malformed");
+    // The same document without the duplicates is accepted.
+    let once = format!(r#"{{"payload":"{}","signatures":{sigs}}}"#, good.payload);
+    assert_eq!(f.error(once.as_bytes()), "accepted");
+}
+
+#[test]
 fn the_clock_floor_stands_in_for_a_clock_that_reads_earlier() {
     let f = fixture();
     let seen = BTreeMap::new();

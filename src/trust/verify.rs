@@ -99,8 +99,10 @@ impl Policy {
     }
 }
 
-/// `nbf - leeway <= now < exp + leeway`, and `exp - nbf <= max_validity`.
-/// Shared by the device and the co-signer.
+/// `nbf - leeway <= now < exp + leeway`, `exp - nbf <= max_validity`, and
+/// `iat <= exp`, `iat <= now + leeway`: an `iat` from the future would raise
+/// the device's clock floor past every later message. Shared by the device
+/// and the co-signer.
 pub fn check_validity_window(
     claims: &Claims,
     now: u64,
@@ -119,6 +121,15 @@ pub fn check_validity_window(
     }
     if now >= claims.exp.saturating_add(leeway_s) {
         return Err(VerifyError::Expired { exp: claims.exp, now });
+    }
+    if claims.iat > claims.exp {
+        return Err(VerifyError::IatInvalid { iat: claims.iat, why: format!("after exp {}", claims.exp) });
+    }
+    if claims.iat > now.saturating_add(leeway_s) {
+        return Err(VerifyError::IatInvalid {
+            iat: claims.iat,
+            why: format!("in the future (now {now}, leeway {leeway_s} s)"),
+        });
     }
     Ok(())
 }

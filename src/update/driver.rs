@@ -151,7 +151,7 @@ impl Updater {
         }
         let now = crate::system_now();
         let state = self.store.state_mut();
-        state.record_accepted(&claims.jti, claims.iat, claims.exp, self.config.trust.leeway_s, now);
+        state.record_accepted(&claims.jti, claims.iat, claims.exp, self.config.trust.leeway_s);
         state.job = Some(Job {
             jti: claims.jti.clone(),
             version: claims.version,
