@@ -94,6 +94,10 @@ pub struct Boot {
     pub attempts: u32,
     #[serde(default)]
     pub env_config: Option<PathBuf>,
+    /// Accept a single-copy U-Boot environment that can only be written in
+    /// place (inside a block device): not crash-safe, so never the default.
+    #[serde(default)]
+    pub uboot_single_copy_in_place: bool,
     #[serde(default)]
     pub grubenv: Option<PathBuf>,
     #[serde(default)]

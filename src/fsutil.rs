@@ -71,6 +71,55 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// An exclusive `flock` on `dir/lock`, held until dropped. The lock file
+/// holds the owner's pid, for the message a second process gets.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds the lock.
+    #[error("another fleetd{} holds {path}", holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Held { path: std::path::PathBuf, holder: Option<u32> },
+    #[error("{path}: {source}")]
+    Io { path: std::path::PathBuf, source: io::Error },
+}
+
+impl DirLock {
+    /// Takes the lock at once or fails: a second fleetd must not wait and
+    /// then act on state the first has changed under it.
+    pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        use std::io::{Read, Seek};
+        use std::os::fd::AsRawFd;
+        let path = dir.join("lock");
+        let io = |source| LockError::Io { path: path.clone(), source };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io(err));
+            }
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(LockError::Held { path, holder: text.trim().parse().ok() });
+        }
+        // Ours now: record who holds it (advisory, for the message above).
+        file.set_len(0).and_then(|()| file.rewind()).map_err(io)?;
+        write!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(Self { _file: file })
+    }
+}
+
 /// Reads the first `n` bytes at most of a file (`-` = stdin), never more.
 pub fn read_prefix(path: &Path, n: usize) -> io::Result<Vec<u8>> {
     use std::io::Read;
@@ -116,6 +165,20 @@ mod tests {
         let err = create_new(&path, b"b", 0o600).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&path).unwrap(), b"a");
+    }
+
+    #[test]
+    fn a_second_lock_on_a_directory_is_refused_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DirLock::acquire(dir.path()).unwrap();
+        // flock belongs to the open file: a second open in the same process
+        // conflicts exactly as another process would.
+        match DirLock::acquire(dir.path()) {
+            Err(LockError::Held { holder, .. }) => assert_eq!(holder, Some(std::process::id())),
+            other => panic!("{other:?}"),
+        }
+        drop(first);
+        DirLock::acquire(dir.path()).unwrap();
     }
 
     #[test]

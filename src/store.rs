@@ -15,6 +15,9 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("state-corrupt: {path}: {message}")]
     Corrupt { path: PathBuf, message: String },
+    /// Another mutating fleetd (daemon, install, mark-*) owns the state.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 impl StoreError {
@@ -22,6 +25,7 @@ impl StoreError {
         match self {
             Self::Io { .. } => "state-io",
             Self::Corrupt { .. } => "state-corrupt",
+            Self::Busy(_) => "busy",
         }
     }
 }
@@ -140,14 +144,19 @@ impl State {
     }
 }
 
+/// The state of one mutating fleetd process: it holds the state
+/// directory's lock for as long as it lives, so two processes can never
+/// write the same slot or overwrite each other's state.
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
     state: State,
+    _lock: fsutil::DirLock,
 }
 
 impl Store {
-    /// Opens the store, creating the directory (0700) if needed.
+    /// Opens the store for writing, creating the directory (0700) if needed,
+    /// and takes its lock at once: a second writer gets `busy`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         if !dir.exists() {
             std::fs::DirBuilder::new()
@@ -156,7 +165,14 @@ impl Store {
                 .create(dir)
                 .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
         }
-        Ok(Self { dir: dir.to_path_buf(), state: Self::read(dir)? })
+        let lock = fsutil::DirLock::acquire(dir).map_err(|e| match e {
+            fsutil::LockError::Held { .. } => {
+                StoreError::Busy(format!("{e}; try again when it has finished"))
+            }
+            fsutil::LockError::Io { path, source } => StoreError::Io { path, source },
+        })?;
+        // Read under the lock: nobody else can be halfway through a save.
+        Ok(Self { dir: dir.to_path_buf(), state: Self::read(dir)?, _lock: lock })
     }
 
     /// Reads the state without creating anything (for read-only commands).

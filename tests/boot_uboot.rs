@@ -10,7 +10,7 @@
 #[path = "common/bootsim_uboot.rs"]
 mod bootsim_uboot;
 
-use bootsim_uboot::{power_on, printenv};
+use bootsim_uboot::{power_on, printenv, run_boot_script};
 use fleetd::boot::uboot::{self, UbootEnv, Vars};
 use fleetd::boot::{BootControl, SlotState};
 use std::collections::BTreeMap;
@@ -313,7 +313,7 @@ fn every_operation_from_and_to_an_exact_environment() {
     type Op = fn(&mut UbootEnv) -> Result<(), fleetd::boot::BootError>;
     type Env = &'static [(&'static str, &'static str)];
     // (name, environment before, operation, environment after)
-    let cases: [(&str, Env, Op, Env); 9] = [
+    let cases: [(&str, Env, Op, Env); 10] = [
         (
             "trial B from A B",
             &[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
@@ -363,10 +363,16 @@ fn every_operation_from_and_to_an_exact_environment() {
             &[("BOOT_ORDER", "R B"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "3")],
         ),
         (
-            "bad on the last slot in the order removes BOOT_ORDER",
+            "confirm A, drained while B was written, gets its attempts back",
+            &[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "0")],
+            |e| e.confirm_booted("A"),
             &[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")],
-            |e| e.mark_bad("A"),
-            &[("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "0")],
+        ),
+        (
+            "confirm B, removed from the order, changes nothing",
+            &[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "1")],
+            |e| e.confirm_booted("B"),
+            &[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "2"), ("BOOT_B_LEFT", "1")],
         ),
     ];
     for layout in LAYOUTS {
@@ -378,6 +384,13 @@ fn every_operation_from_and_to_an_exact_environment() {
             op(&mut board.uboot()).unwrap();
             board.assert_env(&with_board_vars(after), &format!("{name}: after"));
         }
+        // Bad on the last slot in the order is refused: an empty BOOT_ORDER
+        // would take the script's default and bring every slot back.
+        let board = Board::new(layout);
+        let before = with_board_vars(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")]);
+        board.initialize(&before);
+        assert_eq!(board.uboot().mark_bad("A").unwrap_err().name(), "boot-config");
+        board.assert_env(&before, "a refused mark-bad writes nothing");
     }
 }
 
@@ -478,4 +491,32 @@ fn the_boot_script_fills_in_defaults_and_resets_when_nothing_boots() {
         &with_board_vars(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]),
         "after the reset branch",
     );
+}
+
+#[test]
+fn the_reset_branch_never_brings_back_a_slot_fleetd_removed() {
+    if !tools_available() {
+        return;
+    }
+    let board = Board::new(Layout::Redundant);
+    // B is half-written (fleetd removed it from BOOT_ORDER and zeroed it);
+    // A has crashed through all its attempts.
+    let start = with_board_vars(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "0")]);
+    board.initialize(&start);
+    assert_eq!(run_boot_script(&board.config), None, "nothing bootable: reset");
+    board.assert_env(
+        &with_board_vars(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")]),
+        "only the slots in BOOT_ORDER get their attempts back",
+    );
+    // A keeps crashing: only A is ever tried, reset after reset.
+    let tries = std::cell::RefCell::new(Vec::new());
+    for _ in 0..3 {
+        let booted = power_on(&board.config, &|slot| {
+            tries.borrow_mut().push(slot.to_string());
+            false
+        });
+        assert_eq!(booted, None);
+    }
+    assert_eq!(tries.into_inner(), ["A"; 9], "B never booted");
+    assert_eq!(board.uboot().state("B").unwrap(), SlotState::Bad);
 }

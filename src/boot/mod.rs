@@ -90,6 +90,24 @@ pub trait BootControl: Send {
     /// Gives `slot` up: the bootloader will not choose it.
     fn mark_bad(&mut self, slot: &str) -> Result<(), BootError>;
 
+    /// Makes sure `slot` cannot boot while it is being written. Most
+    /// backends mark it bad; one whose bootloader can never pick the slot
+    /// on its own (tryboot) need not write anything.
+    fn invalidate(&mut self, slot: &str) -> Result<(), BootError> {
+        self.mark_bad(slot)
+    }
+
+    /// The running slot, outside a trial, gets back what booting it spent
+    /// (U-Boot's attempts, GRUB's try flag), so a device that is power-cut
+    /// again and again during a download never drains its only good slot.
+    /// A slot fleetd gave up on stays given up. Writes only on a change.
+    fn confirm_booted(&mut self, slot: &str) -> Result<(), BootError> {
+        if self.state(slot)? == SlotState::Trying {
+            self.mark_good(slot)?;
+        }
+        Ok(())
+    }
+
     /// The slot the bootloader reports it booted, where it can tell.
     fn booted_hint(&self) -> Result<Option<String>, BootError> {
         Ok(None)
@@ -114,7 +132,12 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
     Ok(match boot.backend {
         BootBackend::Uboot => {
             let env_config = boot.env_config.clone().unwrap_or_else(|| PathBuf::from("/etc/fw_env.config"));
-            Box::new(uboot::UbootEnv::open(&env_config, &slots, boot.attempts)?)
+            Box::new(uboot::UbootEnv::open_with(
+                &env_config,
+                &slots,
+                boot.attempts,
+                boot.uboot_single_copy_in_place,
+            )?)
         }
         BootBackend::Grub => {
             let path = boot.grubenv.clone().ok_or_else(|| missing("grub", "grubenv"))?;

@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 const BACKEND: &str = "rpi-tryboot";
 /// autoboot.txt holds a handful of lines; anything larger is not one.
 const MAX_AUTOBOOT_BYTES: usize = 4096;
+/// A change that keeps the file's length and fits one 512-byte sector is
+/// written in place (see `write_autoboot`).
+const SECTOR: usize = 512;
 const ALL: &str = "all";
 const TRYBOOT: &str = "tryboot";
 const BOOT_PARTITION: &str = "boot_partition";
@@ -189,6 +192,7 @@ pub struct RpiTryboot {
     /// Slot name → boot partition number; exactly two.
     partitions: Vec<(String, u32)>,
     booted_partition_file: PathBuf,
+    writes: std::cell::Cell<u32>,
 }
 
 impl RpiTryboot {
@@ -210,7 +214,7 @@ impl RpiTryboot {
         if pa == pb || *pa == 0 || *pb == 0 {
             return Err(config(format!("slots need distinct non-zero boot partitions, got {pa} and {pb}")));
         }
-        Ok(Self { autoboot_txt, partitions, booted_partition_file })
+        Ok(Self { autoboot_txt, partitions, booted_partition_file, writes: Default::default() })
     }
 
     /// Writes a fresh autoboot.txt for provisioning and tests.
@@ -254,8 +258,10 @@ impl RpiTryboot {
         self.partitions.iter().find(|(name, _)| name != slot).map_or(0, |(_, partition)| *partition)
     }
 
-    /// Read, change, and store in one atomic write; no write if nothing
-    /// changed (spares the FAT).
+    /// Read, change, and store in one write; no write if nothing changed.
+    /// An update writes the file once, at the commit: invalidating the
+    /// target changes nothing (see `invalidate`), and `[tryboot]` already
+    /// points at the next target after the previous commit.
     fn update(&self, change: impl FnOnce(&mut Autoboot) -> Result<(), BootError>) -> Result<(), BootError> {
         let before = self.read()?;
         let mut after = before.clone();
@@ -263,12 +269,41 @@ impl RpiTryboot {
         if after == before {
             return Ok(());
         }
-        write_autoboot(&self.autoboot_txt, &after)
+        self.writes.set(self.writes.get() + 1);
+        replace_autoboot(&self.autoboot_txt, &before.render(), &after.render())
+    }
+
+    /// How many times this instance wrote autoboot.txt (for tests).
+    pub fn writes(&self) -> u32 {
+        self.writes.get()
     }
 }
 
 fn write_autoboot(path: &Path, autoboot: &Autoboot) -> Result<(), BootError> {
     fsutil::atomic_write(path, autoboot.render().as_bytes(), 0o644).map_err(|e| io_error(path, e))
+}
+
+/// Why this is safe on vfat, which journals nothing: a rename rewrites two
+/// directory entries and the FAT, and a power cut between them can leave no
+/// autoboot.txt at all. Swapping `boot_partition=2` for `=3` keeps the
+/// length, so when the file fits one sector the new bytes go in place: one
+/// data sector (which SD cards program whole), with the directory entry
+/// changing only its timestamp, never its size or first cluster. Anything
+/// else (a longer number, a larger file) falls back to temp + fsync +
+/// rename + fsync of the directory.
+fn replace_autoboot(path: &Path, before: &str, after: &str) -> Result<(), BootError> {
+    use std::os::unix::fs::FileExt;
+    if before.len() == after.len() && after.len() <= SECTOR {
+        let file = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| io_error(path, e))?;
+        let on_disk = file.metadata().map_err(|e| io_error(path, e))?.len();
+        if on_disk == after.len() as u64 {
+            return file
+                .write_all_at(after.as_bytes(), 0)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io_error(path, e));
+        }
+    }
+    fsutil::atomic_write(path, after.as_bytes(), 0o644).map_err(|e| io_error(path, e))
 }
 
 impl BootControl for RpiTryboot {
@@ -307,6 +342,19 @@ impl BootControl for RpiTryboot {
             autoboot.set_trial(other);
             Ok(())
         })
+    }
+
+    /// The firmware runs `[tryboot]` only after a reboot with the one-shot
+    /// tryboot flag, which fleetd asks for only once the slot is written and
+    /// verified; a normal boot, a crash or a power cut runs `[all]`. So a
+    /// slot being written needs no change here, unless it is the committed
+    /// one (which is running and never written: refused as in `mark_bad`).
+    fn invalidate(&mut self, slot: &str) -> Result<(), BootError> {
+        let partition = self.partition_of(slot)?;
+        if self.read()?.committed() == partition {
+            return self.mark_bad(slot);
+        }
+        Ok(())
     }
 
     /// A trial target is dropped (`[tryboot]` points at the committed slot).

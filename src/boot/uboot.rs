@@ -606,6 +606,18 @@ impl UbootEnv {
     /// Reads `env_config` (fw_env.config syntax) and checks the slot names
     /// and attempts; the environment itself is read on each call.
     pub fn open(env_config: &Path, slots: &[String], attempts: u32) -> Result<Self, BootError> {
+        Self::open_with(env_config, slots, attempts, false)
+    }
+
+    /// As `open`; `single_copy_in_place` accepts a single-copy environment
+    /// inside a block device or a larger file, which can only be written in
+    /// place: a power cut mid-write leaves no valid environment at all.
+    pub fn open_with(
+        env_config: &Path,
+        slots: &[String],
+        attempts: u32,
+        single_copy_in_place: bool,
+    ) -> Result<Self, BootError> {
         let config_error = |detail: String| BootError::Config { backend: BACKEND, detail };
         if !(1..=MAX_ATTEMPTS).contains(&attempts) {
             return Err(config_error(format!(
@@ -626,7 +638,21 @@ impl UbootEnv {
                 return Err(config_error(format!("slot {slot:?} is listed twice")));
             }
         }
-        Ok(Self { storage: EnvStorage::open(env_config)?, slots: slots.to_vec(), attempts })
+        let storage = EnvStorage::open(env_config)?;
+        if let [copy] = storage.config.copies.as_slice() {
+            let replaceable = whole_file_mode(copy).map_err(|e| io_error(&copy.device, e))?.is_some();
+            if !replaceable && !single_copy_in_place {
+                return Err(config_error(format!(
+                    "{}: one copy of the environment at {:#x} in {} can only be rewritten in place, and a \
+                     power cut mid-write would leave none; add a second copy (redundant environment) or \
+                     set boot.uboot_single_copy_in_place = true",
+                    env_config.display(),
+                    copy.offset,
+                    copy.device.display()
+                )));
+            }
+        }
+        Ok(Self { storage, slots: slots.to_vec(), attempts })
     }
 
     /// Every variable of the current environment.
@@ -721,11 +747,36 @@ impl BootControl for UbootEnv {
         })
     }
 
+    /// Removes the slot from BOOT_ORDER and zeroes its attempts. Refused for
+    /// the last slot in BOOT_ORDER: an empty order would make the boot
+    /// script fall back to its default ("A B"), bringing back every slot
+    /// fleetd gave up on.
     fn mark_bad(&mut self, slot: &str) -> Result<(), BootError> {
         self.known(slot)?;
+        let vars = self.read_vars()?;
+        let remaining = Chooser::read(&vars, &self.slots).without(slot);
+        let bootable = remaining.iter().any(|w| self.slots.iter().any(|s| s.as_bytes() == w.as_slice()));
+        if !bootable {
+            return Err(BootError::Config {
+                backend: BACKEND,
+                detail: format!("refusing to mark {slot:?} bad: no other slot is left in BOOT_ORDER"),
+            });
+        }
         self.update(|vars, chooser| {
             set_order(vars, &chooser.without(slot));
             vars.insert(left_var(slot), b"0".to_vec());
+        })
+    }
+
+    /// Restores the spent attempts of a slot that is still in BOOT_ORDER;
+    /// one fleetd removed from it stays out.
+    fn confirm_booted(&mut self, slot: &str) -> Result<(), BootError> {
+        self.known(slot)?;
+        let attempts = self.attempts;
+        self.update(|vars, chooser| {
+            if chooser.contains(slot) && attempts_left(vars, slot, attempts) < attempts {
+                vars.insert(left_var(slot), attempts.to_string().into_bytes());
+            }
         })
     }
 }
@@ -1101,10 +1152,60 @@ mod tests {
         assert_eq!(storage.load().unwrap().vars, vars(&[("a", "2")]));
     }
 
+    #[test]
+    fn a_single_copy_that_can_only_be_written_in_place_is_refused_unless_opted_in() {
+        let fx = Fixture::new(false);
+        fs::write(&fx.config, format!("{} 0x40 {SIZE:#x}\n", fx.env.display())).unwrap();
+        fs::write(&fx.env, vec![0xaa; 0x40 + SIZE + 0x10]).unwrap();
+        fx.storage().initialize(&vars(&[("a", "1")])).unwrap();
+        let slots = ["A".to_string(), "B".to_string()];
+        let err = UbootEnv::open(&fx.config, &slots, 3).unwrap_err();
+        assert_eq!(err.name(), "boot-config");
+        assert!(err.to_string().contains("uboot_single_copy_in_place"), "{err}");
+        assert!(UbootEnv::open_with(&fx.config, &slots, 3, true).is_ok());
+        // The whole-file single copy (replaced by rename) needs no opt-in.
+        let whole = Fixture::new(false);
+        assert!(UbootEnv::open(&whole.config, &slots, 3).is_ok());
+    }
+
     // --- BootControl ---
 
     fn env_of(fx: &Fixture) -> Vars {
         fx.storage().load().unwrap().vars
+    }
+
+    #[test]
+    fn confirming_the_booted_slot_restores_its_attempts_but_never_resurrects_a_removed_slot() {
+        let fx = Fixture::new(true);
+        fx.storage()
+            .initialize(&vars(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "0")]))
+            .unwrap();
+        let mut u = fx.uboot();
+        // A ran on its last attempt while B was being written.
+        u.confirm_booted("A").unwrap();
+        assert_eq!(env_of(&fx), vars(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")]));
+        // B is out of BOOT_ORDER: confirming it (were it somehow running) changes nothing.
+        let before = fx.flags();
+        u.confirm_booted("B").unwrap();
+        assert_eq!(fx.flags(), before, "nothing written");
+        assert_eq!(u.state("B").unwrap(), SlotState::Bad);
+        // A full slot needs no write either.
+        u.confirm_booted("A").unwrap();
+        assert_eq!(fx.flags(), before);
+    }
+
+    #[test]
+    fn the_last_slot_in_boot_order_cannot_be_marked_bad() {
+        let fx = Fixture::new(true);
+        fx.storage()
+            .initialize(&vars(&[("BOOT_ORDER", "A"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "0")]))
+            .unwrap();
+        let mut u = fx.uboot();
+        // Removing A would empty BOOT_ORDER, and the script's default
+        // ("A B") would bring back the half-written B.
+        let err = u.mark_bad("A").unwrap_err();
+        assert_eq!(err.name(), "boot-config", "{err}");
+        assert_eq!(env_of(&fx)[&b"BOOT_ORDER"[..]], b"A".to_vec());
     }
 
     #[test]
@@ -1216,14 +1317,19 @@ mod tests {
         assert_eq!(env_of(&fx), with(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")]));
 
         env.mark_bad("A").unwrap();
-        env.mark_bad("B").unwrap();
-        assert_eq!(
-            env_of(&fx),
-            with(&[("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "0")]),
-            "an empty order is removed, as fw_setenv BOOT_ORDER \"\" would"
-        );
-        assert_eq!(env.primary().unwrap(), None);
+        assert_eq!(env_of(&fx), with(&[("BOOT_ORDER", "B"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "3")]));
+        // The last slot in the order stays: an empty BOOT_ORDER would make
+        // the script fall back to its default and revive A.
+        assert_eq!(env.mark_bad("B").unwrap_err().name(), "boot-config");
+        assert_eq!(env_of(&fx), with(&[("BOOT_ORDER", "B"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "3")]));
 
+        // An environment without BOOT_ORDER (a fresh board) reads the default order.
+        initialize(
+            &fx.config,
+            &[("bootcmd", "run boot_fleetd"), ("serial#", "X1"), ("BOOT_A_LEFT", "0"), ("BOOT_B_LEFT", "0")],
+        )
+        .unwrap();
+        assert_eq!(env.primary().unwrap(), None);
         env.set_primary_for_trial("A").unwrap();
         assert_eq!(
             env_of(&fx),
@@ -1256,7 +1362,8 @@ mod tests {
     fn operations_on_a_corrupt_environment_are_refused() {
         for redundant in [false, true] {
             let fx = Fixture::new(redundant);
-            fs::write(&fx.env, vec![0u8; 2 * SIZE]).unwrap();
+            let copies = if redundant { 2 } else { 1 };
+            fs::write(&fx.env, vec![0u8; copies * SIZE]).unwrap();
             let mut env = fx.uboot();
             let before = fs::read(&fx.env).unwrap();
             assert_eq!(env.primary().unwrap_err().name(), "boot-env-corrupt");

@@ -184,7 +184,9 @@ async fn attempt(
         _ => return Err(Interrupted::Permanent(FetchError::Refused { status, url: uri.to_string() })),
     };
     if let Some(len) = content_length(response.headers()) {
-        let end = if status == 206 { from + len } else { len };
+        let Some(end) = announced_end(status, from, len) else {
+            return Err(WriteError::TooManyBytes { size }.into());
+        };
         if end > size {
             return Err(WriteError::TooManyBytes { size }.into());
         }
@@ -245,6 +247,16 @@ async fn attempt(
     }
 }
 
+/// Where the body would end in the image: a 206 continues at `from`, a 200
+/// starts again at 0. `None` when a hostile Content-Length overflows.
+fn announced_end(status: u16, from: u64, len: u64) -> Option<u64> {
+    if status == 206 {
+        from.checked_add(len)
+    } else {
+        Some(len)
+    }
+}
+
 fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
     headers.get(hyper::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
@@ -272,4 +284,19 @@ fn check_content_range(headers: &hyper::HeaderMap, from: u64, size: u64) -> Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_content_length_that_overflows_the_offset_is_refused_not_wrapped() {
+        assert_eq!(announced_end(206, 100, 50), Some(150));
+        assert_eq!(announced_end(200, 100, 50), Some(50));
+        // from + len would wrap to a small number (and panic in debug builds).
+        assert_eq!(announced_end(206, 1 << 20, u64::MAX), None);
+        assert_eq!(announced_end(206, u64::MAX, 1), None);
+        assert_eq!(announced_end(200, 1 << 20, u64::MAX), Some(u64::MAX));
+    }
 }

@@ -22,8 +22,8 @@ pub const MAX_POWER_CYCLES: usize = 32;
 /// Powers the board on until a slot boots and `boots_ok(slot)` says it
 /// stayed up; a `false` is a crash, and the board powers on again. Returns
 /// the slot that came up, or `None` when the script found nothing bootable
-/// (it has then restored the defaults, as the script does before `reset`)
-/// or after `MAX_POWER_CYCLES` crashes.
+/// (it has then restored the attempts of the slots in BOOT_ORDER, as the
+/// script does before `reset`) or after `MAX_POWER_CYCLES` crashes.
 pub fn power_on(env_config: &Path, boots_ok: &dyn Fn(&str) -> bool) -> Option<String> {
     for _ in 0..MAX_POWER_CYCLES {
         let slot = run_boot_script(env_config)?;
@@ -69,10 +69,13 @@ pub fn run_boot_script(env_config: &Path) -> Option<String> {
     }
 
     let Some(slot) = chosen else {
-        // Nothing bootable: restore the defaults, saveenv, reset.
-        env.setenv("BOOT_ORDER", SCRIPT_DEFAULT_ORDER);
-        for slot in SCRIPT_SLOTS {
-            env.setenv(&left(slot), SCRIPT_DEFAULT_LEFT);
+        // Nothing bootable: the slots in BOOT_ORDER (never the order itself)
+        // get their attempts back; saveenv, reset.
+        let order = env.get("BOOT_ORDER");
+        for boot_slot in order.split_whitespace() {
+            if let Some(slot) = SCRIPT_SLOTS.into_iter().find(|s| *s == boot_slot) {
+                env.setenv(&left(slot), SCRIPT_DEFAULT_LEFT);
+            }
         }
         env.saveenv();
         return None;

@@ -4,8 +4,10 @@
 #   BOOT_ORDER       slots to try, first to last ("A B")
 #   BOOT_A_LEFT      attempts left for slot A (BOOT_B_LEFT for B)
 # Each boot spends one attempt of the first slot in BOOT_ORDER that has any;
-# fleetd restores the attempts when the slot proves healthy (mark-good) or
-# removes the slot from BOOT_ORDER when it gives up on it (mark-bad).
+# fleetd restores the attempts when the slot proves healthy (mark-good), at
+# every start outside a trial (so power cuts never drain the running slot),
+# and removes the slot from BOOT_ORDER when it gives up on it (mark-bad);
+# fleetd never empties BOOT_ORDER.
 #
 # Build: mkimage -A arm -T script -C none -d boot.cmd boot.scr
 # Needs: CONFIG_HUSH_PARSER, CONFIG_CMD_SETEXPR, a writable environment.
@@ -50,14 +52,19 @@ for BOOT_SLOT in "${BOOT_ORDER}"; do
   fi
 done
 
-# --- Nothing bootable: give every slot its attempts back and start over. ---
-# Unlike RAUC's example this also restores BOOT_ORDER: with every slot
-# exhausted, trying the one fleetd gave up on beats looping on the others.
+# --- Nothing bootable: the slots in BOOT_ORDER get their attempts back. ---
+# As in RAUC's example, BOOT_ORDER itself is never reset: a slot fleetd
+# removed from it (half-written, or given up after a failed trial) must not
+# come back. Only the slots still listed are tried again.
 if test -z "${fleetd_slot}"; then
-  echo "fleetd: no slot has attempts left; restoring defaults and resetting"
-  setenv BOOT_ORDER "A B"
-  setenv BOOT_A_LEFT 3
-  setenv BOOT_B_LEFT 3
+  echo "fleetd: no slot in BOOT_ORDER has attempts left; restoring their attempts and resetting"
+  for BOOT_SLOT in "${BOOT_ORDER}"; do
+    if test "x${BOOT_SLOT}" = "xA"; then
+      setenv BOOT_A_LEFT 3
+    elif test "x${BOOT_SLOT}" = "xB"; then
+      setenv BOOT_B_LEFT 3
+    fi
+  done
   saveenv
   reset
 fi
