@@ -128,14 +128,15 @@ pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
         let mut updater = open_updater(load_config(config_flag)?)?;
         updater.on_report(reporter());
         let booted = updater.booted().to_string();
-        let in_trial = matches!(
-            updater.job(),
-            Some(j) if matches!(j.phase, Phase::Testing { .. }) && j.target_slot == booted
-        );
-        if in_trial {
-            let verdict = if good { "marked good by hand" } else { "marked bad by hand" };
-            runtime()?.block_on(updater.health_verdict(good, verdict)).map_err(|e| e.to_string())?;
-        } else {
+        if good && updater.booted_is_unfinished_target() {
+            return Err(format!(
+                "target-is-booted: slot {booted} holds an unfinished download; refusing to mark it good"
+            ));
+        }
+        // In a trial (also right after a manual reboot, before any health
+        // check ran) the job ends exactly as the daemon's check ends it.
+        let ended_trial = runtime()?.block_on(updater.verdict_by_hand(good)).map_err(|e| e.to_string())?;
+        if !ended_trial {
             let backend = updater.boot_mut();
             let result = if good { backend.mark_good(&booted) } else { backend.mark_bad(&booted) };
             result.map_err(|e| e.to_string())?;

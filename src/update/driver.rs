@@ -26,6 +26,14 @@ pub enum DriveError {
     SlotTooSmall { slot: String, size: u64, slot_size: u64 },
     #[error("no-slot: {0}")]
     NoSlot(String),
+    /// The running slot was given up (a failed trial that did not reboot):
+    /// the only good slot is the one an update would write.
+    #[error(
+        "reboot-required: slot {booted} is running but was given up; reboot into the good slot before the next update"
+    )]
+    RebootRequired { booted: String },
+    #[error("{0}")]
+    Boot(#[from] crate::boot::BootError),
 }
 
 impl DriveError {
@@ -37,6 +45,8 @@ impl DriveError {
             Self::TargetIsBooted(_) => "target-is-booted",
             Self::SlotTooSmall { .. } => "image-too-large",
             Self::NoSlot(_) => "no-slot",
+            Self::RebootRequired { .. } => "reboot-required",
+            Self::Boot(e) => e.name(),
         }
     }
 }
@@ -141,6 +151,13 @@ impl Updater {
         if let Some(job) = self.store.state().active_job() {
             return Err(DriveError::Busy { jti: job.jti.clone(), version: job.version });
         }
+        self.confirm_booted_slot();
+        // After a failed trial that did not reboot, the rejected slot still
+        // runs and the other one is the only good slot: writing it would
+        // leave nothing to boot. Refuse until the device runs a good slot.
+        if let Ok(crate::boot::SlotState::Bad) = self.boot.state(&self.booted) {
+            return Err(DriveError::RebootRequired { booted: self.booted.clone() });
+        }
         let target = self.target_slot()?;
         self.refuse_booted_target(&target)?;
         let slot = &self.config.slots[&target];
@@ -172,35 +189,53 @@ impl Updater {
         self.resume().await
     }
 
-    /// Continues whatever job is stored, from wherever it stopped; then,
-    /// outside a trial, confirms the running slot to the bootloader.
+    /// First confirms the running slot to the bootloader (outside a trial),
+    /// then continues whatever job is stored, from wherever it stopped. The
+    /// confirmation comes first: a download can take an hour, and a power
+    /// cut during it must not cost the running slot an attempt for good.
     pub async fn resume(&mut self) -> Result<(), DriveError> {
+        self.confirm_booted_slot();
         if self.job().is_some() {
             let event = Event::Started { booted: self.booted.clone(), boot_id: self.boot_id.clone() };
             self.drive(event).await?;
         }
-        if self.store.state().active_job().is_none() {
-            self.confirm_booted_slot();
-        }
         Ok(())
     }
 
-    /// A bootloader that counts tries (GRUB sets `<slot>_TRY=1` on every
-    /// boot) would skip a slot nobody confirmed; outside a trial the running
-    /// slot is the good one, as after a rollback.
+    /// Bootloaders count boots (U-Boot spends an attempt, GRUB sets
+    /// `<slot>_TRY=1`) and skip a slot nobody confirmed. Outside a trial of
+    /// the running slot, the running slot is the good one: give back what
+    /// its boots spent. A trial target is left to the health check.
     fn confirm_booted_slot(&mut self) {
+        if !engine::may_confirm_booted(self.job(), &self.booted) {
+            return;
+        }
         let booted = self.booted.clone();
-        if let Ok(crate::boot::SlotState::Trying) = self.boot.state(&booted) {
-            if let Err(e) = self.boot.mark_good(&booted) {
-                self.report_step(format!("could not confirm booted slot {booted}: {e}"));
-            }
+        if let Err(e) = self.boot.confirm_booted(&booted) {
+            self.report_step(format!("could not confirm booted slot {booted}: {e}"));
         }
     }
 
-    /// Feeds a health verdict given from outside (`fleetd mark-good/mark-bad`
-    /// during a trial).
-    pub async fn health_verdict(&mut self, healthy: bool, detail: &str) -> Result<(), DriveError> {
-        self.drive(Event::HealthChecked { healthy, detail: detail.to_string() }).await
+    /// `fleetd mark-good` / `mark-bad`: ends a trial of the running slot as
+    /// the health check would (true), or returns false when no trial of it
+    /// is under way.
+    pub async fn verdict_by_hand(&mut self, healthy: bool) -> Result<bool, DriveError> {
+        let in_trial = self.job().is_some_and(|j| {
+            j.target_slot == self.booted && matches!(j.phase, Phase::RebootPending { .. } | Phase::Testing { .. })
+        });
+        if !in_trial {
+            return Ok(false);
+        }
+        self.drive(Event::VerdictByHand { booted: self.booted.clone(), healthy }).await?;
+        Ok(true)
+    }
+
+    /// The running slot holds a download that has not reached `Written`:
+    /// never marked good, by hand or otherwise.
+    pub fn booted_is_unfinished_target(&self) -> bool {
+        self.job().is_some_and(|j| {
+            j.target_slot == self.booted && matches!(j.phase, Phase::Accepted | Phase::Downloading)
+        })
     }
 
     fn refuse_booted_target(&self, target: &str) -> Result<(), DriveError> {
@@ -227,10 +262,12 @@ impl Updater {
             };
             let (next, actions) = engine::step(&job, event)?;
             let phase_changed = next.phase != job.phase;
+            let ending = next.phase.is_terminal();
             self.store.state_mut().job = Some(next);
             if phase_changed {
                 self.report_phase();
             }
+            let mut side_errors = Vec::new();
             for action in actions {
                 let is_persist = action == Action::Persist;
                 match self.perform(action).await {
@@ -238,12 +275,29 @@ impl Updater {
                     Ok(None) => {}
                     // Nothing can be recorded when the store itself fails.
                     Err(e) if is_persist => return Err(e.into_drive_error()),
+                    // The job has ended: a failed side effect (giving the
+                    // slot up, the reboot) must not keep it from being
+                    // recorded. It is reported and joins the last error.
+                    Err(e) if ending => {
+                        self.report_step(format!("{e}"));
+                        side_errors.push(e.to_string());
+                    }
                     Err(e) => {
                         events.clear();
                         events.push_back(Event::ActionFailed { error: e.to_string() });
                         break;
                     }
                 }
+            }
+            if !side_errors.is_empty() {
+                let state = self.store.state_mut();
+                let mut text = state.last_error.take().unwrap_or_default();
+                for e in side_errors {
+                    text = if text.is_empty() { e } else { format!("{text}; then {e}") };
+                }
+                state.last_error = Some(text);
+                self.store.save()?;
+                self.report_status();
             }
         }
         Ok(())
@@ -262,7 +316,7 @@ impl Updater {
             }
             Action::InvalidateTarget => {
                 self.refuse_booted_target(&target).map_err(|e| ActionError::Named(e.to_string()))?;
-                self.boot.mark_bad(&target).map_err(|e| ActionError::Named(e.to_string()))?;
+                self.boot.invalidate(&target).map_err(|e| ActionError::Named(e.to_string()))?;
                 Ok(Some(Event::SlotInvalidated))
             }
             Action::Download { from } => self.download(from).await.map(Some),

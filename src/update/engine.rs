@@ -100,6 +100,13 @@ pub enum Event {
         healthy: bool,
         detail: String,
     },
+    /// `fleetd mark-good` / `mark-bad` during a trial (RAUC's flow): the
+    /// verdict a health check would give, from a process that may be the
+    /// first to run since the trial boot.
+    VerdictByHand {
+        booted: String,
+        healthy: bool,
+    },
     /// An action failed for good (after its own retries): `error` is `name: detail`.
     ActionFailed {
         error: String,
@@ -158,6 +165,13 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
         return Ok((failed, actions));
     }
     Ok(match (&job.phase, event) {
+        // The slot being written runs: whatever booted it, it is not a good
+        // image. Give it up, never confirm it.
+        (Phase::Accepted | Phase::Downloading, Event::Started { booted, .. }) if booted == job.target_slot => {
+            let (failed, mut actions) = fail(job, "target-is-booted: the slot being written is running");
+            actions.insert(0, MarkTargetBad);
+            (failed, actions)
+        }
         (Phase::Accepted, Event::Started { .. }) => (job.clone(), vec![InvalidateTarget]),
         // Not persisted here: a restart in Accepted re-invalidates and starts
         // from byte 0, exactly what Downloading at 0 would do. The first
@@ -166,9 +180,6 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
             let mut next = with(Phase::Downloading);
             next.written = 0;
             (next, vec![Download { from: 0 }])
-        }
-        (Phase::Downloading, Event::Started { booted, .. }) if booted == job.target_slot => {
-            return Ok(fail(job, "target-is-booted: the slot being written is running"));
         }
         (Phase::Downloading, Event::Started { .. }) => {
             (job.clone(), vec![InvalidateTarget, Download { from: job.written }])
@@ -209,16 +220,37 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
                 )
             }
         }
-        (Phase::Testing { .. }, Event::HealthChecked { healthy: true, .. }) => {
-            (with(Phase::Committed), vec![MarkTargetGood, Finish, Persist])
+        (Phase::Testing { .. }, Event::HealthChecked { healthy, detail }) => verdict(job, healthy, &detail),
+        // By hand, right after the trial boot (nothing ran the health check
+        // yet) or during it: the job ends exactly as a health check ends it.
+        (Phase::RebootPending { .. } | Phase::Testing { .. }, Event::VerdictByHand { booted, healthy })
+            if booted == job.target_slot =>
+        {
+            let detail = if healthy { "marked good by hand" } else { "marked bad by hand" };
+            verdict(job, healthy, detail)
         }
-        (Phase::Testing { .. }, Event::HealthChecked { healthy: false, detail }) => (
-            with(Phase::RolledBack { reason: format!("health-check-failed: {detail}") }),
-            vec![MarkTargetBad, Finish, Persist, Reboot],
-        ),
         (phase, Event::Started { .. }) if phase.is_terminal() => (job.clone(), vec![]),
         _ => return Err(unexpected()),
     })
+}
+
+/// The end of a trial: committed, or rolled back with a reboot into the old slot.
+fn verdict(job: &Job, healthy: bool, detail: &str) -> Step {
+    if healthy {
+        (Job { phase: Phase::Committed, ..job.clone() }, vec![Action::MarkTargetGood, Action::Finish, Action::Persist])
+    } else {
+        (
+            Job { phase: Phase::RolledBack { reason: format!("health-check-failed: {detail}") }, ..job.clone() },
+            vec![Action::MarkTargetBad, Action::Finish, Action::Persist, Action::Reboot],
+        )
+    }
+}
+
+/// Whether the running slot may be confirmed to the bootloader at start:
+/// always, except while a job that has not ended targets it (a trial to be
+/// judged by the health check, or a slot that was being written).
+pub fn may_confirm_booted(job: Option<&Job>, booted: &str) -> bool {
+    !job.is_some_and(|j| !j.phase.is_terminal() && j.target_slot == booted)
 }
 
 fn fail(job: &Job, error: &str) -> Step {
@@ -315,10 +347,49 @@ mod tests {
     }
 
     #[test]
-    fn writing_into_the_booted_slot_is_refused() {
-        let (next, actions) = step(&job(Phase::Downloading), started("B", "b1")).unwrap();
-        assert!(matches!(next.phase, Phase::Failed { ref error } if error.starts_with("target-is-booted")));
-        assert_eq!(actions, vec![Finish, Persist]);
+    fn writing_into_the_booted_slot_is_refused_and_the_slot_given_up() {
+        for phase in [Phase::Accepted, Phase::Downloading] {
+            let (next, actions) = step(&job(phase.clone()), started("B", "b1")).unwrap();
+            assert!(
+                matches!(next.phase, Phase::Failed { ref error } if error.starts_with("target-is-booted")),
+                "{phase:?}"
+            );
+            assert_eq!(actions, vec![MarkTargetBad, Finish, Persist], "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn a_verdict_by_hand_ends_a_trial_as_the_health_check_would() {
+        let by_hand = |healthy| Event::VerdictByHand { booted: "B".into(), healthy };
+        for phase in [pending("b1"), testing("b2")] {
+            let (next, actions) = step(&job(phase.clone()), by_hand(true)).unwrap();
+            assert_eq!((next.phase, actions), (Phase::Committed, vec![MarkTargetGood, Finish, Persist]));
+            let (next, actions) = step(&job(phase.clone()), by_hand(false)).unwrap();
+            assert_eq!(
+                (next.phase, actions),
+                (
+                    Phase::RolledBack { reason: "health-check-failed: marked bad by hand".into() },
+                    vec![MarkTargetBad, Finish, Persist, Reboot]
+                )
+            );
+        }
+        // Not running the target: no trial to judge.
+        let on_a = Event::VerdictByHand { booted: "A".into(), healthy: true };
+        assert!(step(&job(pending("b1")), on_a.clone()).is_err());
+        assert!(step(&job(Phase::Downloading), by_hand(true)).is_err());
+        assert!(step(&job(Phase::Committed), by_hand(true)).is_err());
+    }
+
+    #[test]
+    fn the_booted_slot_is_confirmed_unless_an_unfinished_job_targets_it() {
+        assert!(may_confirm_booted(None, "A"));
+        for phase in [Phase::Accepted, Phase::Downloading, Phase::Written, pending("b1"), testing("b1")] {
+            assert!(may_confirm_booted(Some(&job(phase.clone())), "A"), "{phase:?}: the fallback runs");
+            assert!(!may_confirm_booted(Some(&job(phase.clone())), "B"), "{phase:?}: the target runs");
+        }
+        for phase in [Phase::Committed, rolled_back(), Phase::Failed { error: "x".into() }] {
+            assert!(may_confirm_booted(Some(&job(phase.clone())), "B"), "{phase:?}");
+        }
     }
 
     #[test]
