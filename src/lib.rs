@@ -16,6 +16,7 @@ pub mod http;
 pub mod mqtt;
 pub mod status;
 pub mod store;
+pub mod sys;
 pub mod trust;
 pub mod update;
 

@@ -346,6 +346,27 @@ fn installs_into_a_gpt_partition_on_a_loop_device_and_refuses_a_mounted_one() {
     assert_eq!(&written[..c.image.len()], &c.image[..]);
     assert_eq!(std::fs::read(&p1).unwrap()[..(SLOT as usize)], c.slot_a_before[..], "partition 1 untouched");
 
+    // A target held by another exclusive opener (as device-mapper or a
+    // RAID holds its members) is not in mountinfo: the kernel refuses
+    // fleetd's O_EXCL open, and nothing is written.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let held = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&p2).unwrap();
+        let c3 = case(MIB as usize);
+        let config = std::fs::read_to_string(c3.g.dev.config()).unwrap();
+        std::fs::write(c3.g.dev.config(), config.replace("slot-b.img", &p2)).unwrap();
+        let before = std::fs::read(&p2).unwrap();
+        let out = c3.g.install(&c3.message(c3.image.clone(), &[]));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("target-is-booted") && stderr(&out).contains("in use"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(std::fs::read(&p2).unwrap(), before, "a held device was written");
+        drop(held);
+    }
+
     // A target that is mounted is refused (the same check guards `/`).
     let c2 = case(MIB as usize);
     sh(&format!("mkfs.ext4 -q -F {p2}"));

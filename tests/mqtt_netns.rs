@@ -343,9 +343,19 @@ fn link_down_for_30_seconds_mid_download() {
         });
         w.net.link_down();
         std::thread::sleep(Duration::from_secs(30));
+        assert_eq!(w.connection()["connected"], false, "a 30 s outage is noticed (keep-alive 5 s)");
         w.net.link_up();
+        // The link coming back is a network change: fleetd reconnects at
+        // once rather than sleeping out its backoff. The wait is the
+        // product's own bound for that.
+        let up = Instant::now();
+        let bound = fleetd::mqtt::reconnect_after_network_change();
+        w.wait_for("the reconnect after the link came back", bound, || w.connection()["connected"] == true);
+        eprintln!(
+            "link-down run {run}: reconnected {:?} after the link came up (bound {bound:?})",
+            up.elapsed()
+        );
         assert_done_once(&w, &image);
-        w.wait_connected();
         let log = w.server.log();
         assert!(
             log.len() >= 2 && log.last().unwrap().range_start > 0,
@@ -355,6 +365,84 @@ fn link_down_for_30_seconds_mid_download() {
         eprintln!("link-down run {run}: ok, {} requests", log.len());
     }
     eprintln!("link down 30 s mid-download: {n}/{n} runs completed exactly once");
+}
+
+/// `systemctl stop` sends SIGTERM: the daemon leaves within this, even
+/// mid-download (the unit's TimeoutStopSec must allow it).
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+
+#[test]
+fn sigterm_mid_download_stops_at_once_and_the_next_start_resumes_with_range() {
+    if !can_run() {
+        return;
+    }
+    let mut w = World::new(None);
+    w.server.set_rate(Some(1 << 20));
+    w.start_daemon();
+    w.wait_connected();
+    let image = image_bytes(6 << 20, 21);
+    let msg = w.message("v8", 8, &image, &["--name", "v8"]);
+    w.publish(&msg, To::Device("gw-0042"));
+    w.wait_for("a checkpoint", Duration::from_secs(20), || {
+        w.g.status()["job"]["progress"].as_u64().unwrap_or(0) >= 20
+    });
+    let mut child = w.daemon.take().unwrap();
+    let asked = Instant::now();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(asked.elapsed() < STOP_WITHIN, "still running {STOP_WITHIN:?} after SIGTERM:\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("SIGTERM mid-download: exited ({status}) after {:?}", asked.elapsed());
+    assert!(status.success(), "{status}\n{}", w.log());
+    let st = w.g.status();
+    assert_eq!(st["state"], "downloading", "the job waits for the next start: {st}");
+    let requests_before = w.server.log().len();
+    w.start_daemon();
+    assert_done_once(&w, &image);
+    let log = w.server.log();
+    assert!(log.len() > requests_before, "{log:?}");
+    assert!(log.last().unwrap().range_start > 0, "resumed with Range: {log:?}\n{}", w.log());
+}
+
+/// While a download runs, every other message is answered at once (busy),
+/// so the MQTT task never waits on the worker: more messages than the
+/// worker's queue holds, all refused while the download still runs, and
+/// the connection stays up.
+#[test]
+fn messages_during_a_download_are_answered_at_once() {
+    if !can_run() {
+        return;
+    }
+    let mut w = World::new(None);
+    w.server.set_rate(Some(256 << 10));
+    let flood = fleetd::daemon::WORKER_QUEUE + 4;
+    let others: Vec<PathBuf> = (0..flood)
+        .map(|i| w.message(&format!("other{i}"), 9 + i as u64, &image_bytes(1 << 20, 50 + i as u64), &[]))
+        .collect();
+    w.start_daemon();
+    w.wait_connected();
+    let image = image_bytes(6 << 20, 22);
+    let msg = w.message("v8", 8, &image, &["--name", "v8"]);
+    w.publish(&msg, To::Device("gw-0042"));
+    w.wait_for("the download", Duration::from_secs(20), || w.g.status()["state"] == "downloading");
+    for other in &others {
+        w.publish(other, To::Device("gw-0042"));
+    }
+    // Each publish returned at its PUBACK from the broker; the device's
+    // answers follow within the broker's delivery, long before the
+    // download (6 MiB at 256 KiB/s) ends.
+    w.wait_for("every message answered", Duration::from_secs(10), || {
+        w.log().matches("update refused: busy: update").count() >= flood
+    });
+    let st = w.g.status();
+    assert_eq!(st["state"], "downloading", "answered while the download still runs: {st}\n{}", w.log());
+    assert_eq!(w.connection()["connected"], true, "{}", w.log());
+    assert_done_once(&w, &image);
 }
 
 #[test]

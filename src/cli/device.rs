@@ -194,13 +194,24 @@ pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
         let mut updater = open_updater(config)?;
         updater.on_report(reporter());
         let rt = runtime()?;
-        rt.block_on(updater.resume()).map_err(|e| e.to_string())?;
         if once {
+            rt.block_on(updater.resume()).map_err(|e| e.to_string())?;
             // The job's outcome is in the status; reconciling itself succeeded.
             let _ = job_outcome(&updater);
             return Ok(ExitCode::SUCCESS);
         }
-        rt.block_on(super::fleetctl::shutdown_signal());
+        // SIGTERM ends a download at its next await point; the job resumes
+        // from its last checkpoint at the next start.
+        rt.block_on(async {
+            let stop = super::fleetctl::shutdown_signal();
+            tokio::pin!(stop);
+            tokio::select! {
+                resumed = updater.resume() => resumed.map_err(|e| e.to_string())?,
+                _ = &mut stop => return Ok(()),
+            }
+            stop.await;
+            Ok::<(), String>(())
+        })?;
         Ok(ExitCode::SUCCESS)
     })();
     result.unwrap_or_else(|e| {

@@ -65,7 +65,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut on_event: impl FnMut(&ClientEvent),
 ) {
-    let (client, eventloop): (AsyncClient, EventLoop) = AsyncClient::new(setup.options, 64);
+    let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(setup.options, 64);
+    eventloop.network_options.set_connection_timeout(super::CONNECT_TIMEOUT.as_secs());
     // `poll()` must never be cancelled half-way through a (re)connect, so it
     // runs in a task of its own that only forwards what happened.
     let (events_tx, mut events) = mpsc::channel(64);
@@ -192,9 +193,22 @@ pub async fn run(
                             payload,
                             token: next_token,
                         };
-                        pending_acks.insert(next_token, publish);
-                        if to_worker.send(message).await.is_err() {
-                            break;
+                        // Never wait on the worker: it answers even while a job
+                        // runs, so a full queue means a flood. Refuse (and ack)
+                        // rather than let keep-alives and shutdown stall.
+                        match to_worker.try_send(message) {
+                            Ok(()) => {
+                                pending_acks.insert(next_token, publish);
+                            }
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                let _ = client.try_ack(&publish);
+                                let error = "busy: the update worker's queue is full".to_string();
+                                eprintln!("update refused: {error} (on {})", publish.topic);
+                                if let Some(jobs) = aws.as_mut() {
+                                    publish_all(&client, jobs.on_refused(&error));
+                                }
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
                         }
                     } else {
                         // Not ours to handle: acknowledge so it is not redelivered.
@@ -238,9 +252,12 @@ enum Polled {
 }
 
 /// Polls the event loop for ever, waiting out a full-jitter backoff after
-/// each failure (reset by a successful connection).
+/// each failure (reset by a successful connection). A network change (a
+/// link up, an address or a route) ends the wait at once and starts the
+/// count again: the outage is over, or a new one began.
 async fn poll_forever(mut eventloop: EventLoop, backoff: Backoff, events: mpsc::Sender<Polled>) {
     let mut failures = 0u32;
+    let mut changes = crate::sys::netlink::NetChanges::open().ok();
     loop {
         match eventloop.poll().await {
             Ok(event) => {
@@ -257,7 +274,9 @@ async fn poll_forever(mut eventloop: EventLoop, backoff: Backoff, events: mpsc::
                 if events.send(Polled::Lost { error: describe(&e), retry_in }).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(retry_in).await;
+                if crate::sys::netlink::sleep_or_change(retry_in, &mut changes).await {
+                    failures = 0;
+                }
             }
         }
     }

@@ -164,6 +164,24 @@ pub fn tls_config(ca_file: &Path, cert: &Path, key: &Path) -> Result<rustls::Cli
 
 /// Connection options for one client: persistent session, manual acks,
 /// packets large enough for a 64 KiB message, and a last will.
+/// Reconnect backoff: full jitter from 1 s, each wait capped at 60 s. A
+/// network change ends any wait at once (see `client::poll_forever`).
+pub const RECONNECT: crate::backoff::Backoff = crate::backoff::Backoff {
+    base: std::time::Duration::from_secs(1),
+    cap: std::time::Duration::from_secs(60),
+};
+
+/// The limit on one connection attempt (TCP, TLS and CONNACK).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How soon after the network comes back the client is connected again,
+/// at most: the change starts an attempt at once, and should the network
+/// not quite be ready (an address still tentative), the next change or the
+/// first backoff wait (at most `RECONNECT.base`) starts another.
+pub fn reconnect_after_network_change() -> std::time::Duration {
+    CONNECT_TIMEOUT * 2 + RECONNECT.base
+}
+
 pub fn options(
     client_id: &str,
     host: &str,

@@ -221,7 +221,8 @@ impl Updater {
     /// is under way.
     pub async fn verdict_by_hand(&mut self, healthy: bool) -> Result<bool, DriveError> {
         let in_trial = self.job().is_some_and(|j| {
-            j.target_slot == self.booted && matches!(j.phase, Phase::RebootPending { .. } | Phase::Testing { .. })
+            j.target_slot == self.booted
+                && matches!(j.phase, Phase::RebootPending { .. } | Phase::Testing { .. })
         });
         if !in_trial {
             return Ok(false);

@@ -167,7 +167,9 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
     Ok(match (&job.phase, event) {
         // The slot being written runs: whatever booted it, it is not a good
         // image. Give it up, never confirm it.
-        (Phase::Accepted | Phase::Downloading, Event::Started { booted, .. }) if booted == job.target_slot => {
+        (Phase::Accepted | Phase::Downloading, Event::Started { booted, .. })
+            if booted == job.target_slot =>
+        {
             let (failed, mut actions) = fail(job, "target-is-booted: the slot being written is running");
             actions.insert(0, MarkTargetBad);
             (failed, actions)
@@ -237,10 +239,16 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
 /// The end of a trial: committed, or rolled back with a reboot into the old slot.
 fn verdict(job: &Job, healthy: bool, detail: &str) -> Step {
     if healthy {
-        (Job { phase: Phase::Committed, ..job.clone() }, vec![Action::MarkTargetGood, Action::Finish, Action::Persist])
+        (
+            Job { phase: Phase::Committed, ..job.clone() },
+            vec![Action::MarkTargetGood, Action::Finish, Action::Persist],
+        )
     } else {
         (
-            Job { phase: Phase::RolledBack { reason: format!("health-check-failed: {detail}") }, ..job.clone() },
+            Job {
+                phase: Phase::RolledBack { reason: format!("health-check-failed: {detail}") },
+                ..job.clone()
+            },
             vec![Action::MarkTargetBad, Action::Finish, Action::Persist, Action::Reboot],
         )
     }

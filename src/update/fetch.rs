@@ -111,6 +111,8 @@ pub async fn fetch_into(
     let mut fruitless = 0u32;
     let mut last_progress = Instant::now();
     let mut last_checkpoint = writer.position();
+    let mut changes = None;
+    let mut netlink_tried = false;
     loop {
         if writer.position() == writer.size() {
             return Ok(stats);
@@ -138,7 +140,12 @@ pub async fn fetch_into(
                 }
                 let wait = backoff(policy, fruitless);
                 (hooks.on_retry)(&why, wait);
-                tokio::time::sleep(wait).await;
+                // A network change (the link back up) ends the wait at once.
+                if changes.is_none() && !netlink_tried {
+                    netlink_tried = true;
+                    changes = crate::sys::netlink::NetChanges::open().ok();
+                }
+                crate::sys::netlink::sleep_or_change(wait, &mut changes).await;
             }
         }
     }

@@ -16,6 +16,10 @@ pub const DEFAULT_BLOCK: usize = 512 << 10;
 pub enum WriteError {
     #[error("slot-open: {path}: {source}")]
     Open { path: PathBuf, source: std::io::Error },
+    /// The kernel refused an exclusive open: the device is mounted, or held
+    /// by device-mapper (dm-verity), a RAID, or another exclusive opener.
+    #[error("target-is-booted: {path} is in use (mounted or held); refusing to write it")]
+    InUse { path: PathBuf },
     #[error("image-too-large: {size} bytes do not fit the {slot_size} bytes of slot {path}")]
     SlotTooSmall { path: PathBuf, size: u64, slot_size: u64 },
     #[error("disk-full: {path}: no space left while writing at offset {offset}")]
@@ -34,6 +38,7 @@ impl WriteError {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Open { .. } => "slot-open",
+            Self::InUse { .. } => "target-is-booted",
             Self::SlotTooSmall { .. } => "image-too-large",
             Self::DiskFull { .. } => "disk-full",
             Self::Io { .. } => "slot-io",
@@ -98,7 +103,7 @@ impl SlotWriter {
     /// bytes that are already in the slot: they are read back and hashed.
     pub fn open(path: &Path, size: u64, prefix: u64, block: usize) -> Result<Self, WriteError> {
         let open_err = |source| WriteError::Open { path: path.to_path_buf(), source };
-        let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(open_err)?;
+        let mut file = open_exclusive(path)?;
         // Regular files and block devices both report their size by seeking.
         let slot_size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         if size > slot_size {
@@ -353,6 +358,26 @@ fn io_error(path: &Path, offset: u64, source: std::io::Error) -> WriteError {
 
 /// The IO thread: compare each block with what the slot holds, write it only
 /// when it differs, fsync on request. After a failure it only reports.
+/// Opens the slot for writing. A block device is opened with `O_EXCL`, so
+/// the kernel itself refuses one that is mounted or held, whatever path
+/// names it (symlinks, dm-verity, overlay roots): stronger than any check
+/// of mountinfo, and without a window between check and open. The
+/// exclusive hold lasts as long as the file stays open.
+fn open_exclusive(path: &Path) -> Result<std::fs::File, WriteError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let open_err = |source| WriteError::Open { path: path.to_path_buf(), source };
+    let is_block = std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    if is_block {
+        options.custom_flags(libc::O_EXCL);
+    }
+    options.open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) if is_block => WriteError::InUse { path: path.to_path_buf() },
+        _ => open_err(e),
+    })
+}
+
 fn io_loop(
     file: File,
     path: PathBuf,

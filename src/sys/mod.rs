@@ -1,0 +1,4 @@
+//! Linux specifics at the device's edge: probes and notifications the rest
+//! of the daemon uses through small, safe interfaces.
+
+pub mod netlink;
