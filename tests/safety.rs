@@ -293,3 +293,22 @@ fn set_reboot(g: &Gateway, reboot: &str) {
     // Until the next power_on, which writes the gateway's config afresh.
     std::fs::write(g.dev.config(), &config).unwrap();
 }
+
+/// One message with `iat` in 2100, co-signed and otherwise valid, is
+/// refused, and the clock floor stays where it was: later messages verify.
+#[test]
+fn an_iat_in_the_future_never_raises_the_clock_floor() {
+    let s = setup(Bootloader::Grub);
+    let file = s.g.path().join("v8.img");
+    let url = s.server.add("/x.img", std::fs::read(&file).unwrap());
+    let hostile = s.g.dev.cosigned(
+        "future",
+        &["--url", &url, "--image", file.to_str().unwrap(), "--issued-at", "4102444800"],
+    );
+    let out = s.g.install(&hostile);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("rejected: iat-invalid"), "{}{}", stdout(&out), stderr(&out));
+    let floor = stored_state(&s.g)["clock_floor"].as_u64().unwrap_or(0);
+    assert!(floor < 4_102_444_800, "the floor rose to {floor}");
+    assert_eq!(s.g.dev.verify(&s.message, false).0, 0, "a current message still verifies");
+}

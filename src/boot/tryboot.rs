@@ -502,4 +502,32 @@ mod tests {
             assert_eq!(new(bad).unwrap_err().name(), "boot-config");
         }
     }
+
+    /// The engine's order for one update: invalidate the target, set it
+    /// primary for the trial, commit it. On the FAT, that is one write.
+    #[test]
+    fn an_update_writes_autoboot_txt_once_and_in_place() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let autoboot = dir.path().join("autoboot.txt");
+        let partition = dir.path().join("partition");
+        RpiTryboot::initialize(&autoboot, 2, 3).unwrap();
+        let mut boot =
+            RpiTryboot::new(autoboot.clone(), vec![("A".into(), 2), ("B".into(), 3)], partition.clone()).unwrap();
+        let inode = std::fs::metadata(&autoboot).unwrap().ino();
+        for (target, committed_after) in [("B", 3u32), ("A", 2), ("B", 3)] {
+            let writes_before = boot.writes();
+            boot.invalidate(target).unwrap();
+            boot.set_primary_for_trial(target).unwrap();
+            // The trial boot runs the target (the firmware says so), then commit.
+            std::fs::write(&partition, committed_after.to_be_bytes()).unwrap();
+            assert_eq!(boot.state(target).unwrap(), SlotState::Trying);
+            boot.mark_good(target).unwrap();
+            assert_eq!(boot.writes() - writes_before, 1, "update to {target}");
+            assert_eq!(boot.read().unwrap().committed(), committed_after);
+        }
+        assert_eq!(std::fs::metadata(&autoboot).unwrap().ino(), inode, "rewritten in place, never renamed");
+        // The committed (running) slot cannot be invalidated.
+        assert_eq!(boot.invalidate("B").unwrap_err().name(), "boot-config");
+    }
 }
