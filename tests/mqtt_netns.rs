@@ -229,6 +229,9 @@ fn full_cycle(to: To) {
     );
     let st = w.wait_state("reboot-pending", Duration::from_secs(30));
     assert_eq!(st["primary_slot"], "B");
+    // RebootPending is persisted before the reboot is asked for (the
+    // crash-safe order), so the request follows the state, not with it.
+    w.wait_for("the reboot request", Duration::from_secs(10), || w.g.reboot_requested().is_some());
     assert_eq!(w.g.reboot_requested().as_deref(), Some(""), "fleetd asked for the reboot");
     w.reboot();
     let st = w.wait_state("committed", Duration::from_secs(30));
