@@ -18,7 +18,7 @@ pub fn run(config: Config, open: impl FnOnce(Config) -> Result<Updater, String>)
     let (cert, key) = mqtt::identity_paths(&config, &mqtt_config);
     mqtt::check_identity(&cert, &config.device.id).map_err(|e| e.to_string())?;
     let tls = mqtt::tls_config(&mqtt_config.ca_file, &cert, &key).map_err(|e| e.to_string())?;
-    run_until(config, Some(tls), open, crate::cli::fleetctl::shutdown_signal())
+    run_until(config, Some(tls), open, crate::sys::signals::shutdown())
 }
 
 /// The daemon until `shutdown` completes. `tls` is the mutual-TLS setup; only
@@ -254,7 +254,7 @@ fn answer_while_busy(
     token: u64,
     outbox: &mpsc::UnboundedSender<Outbound>,
 ) {
-    let jti = crate::cli::peek_jti(payload);
+    let jti = crate::trust::peek_jti(payload);
     if let Some(jti) = jti.filter(|j| busy.known.contains(j)) {
         report_duplicate(&jti, topic, outbox);
         let _ = outbox.send(Outbound::Ack(token));
@@ -291,7 +291,7 @@ fn admit(
         record_refusal(updater, recorded);
         let _ = outbox.send(Outbound::Refused { token, error: error.to_string() });
     };
-    if let Some(jti) = crate::cli::peek_jti(payload) {
+    if let Some(jti) = crate::trust::peek_jti(payload) {
         if updater.store().state().knows_job(&jti) {
             report_duplicate(&jti, topic, outbox);
             let _ = outbox.send(Outbound::Ack(token));

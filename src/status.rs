@@ -1,9 +1,8 @@
 //! The status document: `fleetd status --json` prints it, and the retained
 //! MQTT status topic carries the same. Fields may be added; these stay.
+//! Plain data: `update::status_doc` fills it in from the state and the boot
+//! environment.
 
-use crate::boot::BootControl;
-use crate::config::Config;
-use crate::store::State;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -39,63 +38,6 @@ pub struct JobStatus {
 }
 
 impl StatusDoc {
-    /// Builds the document. Boot-env read errors are shown, not fatal:
-    /// status must work on a device in trouble.
-    pub fn build(
-        config: &Config,
-        state: &State,
-        boot: Option<&dyn BootControl>,
-        booted: Option<&str>,
-    ) -> Self {
-        let mut last_error = state.last_error.clone();
-        let mut env_error = |e: crate::boot::BootError| {
-            if last_error.is_none() {
-                last_error = Some(format!("{}: {e}", e.name()));
-            }
-        };
-        let primary_slot = boot.and_then(|b| b.primary().map_err(&mut env_error).ok().flatten());
-        let slots = config
-            .slots
-            .iter()
-            .map(|(name, slot)| {
-                let state_name = match boot.map(|b| b.state(name)) {
-                    Some(Ok(s)) => s.as_str().to_string(),
-                    Some(Err(e)) => {
-                        env_error(e);
-                        "unknown".into()
-                    }
-                    None => "unknown".into(),
-                };
-                let status = SlotStatus {
-                    state: state_name,
-                    version: state.slot_versions.get(name).copied(),
-                    device: slot.device.display().to_string(),
-                };
-                (name.clone(), status)
-            })
-            .collect();
-        let job = state.job.as_ref().map(|j| JobStatus {
-            jti: j.jti.clone(),
-            version: j.version,
-            name: j.name.clone(),
-            target_slot: j.target_slot.clone(),
-            step: j.phase.status_name().to_string(),
-            progress: (j.written.saturating_mul(100) / j.size.max(1)).min(100) as u8,
-        });
-        let state_name = state.job.as_ref().map(|j| j.phase.status_name()).unwrap_or("idle");
-        Self {
-            device: config.device.id.clone(),
-            fleetd_version: crate::VERSION.to_string(),
-            state: state_name.to_string(),
-            installed_version: state.installed_version,
-            booted_slot: booted.map(str::to_string),
-            primary_slot,
-            slots,
-            job,
-            last_error,
-        }
-    }
-
     /// Short, aligned text for people.
     pub fn to_human(&self) -> String {
         let mut out = String::new();

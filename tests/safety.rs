@@ -301,10 +301,10 @@ fn an_iat_in_the_future_never_raises_the_clock_floor() {
     let s = setup(Bootloader::Grub);
     let file = s.g.path().join("v8.img");
     let url = s.server.add("/x.img", std::fs::read(&file).unwrap());
-    let hostile = s.g.dev.cosigned(
-        "future",
-        &["--url", &url, "--image", file.to_str().unwrap(), "--issued-at", "4102444800"],
-    );
+    let hostile = s
+        .g
+        .dev
+        .cosigned("future", &["--url", &url, "--image", file.to_str().unwrap(), "--issued-at", "4102444800"]);
     let out = s.g.install(&hostile);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("rejected: iat-invalid"), "{}{}", stdout(&out), stderr(&out));

@@ -199,7 +199,7 @@ pub fn booted_slot(config: &crate::config::Config, boot: &dyn BootControl) -> Re
         }
     }
     for (name, slot) in &config.slots {
-        if crate::update::driver::device_backs_root(&slot.device) {
+        if crate::sys::block::device_backs_root(&slot.device) {
             return Ok(name.clone());
         }
     }

@@ -513,7 +513,8 @@ mod tests {
         let partition = dir.path().join("partition");
         RpiTryboot::initialize(&autoboot, 2, 3).unwrap();
         let mut boot =
-            RpiTryboot::new(autoboot.clone(), vec![("A".into(), 2), ("B".into(), 3)], partition.clone()).unwrap();
+            RpiTryboot::new(autoboot.clone(), vec![("A".into(), 2), ("B".into(), 3)], partition.clone())
+                .unwrap();
         let inode = std::fs::metadata(&autoboot).unwrap().ino();
         for (target, committed_after) in [("B", 3u32), ("A", 2), ("B", 3)] {
             let writes_before = boot.writes();

@@ -2,8 +2,7 @@
 
 use crate::boot;
 use crate::config::{self, Config};
-use crate::status::StatusDoc;
-use crate::store::Store;
+use crate::update::StateStore as Store;
 use crate::update::{Phase, Report, Updater};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -82,7 +81,7 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
         let input = crate::fsutil::read_prefix(file, crate::trust::MAX_MESSAGE_BYTES + 1)
             .map_err(|e| format!("{}: {e}", file.display()))?;
         if let Some(job) = updater.store().state().active_job() {
-            if peek_jti(&input).as_deref() == Some(job.jti.as_str()) {
+            if crate::trust::peek_jti(&input).as_deref() == Some(job.jti.as_str()) {
                 eprintln!("resuming update {} v{}", job.name, job.version);
                 rt.block_on(updater.resume()).map_err(|e| e.to_string())?;
                 return Ok(job_outcome(&updater));
@@ -114,13 +113,6 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
         eprintln!("fleetd install: {e}");
         ExitCode::from(1)
     })
-}
-
-/// The jti of a message, unverified: only to recognise a job already accepted.
-pub fn peek_jti(input: &[u8]) -> Option<String> {
-    let envelope = crate::trust::Envelope::parse(input).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&envelope.payload_bytes().ok()?).ok()?;
-    claims.get("jti")?.as_str().map(str::to_string)
 }
 
 pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
@@ -167,8 +159,12 @@ pub fn status(config_flag: Option<&Path>, json: bool) -> ExitCode {
     };
     let backend = boot::from_config(&config);
     let booted = backend.as_ref().ok().and_then(|b| boot::booted_slot(&config, b.as_ref()).ok());
-    let mut doc =
-        StatusDoc::build(&config, &state, backend.as_ref().ok().map(|b| b.as_ref()), booted.as_deref());
+    let mut doc = crate::update::status_doc(
+        &config,
+        &state,
+        backend.as_ref().ok().map(|b| b.as_ref()),
+        booted.as_deref(),
+    );
     if let Err(e) = &backend {
         doc.last_error.get_or_insert_with(|| format!("{}: {e}", e.name()));
     }
@@ -203,7 +199,7 @@ pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
         // SIGTERM ends a download at its next await point; the job resumes
         // from its last checkpoint at the next start.
         rt.block_on(async {
-            let stop = super::fleetctl::shutdown_signal();
+            let stop = crate::sys::signals::shutdown();
             tokio::pin!(stop);
             tokio::select! {
                 resumed = updater.resume() => resumed.map_err(|e| e.to_string())?,

@@ -384,7 +384,9 @@ fn cosigner_command(cmd: CosignerCommand) -> Result<(), String> {
                     .map_err(|e| format!("listen on {listen}: {e}"))?;
                 let local = listener.local_addr().map_err(|e| e.to_string())?;
                 println!("co-signer listening on http://{local}");
-                cosigner::serve(listener, app, shutdown_signal()).await.map_err(|e| e.to_string())
+                cosigner::serve(listener, app, crate::sys::signals::shutdown())
+                    .await
+                    .map_err(|e| e.to_string())
             })
         }
         CosignerCommand::Register { config, key, reinstate, server } => {
@@ -435,20 +437,4 @@ pub async fn request_cosignature(
         return Err(format!("co-signer refused ({status}): {detail}"));
     }
     Envelope::parse(&body).map_err(|e| format!("co-signer answer: {e}"))
-}
-
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -3,12 +3,11 @@
 
 mod demo;
 mod device;
-pub(crate) use device::peek_jti;
 pub mod fleetctl;
 
 use crate::config::{self, Config};
-use crate::store::Store;
 use crate::trust::{self, VerifyError};
+use crate::update::StateStore as Store;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

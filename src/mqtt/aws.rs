@@ -107,7 +107,7 @@ impl AwsJobs {
                     return JobsEvent::Nothing;
                 }
                 let document = document.to_string().into_bytes();
-                self.current = Some((job_id.to_string(), crate::cli::peek_jti(&document)));
+                self.current = Some((job_id.to_string(), crate::trust::peek_jti(&document)));
                 JobsEvent::Document { job_id: job_id.to_string(), document }
             }
             _ if rest.ends_with("/update/accepted") => {

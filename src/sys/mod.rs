@@ -1,4 +1,6 @@
 //! Linux specifics at the device's edge: probes and notifications the rest
 //! of the daemon uses through small, safe interfaces.
 
+pub mod block;
 pub mod netlink;
+pub mod signals;

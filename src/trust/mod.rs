@@ -93,6 +93,13 @@ impl VerifyError {
     }
 }
 
+/// The jti of a message, unverified: only to recognise a job already accepted.
+pub fn peek_jti(input: &[u8]) -> Option<String> {
+    let envelope = Envelope::parse(input).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&envelope.payload_bytes().ok()?).ok()?;
+    claims.get("jti")?.as_str().map(str::to_string)
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -4,9 +4,10 @@
 use super::engine::{self, Action, Event, Job, Phase};
 use super::fetch::{self, FetchPolicy};
 use super::slot_writer::{SlotWriter, DEFAULT_BLOCK};
+use super::StateStore as Store;
 use crate::boot::BootControl;
 use crate::config::{Config, RebootMethod};
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 use crate::trust::Claims;
 use std::collections::VecDeque;
 use std::path::Path;
@@ -241,7 +242,7 @@ impl Updater {
 
     fn refuse_booted_target(&self, target: &str) -> Result<(), DriveError> {
         // Two independent checks: the slot name, and the device against `/`.
-        if target == self.booted || device_in_use(self.slot_device(target)?) {
+        if target == self.booted || crate::sys::block::device_in_use(self.slot_device(target)?) {
             return Err(DriveError::TargetIsBooted(target.to_string()));
         }
         Ok(())
@@ -482,12 +483,7 @@ impl Updater {
 
     /// The status document as of now.
     pub fn status_doc(&self) -> crate::status::StatusDoc {
-        crate::status::StatusDoc::build(
-            &self.config,
-            self.store.state(),
-            Some(self.boot.as_ref()),
-            Some(&self.booted),
-        )
+        super::status_doc(&self.config, self.store.state(), Some(self.boot.as_ref()), Some(&self.booted))
     }
 
     pub fn report_status(&mut self) {
@@ -547,41 +543,4 @@ impl ActionError {
             Self::Named(detail) => DriveError::NoSlot(detail),
         }
     }
-}
-
-/// True when `device` is a block device that is mounted (at `/` or
-/// anywhere else): such a device is in use and must never be written.
-pub fn device_in_use(device: &Path) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let Ok(meta) = std::fs::metadata(device) else {
-        return false;
-    };
-    if !meta.file_type().is_block_device() {
-        return false;
-    }
-    let rdev = meta.rdev();
-    if std::fs::metadata("/").is_ok_and(|root| root.dev() == rdev) {
-        return true;
-    }
-    let wanted = format!("{}:{}", dev_major(rdev), dev_minor(rdev));
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| info.lines().any(|l| l.split_whitespace().nth(2) == Some(wanted.as_str())))
-        .unwrap_or(false)
-}
-
-/// True when `device` is the block device mounted at `/`.
-pub fn device_backs_root(device: &Path) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let (Ok(dev), Ok(root)) = (std::fs::metadata(device), std::fs::metadata("/")) else {
-        return false;
-    };
-    dev.file_type().is_block_device() && dev.rdev() == root.dev()
-}
-
-fn dev_major(dev: u64) -> u64 {
-    ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)
-}
-
-fn dev_minor(dev: u64) -> u64 {
-    (dev & 0xff) | ((dev >> 12) & !0xff)
 }

@@ -1,0 +1,65 @@
+//! The status document as of now: the stored state, the boot environment
+//! (read errors are shown, not fatal: status must work on a device in
+//! trouble) and which slot runs.
+
+use super::State;
+use crate::boot::BootControl;
+use crate::config::Config;
+use crate::status::{JobStatus, SlotStatus, StatusDoc};
+
+/// Builds the document. Boot-env read errors are shown, not fatal:
+/// status must work on a device in trouble.
+pub fn status_doc(
+    config: &Config,
+    state: &State,
+    boot: Option<&dyn BootControl>,
+    booted: Option<&str>,
+) -> StatusDoc {
+    let mut last_error = state.last_error.clone();
+    let mut env_error = |e: crate::boot::BootError| {
+        if last_error.is_none() {
+            last_error = Some(format!("{}: {e}", e.name()));
+        }
+    };
+    let primary_slot = boot.and_then(|b| b.primary().map_err(&mut env_error).ok().flatten());
+    let slots = config
+        .slots
+        .iter()
+        .map(|(name, slot)| {
+            let state_name = match boot.map(|b| b.state(name)) {
+                Some(Ok(s)) => s.as_str().to_string(),
+                Some(Err(e)) => {
+                    env_error(e);
+                    "unknown".into()
+                }
+                None => "unknown".into(),
+            };
+            let status = SlotStatus {
+                state: state_name,
+                version: state.slot_versions.get(name).copied(),
+                device: slot.device.display().to_string(),
+            };
+            (name.clone(), status)
+        })
+        .collect();
+    let job = state.job.as_ref().map(|j| JobStatus {
+        jti: j.jti.clone(),
+        version: j.version,
+        name: j.name.clone(),
+        target_slot: j.target_slot.clone(),
+        step: j.phase.status_name().to_string(),
+        progress: (j.written.saturating_mul(100) / j.size.max(1)).min(100) as u8,
+    });
+    let state_name = state.job.as_ref().map(|j| j.phase.status_name()).unwrap_or("idle");
+    StatusDoc {
+        device: config.device.id.clone(),
+        fleetd_version: crate::VERSION.to_string(),
+        state: state_name.to_string(),
+        installed_version: state.installed_version,
+        booted_slot: booted.map(str::to_string),
+        primary_slot,
+        slots,
+        job,
+        last_error,
+    }
+}
