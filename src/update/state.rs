@@ -125,8 +125,7 @@ mod tests {
 
     #[test]
     fn record_accepted_remembers_the_jti_and_raises_the_floor() {
-        let mut s = State::default();
-        s.installed_version = 7;
+        let mut s = State { installed_version: 7, ..State::default() };
         let b = crate::build_epoch();
         s.record_accepted("jti-00000001", b + 100, b + 200, 60);
         let again: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
