@@ -5,19 +5,31 @@
 
 use crate::config::Config;
 use crate::mqtt::{self, ClientEvent, ClientSetup, Inbound, Outbound, Topics};
-use crate::update::{Report, Updater};
+use crate::update::{Admission, Executor, OpenError, Report, Source};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// Runs until SIGTERM/SIGINT. `open` builds the updater (store, boot backend).
-pub fn run(config: Config, open: impl FnOnce(Config) -> Result<Updater, String>) -> Result<(), String> {
-    let Some(mqtt_config) = config.mqtt.clone() else {
-        return Err("no [mqtt] section: nothing to connect to".into());
-    };
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("no [mqtt] section: nothing to connect to")]
+    NoMqtt,
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
 
+/// Runs until SIGTERM/SIGINT. `open` builds the executor (store, boot backend).
+pub fn run(
+    config: Config,
+    open: impl FnOnce(Config) -> Result<Executor, OpenError>,
+) -> Result<(), DaemonError> {
+    let mqtt_config = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
     let (cert, key) = mqtt::identity_paths(&config, &mqtt_config);
-    mqtt::check_identity(&cert, &config.device.id).map_err(|e| e.to_string())?;
-    let tls = mqtt::tls_config(&mqtt_config.ca_file, &cert, &key).map_err(|e| e.to_string())?;
+    mqtt::check_identity(&cert, &config.device.id)?;
+    let tls = mqtt::tls_config(&mqtt_config.ca_file, &cert, &key)?;
     run_until(config, Some(tls), open, crate::sys::signals::shutdown())
 }
 
@@ -27,12 +39,10 @@ pub fn run(config: Config, open: impl FnOnce(Config) -> Result<Updater, String>)
 pub fn run_until(
     config: Config,
     tls: Option<rustls::ClientConfig>,
-    open: impl FnOnce(Config) -> Result<Updater, String>,
+    open: impl FnOnce(Config) -> Result<Executor, OpenError>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), String> {
-    let Some(mqtt_config) = config.mqtt.clone() else {
-        return Err("no [mqtt] section: nothing to connect to".into());
-    };
+) -> Result<(), DaemonError> {
+    let mqtt_config = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
     let topics = Topics::for_config(&config);
     let will = Some((topics.online.clone(), b"false".to_vec()));
     let options = match tls {
@@ -60,8 +70,7 @@ pub fn run_until(
 
     // Opened here, before anything connects: a second daemon (or a
     // running `fleetd install`) holds the state lock, and this one stops.
-    let policy = config.policy().map_err(|e| e.to_string())?;
-    let updater = open(config.clone())?;
+    let executor = open(config.clone())?;
 
     let (to_worker, worker_inbox) = mpsc::channel::<Inbound>(WORKER_QUEUE);
     let (outbox, from_worker) = mpsc::unbounded_channel::<Outbound>();
@@ -69,19 +78,15 @@ pub fn run_until(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let worker_shutdown = shutdown_rx.clone();
-    let worker = std::thread::Builder::new()
-        .name("update-worker".into())
-        .spawn(move || {
-            let result = worker_main(updater, policy, worker_inbox, outbox, connected_rx, worker_shutdown);
-            if let Err(e) = &result {
-                eprintln!("fleetd: update worker: {e}");
-            }
-            result
-        })
-        .map_err(|e| e.to_string())?;
+    let worker = std::thread::Builder::new().name("update-worker".into()).spawn(move || {
+        let result = worker_main(executor, worker_inbox, outbox, connected_rx, worker_shutdown);
+        if let Err(e) = &result {
+            eprintln!("fleetd: update worker: {e}");
+        }
+        result
+    })?;
 
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let client = mqtt::run(setup, to_worker, from_worker, connected_tx, shutdown_rx, log_client_event);
         tokio::pin!(client);
@@ -124,16 +129,15 @@ fn log_client_event(event: &ClientEvent) {
 }
 
 fn worker_main(
-    mut updater: Updater,
-    policy: crate::trust::Policy,
+    mut executor: Executor,
     mut inbox: mpsc::Receiver<Inbound>,
     outbox: mpsc::UnboundedSender<Outbound>,
     connected: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), String> {
-    updater.set_health_gate(connected);
+) -> Result<(), std::io::Error> {
+    executor.set_health_gate(connected);
     let reports = outbox.clone();
-    updater.on_report(Box::new(move |report: &Report| match report {
+    executor.on_report(Box::new(move |report: &Report| match report {
         Report::Status(doc) => {
             let _ = reports.send(Outbound::Status(serde_json::to_vec(doc).unwrap_or_default()));
         }
@@ -156,68 +160,49 @@ fn worker_main(
             });
         }
     }));
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let busy = Busy::of(&updater);
-        match while_busy(updater.resume(), &busy, &mut inbox, &outbox, &mut shutdown).await {
+        let busy = executor.busy_view();
+        match while_busy(executor.start(), &busy, &mut inbox, &outbox, &mut shutdown).await {
             None => return,
             Some(Err(e)) => eprintln!("fleetd: resuming: {e}"),
             Some(Ok(())) => {}
         }
-        updater.report_status();
+        executor.report_status();
         loop {
             let message = tokio::select! {
                 message = inbox.recv() => message,
                 _ = shutdown.wait_for(|stop| *stop) => None,
             };
             let Some(Inbound::UpdateMessage { topic, payload, token }) = message else { break };
-            let Some(claims) = admit(&mut updater, &policy, &topic, &payload, token, &outbox) else {
-                updater.report_status();
-                continue;
-            };
             let ack = outbox.clone();
-            let on_persisted = Box::new(move || {
+            let on_ack = move || {
                 let _ = ack.send(Outbound::Ack(token));
-            });
-            let busy = Busy::running(&updater, &claims);
-            let started = updater.start_then(&claims, on_persisted);
-            match while_busy(started, &busy, &mut inbox, &outbox, &mut shutdown).await {
-                None => break,
-                Some(Err(e)) => {
-                    eprintln!("update {}: {e}", claims.jti);
-                    record_refusal(&mut updater, &e.to_string());
+            };
+            let source = Source::Broker { topic: topic.clone() };
+            match executor.admit(&payload, source, on_ack).await {
+                Ok(Admission::Duplicate { jti }) => report_duplicate(&jti, &topic, &outbox),
+                Ok(Admission::Refused(refusal)) => {
+                    eprintln!("update refused: {refusal} (on {topic})");
+                    let _ = outbox.send(Outbound::Refused { token, error: refusal.to_string() });
+                }
+                Ok(Admission::Accepted { .. } | Admission::Continued) => {
+                    let busy = executor.busy_view();
+                    match while_busy(executor.run(), &busy, &mut inbox, &outbox, &mut shutdown).await {
+                        None => break,
+                        Some(Err(e)) => eprintln!("fleetd: {e}"),
+                        Some(Ok(())) => {}
+                    }
+                }
+                Err(e) => {
+                    eprintln!("fleetd: {e}");
                     let _ = outbox.send(Outbound::Refused { token, error: e.to_string() });
                 }
-                Some(Ok(())) => {}
             }
-            updater.report_status();
+            executor.report_status();
         }
     });
     Ok(())
-}
-
-/// What the worker can say about a message while a job runs, without the
-/// updater (the job holds it): the jtis it already knows, and the job.
-struct Busy {
-    known: Vec<String>,
-    running: Option<(String, u64)>,
-}
-
-impl Busy {
-    fn of(updater: &Updater) -> Self {
-        let state = updater.store().state();
-        let mut known: Vec<String> = state.history.iter().map(|h| h.jti.clone()).collect();
-        known.extend(state.job.as_ref().map(|j| j.jti.clone()));
-        Self { known, running: state.active_job().map(|j| (j.jti.clone(), j.version)) }
-    }
-
-    fn running(updater: &Updater, claims: &crate::trust::Claims) -> Self {
-        let mut busy = Self::of(updater);
-        busy.known.push(claims.jti.clone());
-        busy.running = Some((claims.jti.clone(), claims.version));
-        busy
-    }
 }
 
 /// Runs `work` (a job) to its end while answering every update message that
@@ -226,7 +211,7 @@ impl Busy {
 /// job stays at its last persisted checkpoint, to be resumed at next start.
 async fn while_busy<T>(
     work: impl std::future::Future<Output = T>,
-    busy: &Busy,
+    busy: &crate::update::agent::BusyView,
     inbox: &mut mpsc::Receiver<Inbound>,
     outbox: &mpsc::UnboundedSender<Outbound>,
     shutdown: &mut watch::Receiver<bool>,
@@ -238,34 +223,20 @@ async fn while_busy<T>(
             done = &mut work => return Some(done),
             _ = shutdown.wait_for(|stop| *stop) => return None,
             message = inbox.recv(), if inbox_open => match message {
-                Some(Inbound::UpdateMessage { topic, payload, token }) => {
-                    answer_while_busy(busy, &topic, &payload, token, outbox)
-                }
+                Some(Inbound::UpdateMessage { topic, payload, token }) => match busy.answer(&payload) {
+                    Ok(jti) => {
+                        report_duplicate(&jti, &topic, outbox);
+                        let _ = outbox.send(Outbound::Ack(token));
+                    }
+                    Err(refusal) => {
+                        eprintln!("update refused: {refusal} (on {topic})");
+                        let _ = outbox.send(Outbound::Refused { token, error: refusal.to_string() });
+                    }
+                },
                 None => inbox_open = false,
             },
         }
     }
-}
-
-fn answer_while_busy(
-    busy: &Busy,
-    topic: &str,
-    payload: &[u8],
-    token: u64,
-    outbox: &mpsc::UnboundedSender<Outbound>,
-) {
-    let jti = crate::trust::peek_jti(payload);
-    if let Some(jti) = jti.filter(|j| busy.known.contains(j)) {
-        report_duplicate(&jti, topic, outbox);
-        let _ = outbox.send(Outbound::Ack(token));
-        return;
-    }
-    let error = match &busy.running {
-        Some((jti, version)) => format!("busy: update {jti} (v{version}) is in progress"),
-        None => "busy: the device is resuming an update".to_string(),
-    };
-    eprintln!("update refused: {error} (on {topic})");
-    let _ = outbox.send(Outbound::Refused { token, error });
 }
 
 fn report_duplicate(jti: &str, topic: &str, outbox: &mpsc::UnboundedSender<Outbound>) {
@@ -275,49 +246,4 @@ fn report_duplicate(jti: &str, topic: &str, outbox: &mpsc::UnboundedSender<Outbo
     let payload = serde_json::json!({ "jti": jti, "step": "duplicate", "detail": detail });
     let _ = outbox
         .send(Outbound::Progress { step: "duplicate".into(), payload: payload.to_string().into_bytes() });
-}
-
-/// One update message while idle: a duplicate (acked), a refusal (recorded,
-/// then acked), or verified claims for a new job.
-fn admit(
-    updater: &mut Updater,
-    policy: &crate::trust::Policy,
-    topic: &str,
-    payload: &[u8],
-    token: u64,
-    outbox: &mpsc::UnboundedSender<Outbound>,
-) -> Option<crate::trust::Claims> {
-    let refuse = |updater: &mut Updater, error: &str, recorded: &str| {
-        record_refusal(updater, recorded);
-        let _ = outbox.send(Outbound::Refused { token, error: error.to_string() });
-    };
-    if let Some(jti) = crate::trust::peek_jti(payload) {
-        if updater.store().state().knows_job(&jti) {
-            report_duplicate(&jti, topic, outbox);
-            let _ = outbox.send(Outbound::Ack(token));
-            return None;
-        }
-    }
-    if let Some(job) = updater.store().state().active_job() {
-        let error = format!("busy: update {} (v{}) is in progress", job.jti, job.version);
-        refuse(updater, &error, &error);
-        return None;
-    }
-    match policy.verify(payload, &updater.store().state().trust_state(), crate::system_now()) {
-        Err(e) => {
-            refuse(updater, &e.to_string(), &format!("{e} (on {topic})"));
-            None
-        }
-        Ok(verified) => Some(verified.claims),
-    }
-}
-
-/// Records a refused message as the last error before it is acknowledged.
-fn record_refusal(updater: &mut Updater, error: &str) {
-    eprintln!("update refused: {error}");
-    let store = updater.store_mut();
-    store.state_mut().last_error = Some(error.to_string());
-    if let Err(e) = store.save() {
-        eprintln!("fleetd: cannot record the refusal: {e}");
-    }
 }

@@ -38,14 +38,15 @@ impl StoreError {
 #[derive(Debug)]
 pub struct Store<T> {
     dir: PathBuf,
-    state: T,
     _lock: fsutil::DirLock,
+    _doc: std::marker::PhantomData<fn() -> T>,
 }
 
 impl<T: Serialize + DeserializeOwned + Default> Store<T> {
     /// Opens the store for writing, creating the directory (0700) if needed,
-    /// and takes its lock at once: a second writer gets `busy`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// and takes its lock at once (a second writer gets `busy`); returns the
+    /// document as stored, read under the lock.
+    pub fn open(dir: &Path) -> Result<(Self, T), StoreError> {
         if !dir.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -60,7 +61,8 @@ impl<T: Serialize + DeserializeOwned + Default> Store<T> {
             fsutil::LockError::Io { path, source } => StoreError::Io { path, source },
         })?;
         // Read under the lock: nobody else can be halfway through a save.
-        Ok(Self { dir: dir.to_path_buf(), state: Self::read(dir)?, _lock: lock })
+        let doc = Self::read(dir)?;
+        Ok((Self { dir: dir.to_path_buf(), _lock: lock, _doc: std::marker::PhantomData }, doc))
     }
 
     /// Reads the state without creating anything (for read-only commands).
@@ -74,18 +76,10 @@ impl<T: Serialize + DeserializeOwned + Default> Store<T> {
         serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt { path, message: e.to_string() })
     }
 
-    pub fn state(&self) -> &T {
-        &self.state
-    }
-
-    /// Changes memory only; call `save` to persist.
-    pub fn state_mut(&mut self) -> &mut T {
-        &mut self.state
-    }
-
-    pub fn save(&self) -> Result<(), StoreError> {
+    /// The one write: `doc` replaces the stored document atomically.
+    pub fn save(&self, doc: &T) -> Result<(), StoreError> {
         let path = self.dir.join(STATE_FILE);
-        let bytes = serde_json::to_vec_pretty(&self.state)
+        let bytes = serde_json::to_vec_pretty(doc)
             .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
         fsutil::atomic_write(&path, &bytes, 0o600).map_err(|source| StoreError::Io { path, source })
     }
@@ -105,10 +99,10 @@ mod tests {
     #[test]
     fn missing_state_is_default_and_saves_roundtrip() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::<Doc>::open(&dir.path().join("s")).unwrap();
-        assert_eq!(store.state(), &Doc::default());
-        store.state_mut().n = 7;
-        store.save().unwrap();
+        let (store, mut doc) = Store::<Doc>::open(&dir.path().join("s")).unwrap();
+        assert_eq!(doc, Doc::default());
+        doc.n = 7;
+        store.save(&doc).unwrap();
         drop(store);
         assert_eq!(Store::<Doc>::read(&dir.path().join("s")).unwrap(), Doc { n: 7 });
     }

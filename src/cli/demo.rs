@@ -119,10 +119,10 @@ async fn demo(dir: &Path) -> Result<(), String> {
     let config = Config::load(&config_path).map_err(|e| e.to_string())?;
     let grubenv = dir.join("grubenv");
     GrubEnv::initialize(&grubenv, &SLOTS.map(String::from)).map_err(|e| e.to_string())?;
-    let mut store = Store::open(&config.device.state_dir).map_err(|e| e.to_string())?;
-    store.state_mut().installed_version = 7;
-    store.state_mut().slot_versions.insert("A".into(), 7);
-    store.save().map_err(|e| e.to_string())?;
+    let (store, mut state) = Store::open(&config.device.state_dir).map_err(|e| e.to_string())?;
+    state.installed_version = 7;
+    state.slot_versions.insert("A".into(), 7);
+    store.save(&state).map_err(|e| e.to_string())?;
     drop(store);
     println!("    project {PROJECT}, hardware rpi4-gw, slot A holds version 7; it trusts the fleet and co-signer keys");
     println!("    grubenv: {}", grubenv_line(&grubenv)?);
@@ -392,7 +392,7 @@ async fn publish(port: u16, topic: &str, message: &Envelope) -> Result<(), Strin
 /// The real daemon on its own thread, as `fleetd run` would run it.
 struct Daemon {
     stop: Option<oneshot::Sender<()>>,
-    done: oneshot::Receiver<Result<(), String>>,
+    done: oneshot::Receiver<Result<(), crate::daemon::DaemonError>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -407,12 +407,7 @@ impl Daemon {
                     let _ = stopped.await;
                 };
                 // Plain MQTT (`None`): only the demo can ask for it.
-                let _ = finished.send(crate::daemon::run_until(
-                    config,
-                    None,
-                    super::device::open_updater,
-                    shutdown,
-                ));
+                let _ = finished.send(crate::daemon::run_until(config, None, crate::update::open, shutdown));
             })
             .map_err(|e| e.to_string())?;
         Ok(Self { stop: Some(stop), done, thread: Some(thread) })

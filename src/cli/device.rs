@@ -3,7 +3,7 @@
 use crate::boot;
 use crate::config::{self, Config};
 use crate::update::StateStore as Store;
-use crate::update::{Phase, Report, Updater};
+use crate::update::{Admission, Executor, Phase, Refusal, Report, Source};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -12,12 +12,8 @@ fn load_config(flag: Option<&Path>) -> Result<Config, String> {
     Config::load(&config::resolve_path(flag)).map_err(|e| e.to_string())
 }
 
-pub(super) fn open_updater(config: Config) -> Result<Updater, String> {
-    let store = Store::open(&config.device.state_dir).map_err(|e| e.to_string())?;
-    let backend = boot::from_config(&config).map_err(|e| e.to_string())?;
-    let booted = boot::booted_slot(&config, backend.as_ref()).map_err(|e| e.to_string())?;
-    let boot_id = boot::boot_id(&config).map_err(|e| e.to_string())?;
-    Ok(Updater::new(config, store, backend, booted, boot_id))
+pub(super) fn open_executor(config: Config) -> Result<Executor, String> {
+    crate::update::open(config).map_err(|e| e.to_string())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -25,7 +21,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// Prints reports: a redrawn progress bar on a terminal, plain lines otherwise.
-fn reporter() -> crate::update::driver::Reporter {
+fn reporter() -> crate::update::Reporter {
     let tty = std::io::stderr().is_terminal();
     let mut last_line_percent = u64::MAX;
     Box::new(move |report: &Report| match report {
@@ -57,8 +53,8 @@ fn reporter() -> crate::update::driver::Reporter {
 }
 
 /// Exit code and summary line for where the job stands.
-fn job_outcome(updater: &Updater) -> ExitCode {
-    match updater.job().map(|j| &j.phase) {
+fn job_outcome(executor: &Executor) -> ExitCode {
+    match executor.job().map(|j| &j.phase) {
         Some(Phase::Failed { error }) => {
             eprintln!("failed: {error}");
             ExitCode::from(1)
@@ -73,41 +69,30 @@ fn job_outcome(updater: &Updater) -> ExitCode {
 
 pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> ExitCode {
     let result = (|| -> Result<ExitCode, String> {
-        let mut updater = open_updater(load_config(config_flag)?)?;
-        updater.no_reboot = no_reboot;
-        updater.on_report(reporter());
+        let mut executor = open_executor(load_config(config_flag)?)?;
+        executor.no_reboot = no_reboot;
+        executor.on_report(reporter());
         let rt = runtime()?;
-        // The same message again continues its job (after a crash or a cut).
         let input = crate::fsutil::read_prefix(file, crate::trust::MAX_MESSAGE_BYTES + 1)
             .map_err(|e| format!("{}: {e}", file.display()))?;
-        if let Some(job) = updater.store().state().active_job() {
-            if crate::trust::peek_jti(&input).as_deref() == Some(job.jti.as_str()) {
-                eprintln!("resuming update {} v{}", job.name, job.version);
-                rt.block_on(updater.resume()).map_err(|e| e.to_string())?;
-                return Ok(job_outcome(&updater));
-            }
-        }
-        // Verify with what the updater already loaded: the same config, keys
-        // and state, and the bytes read above.
-        let policy = updater.config().policy().map_err(|e| e.to_string())?;
-        let verdict = policy.verify(&input, &updater.store().state().trust_state(), crate::system_now());
-        let claims = match verdict {
-            Ok(verified) => verified.claims,
-            Err(e) => {
-                let store = updater.store_mut();
-                store.state_mut().last_error = Some(e.to_string());
-                store.save().map_err(|e| e.to_string())?;
+        let admission =
+            rt.block_on(executor.admit(&input, Source::Local, || {})).map_err(|e| e.to_string())?;
+        match admission {
+            Admission::Refused(Refusal::Verify(e)) => {
                 println!("rejected: {e}");
                 return Ok(ExitCode::from(1));
             }
-        };
-        if let Err(e) = rt.block_on(updater.start(&claims)) {
-            let store = updater.store_mut();
-            store.state_mut().last_error = Some(e.to_string());
-            let _ = store.save();
-            return Err(e.to_string());
+            Admission::Refused(refusal) => return Err(refusal.to_string()),
+            // The same message again continues its job (after a crash or a cut).
+            Admission::Continued => {
+                if let Some(job) = executor.job() {
+                    eprintln!("resuming update {} v{}", job.name, job.version);
+                }
+            }
+            Admission::Accepted { .. } | Admission::Duplicate { .. } => {}
         }
-        Ok(job_outcome(&updater))
+        rt.block_on(executor.run()).map_err(|e| e.to_string())?;
+        Ok(job_outcome(&executor))
     })();
     result.unwrap_or_else(|e| {
         eprintln!("fleetd install: {e}");
@@ -117,19 +102,19 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
 
 pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
     let result = (|| -> Result<ExitCode, String> {
-        let mut updater = open_updater(load_config(config_flag)?)?;
-        updater.on_report(reporter());
-        let booted = updater.booted().to_string();
-        if good && updater.booted_is_unfinished_target() {
+        let mut executor = open_executor(load_config(config_flag)?)?;
+        executor.on_report(reporter());
+        let booted = executor.booted().to_string();
+        if good && executor.booted_is_unfinished_target() {
             return Err(format!(
                 "target-is-booted: slot {booted} holds an unfinished download; refusing to mark it good"
             ));
         }
         // In a trial (also right after a manual reboot, before any health
         // check ran) the job ends exactly as the daemon's check ends it.
-        let ended_trial = runtime()?.block_on(updater.verdict_by_hand(good)).map_err(|e| e.to_string())?;
+        let ended_trial = runtime()?.block_on(executor.verdict_by_hand(good)).map_err(|e| e.to_string())?;
         if !ended_trial {
-            let backend = updater.boot_mut();
+            let backend = executor.boot_mut();
             let result = if good { backend.mark_good(&booted) } else { backend.mark_bad(&booted) };
             result.map_err(|e| e.to_string())?;
         }
@@ -181,19 +166,20 @@ pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
         let config = load_config(config_flag)?;
         if !once && config.mqtt.is_some() {
             crate::daemon::run(config, |config| {
-                let mut updater = open_updater(config)?;
-                updater.on_report(reporter());
-                Ok(updater)
-            })?;
+                let mut executor = crate::update::open(config)?;
+                executor.on_report(reporter());
+                Ok(executor)
+            })
+            .map_err(|e| e.to_string())?;
             return Ok(ExitCode::SUCCESS);
         }
-        let mut updater = open_updater(config)?;
-        updater.on_report(reporter());
+        let mut executor = open_executor(config)?;
+        executor.on_report(reporter());
         let rt = runtime()?;
         if once {
-            rt.block_on(updater.resume()).map_err(|e| e.to_string())?;
+            rt.block_on(executor.start()).map_err(|e| e.to_string())?;
             // The job's outcome is in the status; reconciling itself succeeded.
-            let _ = job_outcome(&updater);
+            let _ = job_outcome(&executor);
             return Ok(ExitCode::SUCCESS);
         }
         // SIGTERM ends a download at its next await point; the job resumes
@@ -202,7 +188,7 @@ pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
             let stop = crate::sys::signals::shutdown();
             tokio::pin!(stop);
             tokio::select! {
-                resumed = updater.resume() => resumed.map_err(|e| e.to_string())?,
+                started = executor.start() => started.map_err(|e| e.to_string())?,
                 _ = &mut stop => return Ok(()),
             }
             stop.await;

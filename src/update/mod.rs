@@ -1,16 +1,20 @@
-//! Updates: the pure state machine (`engine`), and the edges that carry its
-//! actions out: `fetch` (HTTP with resume), `slot_writer` (hash, compare,
-//! write, fsync) and `driver` (boot env, store, reboot, health check).
+//! Updates. The pure core: `agent` (admission, the job's persistence
+//! points, its end, the health timer) around `engine` (the job's transition
+//! table), over `state` (the persistent document). The edges: `executor`
+//! carries the agent's actions out, through `fetch` (HTTP with resume) and
+//! `slot_writer` (hash, compare, write, fsync).
 
-pub mod driver;
+pub mod agent;
 pub mod engine;
+pub mod executor;
 pub mod fetch;
 pub mod slot_writer;
 pub mod state;
 mod status_doc;
 
-pub use driver::{DriveError, Report, Updater};
-pub use engine::{Action, Event, Job, Phase};
+pub use agent::{Agent, Refusal, Source};
+pub use engine::{Event, Job, Phase};
+pub use executor::{open, Admission, ExecError, Executor, OpenError, Report, Reporter};
 pub use state::{HistoryEntry, State, HISTORY_LEN};
 pub use status_doc::status_doc;
 

@@ -1,0 +1,464 @@
+//! The update agent: every decision about updates, and no IO.
+//!
+//! `Agent::handle(input, now)` takes what reached the update core (a
+//! message's bytes, the start after a boot, the outcome of an action, a
+//! health verdict, a timer) and returns the actions the executor must carry
+//! out, in order. The agent owns the persistent document (`State`): it
+//! changes it in memory and asks for `Persist` wherever the crash-safe order
+//! needs the change on disk before the next side effect. Facts only IO can
+//! learn (is the booted slot still bootable, is the target device in use)
+//! come in with the input that needs them.
+//!
+//! `engine::step` stays the heart: the job's transition table. The agent
+//! wraps it with admission (busy, duplicate, verification through `trust`,
+//! target choice, slot size), the end of a job (`State::finish_job`), and
+//! the health check's timer.
+
+use super::engine::{self, Event, Job, Phase};
+use super::State;
+use crate::trust::{Claims, Policy, VerifyError};
+use std::time::Duration;
+
+/// What the agent knows about the device, fixed for a process's life.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub booted: String,
+    pub boot_id: String,
+    /// Slot name → size in bytes, where known.
+    pub slots: Vec<(String, Option<u64>)>,
+    pub leeway_s: u64,
+    /// A health command is configured.
+    pub health_command: bool,
+    /// "Connected to the broker" is part of the health check (the daemon).
+    pub health_needs_connection: bool,
+    pub health_timeout: Duration,
+}
+
+/// Where a message came from: the broker redelivers, a person retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// An MQTT topic: a known jti is a second delivery, acknowledged.
+    Broker { topic: String },
+    /// `fleetd install FILE`: the message of the unfinished job continues it.
+    Local,
+}
+
+/// Facts about the boot environment an admission needs, read just before.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootFacts {
+    /// The bootloader will not choose the running slot (it was given up).
+    pub booted_slot_bad: bool,
+    /// The slot an update would write is mounted or held.
+    pub target_in_use: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The process started: after a boot, or a restart of the daemon.
+    Started,
+    /// An update message, as received.
+    Message {
+        bytes: Vec<u8>,
+        source: Source,
+        boot: BootFacts,
+    },
+    /// An event of the running job (the outcome of one of its actions).
+    Job(Event),
+    /// `fleetd mark-good` / `mark-bad` on the running slot.
+    VerdictByHand {
+        healthy: bool,
+    },
+    /// The health command finished (`ok` = exit 0).
+    HealthCommandDone {
+        ok: bool,
+        detail: String,
+    },
+    /// The broker connection is up (the health check may be waiting for it).
+    Connected,
+    TimerFired(Timer),
+    /// A side effect after the job ended (giving a slot up, the reboot) failed.
+    SideEffectFailed {
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Timer {
+    /// The health check's deadline.
+    Health,
+}
+
+/// What the executor must do, in order.
+#[must_use]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Save the agent's state (atomic, fsynced) before the next action.
+    Persist,
+    /// Give the running slot back what booting it spent (not a trial target).
+    ConfirmBooted,
+    /// The message is on disk as a job (or its refusal is recorded): it may
+    /// be acknowledged to whoever sent it.
+    Acknowledge,
+    /// A second delivery of a message already handled: acknowledged, not run.
+    Duplicate {
+        jti: String,
+    },
+    /// The message is refused; the refusal is recorded when `Persist` precedes.
+    Refuse(Refusal),
+    /// The stored job goes on (`fleetd install` of the same message).
+    Continue,
+    /// Mark the target bad so a half-written slot can never boot.
+    InvalidateTarget,
+    Download {
+        from: u64,
+    },
+    SetPrimaryForTrial,
+    Reboot,
+    RunHealthCommand,
+    AwaitConnection,
+    MarkTargetGood,
+    MarkTargetBad,
+    ArmTimer {
+        timer: Timer,
+        after: Duration,
+    },
+    CancelTimer(Timer),
+    /// The job's phase changed: tell people and the fleet.
+    PhaseChanged,
+}
+
+/// Why a message was not run. Each has a stable name (`name()`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("busy: update {jti} (v{version}) is in progress")]
+    Busy { jti: String, version: u64 },
+    #[error("{0}")]
+    Verify(VerifyError),
+    #[error(
+        "reboot-required: slot {booted} is running but was given up; reboot into the good slot before the next update"
+    )]
+    RebootRequired { booted: String },
+    #[error("target-is-booted: slot {0} is the running slot or is mounted; refusing to write it")]
+    TargetIsBooted(String),
+    #[error("image-too-large: {size} bytes do not fit slot {slot} ({slot_size} bytes)")]
+    SlotTooSmall { slot: String, size: u64, slot_size: u64 },
+    #[error("no-slot: no slot other than the booted {0}")]
+    NoSlot(String),
+}
+
+impl Refusal {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Busy { .. } => "busy",
+            Self::Verify(e) => e.name(),
+            Self::RebootRequired { .. } => "reboot-required",
+            Self::TargetIsBooted(_) => "target-is-booted",
+            Self::SlotTooSmall { .. } => "image-too-large",
+            Self::NoSlot(_) => "no-slot",
+        }
+    }
+}
+
+/// Where the health check stands while its timer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HealthWait {
+    Command,
+    Connection,
+}
+
+pub struct Agent {
+    state: State,
+    facts: Facts,
+    policy: Policy,
+    health: Option<HealthWait>,
+    connected: bool,
+}
+
+impl Agent {
+    pub fn new(state: State, facts: Facts, policy: Policy) -> Self {
+        Self { state, facts, policy, health: None, connected: false }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn facts(&self) -> &Facts {
+        &self.facts
+    }
+
+    pub fn job(&self) -> Option<&Job> {
+        self.state.job.as_ref()
+    }
+
+    pub fn set_health_needs_connection(&mut self, needed: bool) {
+        self.facts.health_needs_connection = needed;
+    }
+
+    /// The slot an update would write: the one not booted.
+    pub fn target_slot(&self) -> Option<&str> {
+        self.facts.slots.iter().map(|(name, _)| name.as_str()).find(|s| *s != self.facts.booted)
+    }
+
+    /// The running slot holds a download that has not reached `Written`:
+    /// never to be marked good, by hand or otherwise.
+    pub fn booted_is_unfinished_target(&self) -> bool {
+        self.job().is_some_and(|j| {
+            j.target_slot == self.facts.booted && matches!(j.phase, Phase::Accepted | Phase::Downloading)
+        })
+    }
+
+    /// What to answer while a job runs (the executor is busy with it).
+    pub fn busy_view(&self) -> BusyView {
+        let mut known: Vec<String> = self.state.history.iter().map(|h| h.jti.clone()).collect();
+        known.extend(self.state.job.as_ref().map(|j| j.jti.clone()));
+        BusyView { known, running: self.state.active_job().map(|j| (j.jti.clone(), j.version)) }
+    }
+
+    /// Records `error` as the last error (and asks for it to be saved).
+    pub fn record_error(&mut self, error: String) -> Vec<Action> {
+        self.state.last_error = Some(error);
+        vec![Action::Persist]
+    }
+
+    pub fn handle(&mut self, input: Input, now: u64) -> Vec<Action> {
+        match input {
+            Input::Started => self.started(now),
+            Input::Message { bytes, source, boot } => self.admit(&bytes, &source, boot, now),
+            Input::Job(event) => self.job_event(event, now),
+            Input::VerdictByHand { healthy } => {
+                let in_trial = self.job().is_some_and(|j| {
+                    j.target_slot == self.facts.booted
+                        && matches!(j.phase, Phase::RebootPending { .. } | Phase::Testing { .. })
+                });
+                if !in_trial {
+                    return Vec::new();
+                }
+                let booted = self.facts.booted.clone();
+                self.job_event(Event::VerdictByHand { booted, healthy }, now)
+            }
+            Input::HealthCommandDone { ok, detail } => {
+                if self.health != Some(HealthWait::Command) {
+                    return Vec::new();
+                }
+                if !ok {
+                    return self.health_verdict(false, detail, now);
+                }
+                if self.facts.health_needs_connection && !self.connected {
+                    self.health = Some(HealthWait::Connection);
+                    return vec![Action::AwaitConnection];
+                }
+                self.health_verdict(true, "passed".into(), now)
+            }
+            Input::Connected => {
+                self.connected = true;
+                if self.health == Some(HealthWait::Connection) {
+                    return self.health_verdict(true, "passed".into(), now);
+                }
+                Vec::new()
+            }
+            Input::TimerFired(Timer::Health) => match self.health {
+                Some(HealthWait::Command) => {
+                    let detail = format!("timed out after {} s", self.facts.health_timeout.as_secs());
+                    self.health_verdict(false, detail, now)
+                }
+                Some(HealthWait::Connection) => {
+                    let detail =
+                        format!("mqtt-not-connected within {} s", self.facts.health_timeout.as_secs());
+                    self.health_verdict(false, detail, now)
+                }
+                None => Vec::new(),
+            },
+            Input::SideEffectFailed { error } => {
+                let text = match self.state.last_error.take() {
+                    Some(before) if !before.is_empty() => format!("{before}; then {error}"),
+                    _ => error,
+                };
+                self.record_error(text)
+            }
+        }
+    }
+
+    /// The first input of every process: confirm the running slot (outside
+    /// a trial of it), then resume the stored job from where it stopped.
+    fn started(&mut self, now: u64) -> Vec<Action> {
+        let mut actions = self.before_admission();
+        if self.state.job.is_some() {
+            let event =
+                Event::Started { booted: self.facts.booted.clone(), boot_id: self.facts.boot_id.clone() };
+            actions.extend(self.job_event(event, now));
+        }
+        actions
+    }
+
+    /// What must happen before a message is admitted (and before a stored
+    /// job resumes): the running slot gets back what its boots spent, so
+    /// the booted-slot facts an admission reads are current.
+    pub fn before_admission(&self) -> Vec<Action> {
+        if engine::may_confirm_booted(self.job(), &self.facts.booted) {
+            vec![Action::ConfirmBooted]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn admit(&mut self, bytes: &[u8], source: &Source, boot: BootFacts, now: u64) -> Vec<Action> {
+        let jti = crate::trust::peek_jti(bytes);
+        match (source, &jti) {
+            (Source::Broker { .. }, Some(jti)) if self.state.knows_job(jti) => {
+                return vec![Action::Duplicate { jti: jti.clone() }, Action::Acknowledge];
+            }
+            (Source::Local, Some(jti)) if self.state.active_job().is_some_and(|j| j.jti == *jti) => {
+                return vec![Action::Continue];
+            }
+            _ => {}
+        }
+        let on = match source {
+            Source::Broker { topic } => format!(" (on {topic})"),
+            Source::Local => String::new(),
+        };
+        match self.admission(bytes, boot, now) {
+            Ok(claims) => {
+                let target = self.target_slot().unwrap_or_default().to_string();
+                self.state.record_accepted(&claims.jti, claims.iat, claims.exp, self.facts.leeway_s);
+                self.state.job = Some(Job {
+                    jti: claims.jti.clone(),
+                    version: claims.version,
+                    name: claims.name.clone(),
+                    url: claims.image.url.clone(),
+                    size: claims.image.size,
+                    sha256: claims.image.sha256.clone(),
+                    target_slot: target,
+                    from_slot: self.facts.booted.clone(),
+                    phase: Phase::Accepted,
+                    written: 0,
+                    started_at: now,
+                });
+                // Persist, then acknowledge: the job is on disk first.
+                let mut actions = vec![Action::Persist, Action::Acknowledge, Action::PhaseChanged];
+                let started =
+                    Event::Started { booted: self.facts.booted.clone(), boot_id: self.facts.boot_id.clone() };
+                actions.extend(self.job_event(started, now));
+                actions
+            }
+            Err(refusal) => {
+                // A refusal is recorded before it is acknowledged.
+                self.state.last_error = Some(match &refusal {
+                    Refusal::Verify(e) => format!("{e}{on}"),
+                    other => other.to_string(),
+                });
+                vec![Action::Persist, Action::Refuse(refusal)]
+            }
+        }
+    }
+
+    /// Every check a message must pass before it becomes a job, in order.
+    fn admission(&self, bytes: &[u8], boot: BootFacts, now: u64) -> Result<Claims, Refusal> {
+        if let Some(job) = self.state.active_job() {
+            return Err(Refusal::Busy { jti: job.jti.clone(), version: job.version });
+        }
+        let verified = self.policy.verify(bytes, &self.state.trust_state(), now).map_err(Refusal::Verify)?;
+        let claims = verified.claims;
+        // After a failed trial that did not reboot, the rejected slot still
+        // runs and the other one is the only good slot: writing it would
+        // leave nothing to boot.
+        if boot.booted_slot_bad {
+            return Err(Refusal::RebootRequired { booted: self.facts.booted.clone() });
+        }
+        let target = self.target_slot().ok_or_else(|| Refusal::NoSlot(self.facts.booted.clone()))?;
+        if boot.target_in_use {
+            return Err(Refusal::TargetIsBooted(target.to_string()));
+        }
+        let slot_size = self.facts.slots.iter().find(|(name, _)| name == target).and_then(|(_, size)| *size);
+        if let Some(slot_size) = slot_size {
+            if claims.image.size > slot_size {
+                return Err(Refusal::SlotTooSmall {
+                    slot: target.to_string(),
+                    size: claims.image.size,
+                    slot_size,
+                });
+            }
+        }
+        Ok(claims)
+    }
+
+    /// One event of the job through the engine's table; the job's end is
+    /// recorded in memory here, and persisted by the `Persist` after it.
+    fn job_event(&mut self, event: Event, now: u64) -> Vec<Action> {
+        let Some(job) = self.state.job.clone() else {
+            return Vec::new();
+        };
+        let (next, steps) = match engine::step(&job, event) {
+            Ok(step) => step,
+            // An event that does not fit the job's phase changes nothing.
+            Err(unexpected) => {
+                return self.record_error(unexpected.to_string());
+            }
+        };
+        let phase_changed = next.phase != job.phase;
+        self.state.job = Some(next);
+        let mut actions = Vec::new();
+        if phase_changed {
+            actions.push(Action::PhaseChanged);
+        }
+        for step in steps {
+            match step {
+                engine::Action::Persist => actions.push(Action::Persist),
+                engine::Action::Finish => {
+                    self.health = None;
+                    self.state.finish_job(now);
+                }
+                engine::Action::InvalidateTarget => actions.push(Action::InvalidateTarget),
+                engine::Action::Download { from } => actions.push(Action::Download { from }),
+                engine::Action::SetPrimaryForTrial => actions.push(Action::SetPrimaryForTrial),
+                engine::Action::Reboot => actions.push(Action::Reboot),
+                engine::Action::MarkTargetGood => actions.push(Action::MarkTargetGood),
+                engine::Action::MarkTargetBad => actions.push(Action::MarkTargetBad),
+                engine::Action::RunHealthCheck => actions.extend(self.start_health_check(now)),
+            }
+        }
+        actions
+    }
+
+    fn start_health_check(&mut self, now: u64) -> Vec<Action> {
+        let arm = Action::ArmTimer { timer: Timer::Health, after: self.facts.health_timeout };
+        if self.facts.health_command {
+            self.health = Some(HealthWait::Command);
+            return vec![arm, Action::RunHealthCommand];
+        }
+        if self.facts.health_needs_connection && !self.connected {
+            self.health = Some(HealthWait::Connection);
+            return vec![arm, Action::AwaitConnection];
+        }
+        self.health = Some(HealthWait::Command);
+        self.health_verdict(true, "passed".into(), now)
+    }
+
+    fn health_verdict(&mut self, healthy: bool, detail: String, now: u64) -> Vec<Action> {
+        self.health = None;
+        let mut actions = vec![Action::CancelTimer(Timer::Health)];
+        actions.extend(self.job_event(Event::HealthChecked { healthy, detail }, now));
+        actions
+    }
+}
+
+/// What the agent says about messages while the executor runs a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusyView {
+    known: Vec<String>,
+    running: Option<(String, u64)>,
+}
+
+impl BusyView {
+    /// A second delivery of a known message (acknowledge, do not run) or a
+    /// refusal: busy.
+    pub fn answer(&self, bytes: &[u8]) -> Result<String, Refusal> {
+        if let Some(jti) = crate::trust::peek_jti(bytes).filter(|j| self.known.contains(j)) {
+            return Ok(jti);
+        }
+        Err(match &self.running {
+            Some((jti, version)) => Refusal::Busy { jti: jti.clone(), version: *version },
+            None => Refusal::Busy { jti: "(resuming)".into(), version: 0 },
+        })
+    }
+}

@@ -1,0 +1,630 @@
+//! The executor: carries the agent's actions out against the world (the
+//! store, the boot backend, the image source and the slot, the health
+//! command, the reboot) and feeds what happened back to the agent. It
+//! decides nothing. `fleetd install`, `fleetd run [--once]`, the daemon and
+//! `fleetd demo` all go through it.
+
+use super::agent::{Action, Agent, BootFacts, BusyView, Facts, Input, Refusal, Source, Timer};
+use super::engine::{Event, Job, Phase};
+use super::fetch::{FetchError, FetchHooks, FetchPolicy, FetchStats};
+use super::slot_writer::{SlotWriter, DEFAULT_BLOCK};
+use super::{State, StateStore};
+use crate::boot::{BootControl, SlotState};
+use crate::config::{Config, RebootMethod};
+use crate::store::StoreError;
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// Nothing can be recorded when the store itself fails.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Trust(#[from] crate::config::ConfigError),
+}
+
+impl ExecError {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Store(e) => e.name(),
+            Self::Trust(_) => "config",
+        }
+    }
+}
+
+/// What became of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// A new job: persisted, acknowledged, and run as far as it goes.
+    Accepted { jti: String, version: u64 },
+    /// A second delivery of a message already handled.
+    Duplicate { jti: String },
+    /// Refused; the refusal is recorded as the last error.
+    Refused(Refusal),
+    /// The message of the stored, unfinished job: it went on.
+    Continued,
+}
+
+/// What the executor tells its front end (CLI progress, MQTT reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// A new phase or an event: the status `state` name and a sentence.
+    Step { state: &'static str, detail: String },
+    /// Download progress, at most once per percent.
+    Progress { jti: String, version: u64, done: u64, total: u64 },
+    /// The status document, after every persisted change.
+    Status(Box<crate::status::StatusDoc>),
+}
+
+pub type Reporter = Box<dyn FnMut(&Report) + Send>;
+
+type LocalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Where image bytes come from: HTTP(S) on a device, memory in tests.
+pub trait ImageSource: Send {
+    fn fetch_into<'a>(
+        &'a self,
+        url: &'a str,
+        writer: &'a mut SlotWriter,
+        policy: &'a FetchPolicy,
+        hooks: FetchHooks<'a>,
+    ) -> LocalFuture<'a, Result<FetchStats, FetchError>>;
+}
+
+/// HTTP(S) with rustls; `ca_file` replaces the system roots when set.
+pub struct HttpSource {
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ImageSource for HttpSource {
+    fn fetch_into<'a>(
+        &'a self,
+        url: &'a str,
+        writer: &'a mut SlotWriter,
+        policy: &'a FetchPolicy,
+        hooks: FetchHooks<'a>,
+    ) -> LocalFuture<'a, Result<FetchStats, FetchError>> {
+        Box::pin(async move {
+            let tls = match (crate::http::tls_config(self.ca_file.as_deref()), url.starts_with("https://")) {
+                (Ok(t), _) => t,
+                (Err(e), true) => return Err(FetchError::BadUrl(e.to_string())),
+                (Err(_), false) => {
+                    crate::http::plain_tls_config().map_err(|e| FetchError::BadUrl(e.to_string()))?
+                }
+            };
+            let client: super::fetch::Client = crate::http::client(tls);
+            super::fetch::fetch_into(&client, url, writer, policy, hooks).await
+        })
+    }
+}
+
+pub struct Executor {
+    config: Config,
+    agent: Agent,
+    store: StateStore,
+    boot: Box<dyn BootControl>,
+    source: Box<dyn ImageSource>,
+    /// Stop at reboot-pending instead of rebooting (`--no-reboot`).
+    pub no_reboot: bool,
+    reporter: Reporter,
+    health_gate: Option<tokio::sync::watch::Receiver<bool>>,
+    timers: BTreeMap<Timer, tokio::time::Instant>,
+    /// Actions of the current job still to carry out.
+    queue: VecDeque<Action>,
+    inputs: VecDeque<Input>,
+}
+
+impl Executor {
+    pub fn new(
+        config: Config,
+        store: StateStore,
+        state: State,
+        boot: Box<dyn BootControl>,
+        booted: String,
+        boot_id: String,
+    ) -> Result<Self, ExecError> {
+        let policy = config.policy()?;
+        let facts = Facts {
+            booted,
+            boot_id,
+            slots: config
+                .slots
+                .iter()
+                .map(|(name, slot)| (name.clone(), crate::config::slot_size(slot)))
+                .collect(),
+            leeway_s: config.trust.leeway_s,
+            health_command: config.health.command.is_some(),
+            health_needs_connection: false,
+            health_timeout: Duration::from_secs(config.health.timeout_s),
+        };
+        let source = Box::new(HttpSource { ca_file: config.update.ca_file.clone() });
+        Ok(Self {
+            agent: Agent::new(state, facts, policy),
+            config,
+            store,
+            boot,
+            source,
+            no_reboot: false,
+            reporter: Box::new(|_| {}),
+            health_gate: None,
+            timers: BTreeMap::new(),
+            queue: VecDeque::new(),
+            inputs: VecDeque::new(),
+        })
+    }
+
+    /// Images from somewhere else than HTTP(S) (tests).
+    pub fn with_source(mut self, source: Box<dyn ImageSource>) -> Self {
+        self.source = source;
+        self
+    }
+
+    pub fn on_report(&mut self, reporter: Reporter) {
+        self.reporter = reporter;
+    }
+
+    /// Makes "connected" part of the health check: a trial slot that cannot
+    /// reach the broker within the health timeout is not committed.
+    pub fn set_health_gate(&mut self, connected: tokio::sync::watch::Receiver<bool>) {
+        self.health_gate = Some(connected);
+        self.agent.set_health_needs_connection(true);
+    }
+
+    pub fn state(&self) -> &State {
+        self.agent.state()
+    }
+
+    pub fn job(&self) -> Option<&Job> {
+        self.agent.job()
+    }
+
+    pub fn booted(&self) -> &str {
+        &self.agent.facts().booted
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn boot(&self) -> &dyn BootControl {
+        self.boot.as_ref()
+    }
+
+    /// For changes outside a job (`fleetd mark-good/mark-bad`).
+    pub fn boot_mut(&mut self) -> &mut dyn BootControl {
+        self.boot.as_mut()
+    }
+
+    pub fn booted_is_unfinished_target(&self) -> bool {
+        self.agent.booted_is_unfinished_target()
+    }
+
+    /// What to answer about messages while a job runs.
+    pub fn busy_view(&self) -> BusyView {
+        self.agent.busy_view()
+    }
+
+    /// Start of a process: confirm the running slot, resume the stored job.
+    pub async fn start(&mut self) -> Result<(), ExecError> {
+        self.inputs.push_back(Input::Started);
+        self.run().await
+    }
+
+    /// Admits a message (persisting it as a job and calling `on_ack`, or
+    /// recording its refusal) without running the job: `run` does that.
+    pub async fn admit(
+        &mut self,
+        bytes: &[u8],
+        source: Source,
+        on_ack: impl FnOnce(),
+    ) -> Result<Admission, ExecError> {
+        for action in self.agent.before_admission() {
+            self.perform(action).await?;
+        }
+        let boot = self.boot_facts();
+        let actions =
+            self.agent.handle(Input::Message { bytes: bytes.to_vec(), source, boot }, crate::system_now());
+        let mut on_ack = Some(on_ack);
+        let mut outcome = None;
+        let mut actions: VecDeque<Action> = actions.into();
+        while let Some(action) = actions.pop_front() {
+            match action {
+                Action::Acknowledge => {
+                    if let Some(ack) = on_ack.take() {
+                        ack();
+                    }
+                }
+                Action::Duplicate { jti } => outcome = Some(Admission::Duplicate { jti }),
+                Action::Refuse(refusal) => outcome = Some(Admission::Refused(refusal)),
+                Action::Continue => {
+                    self.inputs.push_back(Input::Started);
+                    outcome = Some(Admission::Continued);
+                }
+                Action::Persist => self.persist()?,
+                Action::PhaseChanged => {
+                    if let Some(job) = self.job() {
+                        let detail = format!(
+                            "accepted {} v{}; writing slot {}",
+                            job.name, job.version, job.target_slot
+                        );
+                        outcome = Some(Admission::Accepted { jti: job.jti.clone(), version: job.version });
+                        self.report_step(detail);
+                    }
+                }
+                // The job's own actions: `run` carries them out.
+                other => {
+                    self.queue.push_back(other);
+                    self.queue.extend(actions.drain(..));
+                }
+            }
+        }
+        Ok(outcome.unwrap_or(Admission::Continued))
+    }
+
+    /// Carries out the job's actions until it waits for a reboot or ends.
+    pub async fn run(&mut self) -> Result<(), ExecError> {
+        loop {
+            if let Some(action) = self.queue.pop_front() {
+                self.perform(action).await?;
+                continue;
+            }
+            let Some(input) = self.inputs.pop_front() else {
+                return Ok(());
+            };
+            let actions = self.agent.handle(input, crate::system_now());
+            self.queue.extend(actions);
+        }
+    }
+
+    /// `fleetd mark-good` / `mark-bad`: ends a trial of the running slot as
+    /// the health check would (true), or false when there is none.
+    pub async fn verdict_by_hand(&mut self, healthy: bool) -> Result<bool, ExecError> {
+        let actions = self.agent.handle(Input::VerdictByHand { healthy }, crate::system_now());
+        if actions.is_empty() {
+            return Ok(false);
+        }
+        self.queue.extend(actions);
+        self.run().await?;
+        Ok(true)
+    }
+
+    /// Records an error that did not come from a job (an unreadable message
+    /// file, a failed hand-made boot change).
+    pub fn record_error(&mut self, error: String) -> Result<(), ExecError> {
+        let _ = self.agent.record_error(error);
+        self.persist()
+    }
+
+    fn boot_facts(&self) -> BootFacts {
+        let booted = self.booted().to_string();
+        let booted_slot_bad = matches!(self.boot.state(&booted), Ok(SlotState::Bad));
+        let target_in_use = self
+            .agent
+            .target_slot()
+            .and_then(|t| self.config.slots.get(t))
+            .is_some_and(|slot| crate::sys::block::device_in_use(&slot.device));
+        BootFacts { booted_slot_bad, target_in_use }
+    }
+
+    fn persist(&mut self) -> Result<(), ExecError> {
+        self.store.save(self.agent.state())?;
+        self.report_status();
+        Ok(())
+    }
+
+    /// One action; its outcome becomes the agent's next input. An action
+    /// that fails becomes `ActionFailed` (the job fails, the rest of its
+    /// actions are dropped), or, after the job ended, `SideEffectFailed`.
+    async fn perform(&mut self, action: Action) -> Result<(), ExecError> {
+        let outcome: Result<Option<Input>, String> = match action {
+            Action::Persist => return self.persist(),
+            Action::PhaseChanged => {
+                self.report_phase();
+                Ok(None)
+            }
+            Action::ConfirmBooted => {
+                let booted = self.booted().to_string();
+                if let Err(e) = self.boot.confirm_booted(&booted) {
+                    self.report_step(format!("could not confirm booted slot {booted}: {e}"));
+                }
+                Ok(None)
+            }
+            // Admission's own actions have no meaning inside a job.
+            Action::Acknowledge | Action::Duplicate { .. } | Action::Refuse(_) | Action::Continue => Ok(None),
+            Action::InvalidateTarget => {
+                self.invalidate_target().map(|()| Some(Input::Job(Event::SlotInvalidated)))
+            }
+            Action::Download { from } => {
+                self.download(from).await.map(|()| Some(Input::Job(Event::ImageVerified)))
+            }
+            Action::SetPrimaryForTrial => {
+                let target = self.target();
+                self.boot
+                    .set_primary_for_trial(&target)
+                    .map(|()| {
+                        Some(Input::Job(Event::Switched { boot_id: self.agent.facts().boot_id.clone() }))
+                    })
+                    .map_err(|e| e.to_string())
+            }
+            Action::Reboot => self.reboot().await.map(|()| None),
+            Action::RunHealthCommand => Ok(Some(self.health_command().await)),
+            Action::AwaitConnection => Ok(Some(self.await_connection().await)),
+            Action::MarkTargetGood => {
+                let target = self.target();
+                self.boot.mark_good(&target).map(|()| None).map_err(|e| e.to_string())
+            }
+            Action::MarkTargetBad => {
+                let target = self.target();
+                self.boot.mark_bad(&target).map(|()| None).map_err(|e| e.to_string())
+            }
+            Action::ArmTimer { timer, after } => {
+                self.timers.insert(timer, tokio::time::Instant::now() + after);
+                Ok(None)
+            }
+            Action::CancelTimer(timer) => {
+                self.timers.remove(&timer);
+                Ok(None)
+            }
+        };
+        match outcome {
+            Ok(Some(input)) => self.inputs.push_back(input),
+            Ok(None) => {}
+            Err(error) if self.job().is_some_and(|j| j.phase.is_terminal()) => {
+                self.report_step(error.clone());
+                self.inputs.push_back(Input::SideEffectFailed { error });
+            }
+            Err(error) => {
+                self.queue.clear();
+                self.inputs.clear();
+                self.inputs.push_back(Input::Job(Event::ActionFailed { error }));
+            }
+        }
+        Ok(())
+    }
+
+    fn target(&self) -> String {
+        self.job().map(|j| j.target_slot.clone()).unwrap_or_default()
+    }
+
+    /// The device of a slot named by the stored job: the configuration may
+    /// have changed since, so an unknown name is an error, not a panic.
+    fn slot_device(&self, slot: &str) -> Result<PathBuf, String> {
+        self.config
+            .slots
+            .get(slot)
+            .map(|s| s.device.clone())
+            .ok_or_else(|| format!("no-slot: slot {slot:?} of the stored job is not in the configuration"))
+    }
+
+    /// Two independent checks before a write: the slot name, and the device
+    /// against `/` and every mount. (The exclusive open is the third.)
+    fn refuse_booted_target(&self, target: &str) -> Result<PathBuf, String> {
+        let device = self.slot_device(target)?;
+        if target == self.booted() || crate::sys::block::device_in_use(&device) {
+            return Err(format!(
+                "target-is-booted: slot {target} is the running slot or is mounted; refusing to write it"
+            ));
+        }
+        Ok(device)
+    }
+
+    fn invalidate_target(&mut self) -> Result<(), String> {
+        let target = self.target();
+        self.refuse_booted_target(&target)?;
+        self.boot.invalidate(&target).map_err(|e| e.to_string())
+    }
+
+    async fn download(&mut self, from: u64) -> Result<(), String> {
+        let job = self.job().cloned().ok_or("no job")?;
+        let slot_path = self.refuse_booted_target(&job.target_slot)?;
+        let mut writer =
+            SlotWriter::open(&slot_path, job.size, from, DEFAULT_BLOCK).map_err(|e| e.to_string())?;
+        let policy = self.fetch_policy();
+        let agent = &mut self.agent;
+        let store = &self.store;
+        // Two hooks report; they take turns with the one reporter.
+        let reporter = std::cell::RefCell::new(&mut self.reporter);
+        let mut on_checkpoint = |durable: u64| -> Result<(), String> {
+            let actions =
+                agent.handle(Input::Job(Event::Checkpoint { written: durable }), crate::system_now());
+            for action in actions {
+                if action == Action::Persist {
+                    store.save(agent.state()).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        };
+        let mut last_percent = u64::MAX;
+        let mut on_progress = |done: u64, total: u64| {
+            let percent = done * 100 / total.max(1);
+            if percent != last_percent {
+                last_percent = percent;
+                (reporter.borrow_mut())(&Report::Progress {
+                    jti: job.jti.clone(),
+                    version: job.version,
+                    done,
+                    total,
+                });
+            }
+        };
+        let mut on_retry = |why: &str, wait: Duration| {
+            (reporter.borrow_mut())(&Report::Step {
+                state: "downloading",
+                detail: format!("download interrupted ({why}); retrying in {} ms", wait.as_millis()),
+            });
+        };
+        let hooks = FetchHooks {
+            on_checkpoint: &mut on_checkpoint,
+            on_progress: &mut on_progress,
+            on_retry: &mut on_retry,
+        };
+        self.source.fetch_into(&job.url, &mut writer, &policy, hooks).await.map_err(|e| e.to_string())?;
+        let stats = writer.finish(&job.sha256).map_err(|e| e.to_string())?;
+        // A checkpoint's persisted state is the agent's: report it now.
+        self.report_status();
+        (self.reporter)(&Report::Step {
+            state: "installing",
+            detail: format!(
+                "image verified (sha256 ok); {} bytes written, {} unchanged bytes skipped",
+                stats.written, stats.skipped
+            ),
+        });
+        Ok(())
+    }
+
+    fn fetch_policy(&self) -> FetchPolicy {
+        let u = &self.config.update;
+        FetchPolicy {
+            stall_timeout: Duration::from_secs(u.stall_timeout_s),
+            min_rate: u.min_rate_bps,
+            max_attempts: u.retries,
+            backoff_base: Duration::from_millis(u.retry_base_ms),
+            give_up_after: Duration::from_secs(u.give_up_after_s),
+            checkpoint_every: u.checkpoint_mib << 20,
+            ..FetchPolicy::default()
+        }
+    }
+
+    async fn reboot(&mut self) -> Result<(), String> {
+        let arg = self.boot.trial_reboot_arg().unwrap_or("");
+        if self.no_reboot || self.config.update.reboot == RebootMethod::None {
+            self.report_step("reboot needed to continue (reboot disabled here)".into());
+            return Ok(());
+        }
+        let mut command = match self.config.update.reboot {
+            RebootMethod::Command => {
+                let script = self.config.update.reboot_command.clone().unwrap_or_default();
+                let mut c = tokio::process::Command::new("/bin/sh");
+                c.args(["-c", &script]).env("FLEETD_REBOOT_ARG", arg);
+                c
+            }
+            // systemctl asks systemd (logind/PID 1) over D-Bus to reboot.
+            _ => {
+                let mut c = tokio::process::Command::new("systemctl");
+                c.arg("reboot");
+                if !arg.is_empty() {
+                    c.arg(arg);
+                }
+                c
+            }
+        };
+        self.report_step("rebooting into the new slot".into());
+        let status = command.status().await.map_err(|e| format!("reboot-failed: {e}"))?;
+        if !status.success() {
+            return Err(format!("reboot-failed: {status}"));
+        }
+        Ok(())
+    }
+
+    /// Waits for `work`, or for the earliest armed timer (`Err` with it).
+    async fn before_timer<T>(&self, work: impl Future<Output = T>) -> Result<T, Timer> {
+        let Some((&timer, &deadline)) = self.timers.iter().min_by_key(|(_, at)| **at) else {
+            return Ok(work.await);
+        };
+        tokio::select! {
+            done = work => Ok(done),
+            _ = tokio::time::sleep_until(deadline) => Err(timer),
+        }
+    }
+
+    async fn health_command(&mut self) -> Input {
+        let Some(command) = self.config.health.command.clone() else {
+            return Input::HealthCommandDone { ok: true, detail: "no command".into() };
+        };
+        self.report_step(format!("running health check {}", command.display()));
+        let child = tokio::process::Command::new(&command).kill_on_drop(true).status();
+        match self.before_timer(child).await {
+            Err(timer) => Input::TimerFired(timer),
+            Ok(Err(e)) => {
+                Input::HealthCommandDone { ok: false, detail: format!("{}: {e}", command.display()) }
+            }
+            Ok(Ok(status)) if status.success() => {
+                Input::HealthCommandDone { ok: true, detail: "passed".into() }
+            }
+            Ok(Ok(status)) => {
+                Input::HealthCommandDone { ok: false, detail: format!("{} {status}", command.display()) }
+            }
+        }
+    }
+
+    async fn await_connection(&mut self) -> Input {
+        let Some(mut gate) = self.health_gate.clone() else {
+            return Input::Connected;
+        };
+        self.report_step("waiting for the MQTT connection (health check)".into());
+        match self.before_timer(async move { gate.wait_for(|c| *c).await.is_ok() }).await {
+            Ok(true) => Input::Connected,
+            // The sender is gone (the daemon is stopping): only the timer ends this.
+            Ok(false) => match self.before_timer(std::future::pending::<()>()).await {
+                Err(timer) => Input::TimerFired(timer),
+                Ok(()) => Input::Connected,
+            },
+            Err(timer) => Input::TimerFired(timer),
+        }
+    }
+
+    /// The status document as of now.
+    pub fn status_doc(&self) -> crate::status::StatusDoc {
+        super::status_doc(&self.config, self.agent.state(), Some(self.boot.as_ref()), Some(self.booted()))
+    }
+
+    pub fn report_status(&mut self) {
+        let doc = self.status_doc();
+        (self.reporter)(&Report::Status(Box::new(doc)));
+    }
+
+    fn report_step(&mut self, detail: String) {
+        let state = self.job().map(|j| j.phase.status_name()).unwrap_or("idle");
+        (self.reporter)(&Report::Step { state, detail });
+    }
+
+    fn report_phase(&mut self) {
+        let Some(job) = self.job() else { return };
+        let detail = match &job.phase {
+            Phase::Accepted => return,
+            Phase::Downloading => format!("downloading {} into slot {}", job.url, job.target_slot),
+            Phase::Written => format!("slot {} written and verified", job.target_slot),
+            Phase::RebootPending { .. } => format!("slot {} is primary for a trial boot", job.target_slot),
+            Phase::Testing { .. } => format!("booted slot {}; checking health", job.target_slot),
+            Phase::Committed => format!("committed v{} in slot {}", job.version, job.target_slot),
+            Phase::RolledBack { reason } => format!("rolled back to slot {}: {reason}", job.from_slot),
+            Phase::Failed { error } => format!("failed: {error}"),
+        };
+        let state = job.phase.status_name();
+        (self.reporter)(&Report::Step { state, detail });
+    }
+}
+
+/// Opens the store (taking its lock), the boot backend, and tells which
+/// slot and which boot this is: everything an executor needs.
+pub fn open(config: Config) -> Result<Executor, OpenError> {
+    let (store, state) = StateStore::open(&config.device.state_dir)?;
+    let backend = crate::boot::from_config(&config)?;
+    let booted = crate::boot::booted_slot(&config, backend.as_ref())?;
+    let boot_id = crate::boot::boot_id(&config)?;
+    Ok(Executor::new(config, store, state, backend, booted, boot_id)?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+}
+
+impl OpenError {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Store(e) => e.name(),
+            Self::Boot(e) => e.name(),
+            Self::Exec(e) => e.name(),
+        }
+    }
+}
