@@ -462,3 +462,305 @@ impl BusyView {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Action::*;
+    use super::*;
+    use crate::trust::{Envelope, Image, SigningKey, Target, CLAIMS_TYPE, DEFAULT_MAX_VALIDITY_S};
+
+    const NOW: u64 = 1_900_000_000;
+
+    struct Keys {
+        fleet: SigningKey,
+        cosigner: SigningKey,
+    }
+
+    fn keys() -> Keys {
+        Keys { fleet: SigningKey::generate().unwrap(), cosigner: SigningKey::generate().unwrap() }
+    }
+
+    fn policy(k: &Keys) -> Policy {
+        Policy {
+            keys: vec![("fleet".into(), k.fleet.public_key()), ("cosigner".into(), k.cosigner.public_key())],
+            project: "acme".into(),
+            hardware: "rpi4".into(),
+            device_id: "gw-1".into(),
+            groups: vec![],
+            leeway_s: 60,
+            max_validity_s: DEFAULT_MAX_VALIDITY_S,
+            allow_http: true,
+            max_image_size: None,
+        }
+    }
+
+    fn facts(booted: &str, boot_id: &str) -> Facts {
+        Facts {
+            booted: booted.into(),
+            boot_id: boot_id.into(),
+            slots: vec![("A".into(), Some(1000)), ("B".into(), Some(1000))],
+            leeway_s: 60,
+            health_command: true,
+            health_needs_connection: false,
+            health_timeout: Duration::from_secs(20),
+        }
+    }
+
+    fn message(k: &Keys, jti: &str, version: u64, size: u64) -> Vec<u8> {
+        let claims = Claims {
+            typ: CLAIMS_TYPE.into(),
+            jti: jti.into(),
+            iat: NOW,
+            nbf: NOW,
+            exp: NOW + 3600,
+            project: "acme".into(),
+            target: Target { hardware: "rpi4".into(), devices: vec!["gw-1".into()], groups: vec![] },
+            version,
+            name: format!("v{version}"),
+            image: Image { url: "http://h/x.img".into(), size, sha256: "ab".repeat(32) },
+        };
+        let mut e = Envelope::new(&claims.to_json());
+        e.add_signature(&k.fleet, "fleet").unwrap();
+        e.add_signature(&k.cosigner, "cosigner").unwrap();
+        e.to_json().into_bytes()
+    }
+
+    fn agent(k: &Keys, booted: &str, boot_id: &str, state: State) -> Agent {
+        Agent::new(state, facts(booted, boot_id), policy(k))
+    }
+
+    fn installed_7() -> State {
+        State { installed_version: 7, ..State::default() }
+    }
+
+    fn broker() -> Source {
+        Source::Broker { topic: "t/update".into() }
+    }
+
+    fn msg(bytes: Vec<u8>, source: Source) -> Input {
+        Input::Message { bytes, source, boot: BootFacts::default() }
+    }
+
+    fn phase(a: &Agent) -> Phase {
+        a.job().map(|j| j.phase.clone()).unwrap()
+    }
+
+    /// One row per input kind: (agent before, input) → actions, and what
+    /// the state must say after.
+    #[test]
+    fn each_input_kind_gives_its_actions() {
+        let k = keys();
+        let m = message(&k, "jti-00000008", 8, 100);
+
+        // Started: confirm the running slot; nothing to resume.
+        let mut a = agent(&k, "A", "b1", installed_7());
+        assert_eq!(a.handle(Input::Started, NOW), vec![ConfirmBooted]);
+
+        // Message: persisted as a job, then acknowledged, then the target is invalidated.
+        assert_eq!(a.handle(msg(m.clone(), broker()), NOW), vec![Persist, Acknowledge, PhaseChanged, InvalidateTarget]);
+        assert_eq!(phase(&a), Phase::Accepted);
+        assert!(a.state().replay_cache.contains_key("jti-00000008"));
+        assert_eq!(a.state().clock_floor, NOW);
+        assert_eq!(a.job().unwrap().target_slot, "B");
+
+        // The same message again: from the broker a duplicate, from a person "continue".
+        assert_eq!(
+            a.handle(msg(m.clone(), broker()), NOW),
+            vec![Duplicate { jti: "jti-00000008".into() }, Acknowledge]
+        );
+        assert_eq!(a.handle(msg(m.clone(), Source::Local), NOW), vec![Continue]);
+
+        // Another message while the job runs: busy, recorded before the refusal.
+        let other = message(&k, "jti-00000009", 9, 100);
+        let busy = a.handle(msg(other, broker()), NOW);
+        assert!(matches!(busy.as_slice(), [Persist, Refuse(Refusal::Busy { version: 8, .. })]), "{busy:?}");
+        assert!(a.state().last_error.as_deref().unwrap().starts_with("busy"));
+
+        // The job's events, through the engine's table.
+        assert_eq!(a.handle(Input::Job(Event::SlotInvalidated), NOW), vec![PhaseChanged, Download { from: 0 }]);
+        assert_eq!(a.handle(Input::Job(Event::Checkpoint { written: 40 }), NOW), vec![Persist]);
+        assert_eq!(a.job().unwrap().written, 40);
+        assert_eq!(
+            a.handle(Input::Job(Event::ImageVerified), NOW),
+            vec![PhaseChanged, Persist, SetPrimaryForTrial]
+        );
+        assert_eq!(
+            a.handle(Input::Job(Event::Switched { boot_id: "b1".into() }), NOW),
+            vec![PhaseChanged, Persist, Reboot]
+        );
+
+        // After the reboot into B: the health check runs under its timer.
+        let mut b = agent(&k, "B", "b2", a.state().clone());
+        let start = b.handle(Input::Started, NOW);
+        assert_eq!(
+            start,
+            vec![
+                PhaseChanged,
+                Persist,
+                ArmTimer { timer: Timer::Health, after: Duration::from_secs(20) },
+                RunHealthCommand
+            ],
+            "a trial target is not confirmed"
+        );
+        let mut healthy = agent(&k, "B", "b2", b.state().clone());
+        let _ = healthy.handle(Input::Started, NOW);
+        assert_eq!(
+            healthy.handle(Input::HealthCommandDone { ok: true, detail: "passed".into() }, NOW),
+            vec![CancelTimer(Timer::Health), PhaseChanged, MarkTargetGood, Persist]
+        );
+        assert_eq!(healthy.state().installed_version, 8);
+        assert_eq!(healthy.state().slot_versions["B"], 8);
+
+        // A failing command, a timer that fires first, a verdict by hand.
+        let mut failing = agent(&k, "B", "b2", b.state().clone());
+        let _ = failing.handle(Input::Started, NOW);
+        assert_eq!(
+            failing.handle(Input::HealthCommandDone { ok: false, detail: "exit 3".into() }, NOW),
+            vec![CancelTimer(Timer::Health), PhaseChanged, MarkTargetBad, Persist, Reboot]
+        );
+        assert_eq!(failing.state().last_error.as_deref(), Some("rolled-back: health-check-failed: exit 3"));
+        let mut slow = agent(&k, "B", "b2", b.state().clone());
+        let _ = slow.handle(Input::Started, NOW);
+        let _ = slow.handle(Input::TimerFired(Timer::Health), NOW);
+        assert_eq!(
+            phase(&slow),
+            Phase::RolledBack { reason: "health-check-failed: timed out after 20 s".into() }
+        );
+        let mut by_hand = agent(&k, "B", "b2", a.state().clone());
+        assert_eq!(
+            by_hand.handle(Input::VerdictByHand { healthy: true }, NOW),
+            vec![PhaseChanged, MarkTargetGood, Persist],
+            "straight after a manual reboot, before any health check"
+        );
+
+        // The connection is part of the health check in the daemon.
+        let mut gated = agent(&k, "B", "b2", b.state().clone());
+        gated.set_health_needs_connection(true);
+        let _ = gated.handle(Input::Started, NOW);
+        assert_eq!(
+            gated.handle(Input::HealthCommandDone { ok: true, detail: "passed".into() }, NOW),
+            vec![AwaitConnection]
+        );
+        assert_eq!(
+            gated.handle(Input::Connected, NOW),
+            vec![CancelTimer(Timer::Health), PhaseChanged, MarkTargetGood, Persist]
+        );
+        let mut never = agent(&k, "B", "b2", b.state().clone());
+        never.set_health_needs_connection(true);
+        let _ = never.handle(Input::Started, NOW);
+        let _ = never.handle(Input::HealthCommandDone { ok: true, detail: "passed".into() }, NOW);
+        let _ = never.handle(Input::TimerFired(Timer::Health), NOW);
+        assert_eq!(
+            phase(&never),
+            Phase::RolledBack { reason: "health-check-failed: mqtt-not-connected within 20 s".into() }
+        );
+
+        // A side effect that failed after the end joins the last error.
+        assert_eq!(failing.handle(Input::SideEffectFailed { error: "reboot-failed: exit 1".into() }, NOW), vec![Persist]);
+        assert_eq!(
+            failing.state().last_error.as_deref(),
+            Some("rolled-back: health-check-failed: exit 3; then reboot-failed: exit 1")
+        );
+        // A failed action fails the job.
+        let mut cut = agent(&k, "A", "b1", installed_7());
+        let _ = cut.handle(msg(m.clone(), broker()), NOW);
+        let _ = cut.handle(Input::Job(Event::SlotInvalidated), NOW);
+        assert_eq!(
+            cut.handle(Input::Job(Event::ActionFailed { error: "download-failed: x".into() }), NOW),
+            vec![PhaseChanged, Persist]
+        );
+        assert_eq!(cut.state().last_error.as_deref(), Some("download-failed: x"));
+    }
+
+    #[test]
+    fn admission_refuses_with_named_reasons_and_records_them() {
+        let k = keys();
+        let refused = |boot: BootFacts, bytes: Vec<u8>| {
+            let mut a = agent(&k, "A", "b1", installed_7());
+            let actions = a.handle(Input::Message { bytes, source: broker(), boot }, NOW);
+            let [Persist, Refuse(refusal)] = actions.as_slice() else { panic!("{actions:?}") };
+            assert!(a.job().is_none(), "no job for a refused message");
+            assert!(a.state().replay_cache.is_empty(), "nothing accepted");
+            (refusal.name(), a.state().last_error.clone().unwrap())
+        };
+        let ok = message(&k, "jti-00000008", 8, 100);
+        let bad_booted = BootFacts { booted_slot_bad: true, target_in_use: false };
+        assert_eq!(refused(bad_booted, ok.clone()).0, "reboot-required");
+        let in_use = BootFacts { booted_slot_bad: false, target_in_use: true };
+        assert_eq!(refused(in_use, ok.clone()).0, "target-is-booted");
+        assert_eq!(refused(BootFacts::default(), message(&k, "jti-00000008", 8, 1001)).0, "image-too-large");
+        let (name, recorded) = refused(BootFacts::default(), message(&k, "jti-00000008", 7, 100));
+        assert_eq!((name, recorded.ends_with(" (on t/update)")), ("version-not-newer", true));
+        // Signed by keys the device does not trust.
+        let forged = message(&keys(), "jti-00000008", 8, 100);
+        assert_eq!(refused(BootFacts::default(), forged).0, "signature-invalid");
+    }
+
+    /// The crash-safe order as a table: run one update to its end, keep the
+    /// document exactly as each `Persist` left it on disk, then restart from
+    /// each (the same boot, or after a reboot) and check what comes next.
+    #[test]
+    fn a_crash_right_after_each_persistence_point_resumes_correctly() {
+        let k = keys();
+        let mut disk: Vec<(Phase, State)> = Vec::new();
+        let mut keep = |a: &Agent, actions: &[Action]| {
+            if actions.contains(&Persist) {
+                let on_disk: State = serde_json::from_slice(&serde_json::to_vec(a.state()).unwrap()).unwrap();
+                disk.push((phase(a), on_disk));
+            }
+        };
+        let mut a = agent(&k, "A", "b1", installed_7());
+        for input in [
+            msg(message(&k, "jti-00000008", 8, 100), broker()),
+            Input::Job(Event::SlotInvalidated),
+            Input::Job(Event::Checkpoint { written: 60 }),
+            Input::Job(Event::ImageVerified),
+            Input::Job(Event::Switched { boot_id: "b1".into() }),
+        ] {
+            let actions = a.handle(input, NOW);
+            keep(&a, &actions);
+        }
+        let mut b = agent(&k, "B", "b2", a.state().clone());
+        let actions = b.handle(Input::Started, NOW);
+        keep(&b, &actions);
+        let actions = b.handle(Input::HealthCommandDone { ok: true, detail: "passed".into() }, NOW);
+        keep(&b, &actions);
+        let phases: Vec<String> = disk.iter().map(|(p, _)| p.status_name().to_string()).collect();
+        assert_eq!(phases, ["downloading", "downloading", "installing", "reboot-pending", "testing", "committed"]);
+
+        let arm = ArmTimer { timer: Timer::Health, after: Duration::from_secs(20) };
+        // (persisted phase, written, restart on slot, boot id) → actions at start
+        let table: Vec<(usize, &str, &str, Vec<Action>)> = vec![
+            // Accepted: invalidate again and start from byte 0.
+            (0, "A", "b1", vec![ConfirmBooted, InvalidateTarget]),
+            // Downloading at 60: invalidate again, go on from the durable offset.
+            (1, "A", "b1", vec![ConfirmBooted, InvalidateTarget, Download { from: 60 }]),
+            // ... and after a power cut (a new boot of A): the same, A confirmed.
+            (1, "A", "b9", vec![ConfirmBooted, InvalidateTarget, Download { from: 60 }]),
+            // Written: switch (again) before the reboot.
+            (2, "A", "b1", vec![ConfirmBooted, SetPrimaryForTrial]),
+            // RebootPending, same boot: the reboot did not happen yet.
+            (3, "A", "b1", vec![ConfirmBooted, Reboot]),
+            // RebootPending, booted the target: the trial, not confirmed.
+            (3, "B", "b2", vec![PhaseChanged, Persist, arm.clone(), RunHealthCommand]),
+            // RebootPending, a new boot of A: the bootloader fell back.
+            (3, "A", "b2", vec![ConfirmBooted, PhaseChanged, MarkTargetBad, Persist]),
+            // Testing, a crash during the health check: check again.
+            (4, "B", "b3", vec![PhaseChanged, Persist, arm, RunHealthCommand]),
+            // Committed: nothing but confirming the running slot.
+            (5, "B", "b3", vec![ConfirmBooted]),
+        ];
+        for (point, booted, boot_id, expected) in table {
+            let (persisted_phase, state) = disk[point].clone();
+            let mut restarted = agent(&k, booted, boot_id, state);
+            let got = restarted.handle(Input::Started, NOW);
+            assert_eq!(got, expected, "crash after {persisted_phase:?}, restart on {booted} ({boot_id})");
+        }
+        // The fallback was recorded as a rollback; the commit as installed.
+        let mut fell_back = agent(&k, "A", "b2", disk[3].1.clone());
+        let _ = fell_back.handle(Input::Started, NOW);
+        assert!(matches!(phase(&fell_back), Phase::RolledBack { .. }));
+        assert_eq!(fell_back.state().installed_version, 7);
+        assert_eq!(disk[5].1.installed_version, 8);
+    }
+}
