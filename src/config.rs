@@ -467,28 +467,23 @@ fn is_identifier(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
-[device]
-id = "gw-0042"
-project = "acme-gateways"
-hardware = "rpi4-gw"
-groups = ["pilot"]
-state_dir = "state"
-
-[trust]
-leeway_s = 30
-[trust.keys]
-fleet = "keys/fleet.pub.pem"
-cosigner = "/etc/fleetd/keys/cosigner.pub.pem"
-
-[slots.A]
-device = "/dev/mmcblk0p2"
-[slots.B]
-device = "/dev/mmcblk0p3"
-
-[boot]
-backend = "uboot"
-"#;
+    /// The documented example device, on U-Boot with real partitions.
+    fn good() -> String {
+        crate::fixture::DeviceConfig {
+            trust: "leeway_s = 30".into(),
+            keys: vec![
+                ("fleet".into(), "keys/fleet.pub.pem".into()),
+                ("cosigner".into(), "/etc/fleetd/keys/cosigner.pub.pem".into()),
+            ],
+            slots: vec![
+                ("A".into(), "/dev/mmcblk0p2".into(), None),
+                ("B".into(), "/dev/mmcblk0p3".into(), None),
+            ],
+            boot: "backend = \"uboot\"".into(),
+            ..Default::default()
+        }
+        .to_toml()
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/fleetd/fleetd.toml"))
@@ -496,7 +491,7 @@ backend = "uboot"
 
     #[test]
     fn parses_the_documented_example_and_resolves_paths() {
-        let c = parse(GOOD).unwrap();
+        let c = parse(&good()).unwrap();
         assert_eq!(c.device.id, "gw-0042");
         assert_eq!(c.trust.leeway_s, 30);
         assert!(!c.trust.allow_http);
@@ -513,28 +508,28 @@ backend = "uboot"
 
     #[test]
     fn errors_name_the_file_and_key() {
-        let e = error_of(&GOOD.replace("leeway_s = 30", "leeway_s = \"soon\""));
+        let e = error_of(&good().replace("leeway_s = 30", "leeway_s = \"soon\""));
         assert!(e.starts_with("/etc/fleetd/fleetd.toml: key `trust.leeway_s`"), "{e}");
 
-        let e = error_of(&GOOD.replace("leeway_s = 30", "leway_s = 30"));
+        let e = error_of(&good().replace("leeway_s = 30", "leway_s = 30"));
         assert!(e.contains("`trust.leway_s`") && e.contains("unknown field"), "{e}");
 
-        let e = error_of(&GOOD.replace("backend = \"uboot\"", "backend = \"lilo\""));
+        let e = error_of(&good().replace("backend = \"uboot\"", "backend = \"lilo\""));
         assert!(e.contains("`boot.backend`") && e.contains("lilo"), "{e}");
 
-        let e = error_of(&GOOD.replace("id = \"gw-0042\"", "id = \"gw 42\""));
+        let e = error_of(&good().replace("id = \"gw-0042\"", "id = \"gw 42\""));
         assert!(e.contains("`device.id`"), "{e}");
 
-        let e = error_of(&GOOD.replace("[slots.B]\ndevice = \"/dev/mmcblk0p3\"", ""));
+        let e = error_of(&good().replace("[slots.B]\ndevice = \"/dev/mmcblk0p3\"", ""));
         assert!(e.contains("`slots`") && e.contains("two slots"), "{e}");
 
-        let e = error_of(&format!("{GOOD}booted_slot = \"C\"\n"));
+        let e = error_of(&format!("{}booted_slot = \"C\"\n", good()));
         assert!(e.contains("`boot.booted_slot`"), "{e}");
 
-        let e = error_of(&GOOD.replace("backend = \"uboot\"", "backend = \"grub\""));
+        let e = error_of(&good().replace("backend = \"uboot\"", "backend = \"grub\""));
         assert!(e.contains("`boot.grubenv`"), "{e}");
 
-        let e = error_of(&GOOD.replace("[device]", "[devise]"));
+        let e = error_of(&good().replace("[device]", "[devise]"));
         assert!(e.contains("devise"), "{e}");
 
         let e = error_of("this is = = not toml");
@@ -543,7 +538,7 @@ backend = "uboot"
 
     #[test]
     fn missing_key_file_is_named() {
-        let c = parse(GOOD).unwrap();
+        let c = parse(&good()).unwrap();
         let e = c.policy().unwrap_err().to_string();
         assert!(e.contains("`trust.keys.cosigner`") && e.contains("cosigner.pub.pem"), "{e}");
     }

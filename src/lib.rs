@@ -11,6 +11,7 @@ pub mod config;
 pub mod cosigner;
 pub mod daemon;
 mod demo_broker;
+pub mod fixture;
 pub mod fsutil;
 pub mod http;
 pub mod mqtt;

@@ -533,45 +533,20 @@ fn write_device(dir: &Path, broker_port: u16, booted: &str) -> Result<PathBuf, S
         }
     }
     let path = dir.join("fleetd.toml");
-    let text = format!(
-        r#"[device]
-id = "{DEVICE}"
-project = "{PROJECT}"
-hardware = "rpi4-gw"
-groups = ["pilot"]
-state_dir = "state"
-
-[trust]
-allow_http = true  # the demo's image server is plain HTTP on loopback
-
-[trust.keys]
-fleet = "keys/fleet.pub.pem"
-cosigner = "keys/cosigner.pub.pem"
-
-[slots.A]
-device = "slot-a.img"
-[slots.B]
-device = "slot-b.img"
-
-[boot]
-backend = "grub"
-grubenv = "grubenv"
-booted_slot = "{booted}"
-boot_id_file = "boot_id"
-
-[mqtt]
-host = "127.0.0.1"
-port = {broker_port}
-ca_file = "keys/fleet.pub.pem"  # required, but unused: the demo connects without TLS
-
-[update]
-reboot = "none"  # the demo reboots the device itself
-checkpoint_mib = 1
-
-[health]
-timeout_s = 15
-"#
-    );
+    let text = crate::fixture::DeviceConfig {
+        id: DEVICE.into(),
+        project: PROJECT.into(),
+        // The demo's image server is plain HTTP on loopback.
+        trust: "allow_http = true".into(),
+        boot: format!("backend = \"grub\"\ngrubenv = \"grubenv\"\nbooted_slot = \"{booted}\"\nboot_id_file = \"boot_id\""),
+        // The CA file is required but unused: the demo connects without TLS.
+        mqtt: Some(format!("host = \"127.0.0.1\"\nport = {broker_port}\nca_file = \"keys/fleet.pub.pem\"")),
+        // The demo reboots the device itself.
+        update: Some("reboot = \"none\"\ncheckpoint_mib = 1".into()),
+        health: Some("timeout_s = 15".into()),
+        ..Default::default()
+    }
+    .to_toml();
     std::fs::write(&path, text).map_err(|e| e.to_string())?;
     Ok(path)
 }

@@ -557,7 +557,10 @@ mod tests {
         assert_eq!(a.handle(Input::Started, NOW), vec![ConfirmBooted]);
 
         // Message: persisted as a job, then acknowledged, then the target is invalidated.
-        assert_eq!(a.handle(msg(m.clone(), broker()), NOW), vec![Persist, Acknowledge, PhaseChanged, InvalidateTarget]);
+        assert_eq!(
+            a.handle(msg(m.clone(), broker()), NOW),
+            vec![Persist, Acknowledge, PhaseChanged, InvalidateTarget]
+        );
         assert_eq!(phase(&a), Phase::Accepted);
         assert!(a.state().replay_cache.contains_key("jti-00000008"));
         assert_eq!(a.state().clock_floor, NOW);
@@ -577,7 +580,10 @@ mod tests {
         assert!(a.state().last_error.as_deref().unwrap().starts_with("busy"));
 
         // The job's events, through the engine's table.
-        assert_eq!(a.handle(Input::Job(Event::SlotInvalidated), NOW), vec![PhaseChanged, Download { from: 0 }]);
+        assert_eq!(
+            a.handle(Input::Job(Event::SlotInvalidated), NOW),
+            vec![PhaseChanged, Download { from: 0 }]
+        );
         assert_eq!(a.handle(Input::Job(Event::Checkpoint { written: 40 }), NOW), vec![Persist]);
         assert_eq!(a.job().unwrap().written, 40);
         assert_eq!(
@@ -656,7 +662,10 @@ mod tests {
         );
 
         // A side effect that failed after the end joins the last error.
-        assert_eq!(failing.handle(Input::SideEffectFailed { error: "reboot-failed: exit 1".into() }, NOW), vec![Persist]);
+        assert_eq!(
+            failing.handle(Input::SideEffectFailed { error: "reboot-failed: exit 1".into() }, NOW),
+            vec![Persist]
+        );
         assert_eq!(
             failing.state().last_error.as_deref(),
             Some("rolled-back: health-check-failed: exit 3; then reboot-failed: exit 1")
@@ -726,7 +735,10 @@ mod tests {
         let actions = b.handle(Input::HealthCommandDone { ok: true, detail: "passed".into() }, NOW);
         keep(&b, &actions);
         let phases: Vec<String> = disk.iter().map(|(p, _)| p.status_name().to_string()).collect();
-        assert_eq!(phases, ["downloading", "downloading", "installing", "reboot-pending", "testing", "committed"]);
+        assert_eq!(
+            phases,
+            ["downloading", "downloading", "installing", "reboot-pending", "testing", "committed"]
+        );
 
         let arm = ArmTimer { timer: Timer::Health, after: Duration::from_secs(20) };
         // (persisted phase, written, restart on slot, boot id) → actions at start

@@ -121,47 +121,25 @@ impl Gateway {
                 .to_string(),
         };
         let reboot_request = self.reboot_request();
-        let text = format!(
-            r#"[device]
-id = "gw-0042"
-project = "acme-gateways"
-hardware = "rpi4-gw"
-groups = ["pilot"]
-state_dir = "state"
-
-[trust]
-allow_http = true
-[trust.keys]
-fleet = "keys/fleet.pub.pem"
-cosigner = "keys/cosigner.pub.pem"
-
-[slots.A]
-device = "slot-a.img"
-boot_partition = 2
-[slots.B]
-device = "slot-b.img"
-boot_partition = 3
-
-[boot]
-{boot}
-boot_id_file = "boot_id"
-
-[update]
-reboot = "command"
-reboot_command = "printf '%s' \"$FLEETD_REBOOT_ARG\" > '{reboot_request}'"
-retry_base_ms = 50
-give_up_after_s = {give_up}
-checkpoint_mib = 1
-{extra}
-
-[health]
-command = "health-check"
-timeout_s = 20
-"#,
-            reboot_request = reboot_request.display(),
-            give_up = self.give_up_after_s,
-            extra = self.extra_config,
-        );
+        let text = fleetd::fixture::DeviceConfig {
+            trust: "allow_http = true".into(),
+            slots: vec![
+                ("A".into(), "slot-a.img".into(), Some(2)),
+                ("B".into(), "slot-b.img".into(), Some(3)),
+            ],
+            boot: format!("{boot}\nboot_id_file = \"boot_id\""),
+            update: Some(format!(
+                "reboot = \"command\"\n\
+                 reboot_command = \"printf '%s' \\\"$FLEETD_REBOOT_ARG\\\" > '{}'\"\n\
+                 retry_base_ms = 50\ngive_up_after_s = {}\ncheckpoint_mib = 1\n{}",
+                reboot_request.display(),
+                self.give_up_after_s,
+                self.extra_config,
+            )),
+            health: Some("command = \"health-check\"\ntimeout_s = 20".into()),
+            ..Default::default()
+        }
+        .to_toml();
         std::fs::write(self.dev.config(), text).unwrap();
     }
 

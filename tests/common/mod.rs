@@ -88,31 +88,8 @@ impl Device {
 
     /// Writes the config; `trust_extra` goes into the [trust] table.
     pub fn write_config(&self, trust_extra: &str) {
-        let text = format!(
-            r#"[device]
-id = "gw-0042"
-project = "acme-gateways"
-hardware = "rpi4-gw"
-groups = ["pilot"]
-state_dir = "state"
-
-[trust]
-{trust_extra}
-[trust.keys]
-fleet = "keys/fleet.pub.pem"
-cosigner = "keys/cosigner.pub.pem"
-
-[slots.A]
-device = "slot-a.img"
-[slots.B]
-device = "slot-b.img"
-
-[boot]
-backend = "grub"
-grubenv = "grubenv"
-booted_slot = "A"
-"#
-        );
+        let text =
+            fleetd::fixture::DeviceConfig { trust: trust_extra.into(), ..Default::default() }.to_toml();
         std::fs::write(self.config(), text).unwrap();
     }
 
