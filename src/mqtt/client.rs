@@ -7,8 +7,9 @@ use crate::backoff::Backoff;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// From the broker to the update worker.
 #[derive(Debug)]
@@ -345,7 +346,7 @@ mod tests {
         }));
         let mut refused = Vec::new();
         let mut granted = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while granted.is_empty() {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(ClientEvent::SubscriptionRefused { topic })) => refused.push(topic),

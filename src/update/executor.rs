@@ -628,3 +628,301 @@ impl OpenError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::BootError;
+    use crate::trust::{Envelope, SigningKey};
+    use std::sync::{Arc, Mutex};
+
+    /// A boot environment in memory: each slot's state and the primary.
+    #[derive(Default)]
+    struct FakeBoot {
+        env: Arc<Mutex<BTreeMap<String, SlotState>>>,
+        primary: Arc<Mutex<Option<String>>>,
+    }
+
+    impl BootControl for FakeBoot {
+        fn backend(&self) -> &'static str {
+            "fake"
+        }
+        fn primary(&self) -> Result<Option<String>, BootError> {
+            Ok(self.primary.lock().unwrap().clone())
+        }
+        fn state(&self, slot: &str) -> Result<SlotState, BootError> {
+            Ok(self.env.lock().unwrap().get(slot).copied().unwrap_or(SlotState::Good))
+        }
+        fn set_primary_for_trial(&mut self, slot: &str) -> Result<(), BootError> {
+            self.env.lock().unwrap().insert(slot.into(), SlotState::Good);
+            *self.primary.lock().unwrap() = Some(slot.into());
+            Ok(())
+        }
+        fn mark_good(&mut self, slot: &str) -> Result<(), BootError> {
+            self.env.lock().unwrap().insert(slot.into(), SlotState::Good);
+            Ok(())
+        }
+        fn mark_bad(&mut self, slot: &str) -> Result<(), BootError> {
+            self.env.lock().unwrap().insert(slot.into(), SlotState::Bad);
+            Ok(())
+        }
+    }
+
+    /// An image from memory, pushed through the real slot writer in chunks
+    /// with the real hooks; `fail` makes every fetch fail as a dead server would.
+    struct MemorySource {
+        image: Vec<u8>,
+        fail: Option<String>,
+    }
+
+    impl ImageSource for MemorySource {
+        fn fetch_into<'a>(
+            &'a self,
+            _url: &'a str,
+            writer: &'a mut SlotWriter,
+            _policy: &'a FetchPolicy,
+            hooks: FetchHooks<'a>,
+        ) -> LocalFuture<'a, Result<FetchStats, FetchError>> {
+            Box::pin(async move {
+                if let Some(why) = &self.fail {
+                    return Err(FetchError::GaveUp { attempts: 1, last: why.clone() });
+                }
+                let from = writer.position() as usize;
+                for chunk in self.image[from..].chunks(64 << 10) {
+                    writer.push(chunk)?;
+                    (hooks.on_progress)(writer.position(), writer.size());
+                }
+                let durable = writer.sync()?;
+                (hooks.on_checkpoint)(durable).map_err(FetchError::Checkpoint)?;
+                Ok(FetchStats { received: self.image.len() as u64, attempts: 1 })
+            })
+        }
+    }
+
+    struct World {
+        dir: tempfile::TempDir,
+        fleet: SigningKey,
+        cosigner: SigningKey,
+        boot: FakeBoot,
+        image: Vec<u8>,
+        reports: Arc<Mutex<Vec<Report>>>,
+    }
+
+    impl World {
+        fn new(health: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (fleet, cosigner) = (SigningKey::generate().unwrap(), SigningKey::generate().unwrap());
+            std::fs::create_dir(dir.path().join("keys")).unwrap();
+            for (name, key) in [("fleet", &fleet), ("cosigner", &cosigner)] {
+                std::fs::write(dir.path().join(format!("keys/{name}.pub.pem")), key.public_key().to_pem())
+                    .unwrap();
+            }
+            for slot in ["slot-a.img", "slot-b.img"] {
+                std::fs::File::create(dir.path().join(slot)).unwrap().set_len(1 << 20).unwrap();
+            }
+            let config = crate::fixture::DeviceConfig {
+                trust: "allow_http = true".into(),
+                boot: "backend = \"grub\"\ngrubenv = \"grubenv\"\nbooted_slot = \"A\"".into(),
+                update: Some(
+                    "reboot = \"none\"\nretries = 2\nretry_base_ms = 1000\ngive_up_after_s = 300".into(),
+                ),
+                health: Some(health.into()),
+                ..Default::default()
+            };
+            std::fs::write(dir.path().join("fleetd.toml"), config.to_toml()).unwrap();
+            let image = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+            Self { dir, fleet, cosigner, boot: FakeBoot::default(), image, reports: Default::default() }
+        }
+
+        fn config(&self) -> Config {
+            Config::load(&self.dir.path().join("fleetd.toml")).unwrap()
+        }
+
+        fn executor(&self, booted: &str, boot_id: &str, source: MemorySource) -> Executor {
+            let config = self.config();
+            let (store, state) = StateStore::open(&config.device.state_dir).unwrap();
+            let boot = FakeBoot { env: self.boot.env.clone(), primary: self.boot.primary.clone() };
+            let mut executor =
+                Executor::new(config, store, state, Box::new(boot), booted.into(), boot_id.into())
+                    .unwrap()
+                    .with_source(Box::new(source));
+            let reports = self.reports.clone();
+            executor.on_report(Box::new(move |r: &Report| reports.lock().unwrap().push(r.clone())));
+            executor
+        }
+
+        fn source(&self) -> MemorySource {
+            MemorySource { image: self.image.clone(), fail: None }
+        }
+
+        fn message(&self) -> Vec<u8> {
+            let now = crate::system_now();
+            let claims = crate::trust::Claims {
+                typ: crate::trust::CLAIMS_TYPE.into(),
+                jti: "jti-executor-1".into(),
+                iat: now,
+                nbf: now,
+                exp: now + 3600,
+                project: "acme-gateways".into(),
+                target: crate::trust::Target {
+                    hardware: "rpi4-gw".into(),
+                    devices: vec!["gw-0042".into()],
+                    groups: vec![],
+                },
+                version: 8,
+                name: "v8".into(),
+                image: crate::trust::Image {
+                    url: "http://image.invalid/v8.img".into(),
+                    size: self.image.len() as u64,
+                    sha256: crate::trust::hex(
+                        ring::digest::digest(&ring::digest::SHA256, &self.image).as_ref(),
+                    ),
+                },
+            };
+            let mut e = Envelope::new(&claims.to_json());
+            e.add_signature(&self.fleet, "fleet").unwrap();
+            e.add_signature(&self.cosigner, "cosigner").unwrap();
+            e.to_json().into_bytes()
+        }
+
+        fn slot_b(&self) -> Vec<u8> {
+            std::fs::read(self.dir.path().join("slot-b.img")).unwrap()
+        }
+
+        fn stored(&self) -> State {
+            StateStore::read(&self.dir.path().join("state")).unwrap()
+        }
+    }
+
+    /// Admitted, written through the real slot writer, switched; after the
+    /// "reboot" a second executor checks health and commits.
+    #[tokio::test]
+    async fn a_whole_update_through_the_executor() {
+        let w = World::new("timeout_s = 20");
+        let mut ex = w.executor("A", "b1", w.source());
+        ex.start().await.unwrap();
+        let acked = std::cell::Cell::new(false);
+        let admission = ex.admit(&w.message(), Source::Local, || acked.set(true)).await.unwrap();
+        assert_eq!(admission, Admission::Accepted { jti: "jti-executor-1".into(), version: 8 });
+        assert!(acked.get());
+        assert_eq!(w.stored().job.unwrap().phase, Phase::Accepted, "persisted before the acknowledgement");
+        ex.run().await.unwrap();
+        assert!(matches!(ex.job().unwrap().phase, Phase::RebootPending { .. }));
+        assert_eq!(&w.slot_b()[..w.image.len()], &w.image[..]);
+        assert_eq!(w.boot.primary.lock().unwrap().as_deref(), Some("B"));
+        drop(ex);
+        let mut after_reboot = w.executor("B", "b2", w.source());
+        after_reboot.start().await.unwrap();
+        let state = w.stored();
+        assert_eq!((state.installed_version, state.job.unwrap().phase), (8, Phase::Committed));
+        let steps: Vec<&'static str> = w
+            .reports
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| match r {
+                Report::Step { state, .. } => Some(*state),
+                _ => None,
+            })
+            .collect();
+        assert!(steps.contains(&"reboot-pending") && steps.contains(&"committed"), "{steps:?}");
+    }
+
+    /// The health timer on tokio's paused clock: a command that never ends
+    /// is judged when the timer fires, 20 virtual seconds later.
+    #[tokio::test(start_paused = true)]
+    async fn a_health_check_that_hangs_fails_at_its_timeout() {
+        let w = World::new("command = \"hang\"\ntimeout_s = 20");
+        let script = w.dir.path().join("hang");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut ex = w.executor("A", "b1", w.source());
+        ex.admit(&w.message(), Source::Local, || {}).await.unwrap();
+        ex.run().await.unwrap();
+        drop(ex);
+        let mut trial = w.executor("B", "b2", w.source());
+        let started = tokio::time::Instant::now();
+        trial.start().await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(20), "judged exactly at the timer");
+        assert_eq!(
+            trial.job().unwrap().phase,
+            Phase::RolledBack { reason: "health-check-failed: timed out after 20 s".into() }
+        );
+        assert_eq!(w.boot.env.lock().unwrap()["B"], SlotState::Bad);
+    }
+
+    /// The daemon's gate: no broker connection within the timeout fails the trial.
+    #[tokio::test(start_paused = true)]
+    async fn a_trial_that_never_connects_fails_at_its_timeout() {
+        let w = World::new("timeout_s = 30");
+        let mut ex = w.executor("A", "b1", w.source());
+        ex.admit(&w.message(), Source::Local, || {}).await.unwrap();
+        ex.run().await.unwrap();
+        drop(ex);
+        let mut trial = w.executor("B", "b2", w.source());
+        let (_connected_tx, connected) = tokio::sync::watch::channel(false);
+        trial.set_health_gate(connected);
+        let started = tokio::time::Instant::now();
+        trial.start().await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert_eq!(
+            trial.job().unwrap().phase,
+            Phase::RolledBack { reason: "health-check-failed: mqtt-not-connected within 30 s".into() }
+        );
+    }
+
+    /// A download that fails for good fails the job, and the slot stays bad.
+    #[tokio::test]
+    async fn a_download_that_gives_up_fails_the_job_and_keeps_the_target_bad() {
+        let w = World::new("timeout_s = 20");
+        let mut ex = w.executor("A", "b1", MemorySource { image: w.image.clone(), fail: Some("cut".into()) });
+        ex.admit(&w.message(), Source::Local, || {}).await.unwrap();
+        ex.run().await.unwrap();
+        let phase = ex.job().unwrap().phase.clone();
+        assert!(
+            matches!(&phase, Phase::Failed { error } if error.starts_with("download-failed")),
+            "{phase:?}"
+        );
+        assert_eq!(w.boot.env.lock().unwrap()["B"], SlotState::Bad);
+        assert_eq!(w.stored().last_error, ex.state().last_error, "the failure is on disk");
+    }
+
+    /// Retries and give-up on paused time, against a real (closed) port:
+    /// `retries` fruitless attempts and `give_up_after_s` of virtual time.
+    #[tokio::test(start_paused = true)]
+    async fn http_retries_give_up_after_the_configured_time() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("slot");
+        std::fs::File::create(&slot).unwrap().set_len(1 << 20).unwrap();
+        let mut writer = SlotWriter::open(&slot, 1000, 0, DEFAULT_BLOCK).unwrap();
+        let policy = FetchPolicy {
+            max_attempts: 3,
+            give_up_after: Duration::from_secs(300),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+            ..FetchPolicy::default()
+        };
+        let retries = std::cell::RefCell::new(Vec::new());
+        let hooks = FetchHooks {
+            on_checkpoint: &mut |_| Ok(()),
+            on_progress: &mut |_, _| {},
+            on_retry: &mut |_, wait| retries.borrow_mut().push(wait),
+        };
+        let source = HttpSource { ca_file: None };
+        let started = tokio::time::Instant::now();
+        let url = format!("http://127.0.0.1:{port}/x.img");
+        let err = source.fetch_into(&url, &mut writer, &policy, hooks).await.unwrap_err();
+        assert_eq!(err.name(), "download-failed");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(300), "gave up after {waited:?}, before give_up_after");
+        let retries = retries.into_inner();
+        assert!(retries.len() >= 3, "{retries:?}");
+        assert!(
+            retries.iter().all(|w| *w <= Duration::from_secs(60)),
+            "each wait under the cap: {retries:?}"
+        );
+    }
+}

@@ -6,7 +6,9 @@
 use super::slot_writer::{SlotWriter, WriteError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock, so that tests can run the retry timing on paused time.
+use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct FetchPolicy {
