@@ -54,7 +54,11 @@ pub fn run_until(
             mqtt_config.keep_alive_s,
             will,
         ),
+        #[cfg(feature = "fleet")]
         None => mqtt::plain_options_for_demo(&config.device.id, &mqtt_config.host, mqtt_config.port, will),
+        // Plain MQTT exists only for the demo; a device build has no demo.
+        #[cfg(not(feature = "fleet"))]
+        None => return Err(DaemonError::NoMqtt),
     };
     let aws_jobs = match mqtt_config.profile {
         crate::config::MqttProfile::AwsIotJobs => Some(mqtt::aws::AwsJobs::new(&config.device.id)),

@@ -1,8 +1,6 @@
 //! HTTP(S) client plumbing: hyper over rustls with the ring provider. Trust
 //! comes from the system roots, or only from a given CA file.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -87,12 +85,15 @@ where
 }
 
 /// POSTs a JSON body and returns the status and the (capped) response body.
+#[cfg(feature = "fleet")]
 pub async fn post_json(
     url: &str,
     body: String,
     ca_file: Option<&Path>,
     limit: usize,
 ) -> Result<(u16, Vec<u8>), HttpError> {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
     let uri: hyper::Uri = url.parse().map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
     let tls = if uri.scheme_str() == Some("https") {
         tls_config(ca_file)?

@@ -8,8 +8,10 @@ pub mod backoff;
 pub mod boot;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "fleet")]
 pub mod cosigner;
 pub mod daemon;
+#[cfg(any(feature = "fleet", test))]
 mod demo_broker;
 pub mod fixture;
 pub mod fsutil;

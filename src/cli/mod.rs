@@ -1,8 +1,10 @@
 //! Command-line front ends. `fleetd` (device side) lives here; `fleetctl`
 //! (fleet side) in `fleetctl.rs`; the guided demo in `demo.rs`.
 
+#[cfg(feature = "fleet")]
 mod demo;
 mod device;
+#[cfg(feature = "fleet")]
 pub mod fleetctl;
 
 use crate::config::{self, Config};
@@ -67,6 +69,7 @@ enum FleetdCommand {
         once: bool,
     },
     /// Show the whole flow on this machine with embedded defaults: no root, no setup.
+    #[cfg(feature = "fleet")]
     Demo,
 }
 
@@ -81,6 +84,7 @@ pub fn fleetd_main() -> ExitCode {
         FleetdCommand::MarkBad { config } => device::mark(config.as_deref(), false),
         FleetdCommand::Status { config, json } => device::status(config.as_deref(), json),
         FleetdCommand::Run { config, once } => device::run(config.as_deref(), once),
+        #[cfg(feature = "fleet")]
         FleetdCommand::Demo => demo::run(),
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod aws;
 mod client;
+#[cfg(feature = "fleet")]
 pub mod fleet;
 mod limiter;
 
@@ -203,6 +204,7 @@ pub fn options(
     options
 }
 
+#[cfg(any(feature = "fleet", test))]
 /// Plain TCP on loopback, for `fleetd demo` only: a device's configuration
 /// has no way to turn TLS off.
 pub(crate) fn plain_options_for_demo(
