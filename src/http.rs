@@ -26,15 +26,15 @@ pub type HttpsClient<B> = Client<hyper_rustls::HttpsConnector<HttpConnector>, B>
 /// Where every TLS client in fleetd starts: rustls on the ring provider,
 /// with the safe protocol versions.
 pub fn ring_client_builder(
-) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, String> {
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, HttpError> {
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())
+        .map_err(|e| HttpError::TlsConfig(e.to_string()))
 }
 
 /// Every certificate of a PEM file, as trust roots; errors name the file.
-pub fn roots_from_pem(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+pub fn roots_from_pem(path: &Path) -> Result<rustls::RootCertStore, HttpError> {
+    let named = |e: &dyn std::fmt::Display| HttpError::TlsConfig(format!("{}: {e}", path.display()));
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(path).map_err(|e| named(&e))? {
         roots.add(cert.map_err(|e| named(&e))?).map_err(|e| named(&e))?;
@@ -45,7 +45,7 @@ pub fn roots_from_pem(path: &Path) -> Result<rustls::RootCertStore, String> {
 /// A rustls client configuration trusting `ca_file` alone, or else the system roots.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpError> {
     let roots = match ca_file {
-        Some(path) => roots_from_pem(path).map_err(HttpError::TlsConfig)?,
+        Some(path) => roots_from_pem(path)?,
         None => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_native_certs::load_native_certs().certs {
@@ -57,18 +57,12 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, HttpEr
     if roots.is_empty() {
         return Err(HttpError::TlsConfig("no trusted CA certificates".into()));
     }
-    Ok(ring_client_builder()
-        .map_err(HttpError::TlsConfig)?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(ring_client_builder()?.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// A configuration for plain-http use, where no certificate is ever checked.
 pub fn plain_tls_config() -> Result<rustls::ClientConfig, HttpError> {
-    Ok(ring_client_builder()
-        .map_err(HttpError::TlsConfig)?
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth())
+    Ok(ring_client_builder()?.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth())
 }
 
 pub fn client<B>(tls: rustls::ClientConfig) -> HttpsClient<B>

@@ -7,6 +7,7 @@
 //! itself playing GRUB at each power-on.
 
 use super::fleetctl::{add_signature, hash_file, keygen, load_public_key, load_signing_key, sign_claims};
+use super::CliError;
 use crate::boot::grub::{self, GrubEnv};
 use crate::config::Config;
 use crate::cosigner::{self, CosignerConfig, Registry};
@@ -38,7 +39,7 @@ pub fn run() -> ExitCode {
     let result = (|| {
         let work = tempdir()?;
         let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(demo_error)?;
         runtime.block_on(demo(work.path()))
     })();
     match result {
@@ -62,7 +63,7 @@ fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
 }
 
-async fn demo(dir: &Path) -> Result<(), String> {
+async fn demo(dir: &Path) -> Result<(), CliError> {
     println!(
         "fleetd {} demo — working in a temporary folder, nothing outside it is touched.\n\
          The narration is on stdout; the device's own log lines go to stderr.",
@@ -95,19 +96,21 @@ async fn demo(dir: &Path) -> Result<(), String> {
     let mut registry = Registry::default();
     registry.register("fs1", &load_public_key(&keys.join("fs1.pub.pem"))?, crate::system_now(), false)?;
     registry.save(&cosigner_config.registry_path())?;
-    let listener =
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("bind loopback: {e}"))?;
-    let cosigner_url = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| demo_failed(format!("bind loopback: {e}")))?;
+    let cosigner_url = format!("http://{}", listener.local_addr().map_err(demo_error)?);
     let app = Arc::new(cosigner::App::new(cosigner_config.clone())?);
     tokio::spawn(cosigner::serve(listener, app, std::future::pending()));
     println!("    co-signer listening on {cosigner_url}; fs1 signs as kid \"server:fs1\"");
 
     step(3, "Start a message broker (MQTT) and an image server, both on loopback.");
-    let broker = crate::demo_broker::start().await.map_err(|e| format!("demo broker: {e}"))?;
+    let broker = crate::demo_broker::start().await.map_err(|e| demo_failed(format!("demo broker: {e}")))?;
     let image = dir.join("firmware-8.img");
     let bytes: Vec<u8> = (0..IMAGE_BYTES).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    std::fs::write(&image, &bytes).map_err(|e| e.to_string())?;
-    let image_base = image_server(Arc::new(bytes)).await.map_err(|e| format!("image server: {e}"))?;
+    std::fs::write(&image, &bytes).map_err(demo_error)?;
+    let image_base =
+        image_server(Arc::new(bytes)).await.map_err(|e| demo_failed(format!("image server: {e}")))?;
     println!(
         "    MQTT broker on {broker} (a small built-in one: plain TCP; real devices require mutual TLS)"
     );
@@ -116,13 +119,13 @@ async fn demo(dir: &Path) -> Result<(), String> {
 
     step(4, "Set up device gw-0042: two file-backed slots A and B, a GRUB boot environment, its config.");
     let config_path = write_device(dir, broker.port(), "A")?;
-    let config = Config::load(&config_path).map_err(|e| e.to_string())?;
+    let config = Config::load(&config_path)?;
     let grubenv = dir.join("grubenv");
-    GrubEnv::initialize(&grubenv, &SLOTS.map(String::from)).map_err(|e| e.to_string())?;
-    let (store, mut state) = Store::open(&config.device.state_dir).map_err(|e| e.to_string())?;
+    GrubEnv::initialize(&grubenv, &SLOTS.map(String::from))?;
+    let (store, mut state) = Store::open(&config.device.state_dir)?;
     state.installed_version = 7;
     state.slot_versions.insert("A".into(), 7);
-    store.save(&state).map_err(|e| e.to_string())?;
+    store.save(&state)?;
     drop(store);
     println!("    project {PROJECT}, hardware rpi4-gw, slot A holds version 7; it trusts the fleet and co-signer keys");
     println!("    grubenv: {}", grubenv_line(&grubenv)?);
@@ -188,7 +191,7 @@ async fn demo(dir: &Path) -> Result<(), String> {
                 );
             }
             if kind == "status" && !ours && v["last_error"].is_string() {
-                return Err(format!("the device refused the update: {}", v["last_error"]));
+                return Err(demo_failed(format!("the device refused the update: {}", v["last_error"])));
             }
             job_progress(kind, v, &claims.jti, "reboot-pending")
         })
@@ -205,12 +208,12 @@ async fn demo(dir: &Path) -> Result<(), String> {
         .await?;
     let booted = grub_power_on(&grubenv)?;
     if booted != "B" {
-        return Err(format!("GRUB booted slot {booted}, not the new slot B"));
+        return Err(demo_failed(format!("GRUB booted slot {booted}, not the new slot B")));
     }
     new_boot_id(dir)?;
     println!("    GRUB boots slot B (grubenv now: {})", grubenv_line(&grubenv)?);
     let config_path = write_device(dir, broker.port(), "B")?;
-    let mut daemon = Daemon::start(Config::load(&config_path).map_err(|e| e.to_string())?)?;
+    let mut daemon = Daemon::start(Config::load(&config_path)?)?;
     let status = fleet
         .wait_for("the commit of v8", |kind, v| {
             let done = v["booted_slot"] == "B" && v["installed_version"] == 8;
@@ -237,13 +240,15 @@ async fn demo(dir: &Path) -> Result<(), String> {
                 return Ok(None);
             }
             if v["job"]["jti"] == evil.jti.as_str() || v["installed_version"] != 8 {
-                return Err("the device accepted a message with a single signature".into());
+                return Err(demo_failed("the device accepted a message with a single signature".into()));
             }
             Ok(v["last_error"].as_str().map(str::to_string))
         })
         .await?;
     if !error.starts_with("signature-missing") {
-        return Err(format!("the forged message was refused, but for the wrong reason: {error}"));
+        return Err(demo_failed(format!(
+            "the forged message was refused, but for the wrong reason: {error}"
+        )));
     }
     println!("    => refused: {error}");
 
@@ -252,7 +257,7 @@ async fn demo(dir: &Path) -> Result<(), String> {
     let detail = fleet
         .wait_for("the replay to be recognised", |kind, v| {
             if kind == "status" && (v["installed_version"] != 8 || v["state"] != "committed") {
-                return Err(format!("the replay changed the device's state: {v}"));
+                return Err(demo_failed(format!("the replay changed the device's state: {v}")));
             }
             let duplicate = kind == "progress" && v["step"] == "duplicate" && v["jti"] == claims.jti.as_str();
             Ok(duplicate.then(|| v["detail"].as_str().unwrap_or("").to_string()))
@@ -271,21 +276,23 @@ async fn demo(dir: &Path) -> Result<(), String> {
     registry.save(&cosigner_config.registry_path())?;
     let again = sign_claims(&evil, &load_signing_key(&keys.join("fs1.key.pem"))?, "server:fs1")?;
     match super::fleetctl::request_cosignature(&cosigner_url, &again, None).await {
-        Err(e) if e.contains("(403)") => println!("    => {e}"),
-        Err(e) => return Err(format!("the revoked server was refused, but not with 403: {e}")),
-        Ok(_) => return Err("a revoked server was co-signed".into()),
+        Err(e) if e.to_string().contains("(403)") => println!("    => {e}"),
+        Err(e) => return Err(demo_failed(format!("the revoked server was refused, but not with 403: {e}"))),
+        Ok(_) => return Err(demo_failed("a revoked server was co-signed".into())),
     }
     Ok(())
 }
 
 /// Waits on a status for job `jti`: `Some` once it reaches `goal`, an error
 /// if it failed or rolled back.
-fn job_progress(kind: &str, v: &Value, jti: &str, goal: &str) -> Result<Option<()>, String> {
+fn job_progress(kind: &str, v: &Value, jti: &str, goal: &str) -> Result<Option<()>, CliError> {
     if kind != "status" || v["job"]["jti"] != jti {
         return Ok(None);
     }
     match v["state"].as_str().unwrap_or("") {
-        "failed" | "rolled-back" => Err(format!("the update ended {}: {}", v["state"], v["last_error"])),
+        "failed" | "rolled-back" => {
+            Err(demo_failed(format!("the update ended {}: {}", v["state"], v["last_error"])))
+        }
         state => Ok((state == goal).then_some(())),
     }
 }
@@ -329,14 +336,14 @@ impl Fleet {
     async fn wait_for<T>(
         &mut self,
         what: &str,
-        mut check: impl FnMut(&str, &Value) -> Result<Option<T>, String>,
-    ) -> Result<T, String> {
+        mut check: impl FnMut(&str, &Value) -> Result<Option<T>, CliError>,
+    ) -> Result<T, CliError> {
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
         loop {
             let (topic, payload) = tokio::time::timeout_at(deadline, self.messages.recv())
                 .await
-                .map_err(|_| format!("waited {} s for {what}", STEP_TIMEOUT.as_secs()))?
-                .ok_or("the fleet's MQTT watcher stopped")?;
+                .map_err(|_| demo_failed(format!("waited {} s for {what}", STEP_TIMEOUT.as_secs())))?
+                .ok_or_else(|| demo_failed("the fleet's MQTT watcher stopped".into()))?;
             let kind = topic.rsplit('/').next().unwrap_or("");
             let value: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
             self.narrate(kind, &value);
@@ -384,9 +391,9 @@ fn connection(port: u16, client_id: &str) -> FleetConnection {
     FleetConnection { host: "127.0.0.1".into(), port, client_id: client_id.into(), tls: None }
 }
 
-async fn publish(port: u16, topic: &str, message: &Envelope) -> Result<(), String> {
+async fn publish(port: u16, topic: &str, message: &Envelope) -> Result<(), CliError> {
     let payload = message.to_json().into_bytes();
-    fleet::publish(connection(port, "demo-fleet-publish"), topic, payload, STEP_TIMEOUT).await
+    Ok(fleet::publish(connection(port, "demo-fleet-publish"), topic, payload, STEP_TIMEOUT).await?)
 }
 
 /// The real daemon on its own thread, as `fleetd run` would run it.
@@ -397,7 +404,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(config: Config) -> Result<Self, String> {
+    fn start(config: Config) -> Result<Self, CliError> {
         let (stop, stopped) = oneshot::channel::<()>();
         let (finished, done) = oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -409,22 +416,22 @@ impl Daemon {
                 // Plain MQTT (`None`): only the demo can ask for it.
                 let _ = finished.send(crate::daemon::run_until(config, None, crate::update::open, shutdown));
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(demo_error)?;
         Ok(Self { stop: Some(stop), done, thread: Some(thread) })
     }
 
-    async fn stop(&mut self) -> Result<(), String> {
+    async fn stop(&mut self) -> Result<(), CliError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let result = tokio::time::timeout(STEP_TIMEOUT, &mut self.done)
             .await
-            .map_err(|_| "the daemon did not stop".to_string())?
-            .map_err(|_| "the daemon's thread ended without a result".to_string())?;
+            .map_err(|_| demo_failed("the daemon did not stop".into()))?
+            .map_err(|_| demo_failed("the daemon's thread ended without a result".into()))?;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        result.map_err(|e| format!("the daemon: {e}"))
+        Ok(result?)
     }
 }
 
@@ -441,36 +448,36 @@ impl Drop for Daemon {
 /// What the shipped grub.cfg does at power-on, here played by the demo: boot
 /// the first slot in `ORDER` with `OK=1` and `TRY=0`, saving its `TRY=1`
 /// first; when every good slot was tried, clear their tries and pick again.
-fn grub_power_on(path: &Path) -> Result<String, String> {
+fn grub_power_on(path: &Path) -> Result<String, CliError> {
     let slots = SLOTS.map(String::from);
-    let err = |e: crate::boot::BootError| e.to_string();
-    let mut env = GrubEnv::new(path.to_path_buf(), &slots).map_err(err)?.read().map_err(err)?;
-    let mut chosen = grub::primary_in(&env, &slots).map_err(err)?;
+    let mut env = GrubEnv::new(path.to_path_buf(), &slots)?.read()?;
+    let mut chosen = grub::primary_in(&env, &slots)?;
     if chosen.is_none() {
         for slot in SLOTS {
             if env.get(&format!("{slot}_OK")) == Some("1") {
-                env.set(&format!("{slot}_TRY"), "0").map_err(err)?;
+                env.set(&format!("{slot}_TRY"), "0")?;
             }
         }
-        chosen = grub::primary_in(&env, &slots).map_err(err)?;
+        chosen = grub::primary_in(&env, &slots)?;
     }
-    let slot = chosen.ok_or("GRUB finds no bootable slot")?;
-    env.set(&format!("{slot}_TRY"), "1").map_err(err)?;
-    let bytes = env.encode().map_err(err)?;
-    crate::fsutil::atomic_write(path, &bytes, 0o644).map_err(|e| format!("{}: {e}", path.display()))?;
+    let slot = chosen.ok_or_else(|| demo_failed("GRUB finds no bootable slot".into()))?;
+    env.set(&format!("{slot}_TRY"), "1")?;
+    let bytes = env.encode()?;
+    crate::fsutil::atomic_write(path, &bytes, 0o644)
+        .map_err(|e| demo_failed(format!("{}: {e}", path.display())))?;
     Ok(slot)
 }
 
-fn grubenv_line(path: &Path) -> Result<String, String> {
+fn grubenv_line(path: &Path) -> Result<String, CliError> {
     let env = GrubEnv::new(path.to_path_buf(), &SLOTS.map(String::from))
         .and_then(|g| g.read())
-        .map_err(|e| e.to_string())?;
+        .map_err(demo_error)?;
     Ok(env.vars().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join(" "))
 }
 
 /// A new boot id: what tells the daemon it came back after a reboot.
-fn new_boot_id(dir: &Path) -> Result<(), String> {
-    std::fs::write(dir.join("boot_id"), trust::random_id()).map_err(|e| e.to_string())
+fn new_boot_id(dir: &Path) -> Result<(), CliError> {
+    std::fs::write(dir.join("boot_id"), trust::random_id()).map_err(demo_error)
 }
 
 /// Serves the image at `/8.img` over HTTP/1.1 (with `Range`), paced so the
@@ -524,12 +531,12 @@ async fn serve_image(stream: tokio::net::TcpStream, image: Arc<Vec<u8>>) -> std:
 }
 
 /// Writes the device's config; `booted` stands in for the kernel command line.
-fn write_device(dir: &Path, broker_port: u16, booted: &str) -> Result<PathBuf, String> {
+fn write_device(dir: &Path, broker_port: u16, booted: &str) -> Result<PathBuf, CliError> {
     for slot in ["slot-a.img", "slot-b.img"] {
         let path = dir.join(slot);
         if !path.exists() {
-            let f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
-            f.set_len(8 << 20).map_err(|e| e.to_string())?;
+            let f = std::fs::File::create(&path).map_err(demo_error)?;
+            f.set_len(8 << 20).map_err(demo_error)?;
         }
     }
     let path = dir.join("fleetd.toml");
@@ -547,7 +554,7 @@ fn write_device(dir: &Path, broker_port: u16, booted: &str) -> Result<PathBuf, S
         ..Default::default()
     }
     .to_toml();
-    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text).map_err(demo_error)?;
     Ok(path)
 }
 
@@ -570,7 +577,7 @@ impl Drop for TempDir {
     }
 }
 
-fn tempdir() -> Result<TempDir, String> {
+fn tempdir() -> Result<TempDir, CliError> {
     use std::os::unix::fs::DirBuilderExt;
     let base = std::env::temp_dir();
     for _ in 0..16 {
@@ -579,5 +586,14 @@ fn tempdir() -> Result<TempDir, String> {
             return Ok(TempDir(p));
         }
     }
-    Err(format!("cannot create a directory in {}", base.display()))
+    Err(demo_failed(format!("cannot create a directory in {}", base.display())))
+}
+
+fn demo_failed(what: String) -> CliError {
+    CliError::Demo(what)
+}
+
+/// A failure of the demo's own scaffolding (its servers, files, threads).
+fn demo_error(e: impl std::fmt::Display) -> CliError {
+    CliError::Demo(e.to_string())
 }

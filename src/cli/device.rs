@@ -1,5 +1,6 @@
 //! `fleetd install | mark-good | mark-bad | status | run`.
 
+use super::{runtime, CliError};
 use crate::boot;
 use crate::config::{self, Config};
 use crate::update::StateStore as Store;
@@ -8,16 +9,12 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-fn load_config(flag: Option<&Path>) -> Result<Config, String> {
-    Config::load(&config::resolve_path(flag)).map_err(|e| e.to_string())
+fn load_config(flag: Option<&Path>) -> Result<Config, CliError> {
+    Ok(Config::load(&config::resolve_path(flag))?)
 }
 
-pub(super) fn open_executor(config: Config) -> Result<Executor, String> {
-    crate::update::open(config).map_err(|e| e.to_string())
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())
+fn open_executor(config: Config) -> Result<Executor, CliError> {
+    Ok(crate::update::open(config)?)
 }
 
 /// Prints reports: a redrawn progress bar on a terminal, plain lines otherwise.
@@ -68,21 +65,20 @@ fn job_outcome(executor: &Executor) -> ExitCode {
 }
 
 pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> ExitCode {
-    let result = (|| -> Result<ExitCode, String> {
+    let result = (|| -> Result<ExitCode, CliError> {
         let mut executor = open_executor(load_config(config_flag)?)?;
         executor.no_reboot = no_reboot;
         executor.on_report(reporter());
         let rt = runtime()?;
         let input = crate::fsutil::read_prefix(file, crate::trust::MAX_MESSAGE_BYTES + 1)
-            .map_err(|e| format!("{}: {e}", file.display()))?;
-        let admission =
-            rt.block_on(executor.admit(&input, Source::Local, || {})).map_err(|e| e.to_string())?;
+            .map_err(super::file_error(file))?;
+        let admission = rt.block_on(executor.admit(&input, Source::Local, || {}))?;
         match admission {
             Admission::Refused(Refusal::Verify(e)) => {
                 println!("rejected: {e}");
                 return Ok(ExitCode::from(1));
             }
-            Admission::Refused(refusal) => return Err(refusal.to_string()),
+            Admission::Refused(refusal) => return Err(refusal.into()),
             // The same message again continues its job (after a crash or a cut).
             Admission::Continued => {
                 if let Some(job) = executor.job() {
@@ -91,7 +87,7 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
             }
             Admission::Accepted { .. } | Admission::Duplicate { .. } => {}
         }
-        rt.block_on(executor.run()).map_err(|e| e.to_string())?;
+        rt.block_on(executor.run())?;
         Ok(job_outcome(&executor))
     })();
     result.unwrap_or_else(|e| {
@@ -101,22 +97,20 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
 }
 
 pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
-    let result = (|| -> Result<ExitCode, String> {
+    let result = (|| -> Result<ExitCode, CliError> {
         let mut executor = open_executor(load_config(config_flag)?)?;
         executor.on_report(reporter());
         let booted = executor.booted().to_string();
         if good && executor.booted_is_unfinished_target() {
-            return Err(format!(
-                "target-is-booted: slot {booted} holds an unfinished download; refusing to mark it good"
-            ));
+            return Err(crate::update::Refusal::TargetIsBooted(booted).into());
         }
         // In a trial (also right after a manual reboot, before any health
         // check ran) the job ends exactly as the daemon's check ends it.
-        let ended_trial = runtime()?.block_on(executor.verdict_by_hand(good)).map_err(|e| e.to_string())?;
+        let ended_trial = runtime()?.block_on(executor.verdict_by_hand(good))?;
         if !ended_trial {
             let backend = executor.boot_mut();
             let result = if good { backend.mark_good(&booted) } else { backend.mark_bad(&booted) };
-            result.map_err(|e| e.to_string())?;
+            result?;
         }
         println!("slot {booted} marked {}", if good { "good" } else { "bad" });
         Ok(ExitCode::SUCCESS)
@@ -162,22 +156,21 @@ pub fn status(config_flag: Option<&Path>, json: bool) -> ExitCode {
 }
 
 pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
-    let result = (|| -> Result<ExitCode, String> {
+    let result = (|| -> Result<ExitCode, CliError> {
         let config = load_config(config_flag)?;
         if !once && config.mqtt.is_some() {
             crate::daemon::run(config, |config| {
                 let mut executor = crate::update::open(config)?;
                 executor.on_report(reporter());
                 Ok(executor)
-            })
-            .map_err(|e| e.to_string())?;
+            })?;
             return Ok(ExitCode::SUCCESS);
         }
         let mut executor = open_executor(config)?;
         executor.on_report(reporter());
         let rt = runtime()?;
         if once {
-            rt.block_on(executor.start()).map_err(|e| e.to_string())?;
+            rt.block_on(executor.start())?;
             // The job's outcome is in the status; reconciling itself succeeded.
             let _ = job_outcome(&executor);
             return Ok(ExitCode::SUCCESS);
@@ -188,11 +181,11 @@ pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
             let stop = crate::sys::signals::shutdown();
             tokio::pin!(stop);
             tokio::select! {
-                started = executor.start() => started.map_err(|e| e.to_string())?,
+                started = executor.start() => started?,
                 _ = &mut stop => return Ok(()),
             }
             stop.await;
-            Ok::<(), String>(())
+            Ok::<(), CliError>(())
         })?;
         Ok(ExitCode::SUCCESS)
     })();

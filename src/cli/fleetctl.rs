@@ -1,5 +1,6 @@
 //! `fleetctl`: keys, signing, the co-signer service.
 
+use super::{file_error, runtime, CliError};
 use crate::cosigner::{self, CosignerConfig, Registry};
 use crate::fsutil;
 use crate::trust::{self, Claims, Envelope, Image, PublicKey, SigningKey, Target, CLAIMS_TYPE};
@@ -86,12 +87,12 @@ struct BrokerArgs {
 }
 
 impl BrokerArgs {
-    fn connection(&self) -> Result<crate::mqtt::fleet::FleetConnection, String> {
+    fn connection(&self) -> Result<crate::mqtt::fleet::FleetConnection, CliError> {
         Ok(crate::mqtt::fleet::FleetConnection {
             host: self.host.clone(),
             port: self.port,
             client_id: self.client_id.clone().unwrap_or_else(|| format!("fleetctl-{}", trust::random_id())),
-            tls: Some(crate::mqtt::tls_config(&self.ca, &self.cert, &self.key).map_err(|e| e.to_string())?),
+            tls: Some(crate::mqtt::tls_config(&self.ca, &self.cert, &self.key)?),
         })
     }
 }
@@ -194,7 +195,7 @@ pub fn main() -> ExitCode {
         Command::Publish { broker, project, device, group, file } => {
             publish_command(&broker, &project, device.as_deref(), group.as_deref(), &file)
         }
-        Command::Watch { broker, project, count, timeout } => (|| {
+        Command::Watch { broker, project, count, timeout } => (|| -> Result<(), CliError> {
             let conn = broker.connection()?;
             runtime()?.block_on(crate::mqtt::fleet::watch(
                 conn,
@@ -202,7 +203,8 @@ pub fn main() -> ExitCode {
                 count,
                 timeout.map(std::time::Duration::from_secs),
                 |topic, payload| println!("{topic} {}", String::from_utf8_lossy(payload)),
-            ))
+            ))?;
+            Ok(())
         })(),
     };
     match result {
@@ -215,45 +217,44 @@ pub fn main() -> ExitCode {
 }
 
 /// Writes `NAME.key.pem` (0600) and `NAME.pub.pem` in `dir`, refusing to overwrite.
-pub fn keygen(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), String> {
+pub fn keygen(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), CliError> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
-        return Err(format!("key name {name:?} must be a plain file name"));
+        return Err(CliError::Usage(format!("key name {name:?} must be a plain file name")));
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(file_error(dir))?;
     let key_path = dir.join(format!("{name}.key.pem"));
     let pub_path = dir.join(format!("{name}.pub.pem"));
     for p in [&key_path, &pub_path] {
         if p.exists() {
-            return Err(format!("{} exists; refusing to overwrite a key", p.display()));
+            return Err(CliError::Usage(format!("{} exists; refusing to overwrite a key", p.display())));
         }
     }
-    let key = SigningKey::generate().map_err(|e| e.to_string())?;
-    fsutil::create_new(&key_path, key.to_pem().as_bytes(), 0o600)
-        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let key = SigningKey::generate().map_err(|source| CliError::Key { path: key_path.clone(), source })?;
+    fsutil::create_new(&key_path, key.to_pem().as_bytes(), 0o600).map_err(file_error(&key_path))?;
     fsutil::create_new(&pub_path, key.public_key().to_pem().as_bytes(), 0o644)
-        .map_err(|e| format!("{}: {e}", pub_path.display()))?;
+        .map_err(file_error(&pub_path))?;
     Ok((key_path, pub_path))
 }
 
-pub fn load_signing_key(path: &Path) -> Result<SigningKey, String> {
-    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    SigningKey::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+pub fn load_signing_key(path: &Path) -> Result<SigningKey, CliError> {
+    let pem = std::fs::read_to_string(path).map_err(file_error(path))?;
+    SigningKey::from_pem(&pem).map_err(|source| CliError::Key { path: path.to_path_buf(), source })
 }
 
-pub fn load_public_key(path: &Path) -> Result<PublicKey, String> {
-    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    PublicKey::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
+pub fn load_public_key(path: &Path) -> Result<PublicKey, CliError> {
+    let pem = std::fs::read_to_string(path).map_err(file_error(path))?;
+    PublicKey::from_pem(&pem).map_err(|source| CliError::Key { path: path.to_path_buf(), source })
 }
 
 /// Size and lowercase-hex SHA-256 of a file, streamed.
-pub fn hash_file(path: &Path) -> Result<(u64, String), String> {
+pub fn hash_file(path: &Path) -> Result<(u64, String), CliError> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut file = std::fs::File::open(path).map_err(file_error(path))?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = file.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        let n = file.read(&mut buf).map_err(file_error(path))?;
         if n == 0 {
             break;
         }
@@ -263,19 +264,23 @@ pub fn hash_file(path: &Path) -> Result<(u64, String), String> {
     Ok((size, trust::hex(ctx.finish().as_ref())))
 }
 
-fn claims_from_args(args: &SignArgs) -> Result<Claims, String> {
+fn claims_from_args(args: &SignArgs) -> Result<Claims, CliError> {
     if let Some(path) = &args.claims {
-        let bytes = fsutil::read_capped(path, trust::MAX_MESSAGE_BYTES)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        return Claims::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()));
+        let bytes = fsutil::read_capped(path, trust::MAX_MESSAGE_BYTES).map_err(file_error(path))?;
+        return Claims::parse(&bytes)
+            .map_err(|source| CliError::Message { path: path.to_path_buf(), source });
     }
     let need = |v: &Option<String>, flag: &str| {
-        v.clone().ok_or_else(|| format!("--{flag} is required (or --claims)"))
+        v.clone().ok_or_else(|| CliError::Usage(format!("--{flag} is required (or --claims)")))
     };
-    let version = args.version.ok_or("--version is required (or --claims)")?;
+    let version =
+        args.version.ok_or_else(|| CliError::Usage("--version is required (or --claims)".into()))?;
     let (size, sha256) = match &args.image {
         Some(path) => hash_file(path)?,
-        None => (args.size.ok_or("--size (or --image) is required")?, need(&args.sha256, "sha256")?),
+        None => (
+            args.size.ok_or_else(|| CliError::Usage("--size (or --image) is required".into()))?,
+            need(&args.sha256, "sha256")?,
+        ),
     };
     let now = crate::system_now();
     let nbf = args.not_before.unwrap_or(now);
@@ -298,25 +303,26 @@ fn claims_from_args(args: &SignArgs) -> Result<Claims, String> {
 }
 
 /// Signs `claims` with one key into a new envelope.
-pub fn sign_claims(claims: &Claims, key: &SigningKey, kid: &str) -> Result<Envelope, String> {
-    claims.check_structure().map_err(|e| format!("refusing to sign: {e}"))?;
+pub fn sign_claims(claims: &Claims, key: &SigningKey, kid: &str) -> Result<Envelope, CliError> {
+    claims.check_structure().map_err(|e| CliError::Usage(format!("refusing to sign: {e}")))?;
     let mut envelope = Envelope::new(&claims.to_json());
-    envelope.add_signature(key, kid).map_err(|e| e.to_string())?;
+    envelope.add_signature(key, kid).map_err(|source| CliError::Key { path: kid.into(), source })?;
     Ok(envelope)
 }
 
 /// Adds a signature by `kid`, refusing a kid that already signed.
-pub fn add_signature(envelope: &mut Envelope, key: &SigningKey, kid: &str) -> Result<(), String> {
+pub fn add_signature(envelope: &mut Envelope, key: &SigningKey, kid: &str) -> Result<(), CliError> {
     if envelope.kids().iter().any(|k| k == kid) {
-        return Err(format!("the message is already signed by {kid:?}"));
+        return Err(CliError::Usage(format!("the message is already signed by {kid:?}")));
     }
-    envelope.add_signature(key, kid).map_err(|e| e.to_string())
+    envelope.add_signature(key, kid).map_err(|source| CliError::Key { path: kid.into(), source })
 }
 
-fn write_output(out: Option<&Path>, text: &str) -> Result<(), String> {
+fn write_output(out: Option<&Path>, text: &str) -> Result<(), CliError> {
     match out {
-        Some(path) => fsutil::atomic_write(path, format!("{text}\n").as_bytes(), 0o644)
-            .map_err(|e| format!("{}: {e}", path.display())),
+        Some(path) => {
+            fsutil::atomic_write(path, format!("{text}\n").as_bytes(), 0o644).map_err(file_error(path))
+        }
         None => {
             println!("{text}");
             Ok(())
@@ -324,20 +330,19 @@ fn write_output(out: Option<&Path>, text: &str) -> Result<(), String> {
     }
 }
 
-fn read_envelope(file: &Path) -> Result<Envelope, String> {
-    let bytes = fsutil::read_prefix(file, trust::MAX_MESSAGE_BYTES + 1)
-        .map_err(|e| format!("{}: {e}", file.display()))?;
-    Envelope::parse(&bytes).map_err(|e| format!("{}: {e}", file.display()))
+fn read_envelope(file: &Path) -> Result<Envelope, CliError> {
+    let bytes = fsutil::read_prefix(file, trust::MAX_MESSAGE_BYTES + 1).map_err(file_error(file))?;
+    Envelope::parse(&bytes).map_err(|source| CliError::Message { path: file.to_path_buf(), source })
 }
 
-fn sign_command(args: &SignArgs) -> Result<(), String> {
+fn sign_command(args: &SignArgs) -> Result<(), CliError> {
     let claims = claims_from_args(args)?;
     let key = load_signing_key(&args.key)?;
     let envelope = sign_claims(&claims, &key, &args.kid)?;
     write_output(args.out.as_deref(), &envelope.to_json())
 }
 
-fn cosign_command(key: &Path, kid: &str, file: &Path, out: Option<&Path>) -> Result<(), String> {
+fn cosign_command(key: &Path, kid: &str, file: &Path, out: Option<&Path>) -> Result<(), CliError> {
     let mut envelope = read_envelope(file)?;
     add_signature(&mut envelope, &load_signing_key(key)?, kid)?;
     write_output(out, &envelope.to_json())
@@ -349,12 +354,12 @@ fn publish_command(
     device: Option<&str>,
     group: Option<&str>,
     file: &Path,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let envelope = read_envelope(file)?;
     let topic = match (device, group) {
         (Some(d), _) => crate::mqtt::Topics::update_for_device(project, d),
         (None, Some(g)) => crate::mqtt::Topics::update_for_group(project, g),
-        (None, None) => return Err("--device or --group is required".into()),
+        (None, None) => return Err(CliError::Usage("--device or --group is required".into())),
     };
     let conn = broker.connection()?;
     let payload = envelope.to_json().into_bytes();
@@ -368,25 +373,20 @@ fn publish_command(
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())
-}
-
-fn cosigner_command(cmd: CosignerCommand) -> Result<(), String> {
+fn cosigner_command(cmd: CosignerCommand) -> Result<(), CliError> {
     match cmd {
         CosignerCommand::Serve { config } => {
             let config = CosignerConfig::load(&config)?;
             let listen = config.listen.clone();
             let app = std::sync::Arc::new(cosigner::App::new(config)?);
             runtime()?.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(&listen)
-                    .await
-                    .map_err(|e| format!("listen on {listen}: {e}"))?;
-                let local = listener.local_addr().map_err(|e| e.to_string())?;
+                let listener =
+                    tokio::net::TcpListener::bind(&listen).await.map_err(file_error(Path::new(&listen)))?;
+                let local = listener.local_addr().map_err(CliError::Runtime)?;
                 println!("co-signer listening on http://{local}");
                 cosigner::serve(listener, app, crate::sys::signals::shutdown())
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(CliError::Runtime)
             })
         }
         CosignerCommand::Register { config, key, reinstate, server } => {
@@ -424,17 +424,16 @@ pub async fn request_cosignature(
     base_url: &str,
     envelope: &Envelope,
     ca: Option<&Path>,
-) -> Result<Envelope, String> {
+) -> Result<Envelope, CliError> {
     let url = format!("{}/v1/cosign", base_url.trim_end_matches('/'));
-    let (status, body) = crate::http::post_json(&url, envelope.to_json(), ca, trust::MAX_MESSAGE_BYTES)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (status, body) =
+        crate::http::post_json(&url, envelope.to_json(), ca, trust::MAX_MESSAGE_BYTES).await?;
     if status != 200 {
         let detail = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_string))
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        return Err(format!("co-signer refused ({status}): {detail}"));
+        return Err(CliError::CosignerRefused { status, detail });
     }
-    Envelope::parse(&body).map_err(|e| format!("co-signer answer: {e}"))
+    Envelope::parse(&body).map_err(|source| CliError::Message { path: "co-signer answer".into(), source })
 }

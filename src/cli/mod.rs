@@ -1,6 +1,9 @@
 //! Command-line front ends. `fleetd` (device side) lives here; `fleetctl`
 //! (fleet side) in `fleetctl.rs`; the guided demo in `demo.rs`.
 
+// A command's error is built once, at its end, and printed: its size costs nothing.
+#![allow(clippy::result_large_err)]
+
 #[cfg(feature = "fleet")]
 mod demo;
 mod device;
@@ -11,6 +14,64 @@ use crate::config::{self, Config};
 use crate::trust::{self, VerifyError};
 use crate::update::StateStore as Store;
 use clap::{Parser, Subcommand};
+
+/// Why a command failed: each variant names its cause, and the front end
+/// prints it as it is (`<error-name>: <detail>` for the typed ones).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A file the command needs could not be read or written.
+    #[error("{path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
+    /// A key file is not a usable ES256 key.
+    #[error("{path}: {source}")]
+    Key { path: PathBuf, source: trust::KeyError },
+    /// A message file that does not parse.
+    #[error("{path}: {source}")]
+    Message { path: PathBuf, source: VerifyError },
+    /// A flag is missing or does not fit the others.
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Open(#[from] crate::update::OpenError),
+    #[error(transparent)]
+    Exec(#[from] crate::update::ExecError),
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
+    #[error(transparent)]
+    Refused(#[from] crate::update::Refusal),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
+    #[cfg(feature = "fleet")]
+    #[error(transparent)]
+    Fleet(#[from] crate::mqtt::fleet::FleetError),
+    #[cfg(feature = "fleet")]
+    #[error(transparent)]
+    Cosigner(#[from] crate::cosigner::CosignerError),
+    #[error("co-signer refused ({status}): {detail}")]
+    CosignerRefused { status: u16, detail: String },
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The guided demo went off its script (a step timed out, a check failed).
+    #[error("demo: {0}")]
+    Demo(String),
+}
+
+/// `.map_err(file_error(path))`: an IO error about `path`.
+pub(crate) fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::File { path: path.to_path_buf(), source }
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CliError::Runtime)
+}
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -125,13 +186,12 @@ fn verify_command(config: Option<&Path>, json: bool, file: &Path) -> ExitCode {
 }
 
 /// Loads config, keys and state, then verifies. `Err` is a usage or config problem (exit 2).
-fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, String> {
-    let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let policy = config.policy().map_err(|e| e.to_string())?;
-    let state = Store::read(&config.device.state_dir).map_err(|e| e.to_string())?;
+fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, CliError> {
+    let config = Config::load(config_path)?;
+    let policy = config.policy()?;
+    let state = Store::read(&config.device.state_dir)?;
     // One byte past the cap is enough to know the message is too large.
-    let input = crate::fsutil::read_prefix(file, trust::MAX_MESSAGE_BYTES + 1)
-        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let input = crate::fsutil::read_prefix(file, trust::MAX_MESSAGE_BYTES + 1).map_err(file_error(file))?;
     Ok(match policy.verify(&input, &state.trust_state(), crate::system_now()) {
         Ok(verified) => VerifyOutcome::Accepted(verified.claims),
         Err(e) => VerifyOutcome::Rejected(e),

@@ -14,6 +14,25 @@ pub use service::{serve, App, CosignError};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// The co-signer's own failures (configuration, registry, key), by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum CosignerError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: key `{key}`: {message}")]
+    Config { path: PathBuf, key: String, message: String },
+    #[error("{path}: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Key { path: PathBuf, source: crate::trust::KeyError },
+    #[error("server id {0:?} must be 1-128 characters of [A-Za-z0-9_-]")]
+    BadServerId(String),
+    #[error("server-revoked: {id:?} was revoked at {at}; pass --reinstate to register it again")]
+    Revoked { id: String, at: u64 },
+    #[error("server-unknown: {0:?} is not registered")]
+    Unknown(String),
+}
+
 /// Fleet servers sign with kid `server:<id>`.
 pub const SERVER_KID_PREFIX: &str = "server:";
 
@@ -77,11 +96,17 @@ fn default_peer_burst() -> u32 {
 }
 
 impl CosignerConfig {
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<Self, CosignerError> {
+        let invalid = |key: &str, message: &str| CosignerError::Config {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CosignerError::Io { path: path.to_path_buf(), source })?;
         let de = toml::Deserializer::new(&text);
         let mut config: Self = serde_path_to_error::deserialize(de)
-            .map_err(|e| format!("{}: key `{}`: {}", path.display(), e.path(), e.inner().message()))?;
+            .map_err(|e| invalid(&e.path().to_string(), e.inner().message()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         for p in [&mut config.key, &mut config.state_dir] {
             if p.is_relative() {
@@ -89,19 +114,13 @@ impl CosignerConfig {
             }
         }
         if config.projects.is_empty() {
-            return Err(format!("{}: key `projects`: at least one project is required", path.display()));
+            return Err(invalid("projects", "at least one project is required"));
         }
         if config.rate_limit_per_minute == 0 || config.rate_limit_burst == 0 {
-            return Err(format!(
-                "{}: key `rate_limit_per_minute`: rate and burst must be positive",
-                path.display()
-            ));
+            return Err(invalid("rate_limit_per_minute", "rate and burst must be positive"));
         }
         if config.peer_rate_limit_per_minute == 0 || config.peer_rate_limit_burst == 0 {
-            return Err(format!(
-                "{}: key `peer_rate_limit_per_minute`: rate and burst must be positive",
-                path.display()
-            ));
+            return Err(invalid("peer_rate_limit_per_minute", "rate and burst must be positive"));
         }
         Ok(config)
     }

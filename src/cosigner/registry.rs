@@ -1,6 +1,7 @@
 //! Registered fleet servers, persisted atomically as JSON. The service reads
 //! it on every request, so a revocation applies to the very next one.
 
+use super::CosignerError;
 use crate::fsutil;
 use crate::trust::PublicKey;
 use serde::{Deserialize, Serialize};
@@ -21,36 +22,44 @@ pub struct ServerEntry {
 }
 
 impl Registry {
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, CosignerError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| CosignerError::Corrupt { path: path.to_path_buf(), message: e.to_string() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(source) => Err(CosignerError::Io { path: path.to_path_buf(), source }),
         }
     }
 
-    pub fn save(&self, path: &Path) -> Result<(), String> {
+    pub fn save(&self, path: &Path) -> Result<(), CosignerError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|source| CosignerError::Io { path: dir.to_path_buf(), source })?;
         }
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
-        fsutil::atomic_write(path, &bytes, 0o600).map_err(|e| format!("{}: {e}", path.display()))
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| CosignerError::Corrupt { path: path.to_path_buf(), message: e.to_string() })?;
+        fsutil::atomic_write(path, &bytes, 0o600)
+            .map_err(|source| CosignerError::Io { path: path.to_path_buf(), source })
     }
 
     /// Registers (or re-registers with a new key) a server id. A revoked
     /// server stays revoked unless `reinstate` says otherwise: re-running a
     /// provisioning script must not quietly undo a revocation.
-    pub fn register(&mut self, id: &str, key: &PublicKey, now: u64, reinstate: bool) -> Result<(), String> {
+    pub fn register(
+        &mut self,
+        id: &str,
+        key: &PublicKey,
+        now: u64,
+        reinstate: bool,
+    ) -> Result<(), CosignerError> {
         if !(1..=128).contains(&id.len())
             || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(format!("server id {id:?} must be 1-128 characters of [A-Za-z0-9_-]"));
+            return Err(CosignerError::BadServerId(id.into()));
         }
-        if let Some(revoked_at) = self.servers.get(id).and_then(|e| e.revoked_at) {
+        if let Some(at) = self.servers.get(id).and_then(|e| e.revoked_at) {
             if !reinstate {
-                return Err(format!(
-                    "server-revoked: {id:?} was revoked at {revoked_at}; pass --reinstate to register it again"
-                ));
+                return Err(CosignerError::Revoked { id: id.into(), at });
             }
         }
         self.servers.insert(
@@ -60,8 +69,8 @@ impl Registry {
         Ok(())
     }
 
-    pub fn revoke(&mut self, id: &str, now: u64) -> Result<(), String> {
-        let entry = self.servers.get_mut(id).ok_or_else(|| format!("server {id:?} is not registered"))?;
+    pub fn revoke(&mut self, id: &str, now: u64) -> Result<(), CosignerError> {
+        let entry = self.servers.get_mut(id).ok_or_else(|| CosignerError::Unknown(id.into()))?;
         entry.revoked_at.get_or_insert(now);
         Ok(())
     }
@@ -77,7 +86,7 @@ mod tests {
         let mut registry = Registry::default();
         registry.register("fs1", &key, 10, false).unwrap();
         registry.revoke("fs1", 20).unwrap();
-        let err = registry.register("fs1", &key, 30, false).unwrap_err();
+        let err = registry.register("fs1", &key, 30, false).unwrap_err().to_string();
         assert!(err.starts_with("server-revoked"), "{err}");
         assert_eq!(registry.servers["fs1"].revoked_at, Some(20), "still revoked");
         registry.register("fs1", &key, 40, true).unwrap();

@@ -81,10 +81,11 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: CosignerConfig) -> Result<Self, String> {
-        let pem =
-            std::fs::read_to_string(&config.key).map_err(|e| format!("{}: {e}", config.key.display()))?;
-        let key = SigningKey::from_pem(&pem).map_err(|e| format!("{}: {e}", config.key.display()))?;
+    pub fn new(config: CosignerConfig) -> Result<Self, super::CosignerError> {
+        let pem = std::fs::read_to_string(&config.key)
+            .map_err(|source| super::CosignerError::Io { path: config.key.clone(), source })?;
+        let key = SigningKey::from_pem(&pem)
+            .map_err(|source| super::CosignerError::Key { path: config.key.clone(), source })?;
         let limiter = Mutex::new(RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst));
         let peer_limiter =
             Mutex::new(RateLimiter::new(config.peer_rate_limit_per_minute, config.peer_rate_limit_burst));
@@ -103,7 +104,8 @@ impl App {
         let Some(server) = kid.strip_prefix(SERVER_KID_PREFIX) else {
             return Err(CosignError::Message(VerifyError::KidUnknown(kid.clone())));
         };
-        let registry = Registry::load(&self.config.registry_path()).map_err(CosignError::Internal)?;
+        let registry =
+            Registry::load(&self.config.registry_path()).map_err(|e| CosignError::Internal(e.to_string()))?;
         let entry =
             registry.servers.get(server).ok_or_else(|| CosignError::ServerUnknown(server.to_string()))?;
         if entry.revoked_at.is_some() {

@@ -23,32 +23,39 @@ impl FleetConnection {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("mqtt: {0}")]
+    Connection(#[from] rumqttc::ConnectionError),
+    #[error("mqtt: {0}")]
+    Client(#[from] rumqttc::ClientError),
+    #[error("no PUBACK within {0:?}")]
+    NoPuback(Duration),
+}
+
 /// Publishes `payload` with QoS 1 and returns once the broker acknowledged it.
 pub async fn publish(
     conn: FleetConnection,
     topic: &str,
     payload: Vec<u8>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), FleetError> {
     let (client, mut eventloop) = AsyncClient::new(conn.options(), 8);
     let work = async {
         let mut sent = false;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) if !sent => {
-                    client
-                        .try_publish(topic, QoS::AtLeastOnce, false, payload.clone())
-                        .map_err(|e| e.to_string())?;
+                    client.try_publish(topic, QoS::AtLeastOnce, false, payload.clone())?;
                     sent = true;
                 }
                 Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => return Err(format!("mqtt: {e}")),
+                Err(e) => return Err(e.into()),
             }
         }
     };
-    let result =
-        tokio::time::timeout(timeout, work).await.map_err(|_| format!("no PUBACK within {timeout:?}"))?;
+    let result = tokio::time::timeout(timeout, work).await.map_err(|_| FleetError::NoPuback(timeout))?;
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(300), eventloop.poll()).await;
     result
@@ -62,7 +69,7 @@ pub async fn watch(
     count: Option<usize>,
     timeout: Option<Duration>,
     mut on_message: impl FnMut(&str, &[u8]),
-) -> Result<(), String> {
+) -> Result<(), FleetError> {
     let (client, mut eventloop) = AsyncClient::new(conn.options(), 8);
     let work = async {
         let mut seen = 0usize;
@@ -70,7 +77,7 @@ pub async fn watch(
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     for topic in Topics::fleet_watch(project) {
-                        client.try_subscribe(topic, QoS::AtMostOnce).map_err(|e| e.to_string())?;
+                        client.try_subscribe(topic, QoS::AtMostOnce)?;
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -81,7 +88,7 @@ pub async fn watch(
                     }
                 }
                 Ok(_) => {}
-                Err(e) => return Err(format!("mqtt: {e}")),
+                Err(e) => return Err(e.into()),
             }
         }
     };

@@ -144,10 +144,17 @@ pub fn check_identity(cert: &Path, device_id: &str) -> Result<(), MqttError> {
     }
 }
 
+fn tls_error(e: crate::http::HttpError) -> MqttError {
+    match e {
+        crate::http::HttpError::TlsConfig(detail) => MqttError::Tls(detail),
+        other => MqttError::Tls(other.to_string()),
+    }
+}
+
 /// rustls with the ring provider, trusting only `ca_file`, presenting `cert`/`key`.
 pub fn tls_config(ca_file: &Path, cert: &Path, key: &Path) -> Result<rustls::ClientConfig, MqttError> {
     let named = |path: &Path, e: &dyn std::fmt::Display| MqttError::Tls(format!("{}: {e}", path.display()));
-    let roots = crate::http::roots_from_pem(ca_file).map_err(MqttError::Tls)?;
+    let roots = crate::http::roots_from_pem(ca_file).map_err(tls_error)?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| named(cert, &e))?
         .collect::<Result<_, _>>()
@@ -157,14 +164,12 @@ pub fn tls_config(ca_file: &Path, cert: &Path, key: &Path) -> Result<rustls::Cli
     }
     let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| named(key, &e))?;
     crate::http::ring_client_builder()
-        .map_err(MqttError::Tls)?
+        .map_err(tls_error)?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, private_key)
         .map_err(|e| MqttError::Tls(format!("{}: {e}", key.display())))
 }
 
-/// Connection options for one client: persistent session, manual acks,
-/// packets large enough for a 64 KiB message, and a last will.
 /// Reconnect backoff: full jitter from 1 s, each wait capped at 60 s. A
 /// network change ends any wait at once (see `client::poll_forever`).
 pub const RECONNECT: crate::backoff::Backoff = crate::backoff::Backoff {
@@ -183,6 +188,8 @@ pub fn reconnect_after_network_change() -> std::time::Duration {
     CONNECT_TIMEOUT * 2 + RECONNECT.base
 }
 
+/// Connection options for one client: persistent session, manual acks,
+/// packets large enough for a 64 KiB message, and a last will.
 pub fn options(
     client_id: &str,
     host: &str,

@@ -36,6 +36,25 @@ impl ExecError {
     }
 }
 
+/// Why an action failed; its text (`name: detail`) becomes the job's error.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    #[error(transparent)]
+    Write(#[from] super::slot_writer::WriteError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("target-is-booted: slot {0} is the running slot or is mounted; refusing to write it")]
+    TargetIsBooted(String),
+    #[error("no-slot: slot {0:?} of the stored job is not in the configuration")]
+    NoSlot(String),
+    #[error("reboot-failed: {0}")]
+    RebootFailed(String),
+    #[error("no-job: nothing to carry out")]
+    NoJob,
+}
+
 /// What became of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
@@ -320,7 +339,7 @@ impl Executor {
     /// that fails becomes `ActionFailed` (the job fails, the rest of its
     /// actions are dropped), or, after the job ended, `SideEffectFailed`.
     async fn perform(&mut self, action: Action) -> Result<(), ExecError> {
-        let outcome: Result<Option<Input>, String> = match action {
+        let outcome: Result<Option<Input>, ActionError> = match action {
             Action::Persist => return self.persist(),
             Action::PhaseChanged => {
                 self.report_phase();
@@ -348,18 +367,18 @@ impl Executor {
                     .map(|()| {
                         Some(Input::Job(Event::Switched { boot_id: self.agent.facts().boot_id.clone() }))
                     })
-                    .map_err(|e| e.to_string())
+                    .map_err(ActionError::from)
             }
             Action::Reboot => self.reboot().await.map(|()| None),
             Action::RunHealthCommand => Ok(Some(self.health_command().await)),
             Action::AwaitConnection => Ok(Some(self.await_connection().await)),
             Action::MarkTargetGood => {
                 let target = self.target();
-                self.boot.mark_good(&target).map(|()| None).map_err(|e| e.to_string())
+                self.boot.mark_good(&target).map(|()| None).map_err(ActionError::from)
             }
             Action::MarkTargetBad => {
                 let target = self.target();
-                self.boot.mark_bad(&target).map(|()| None).map_err(|e| e.to_string())
+                self.boot.mark_bad(&target).map(|()| None).map_err(ActionError::from)
             }
             Action::ArmTimer { timer, after } => {
                 self.timers.insert(timer, tokio::time::Instant::now() + after);
@@ -374,13 +393,13 @@ impl Executor {
             Ok(Some(input)) => self.inputs.push_back(input),
             Ok(None) => {}
             Err(error) if self.job().is_some_and(|j| j.phase.is_terminal()) => {
-                self.report_step(error.clone());
-                self.inputs.push_back(Input::SideEffectFailed { error });
+                self.report_step(error.to_string());
+                self.inputs.push_back(Input::SideEffectFailed { error: error.to_string() });
             }
             Err(error) => {
                 self.queue.clear();
                 self.inputs.clear();
-                self.inputs.push_back(Input::Job(Event::ActionFailed { error }));
+                self.inputs.push_back(Input::Job(Event::ActionFailed { error: error.to_string() }));
             }
         }
         Ok(())
@@ -392,48 +411,41 @@ impl Executor {
 
     /// The device of a slot named by the stored job: the configuration may
     /// have changed since, so an unknown name is an error, not a panic.
-    fn slot_device(&self, slot: &str) -> Result<PathBuf, String> {
-        self.config
-            .slots
-            .get(slot)
-            .map(|s| s.device.clone())
-            .ok_or_else(|| format!("no-slot: slot {slot:?} of the stored job is not in the configuration"))
+    fn slot_device(&self, slot: &str) -> Result<PathBuf, ActionError> {
+        self.config.slots.get(slot).map(|s| s.device.clone()).ok_or_else(|| ActionError::NoSlot(slot.into()))
     }
 
     /// Two independent checks before a write: the slot name, and the device
     /// against `/` and every mount. (The exclusive open is the third.)
-    fn refuse_booted_target(&self, target: &str) -> Result<PathBuf, String> {
+    fn refuse_booted_target(&self, target: &str) -> Result<PathBuf, ActionError> {
         let device = self.slot_device(target)?;
         if target == self.booted() || crate::sys::block::device_in_use(&device) {
-            return Err(format!(
-                "target-is-booted: slot {target} is the running slot or is mounted; refusing to write it"
-            ));
+            return Err(ActionError::TargetIsBooted(target.into()));
         }
         Ok(device)
     }
 
-    fn invalidate_target(&mut self) -> Result<(), String> {
+    fn invalidate_target(&mut self) -> Result<(), ActionError> {
         let target = self.target();
         self.refuse_booted_target(&target)?;
-        self.boot.invalidate(&target).map_err(|e| e.to_string())
+        Ok(self.boot.invalidate(&target)?)
     }
 
-    async fn download(&mut self, from: u64) -> Result<(), String> {
-        let job = self.job().cloned().ok_or("no job")?;
+    async fn download(&mut self, from: u64) -> Result<(), ActionError> {
+        let job = self.job().cloned().ok_or(ActionError::NoJob)?;
         let slot_path = self.refuse_booted_target(&job.target_slot)?;
-        let mut writer =
-            SlotWriter::open(&slot_path, job.size, from, DEFAULT_BLOCK).map_err(|e| e.to_string())?;
+        let mut writer = SlotWriter::open(&slot_path, job.size, from, DEFAULT_BLOCK)?;
         let policy = self.fetch_policy();
         let agent = &mut self.agent;
         let store = &self.store;
         // Two hooks report; they take turns with the one reporter.
         let reporter = std::cell::RefCell::new(&mut self.reporter);
-        let mut on_checkpoint = |durable: u64| -> Result<(), String> {
+        let mut on_checkpoint = |durable: u64| -> Result<(), StoreError> {
             let actions =
                 agent.handle(Input::Job(Event::Checkpoint { written: durable }), crate::system_now());
             for action in actions {
                 if action == Action::Persist {
-                    store.save(agent.state()).map_err(|e| e.to_string())?;
+                    store.save(agent.state())?;
                 }
             }
             Ok(())
@@ -462,8 +474,8 @@ impl Executor {
             on_progress: &mut on_progress,
             on_retry: &mut on_retry,
         };
-        self.source.fetch_into(&job.url, &mut writer, &policy, hooks).await.map_err(|e| e.to_string())?;
-        let stats = writer.finish(&job.sha256).map_err(|e| e.to_string())?;
+        self.source.fetch_into(&job.url, &mut writer, &policy, hooks).await?;
+        let stats = writer.finish(&job.sha256)?;
         // A checkpoint's persisted state is the agent's: report it now.
         self.report_status();
         (self.reporter)(&Report::Step {
@@ -489,7 +501,7 @@ impl Executor {
         }
     }
 
-    async fn reboot(&mut self) -> Result<(), String> {
+    async fn reboot(&mut self) -> Result<(), ActionError> {
         let arg = self.boot.trial_reboot_arg().unwrap_or("");
         if self.no_reboot || self.config.update.reboot == RebootMethod::None {
             self.report_step("reboot needed to continue (reboot disabled here)".into());
@@ -513,9 +525,9 @@ impl Executor {
             }
         };
         self.report_step("rebooting into the new slot".into());
-        let status = command.status().await.map_err(|e| format!("reboot-failed: {e}"))?;
+        let status = command.status().await.map_err(|e| ActionError::RebootFailed(e.to_string()))?;
         if !status.success() {
-            return Err(format!("reboot-failed: {status}"));
+            return Err(ActionError::RebootFailed(status.to_string()));
         }
         Ok(())
     }
@@ -693,7 +705,7 @@ mod tests {
                     (hooks.on_progress)(writer.position(), writer.size());
                 }
                 let durable = writer.sync()?;
-                (hooks.on_checkpoint)(durable).map_err(FetchError::Checkpoint)?;
+                (hooks.on_checkpoint)(durable)?;
                 Ok(FetchStats { received: self.image.len() as u64, attempts: 1 })
             })
         }

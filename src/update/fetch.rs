@@ -52,8 +52,9 @@ pub enum FetchError {
     GaveUp { attempts: u32, last: String },
     #[error("bad-url: {0}")]
     BadUrl(String),
-    #[error("checkpoint: {0}")]
-    Checkpoint(String),
+    /// The job's durable offset could not be saved.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::store::StoreError),
 }
 
 impl FetchError {
@@ -63,7 +64,7 @@ impl FetchError {
             Self::Refused { .. } => "download-refused",
             Self::GaveUp { .. } => "download-failed",
             Self::BadUrl(_) => "bad-url",
-            Self::Checkpoint(_) => "checkpoint",
+            Self::Checkpoint(e) => e.name(),
         }
     }
 }
@@ -93,7 +94,7 @@ pub type Client = crate::http::HttpsClient<Empty<Bytes>>;
 /// What a download tells its caller as it goes.
 pub struct FetchHooks<'a> {
     /// Each durable (fsynced) offset; an error stops the download.
-    pub on_checkpoint: &'a mut dyn FnMut(u64) -> Result<(), String>,
+    pub on_checkpoint: &'a mut dyn FnMut(u64) -> Result<(), crate::store::StoreError>,
     /// Every received chunk: (received, total).
     pub on_progress: &'a mut dyn FnMut(u64, u64),
     /// An interrupted attempt: why, and the wait before the next.
