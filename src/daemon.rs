@@ -4,7 +4,7 @@
 //! what they carry is persisted.
 
 use crate::config::Config;
-use crate::mqtt::{self, ClientEvent, ClientSetup, Inbound, Outbound, Topics};
+use crate::mqtt::{self, ClientEvent, ClientSetup, Inbound, Outbound, Progress, Topics};
 use crate::update::{Admission, Executor, OpenError, Report, Source};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -141,28 +141,21 @@ fn worker_main(
 ) -> Result<(), std::io::Error> {
     executor.set_health_gate(connected);
     let reports = outbox.clone();
-    executor.on_report(Box::new(move |report: &Report| match report {
-        Report::Status(doc) => {
-            let _ = reports.send(Outbound::Status(serde_json::to_vec(doc).unwrap_or_default()));
-        }
-        Report::Progress { jti, version, done, total } => {
-            let payload = serde_json::json!({
-                "jti": jti, "version": version, "step": "downloading",
-                "progress": done * 100 / (*total).max(1), "bytes": done, "total": total,
-            });
-            let _ = reports.send(Outbound::Progress {
-                step: "downloading".into(),
-                payload: payload.to_string().into_bytes(),
-            });
-        }
-        Report::Step { state, detail } => {
-            eprintln!("{state}: {detail}");
-            let payload = serde_json::json!({ "step": state, "detail": detail });
-            let _ = reports.send(Outbound::Progress {
-                step: state.to_string(),
-                payload: payload.to_string().into_bytes(),
-            });
-        }
+    executor.on_report(Box::new(move |report: &Report| {
+        let outbound = match report {
+            Report::Status(doc) => Outbound::Status(doc.clone()),
+            Report::Progress { jti, version, done, total } => Outbound::Progress(Progress::Download {
+                jti: jti.clone(),
+                version: *version,
+                done: *done,
+                total: *total,
+            }),
+            Report::Step { state, detail } => {
+                eprintln!("{state}: {detail}");
+                Outbound::Progress(Progress::Step { state: state.to_string(), detail: detail.clone() })
+            }
+        };
+        let _ = reports.send(outbound);
     }));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
@@ -244,10 +237,6 @@ async fn while_busy<T>(
 }
 
 fn report_duplicate(jti: &str, topic: &str, outbox: &mpsc::UnboundedSender<Outbound>) {
-    let detail = "a second delivery of a message already handled; not run again";
-    eprintln!("update {jti} on {topic}: {detail}");
-    // The fleet sees it too: a replay or a redelivery is not silent.
-    let payload = serde_json::json!({ "jti": jti, "step": "duplicate", "detail": detail });
-    let _ = outbox
-        .send(Outbound::Progress { step: "duplicate".into(), payload: payload.to_string().into_bytes() });
+    eprintln!("update {jti} on {topic}: a second delivery of a message already handled; not run again");
+    let _ = outbox.send(Outbound::Progress(Progress::Duplicate { jti: jti.to_string() }));
 }

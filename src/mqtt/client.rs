@@ -30,12 +30,54 @@ pub enum Outbound {
         error: String,
     },
     /// The status document (retained).
-    Status(Vec<u8>),
-    /// A progress event; `step` changes always go out, the rest ≤ 1/s.
-    Progress {
-        step: String,
-        payload: Vec<u8>,
-    },
+    Status(Box<crate::status::StatusDoc>),
+    /// A progress event; step changes always go out, the rest ≤ 1/s.
+    Progress(Progress),
+}
+
+/// What the progress topic carries, before it is JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Bytes of the image received.
+    Download { jti: String, version: u64, done: u64, total: u64 },
+    /// A new step of the job (the status `state` name) or an event in it.
+    Step { state: String, detail: String },
+    /// A second delivery of a message already handled: not run again, but
+    /// shown to the fleet (a replay or a redelivery is never silent).
+    Duplicate { jti: String },
+}
+
+impl Progress {
+    /// The step for rate limiting: a change always goes out.
+    fn step(&self) -> &str {
+        match self {
+            Self::Download { .. } => "downloading",
+            Self::Step { state, .. } => state,
+            Self::Duplicate { .. } => "duplicate",
+        }
+    }
+
+    fn percent(&self) -> Option<u64> {
+        match self {
+            Self::Download { done, total, .. } => Some(done * 100 / (*total).max(1)),
+            _ => None,
+        }
+    }
+
+    fn to_json(&self) -> Vec<u8> {
+        let value = match self {
+            Self::Download { jti, version, done, total } => serde_json::json!({
+                "jti": jti, "version": version, "step": "downloading",
+                "progress": done * 100 / (*total).max(1), "bytes": done, "total": total,
+            }),
+            Self::Step { state, detail } => serde_json::json!({ "step": state, "detail": detail }),
+            Self::Duplicate { jti } => serde_json::json!({
+                "jti": jti, "step": "duplicate",
+                "detail": "a second delivery of a message already handled; not run again",
+            }),
+        };
+        value.to_string().into_bytes()
+    }
 }
 
 /// What the connection did, for logs and `fleetd status`.
@@ -114,23 +156,23 @@ pub async fn run(
                     }
                 }
                 Some(Outbound::Status(doc)) => {
+                    let bytes = serde_json::to_vec(&doc).unwrap_or_default();
                     if *connected.borrow() {
-                        let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, doc.clone());
-                        if let (Some(jobs), Ok(value)) = (aws.as_mut(), serde_json::from_slice(&doc)) {
+                        let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, bytes.clone());
+                        if let (Some(jobs), Ok(value)) = (aws.as_mut(), serde_json::to_value(&doc)) {
                             publish_all(&client, jobs.on_status(&value));
                         }
                     }
-                    last_status = Some(doc);
+                    last_status = Some(bytes);
                 }
-                Some(Outbound::Progress { step, payload }) => {
-                    if *connected.borrow() && limiter.allow(&step, Instant::now()) {
-                                                if let Some(jobs) = aws.as_mut().filter(|_| step != "duplicate") {
-                            let progress = serde_json::from_slice::<serde_json::Value>(&payload)
-                                .ok()
-                                .and_then(|v| v.get("progress").and_then(|p| p.as_u64()));
-                            publish_all(&client, jobs.on_progress(&step, progress));
+                Some(Outbound::Progress(progress)) => {
+                    if *connected.borrow() && limiter.allow(progress.step(), Instant::now()) {
+                        // A duplicate is the fleet's news, not the job's progress.
+                        let for_job = !matches!(progress, Progress::Duplicate { .. });
+                        if let Some(jobs) = aws.as_mut().filter(|_| for_job) {
+                            publish_all(&client, jobs.on_progress(progress.step(), progress.percent()));
                         }
-                        let _ = client.try_publish(&topics.progress, QoS::AtMostOnce, false, payload);
+                        let _ = client.try_publish(&topics.progress, QoS::AtMostOnce, false, progress.to_json());
                     }
                 }
             },
