@@ -89,39 +89,3 @@ impl DeviceConfig {
         out
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_default_parses_as_the_documented_example() {
-        let config = crate::config::Config::parse(
-            &DeviceConfig::default().to_toml(),
-            std::path::Path::new("/etc/fleetd/fleetd.toml"),
-        )
-        .unwrap();
-        assert_eq!(config.device.id, "gw-0042");
-        assert_eq!(config.device.groups, ["pilot"]);
-        assert_eq!(config.slots["B"].device, std::path::Path::new("/etc/fleetd/slot-b.img"));
-        assert!(config.mqtt.is_none());
-    }
-
-    #[test]
-    fn every_table_is_written_when_given() {
-        let text = DeviceConfig {
-            trust: "allow_http = true".into(),
-            mqtt: Some("host = \"h\"\nport = 1\nca_file = \"ca.pem\"".into()),
-            update: Some("reboot = \"none\"".into()),
-            health: Some("timeout_s = 5".into()),
-            slots: vec![("A".into(), "a".into(), Some(2)), ("B".into(), "b".into(), Some(3))],
-            ..DeviceConfig::default()
-        }
-        .to_toml();
-        let config = crate::config::Config::parse(&text, std::path::Path::new("/f.toml")).unwrap();
-        assert!(config.trust.allow_http);
-        assert_eq!(config.mqtt.unwrap().port, 1);
-        assert_eq!(config.health.timeout_s, 5);
-        assert_eq!(config.slots["A"].boot_partition, Some(2));
-    }
-}

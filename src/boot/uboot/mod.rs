@@ -9,10 +9,10 @@
 //! The boot script (`packaging/boot/uboot/boot.cmd`) spends one attempt per
 //! boot; fleetd restores them when a slot is confirmed.
 //!
-//! The file has three layers: a sans-IO codec for one copy of the block and
-//! for `fw_env.config`; the storage edge, which picks the current copy and
-//! writes the next one; and [`UbootEnv`], which maps [`BootControl`] onto the
-//! variables.
+//! Three layers, one file each: `codec` (one copy of the block, no IO) and
+//! `fw_env` (`fw_env.config`, no IO); `storage` (picks the current copy and
+//! writes the next one); and, here, [`UbootEnv`], which maps [`BootControl`]
+//! onto the variables.
 //!
 //! # One copy of the environment
 //!
@@ -33,15 +33,19 @@
 //! valid. (NOR flash uses an active/obsolete flag instead; MTD devices are
 //! not supported here.)
 
-use super::{BootControl, BootError, SlotState};
-use crate::fsutil;
-use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io;
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+mod codec;
+mod fw_env;
+mod storage;
 
-const BACKEND: &str = "uboot";
+pub use codec::*;
+pub use fw_env::*;
+pub use storage::initialize;
+use storage::*;
+
+use super::{BootControl, BootError, SlotState};
+use std::path::Path;
+
+pub(super) const BACKEND: &str = "uboot";
 
 /// The variable holding the slot order.
 pub const BOOT_ORDER: &str = "BOOT_ORDER";
@@ -52,484 +56,14 @@ pub const BOOT_ORDER: &str = "BOOT_ORDER";
 pub const MAX_ATTEMPTS: u32 = 9;
 
 /// Larger than any real environment; bounds what a bad config can allocate.
-const MAX_ENV_SIZE: usize = 16 * 1024 * 1024;
+pub(super) const MAX_ENV_SIZE: usize = 16 * 1024 * 1024;
 /// Room for the header, one short variable and the terminator.
-const MIN_ENV_SIZE: usize = 16;
+pub(super) const MIN_ENV_SIZE: usize = 16;
 /// fw_env.config is a few lines; anything larger is not one.
-const MAX_CONFIG_BYTES: usize = 64 * 1024;
+pub(super) const MAX_CONFIG_BYTES: usize = 64 * 1024;
 
-const CRC_LEN: usize = 4;
-const FLAGS_LEN: usize = 1;
-
-// ---------------------------------------------------------------------------
-// Codec: one copy of the environment block. No IO.
-// ---------------------------------------------------------------------------
-
-/// An environment's variables in the byte-wise order U-Boot and libubootenv
-/// write them. Bytes, not strings: variables fleetd does not own are carried
-/// through unchanged whatever they contain.
-pub type Vars = BTreeMap<Vec<u8>, Vec<u8>>;
-
-/// One decoded copy: its flags byte (redundant layout only) and variables.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Block {
-    pub flags: Option<u8>,
-    pub vars: Vars,
-}
-
-/// Bytes before the variable data: the CRC, and the flags byte when redundant.
-pub fn header_len(redundant: bool) -> usize {
-    if redundant {
-        CRC_LEN + FLAGS_LEN
-    } else {
-        CRC_LEN
-    }
-}
-
-const CRC_TABLE: [u32; 256] = crc_table();
-
-const fn crc_table() -> [u32; 256] {
-    // Reflected IEEE polynomial, as zlib's crc32() that libubootenv calls.
-    const POLY: u32 = 0xEDB8_8320;
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ POLY } else { crc >> 1 };
-            bit += 1;
-        }
-        table[i] = crc;
-        i += 1;
-    }
-    table
-}
-
-/// The IEEE CRC-32 (zlib's `crc32(0, ...)`).
-pub fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in bytes {
-        crc = CRC_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
-}
-
-/// Encodes `vars` as one copy of `env_size` bytes; `flags` is `Some` for the
-/// redundant layout.
-pub fn encode_block(vars: &Vars, env_size: usize, flags: Option<u8>) -> Result<Vec<u8>, BootError> {
-    let header = header_len(flags.is_some());
-    let data_len = env_size.saturating_sub(header);
-    let mut data = Vec::with_capacity(data_len);
-    for (name, value) in vars {
-        check_var(name, value)?;
-        data.extend_from_slice(name);
-        data.push(b'=');
-        data.extend_from_slice(value);
-        data.push(0);
-    }
-    data.push(0);
-    if data.len() > data_len {
-        return Err(BootError::Config {
-            backend: BACKEND,
-            detail: format!(
-                "the environment needs {} bytes but ENVSIZE {env_size:#x} leaves {data_len}",
-                data.len()
-            ),
-        });
-    }
-    data.resize(data_len, 0);
-    let mut block = Vec::with_capacity(env_size);
-    block.extend_from_slice(&crc32(&data).to_le_bytes());
-    if let Some(flags) = flags {
-        block.push(flags);
-    }
-    block.extend_from_slice(&data);
-    Ok(block)
-}
-
-/// Decodes one copy. A CRC mismatch, a block too short for its header or an
-/// unterminated variable list is `Corrupt`; entries without `=` or with an
-/// empty name are skipped, and a repeated name keeps its last value, as
-/// libubootenv does.
-pub fn decode_block(block: &[u8], redundant: bool) -> Result<Block, BootError> {
-    let header = header_len(redundant);
-    let (Some(crc_bytes), Some(data)) = (block.get(..CRC_LEN), block.get(header..)) else {
-        return Err(too_short(block.len()));
-    };
-    if data.is_empty() {
-        return Err(too_short(block.len()));
-    }
-    let mut stored = [0u8; CRC_LEN];
-    stored.copy_from_slice(crc_bytes);
-    let stored = u32::from_le_bytes(stored);
-    let computed = crc32(data);
-    if stored != computed {
-        return Err(corrupt(format!("CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")));
-    }
-    let flags = if redundant { block.get(CRC_LEN).copied() } else { None };
-    Ok(Block { flags, vars: parse_vars(data)? })
-}
-
-fn too_short(len: usize) -> BootError {
-    corrupt(format!("a copy of {len} bytes has no room for variables"))
-}
-
-fn parse_vars(data: &[u8]) -> Result<Vars, BootError> {
-    let mut vars = Vars::new();
-    let mut rest = data;
-    while !rest.is_empty() {
-        let Some(end) = rest.iter().position(|&b| b == 0) else {
-            return Err(corrupt("the variable list is not NUL-terminated".into()));
-        };
-        let (entry, tail) = rest.split_at(end);
-        if entry.is_empty() {
-            break; // the empty entry: end of the list
-        }
-        if let Some(eq) = entry.iter().position(|&b| b == b'=') {
-            let (name, value) = entry.split_at(eq);
-            if !name.is_empty() {
-                vars.insert(name.to_vec(), value.get(1..).unwrap_or_default().to_vec());
-            }
-        }
-        rest = tail.get(1..).unwrap_or_default();
-    }
-    Ok(vars)
-}
-
-fn check_var(name: &[u8], value: &[u8]) -> Result<(), BootError> {
-    let problem = if name.is_empty() {
-        Some("an empty variable name")
-    } else if name.contains(&b'=') {
-        Some("'=' in a variable name")
-    } else if name.contains(&0) || value.contains(&0) {
-        Some("a NUL byte in a variable")
-    } else {
-        None
-    };
-    match problem {
-        Some(problem) => Err(BootError::Config {
-            backend: BACKEND,
-            detail: format!("cannot store {problem}: {:?}", String::from_utf8_lossy(name)),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Which of two valid redundant copies is current, from their flags bytes:
-/// the higher counter, except that 0 follows 0xff; equal counters pick copy
-/// 0. This is libubootenv's rule for files, block devices, NAND and UBI,
-/// and U-Boot's own.
-pub fn current_copy(flags0: u8, flags1: u8) -> usize {
-    match (flags0, flags1) {
-        (0xff, 0) => 1,
-        (0, 0xff) => 0,
-        (f0, f1) if f1 > f0 => 1,
-        _ => 0,
-    }
-}
-
-/// The flags byte for the copy written after one whose flags are `current`.
-pub fn next_flags(current: u8) -> u8 {
-    current.wrapping_add(1)
-}
-
-fn corrupt(detail: String) -> BootError {
-    BootError::Corrupt { backend: BACKEND, detail }
-}
-
-// ---------------------------------------------------------------------------
-// fw_env.config. No IO.
-// ---------------------------------------------------------------------------
-
-/// Where one copy of the environment lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnvCopy {
-    pub device: PathBuf,
-    pub offset: u64,
-    pub env_size: usize,
-    /// Erase-block geometry; only MTD devices use it, kept for completeness.
-    pub sector_size: Option<u64>,
-    pub sectors: Option<u64>,
-}
-
-/// The parsed `fw_env.config`: one copy, or two for a redundant environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FwEnvConfig {
-    pub copies: Vec<EnvCopy>,
-}
-
-impl FwEnvConfig {
-    pub fn redundant(&self) -> bool {
-        self.copies.len() == 2
-    }
-
-    pub fn env_size(&self) -> usize {
-        self.copies.first().map_or(0, |c| c.env_size)
-    }
-}
-
-/// Parses `DEVICE OFFSET ENVSIZE [SECTORSIZE [NUMSECTORS]]` lines; `#`
-/// starts a comment. Numbers are read as fw_printenv reads them, so both
-/// agree on every config: OFFSET is C's `%lli` (`0x` hex, leading `0` octal,
-/// else decimal); the sizes are always hex, with or without `0x`.
-pub fn parse_fw_env_config(text: &str) -> Result<FwEnvConfig, BootError> {
-    let mut copies: Vec<EnvCopy> = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        let line_no = index + 1;
-        let line = raw.split('#').next().unwrap_or_default();
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.is_empty() {
-            continue;
-        }
-        let bad = |why: String| BootError::Config {
-            backend: BACKEND,
-            detail: format!("fw_env.config line {line_no}: {why}: {:?}", raw.trim()),
-        };
-        if copies.len() == 2 {
-            return Err(bad("more than two copies".into()));
-        }
-        let [device, offset, env_size, rest @ ..] = fields.as_slice() else {
-            return Err(bad("expected DEVICE OFFSET ENVSIZE".into()));
-        };
-        if rest.len() > 2 {
-            return Err(bad("more fields than DEVICE OFFSET ENVSIZE SECTORSIZE NUMSECTORS".into()));
-        }
-        if !device.starts_with('/') {
-            // fw_printenv resolves a relative path against its working directory.
-            return Err(bad("the device path must be absolute".into()));
-        }
-        if device.starts_with("/dev/mtd") || device.starts_with("/dev/ubi") {
-            return Err(bad("MTD and UBI devices need erase handling; use a block device or file".into()));
-        }
-        let offset = parse_c_integer(offset).ok_or_else(|| bad(format!("bad OFFSET {offset:?}")))?;
-        let env_size = parse_hex(env_size)
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| bad(format!("bad ENVSIZE {env_size:?}")))?;
-        if !(MIN_ENV_SIZE..=MAX_ENV_SIZE).contains(&env_size) {
-            return Err(bad(format!(
-                "ENVSIZE {env_size:#x} is outside {MIN_ENV_SIZE:#x}..={MAX_ENV_SIZE:#x}"
-            )));
-        }
-        let optional = |field: Option<&&str>, what: &str| match field {
-            None => Ok(None),
-            Some(text) => parse_hex(text).map(Some).ok_or_else(|| bad(format!("bad {what} {text:?}"))),
-        };
-        let sector_size = optional(rest.first(), "SECTORSIZE")?;
-        let sectors = optional(rest.get(1), "NUMSECTORS")?;
-        if let Some(first) = copies.first() {
-            if first.env_size != env_size {
-                return Err(bad("both copies must have the same ENVSIZE".into()));
-            }
-            let end = |c: u64, size: usize| c.saturating_add(size as u64);
-            let overlaps = first.device == Path::new(device)
-                && first.offset < end(offset, env_size)
-                && offset < end(first.offset, first.env_size);
-            if overlaps {
-                return Err(bad("the two copies overlap".into()));
-            }
-        }
-        copies.push(EnvCopy { device: PathBuf::from(device), offset, env_size, sector_size, sectors });
-    }
-    if copies.is_empty() {
-        return Err(BootError::Config {
-            backend: BACKEND,
-            detail: "fw_env.config names no environment".into(),
-        });
-    }
-    Ok(FwEnvConfig { copies })
-}
-
-/// C's `strtoll(s, NULL, 0)` for a whole, non-negative token.
-fn parse_c_integer(text: &str) -> Option<u64> {
-    if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        parse_digits(hex, 16)
-    } else if let Some(octal) = text.strip_prefix('0').filter(|rest| !rest.is_empty()) {
-        parse_digits(octal, 8)
-    } else {
-        parse_digits(text, 10)
-    }
-}
-
-/// C's `%x`: hex digits with an optional `0x`.
-fn parse_hex(text: &str) -> Option<u64> {
-    let digits = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")).unwrap_or(text);
-    parse_digits(digits, 16)
-}
-
-fn parse_digits(digits: &str, radix: u32) -> Option<u64> {
-    // from_str_radix accepts a sign; C's conversions here must not see one.
-    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return None;
-    }
-    u64::from_str_radix(digits, radix).ok()
-}
-
-// ---------------------------------------------------------------------------
-// Storage: choosing the current copy and writing the next one.
-// ---------------------------------------------------------------------------
-
-/// The environment as read: its variables and which copy they came from.
-#[derive(Debug, Clone)]
-struct Loaded {
-    vars: Vars,
-    copy: usize,
-    flags: Option<u8>,
-}
-
-#[derive(Debug, Clone)]
-struct EnvStorage {
-    config: FwEnvConfig,
-}
-
-impl EnvStorage {
-    fn open(env_config: &Path) -> Result<Self, BootError> {
-        let bytes = fsutil::read_capped(env_config, MAX_CONFIG_BYTES)
-            .map_err(|source| io_error(env_config, source))?;
-        let text = String::from_utf8(bytes).map_err(|_| BootError::Config {
-            backend: BACKEND,
-            detail: format!("{}: not UTF-8", env_config.display()),
-        })?;
-        let config = parse_fw_env_config(&text).map_err(|err| match err {
-            BootError::Config { detail, .. } => {
-                BootError::Config { backend: BACKEND, detail: format!("{}: {detail}", env_config.display()) }
-            }
-            other => other,
-        })?;
-        Ok(Self { config })
-    }
-
-    /// Reads every copy and returns the current valid one.
-    fn load(&self) -> Result<Loaded, BootError> {
-        let redundant = self.config.redundant();
-        let mut valid: Vec<(usize, Block)> = Vec::new();
-        let mut problems: Vec<String> = Vec::new();
-        for (index, copy) in self.config.copies.iter().enumerate() {
-            let block = match read_copy(copy)? {
-                Some(bytes) => decode_block(&bytes, redundant),
-                None => Err(corrupt("the device ends before the copy does".into())),
-            };
-            match block {
-                Ok(block) => valid.push((index, block)),
-                Err(err) => problems.push(format!(
-                    "copy {index} ({} at {:#x}): {}",
-                    copy.device.display(),
-                    copy.offset,
-                    detail_of(&err)
-                )),
-            }
-        }
-        let chosen = match valid.as_slice() {
-            [] => None,
-            [_] => valid.pop(),
-            [(_, first), (_, second)] => {
-                let pick = current_copy(first.flags.unwrap_or(0), second.flags.unwrap_or(0));
-                Some(valid.swap_remove(pick))
-            }
-            _ => None,
-        };
-        match chosen {
-            Some((copy, block)) => Ok(Loaded { vars: block.vars, copy, flags: block.flags }),
-            None => Err(corrupt(format!("no valid copy of the environment: {}", problems.join("; ")))),
-        }
-    }
-
-    /// Writes `vars` as the environment that follows `current`: the other
-    /// copy with the next counter when redundant, else the only copy.
-    fn store_after(&self, current: &Loaded, vars: &Vars) -> Result<(), BootError> {
-        if self.config.redundant() {
-            let target = 1 - current.copy.min(1);
-            let flags = next_flags(current.flags.unwrap_or(0));
-            self.write_copy(target, vars, Some(flags))
-        } else {
-            self.write_copy(0, vars, None)
-        }
-    }
-
-    /// Writes a fresh environment whatever was there. Redundant: both copies,
-    /// the second first, so that either outcome of a power cut is whole.
-    fn initialize(&self, vars: &Vars) -> Result<(), BootError> {
-        if self.config.redundant() {
-            self.write_copy(1, vars, Some(0))?;
-            self.write_copy(0, vars, Some(1))
-        } else {
-            self.write_copy(0, vars, None)
-        }
-    }
-
-    fn write_copy(&self, index: usize, vars: &Vars, flags: Option<u8>) -> Result<(), BootError> {
-        let Some(copy) = self.config.copies.get(index) else {
-            return Err(BootError::Config {
-                backend: BACKEND,
-                detail: format!("no copy {index} in fw_env.config"),
-            });
-        };
-        let block = encode_block(vars, copy.env_size, flags)?;
-        let path = &copy.device;
-        if flags.is_none() {
-            if let Some(mode) = whole_file_mode(copy).map_err(|e| io_error(path, e))? {
-                // The copy is the whole file: replace it, so a power cut leaves
-                // the old or the new environment and never a mix.
-                let target = fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-                return fsutil::atomic_write(&target, &block, mode).map_err(|e| io_error(&target, e));
-            }
-        }
-        // A copy inside a larger file or a block device is written in place.
-        // Redundant copies make that safe; a single copy on a block device
-        // cannot be atomic (README: use two copies).
-        let file = OpenOptions::new().write(true).open(path).map_err(|e| io_error(path, e))?;
-        file.write_all_at(&block, copy.offset).and_then(|()| file.sync_all()).map_err(|e| io_error(path, e))
-    }
-}
-
-/// `Some(mode)` when the copy is a whole regular file (offset 0, size equal
-/// to ENVSIZE) or no file yet, so it can be replaced by rename.
-fn whole_file_mode(copy: &EnvCopy) -> io::Result<Option<u32>> {
-    if copy.offset != 0 {
-        return Ok(None);
-    }
-    match fs::metadata(&copy.device) {
-        Ok(meta) if meta.is_file() && meta.len() == copy.env_size as u64 => {
-            Ok(Some(meta.permissions().mode() & 0o7777))
-        }
-        Ok(_) => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(0o600)),
-        Err(e) => Err(e),
-    }
-}
-
-/// Reads one copy; `None` when the device ends before the copy does.
-fn read_copy(copy: &EnvCopy) -> Result<Option<Vec<u8>>, BootError> {
-    let path = &copy.device;
-    let file = fs::File::open(path).map_err(|e| io_error(path, e))?;
-    let mut buf = vec![0u8; copy.env_size];
-    match file.read_exact_at(&mut buf, copy.offset) {
-        Ok(()) => Ok(Some(buf)),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
-        Err(e) => Err(io_error(path, e)),
-    }
-}
-
-fn io_error(path: &Path, source: io::Error) -> BootError {
-    BootError::Io { backend: BACKEND, path: path.to_path_buf(), source }
-}
-
-fn detail_of(err: &BootError) -> String {
-    match err {
-        BootError::Corrupt { detail, .. } | BootError::Config { detail, .. } => detail.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Writes a fresh environment holding exactly `vars`, replacing whatever the
-/// storage holds: for provisioning and tests. [`UbootEnv`] never does this
-/// on its own, because a fresh environment drops the board's variables.
-pub fn initialize(env_config: &Path, vars: &[(&str, &str)]) -> Result<(), BootError> {
-    let storage = EnvStorage::open(env_config)?;
-    let vars: Vars =
-        vars.iter().map(|(name, value)| (name.as_bytes().to_vec(), value.as_bytes().to_vec())).collect();
-    storage.initialize(&vars)
-}
+pub(super) const CRC_LEN: usize = 4;
+pub(super) const FLAGS_LEN: usize = 1;
 
 // ---------------------------------------------------------------------------
 // BootControl over BOOT_ORDER and BOOT_<slot>_LEFT.
@@ -784,7 +318,10 @@ impl BootControl for UbootEnv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
 
     const SIZE: usize = 0x100;
 
@@ -1018,7 +555,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_parses() {
-        let text = include_str!("../../packaging/boot/uboot/fw_env.config.example");
+        let text = include_str!("../../../packaging/boot/uboot/fw_env.config.example");
         let config = parse_fw_env_config(text).unwrap();
         assert!(config.redundant());
         assert_eq!(config.env_size(), 0x4000);
