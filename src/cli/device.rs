@@ -102,7 +102,9 @@ pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
         executor.on_report(reporter());
         let booted = executor.booted().to_string();
         if good && executor.booted_is_unfinished_target() {
-            return Err(crate::update::Refusal::TargetIsBooted(booted).into());
+            return Err(CliError::Usage(format!(
+                "target-is-booted: slot {booted} holds an unfinished download; refusing to mark it good"
+            )));
         }
         // In a trial (also right after a manual reboot, before any health
         // check ran) the job ends exactly as the daemon's check ends it.

@@ -144,6 +144,12 @@ pub enum Refusal {
     SlotTooSmall { slot: String, size: u64, slot_size: u64 },
     #[error("no-slot: no slot other than the booted {0}")]
     NoSlot(String),
+    /// The device is resuming a stored job at start.
+    #[error("busy: the device is resuming an update")]
+    Resuming,
+    /// The trust keys could not be loaded: no message can be verified.
+    #[error("{0}")]
+    TrustConfig(String),
 }
 
 impl Refusal {
@@ -155,6 +161,8 @@ impl Refusal {
             Self::TargetIsBooted(_) => "target-is-booted",
             Self::SlotTooSmall { .. } => "image-too-large",
             Self::NoSlot(_) => "no-slot",
+            Self::Resuming => "busy",
+            Self::TrustConfig(_) => "config",
         }
     }
 }
@@ -169,13 +177,16 @@ enum HealthWait {
 pub struct Agent {
     state: State,
     facts: Facts,
-    policy: Policy,
+    /// The trust policy, or why it could not be loaded: only admission
+    /// needs it, so a broken key file refuses messages and nothing else
+    /// (a trial can still be committed or rolled back).
+    policy: Result<Policy, String>,
     health: Option<HealthWait>,
     connected: bool,
 }
 
 impl Agent {
-    pub fn new(state: State, facts: Facts, policy: Policy) -> Self {
+    pub fn new(state: State, facts: Facts, policy: Result<Policy, String>) -> Self {
         Self { state, facts, policy, health: None, connected: false }
     }
 
@@ -224,7 +235,7 @@ impl Agent {
     pub fn handle(&mut self, input: Input, now: u64) -> Vec<Action> {
         match input {
             Input::Started => self.started(now),
-            Input::Message { bytes, source, boot } => self.admit(&bytes, &source, boot, now),
+            Input::Message { bytes, source, boot } => self.admit(&bytes, &source, boot, now, false),
             Input::Job(event) => self.job_event(event, now),
             Input::VerdictByHand { healthy } => {
                 let in_trial = self.job().is_some_and(|j| {
@@ -302,7 +313,24 @@ impl Agent {
         }
     }
 
-    fn admit(&mut self, bytes: &[u8], source: &Source, boot: BootFacts, now: u64) -> Vec<Action> {
+    /// The answer to a message that needs no boot-environment facts: a
+    /// duplicate, the unfinished job's message, busy, or a message that
+    /// fails verification (recorded). `None`: it passed verification and
+    /// the executor must read the boot facts for the rest of admission.
+    /// So a flood of forged or repeated messages costs no boot-env IO.
+    pub fn early_answer(&mut self, bytes: &[u8], source: &Source, now: u64) -> Option<Vec<Action>> {
+        let actions = self.admit(bytes, source, BootFacts::default(), now, true);
+        (!actions.is_empty()).then_some(actions)
+    }
+
+    fn admit(
+        &mut self,
+        bytes: &[u8],
+        source: &Source,
+        boot: BootFacts,
+        now: u64,
+        early: bool,
+    ) -> Vec<Action> {
         let jti = crate::trust::peek_jti(bytes);
         match (source, &jti) {
             (Source::Broker { .. }, Some(jti)) if self.state.knows_job(jti) => {
@@ -317,8 +345,14 @@ impl Agent {
             Source::Broker { topic } => format!(" (on {topic})"),
             Source::Local => String::new(),
         };
-        match self.admission(bytes, boot, now) {
-            Ok(claims) => {
+        let checked = if early {
+            self.early_checks(bytes, now).map(|_| None)
+        } else {
+            self.admission(bytes, boot, now).map(Some)
+        };
+        match checked {
+            Ok(None) => Vec::new(),
+            Ok(Some(claims)) => {
                 let target = self.target_slot().unwrap_or_default().to_string();
                 self.state.record_accepted(&claims.jti, claims.iat, claims.exp, self.facts.leeway_s);
                 self.state.job = Some(Job {
@@ -352,13 +386,18 @@ impl Agent {
         }
     }
 
-    /// Every check a message must pass before it becomes a job, in order.
-    fn admission(&self, bytes: &[u8], boot: BootFacts, now: u64) -> Result<Claims, Refusal> {
+    /// The checks that need no boot-environment facts: busy, then `trust`.
+    fn early_checks(&self, bytes: &[u8], now: u64) -> Result<Claims, Refusal> {
         if let Some(job) = self.state.active_job() {
             return Err(Refusal::Busy { jti: job.jti.clone(), version: job.version });
         }
-        let verified = self.policy.verify(bytes, &self.state.trust_state(), now).map_err(Refusal::Verify)?;
-        let claims = verified.claims;
+        let policy = self.policy.as_ref().map_err(|e| Refusal::TrustConfig(e.clone()))?;
+        Ok(policy.verify(bytes, &self.state.trust_state(), now).map_err(Refusal::Verify)?.claims)
+    }
+
+    /// Every check a message must pass before it becomes a job, in order.
+    fn admission(&self, bytes: &[u8], boot: BootFacts, now: u64) -> Result<Claims, Refusal> {
+        let claims = self.early_checks(bytes, now)?;
         // After a failed trial that did not reboot, the rejected slot still
         // runs and the other one is the only good slot: writing it would
         // leave nothing to boot.
@@ -458,7 +497,7 @@ impl BusyView {
         }
         Err(match &self.running {
             Some((jti, version)) => Refusal::Busy { jti: jti.clone(), version: *version },
-            None => Refusal::Busy { jti: "(resuming)".into(), version: 0 },
+            None => Refusal::Resuming,
         })
     }
 }
@@ -526,7 +565,7 @@ mod tests {
     }
 
     fn agent(k: &Keys, booted: &str, boot_id: &str, state: State) -> Agent {
-        Agent::new(state, facts(booted, boot_id), policy(k))
+        Agent::new(state, facts(booted, boot_id), Ok(policy(k)))
     }
 
     fn installed_7() -> State {
@@ -703,6 +742,33 @@ mod tests {
         // Signed by keys the device does not trust.
         let forged = message(&keys(), "jti-00000008", 8, 100);
         assert_eq!(refused(BootFacts::default(), forged).0, "signature-invalid");
+    }
+
+    /// Boot-environment facts are read only for a message that passed
+    /// verification; without trust keys only admission stops working.
+    #[test]
+    fn early_answers_need_no_boot_facts_and_broken_keys_refuse_messages_only() {
+        let k = keys();
+        let mut a = agent(&k, "A", "b1", installed_7());
+        let forged = message(&keys(), "jti-00000008", 8, 100);
+        let early = a.early_answer(&forged, &broker(), NOW).unwrap();
+        assert!(matches!(early.as_slice(), [Persist, Refuse(Refusal::Verify(_))]), "{early:?}");
+        assert_eq!(a.early_answer(&message(&k, "jti-00000008", 8, 100), &broker(), NOW), None);
+        assert!(a.job().is_none(), "an early answer never starts a job");
+
+        let mut trial = agent(&k, "A", "b1", installed_7());
+        let _ = trial.handle(msg(message(&k, "jti-00000008", 8, 100), broker()), NOW);
+        for event in [Event::SlotInvalidated, Event::ImageVerified, Event::Switched { boot_id: "b1".into() }]
+        {
+            let _ = trial.handle(Input::Job(event), NOW);
+        }
+        let mut no_keys =
+            Agent::new(trial.state().clone(), facts("B", "b2"), Err("keys/fleet.pub.pem: missing".into()));
+        let _ = no_keys.handle(Input::Started, NOW);
+        let _ = no_keys.handle(Input::HealthCommandDone { ok: true, detail: "passed".into() }, NOW);
+        assert_eq!(phase(&no_keys), Phase::Committed, "a trial still commits without trust keys");
+        let refused = no_keys.handle(msg(message(&k, "jti-00000009", 9, 100), broker()), NOW);
+        assert!(matches!(refused.as_slice(), [Persist, Refuse(Refusal::TrustConfig(_))]), "{refused:?}");
     }
 
     /// The crash-safe order as a table: run one update to its end, keep the

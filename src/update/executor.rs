@@ -23,15 +23,12 @@ pub enum ExecError {
     /// Nothing can be recorded when the store itself fails.
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(transparent)]
-    Trust(#[from] crate::config::ConfigError),
 }
 
 impl ExecError {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Store(e) => e.name(),
-            Self::Trust(_) => "config",
         }
     }
 }
@@ -110,10 +107,8 @@ impl ImageSource for HttpSource {
         Box::pin(async move {
             let tls = match (crate::http::tls_config(self.ca_file.as_deref()), url.starts_with("https://")) {
                 (Ok(t), _) => t,
-                (Err(e), true) => return Err(FetchError::BadUrl(e.to_string())),
-                (Err(_), false) => {
-                    crate::http::plain_tls_config().map_err(|e| FetchError::BadUrl(e.to_string()))?
-                }
+                (Err(e), true) => return Err(FetchError::Tls(e)),
+                (Err(_), false) => crate::http::plain_tls_config().map_err(FetchError::Tls)?,
             };
             let client: super::fetch::Client = crate::http::client(tls);
             super::fetch::fetch_into(&client, url, writer, policy, hooks).await
@@ -146,7 +141,7 @@ impl Executor {
         booted: String,
         boot_id: String,
     ) -> Result<Self, ExecError> {
-        let policy = config.policy()?;
+        let policy = config.policy().map_err(|e| e.to_string());
         let facts = Facts {
             booted,
             boot_id,
@@ -241,12 +236,22 @@ impl Executor {
         source: Source,
         on_ack: impl FnOnce(),
     ) -> Result<Admission, ExecError> {
-        for action in self.agent.before_admission() {
-            self.perform(action).await?;
-        }
-        let boot = self.boot_facts();
-        let actions =
-            self.agent.handle(Input::Message { bytes: bytes.to_vec(), source, boot }, crate::system_now());
+        // Whatever an earlier, failed run left behind belongs to no one now.
+        self.queue.clear();
+        self.inputs.clear();
+        let now = crate::system_now();
+        let actions = match self.agent.early_answer(bytes, &source, now) {
+            Some(actions) => actions,
+            None => {
+                // Verified: now the boot facts the rest of admission needs.
+                for action in self.agent.before_admission() {
+                    self.perform(action).await?;
+                }
+                let boot = self.boot_facts();
+                self.agent.handle(Input::Message { bytes: bytes.to_vec(), source, boot }, now)
+            }
+        };
+        let refusing = actions.iter().any(|a| matches!(a, Action::Refuse(_)));
         let mut on_ack = Some(on_ack);
         let mut outcome = None;
         let mut actions: VecDeque<Action> = actions.into();
@@ -262,6 +267,13 @@ impl Executor {
                 Action::Continue => {
                     self.inputs.push_back(Input::Started);
                     outcome = Some(Admission::Continued);
+                }
+                // A refusal goes out with its own reason even when recording
+                // it fails; the store's failure is logged.
+                Action::Persist if refusing => {
+                    if let Err(e) = self.persist() {
+                        self.report_step(format!("cannot record the refusal: {e}"));
+                    }
                 }
                 Action::Persist => self.persist()?,
                 Action::PhaseChanged => {
@@ -288,7 +300,12 @@ impl Executor {
     pub async fn run(&mut self) -> Result<(), ExecError> {
         loop {
             if let Some(action) = self.queue.pop_front() {
-                self.perform(action).await?;
+                if let Err(e) = self.perform(action).await {
+                    // Nothing of this job's plan may run in a later one.
+                    self.queue.clear();
+                    self.inputs.clear();
+                    return Err(e);
+                }
                 continue;
             }
             let Some(input) = self.inputs.pop_front() else {
@@ -309,13 +326,6 @@ impl Executor {
         self.queue.extend(actions);
         self.run().await?;
         Ok(true)
-    }
-
-    /// Records an error that did not come from a job (an unreadable message
-    /// file, a failed hand-made boot change).
-    pub fn record_error(&mut self, error: String) -> Result<(), ExecError> {
-        let _ = self.agent.record_error(error);
-        self.persist()
     }
 
     fn boot_facts(&self) -> BootFacts {

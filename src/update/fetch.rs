@@ -53,8 +53,11 @@ pub enum FetchError {
     #[error("bad-url: {0}")]
     BadUrl(String),
     /// The job's durable offset could not be saved.
-    #[error(transparent)]
+    #[error("checkpoint: {0}")]
     Checkpoint(#[from] crate::store::StoreError),
+    /// The TLS setup (the CA file) for an https image failed.
+    #[error(transparent)]
+    Tls(crate::http::HttpError),
 }
 
 impl FetchError {
@@ -64,7 +67,8 @@ impl FetchError {
             Self::Refused { .. } => "download-refused",
             Self::GaveUp { .. } => "download-failed",
             Self::BadUrl(_) => "bad-url",
-            Self::Checkpoint(e) => e.name(),
+            Self::Checkpoint(_) => "checkpoint",
+            Self::Tls(_) => "tls-config",
         }
     }
 }
