@@ -200,14 +200,6 @@ impl Executor {
         &self.agent.facts().booted
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    pub fn boot(&self) -> &dyn BootControl {
-        self.boot.as_ref()
-    }
-
     /// For changes outside a job (`fleetd mark-good/mark-bad`).
     pub fn boot_mut(&mut self) -> &mut dyn BootControl {
         self.boot.as_mut()
