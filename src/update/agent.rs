@@ -62,6 +62,13 @@ pub enum Input {
         source: Source,
         boot: BootFacts,
     },
+    /// A message that `Agent::early_answer` verified, with the boot facts
+    /// read since.
+    Verified {
+        claims: Box<Claims>,
+        source: Source,
+        boot: BootFacts,
+    },
     /// An event of the running job (the outcome of one of its actions).
     Job(Event),
     /// `fleetd mark-good` / `mark-bad` on the running slot.
@@ -235,7 +242,11 @@ impl Agent {
     pub fn handle(&mut self, input: Input, now: u64) -> Vec<Action> {
         match input {
             Input::Started => self.started(now),
-            Input::Message { bytes, source, boot } => self.admit(&bytes, &source, boot, now, false),
+            Input::Message { bytes, source, boot } => match self.early_answer(&bytes, &source, now) {
+                Err(answered) => answered,
+                Ok(claims) => self.accept(claims, &source, boot, now),
+            },
+            Input::Verified { claims, source, boot } => self.accept(*claims, &source, boot, now),
             Input::Job(event) => self.job_event(event, now),
             Input::VerdictByHand { healthy } => {
                 let in_trial = self.job().is_some_and(|j| {
@@ -313,77 +324,64 @@ impl Agent {
         }
     }
 
-    /// The answer to a message that needs no boot-environment facts: a
+    /// The part of admission that needs no boot-environment facts: a
     /// duplicate, the unfinished job's message, busy, or a message that
-    /// fails verification (recorded). `None`: it passed verification and
-    /// the executor must read the boot facts for the rest of admission.
-    /// So a flood of forged or repeated messages costs no boot-env IO.
-    pub fn early_answer(&mut self, bytes: &[u8], source: &Source, now: u64) -> Option<Vec<Action>> {
-        let actions = self.admit(bytes, source, BootFacts::default(), now, true);
-        (!actions.is_empty()).then_some(actions)
-    }
-
-    fn admit(
-        &mut self,
-        bytes: &[u8],
-        source: &Source,
-        boot: BootFacts,
-        now: u64,
-        early: bool,
-    ) -> Vec<Action> {
-        let jti = crate::trust::peek_jti(bytes);
-        match (source, &jti) {
-            (Source::Broker { .. }, Some(jti)) if self.state.knows_job(jti) => {
-                return vec![Action::Duplicate { jti: jti.clone() }, Action::Acknowledge];
+    /// fails verification (each answered, refusals recorded: `Err`). `Ok`:
+    /// the verified claims, for `Input::Verified` once the executor has
+    /// read the boot facts. So a flood of forged or repeated messages costs
+    /// no boot-env IO, and a good one is verified once.
+    pub fn early_answer(&mut self, bytes: &[u8], source: &Source, now: u64) -> Result<Claims, Vec<Action>> {
+        match (source, crate::trust::peek_jti(bytes)) {
+            (Source::Broker { .. }, Some(jti)) if self.state.knows_job(&jti) => {
+                return Err(vec![Action::Duplicate { jti }, Action::Acknowledge]);
             }
-            (Source::Local, Some(jti)) if self.state.active_job().is_some_and(|j| j.jti == *jti) => {
-                return vec![Action::Continue];
+            (Source::Local, Some(jti)) if self.state.active_job().is_some_and(|j| j.jti == jti) => {
+                return Err(vec![Action::Continue]);
             }
             _ => {}
         }
+        self.early_checks(bytes, now).map_err(|refusal| self.refuse(refusal, source))
+    }
+
+    /// Records a refusal before it is acknowledged.
+    fn refuse(&mut self, refusal: Refusal, source: &Source) -> Vec<Action> {
         let on = match source {
             Source::Broker { topic } => format!(" (on {topic})"),
             Source::Local => String::new(),
         };
-        let checked = if early {
-            self.early_checks(bytes, now).map(|_| None)
-        } else {
-            self.admission(bytes, boot, now).map(Some)
+        self.state.last_error = Some(match &refusal {
+            Refusal::Verify(e) => format!("{e}{on}"),
+            other => other.to_string(),
+        });
+        vec![Action::Persist, Action::Refuse(refusal)]
+    }
+
+    /// The rest of admission, for verified claims: then the job.
+    fn accept(&mut self, claims: Claims, source: &Source, boot: BootFacts, now: u64) -> Vec<Action> {
+        let target = match self.boot_checks(&claims, boot) {
+            Ok(target) => target,
+            Err(refusal) => return self.refuse(refusal, source),
         };
-        match checked {
-            Ok(None) => Vec::new(),
-            Ok(Some(claims)) => {
-                let target = self.target_slot().unwrap_or_default().to_string();
-                self.state.record_accepted(&claims.jti, claims.iat, claims.exp, self.facts.leeway_s);
-                self.state.job = Some(Job {
-                    jti: claims.jti.clone(),
-                    version: claims.version,
-                    name: claims.name.clone(),
-                    url: claims.image.url.clone(),
-                    size: claims.image.size,
-                    sha256: claims.image.sha256.clone(),
-                    target_slot: target,
-                    from_slot: self.facts.booted.clone(),
-                    phase: Phase::Accepted,
-                    written: 0,
-                    started_at: now,
-                });
-                // Persist, then acknowledge: the job is on disk first.
-                let mut actions = vec![Action::Persist, Action::Acknowledge, Action::PhaseChanged];
-                let started =
-                    Event::Started { booted: self.facts.booted.clone(), boot_id: self.facts.boot_id.clone() };
-                actions.extend(self.job_event(started, now));
-                actions
-            }
-            Err(refusal) => {
-                // A refusal is recorded before it is acknowledged.
-                self.state.last_error = Some(match &refusal {
-                    Refusal::Verify(e) => format!("{e}{on}"),
-                    other => other.to_string(),
-                });
-                vec![Action::Persist, Action::Refuse(refusal)]
-            }
-        }
+        self.state.record_accepted(&claims.jti, claims.iat, claims.exp, self.facts.leeway_s);
+        self.state.job = Some(Job {
+            jti: claims.jti.clone(),
+            version: claims.version,
+            name: claims.name.clone(),
+            url: claims.image.url.clone(),
+            size: claims.image.size,
+            sha256: claims.image.sha256.clone(),
+            target_slot: target,
+            from_slot: self.facts.booted.clone(),
+            phase: Phase::Accepted,
+            written: 0,
+            started_at: now,
+        });
+        // Persist, then acknowledge: the job is on disk first.
+        let mut actions = vec![Action::Persist, Action::Acknowledge, Action::PhaseChanged];
+        let started =
+            Event::Started { booted: self.facts.booted.clone(), boot_id: self.facts.boot_id.clone() };
+        actions.extend(self.job_event(started, now));
+        actions
     }
 
     /// The checks that need no boot-environment facts: busy, then `trust`.
@@ -395,9 +393,9 @@ impl Agent {
         Ok(policy.verify(bytes, &self.state.trust_state(), now).map_err(Refusal::Verify)?.claims)
     }
 
-    /// Every check a message must pass before it becomes a job, in order.
-    fn admission(&self, bytes: &[u8], boot: BootFacts, now: u64) -> Result<Claims, Refusal> {
-        let claims = self.early_checks(bytes, now)?;
+    /// The checks on verified claims that need the boot facts, in order;
+    /// `Ok` is the target slot.
+    fn boot_checks(&self, claims: &Claims, boot: BootFacts) -> Result<String, Refusal> {
         // After a failed trial that did not reboot, the rejected slot still
         // runs and the other one is the only good slot: writing it would
         // leave nothing to boot.
@@ -418,7 +416,7 @@ impl Agent {
                 });
             }
         }
-        Ok(claims)
+        Ok(target.to_string())
     }
 
     /// One event of the job through the engine's table; the job's end is
@@ -751,9 +749,10 @@ mod tests {
         let k = keys();
         let mut a = agent(&k, "A", "b1", installed_7());
         let forged = message(&keys(), "jti-00000008", 8, 100);
-        let early = a.early_answer(&forged, &broker(), NOW).unwrap();
+        let early = a.early_answer(&forged, &broker(), NOW).unwrap_err();
         assert!(matches!(early.as_slice(), [Persist, Refuse(Refusal::Verify(_))]), "{early:?}");
-        assert_eq!(a.early_answer(&message(&k, "jti-00000008", 8, 100), &broker(), NOW), None);
+        let verified = a.early_answer(&message(&k, "jti-00000008", 8, 100), &broker(), NOW).unwrap();
+        assert_eq!(verified.jti, "jti-00000008");
         assert!(a.job().is_none(), "an early answer never starts a job");
 
         let mut trial = agent(&k, "A", "b1", installed_7());

@@ -233,14 +233,14 @@ impl Executor {
         self.inputs.clear();
         let now = crate::system_now();
         let actions = match self.agent.early_answer(bytes, &source, now) {
-            Some(actions) => actions,
-            None => {
+            Err(answered) => answered,
+            Ok(claims) => {
                 // Verified: now the boot facts the rest of admission needs.
                 for action in self.agent.before_admission() {
                     self.perform(action).await?;
                 }
                 let boot = self.boot_facts();
-                self.agent.handle(Input::Message { bytes: bytes.to_vec(), source, boot }, now)
+                self.agent.handle(Input::Verified { claims: Box::new(claims), source, boot }, now)
             }
         };
         let refusing = actions.iter().any(|a| matches!(a, Action::Refuse(_)));
