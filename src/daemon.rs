@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::mqtt::{self, ClientEvent, ClientSetup, Inbound, Outbound, Progress, Topics};
-use crate::update::{Admission, Executor, OpenError, Report, Source};
+use crate::update::{Admission, Executor, OpenError, Refusal, Report, Source};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -179,10 +179,7 @@ fn worker_main(
             let source = Source::Broker { topic: topic.clone() };
             match executor.admit(&payload, source, on_ack).await {
                 Ok(Admission::Duplicate { jti }) => report_duplicate(&jti, &topic, &outbox),
-                Ok(Admission::Refused(refusal)) => {
-                    eprintln!("update refused: {refusal} (on {topic})");
-                    let _ = outbox.send(Outbound::Refused { token, error: refusal.to_string() });
-                }
+                Ok(Admission::Refused(refusal)) => send_refusal(&refusal, &topic, token, &outbox),
                 Ok(Admission::Accepted { .. } | Admission::Continued) => {
                     let busy = executor.busy_view();
                     match while_busy(executor.run(), &busy, &mut inbox, &outbox, &mut shutdown).await {
@@ -225,15 +222,18 @@ async fn while_busy<T>(
                         report_duplicate(&jti, &topic, outbox);
                         let _ = outbox.send(Outbound::Ack(token));
                     }
-                    Err(refusal) => {
-                        eprintln!("update refused: {refusal} (on {topic})");
-                        let _ = outbox.send(Outbound::Refused { token, error: refusal.to_string() });
-                    }
+                    Err(refusal) => send_refusal(&refusal, &topic, token, outbox),
                 },
                 None => inbox_open = false,
             },
         }
     }
+}
+
+/// Logs a refusal and hands it to the MQTT task, which acks the message.
+fn send_refusal(refusal: &Refusal, topic: &str, token: u64, outbox: &mpsc::UnboundedSender<Outbound>) {
+    eprintln!("update refused: {refusal} (on {topic})");
+    let _ = outbox.send(Outbound::Refused { token, error: refusal.to_string() });
 }
 
 fn report_duplicate(jti: &str, topic: &str, outbox: &mpsc::UnboundedSender<Outbound>) {
