@@ -32,6 +32,9 @@ pub struct Config {
     pub update: Update,
     #[serde(default)]
     pub health: Health,
+    /// Present: an unprovisioned device raises an access point and a portal.
+    #[serde(default)]
+    pub provision: Option<Provision>,
     /// Where the file was loaded from; relative paths in it resolve against its directory.
     #[serde(skip)]
     pub source: PathBuf,
@@ -130,10 +133,13 @@ pub enum MqttProfile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mqtt {
-    pub host: String,
-    #[serde(default = "default_mqtt_port")]
-    pub port: u16,
-    pub ca_file: PathBuf,
+    /// Absent: the broker provisioning stored (with a `[provision]` section).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
     #[serde(default)]
@@ -142,6 +148,87 @@ pub struct Mqtt {
     pub profile: MqttProfile,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
+}
+
+/// The broker to connect to: `[mqtt]`, with what provisioning stored for
+/// the keys it leaves out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub profile: MqttProfile,
+    pub keep_alive_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProvisionBackend {
+    #[default]
+    Networkmanager,
+    Hostapd,
+    /// No access point: the portal only, on `listen` (wired, USB gadget, tests).
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provision {
+    #[serde(default)]
+    pub backend: ProvisionBackend,
+    #[serde(default = "default_wifi_interface")]
+    pub interface: String,
+    /// `{id}` is replaced by the device id.
+    #[serde(default = "default_ap_ssid")]
+    pub ssid: String,
+    /// "auto" (the access point's address, port 80) or "ADDR:PORT".
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Default: `state_dir/pop`.
+    #[serde(default)]
+    pub pop_file: Option<PathBuf>,
+    /// 0: no timeout.
+    #[serde(default = "default_ap_timeout")]
+    pub ap_timeout_s: u64,
+    /// The access point's address for the `hostapd` backend, whose DHCP
+    /// server is the image's (NetworkManager's shared mode picks its own).
+    #[serde(default = "default_ap_address")]
+    pub ap_address: std::net::Ipv4Addr,
+    /// hostapd's control socket directory (`ctrl_interface`).
+    #[serde(default = "default_hostapd_ctrl")]
+    pub hostapd_ctrl_dir: PathBuf,
+}
+
+impl Provision {
+    pub fn ap_ssid(&self, device_id: &str) -> String {
+        self.ssid.replace("{id}", device_id)
+    }
+
+    /// `Some(addr)` for an explicit `listen`; `None` for "auto".
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
+fn default_wifi_interface() -> String {
+    "wlan0".into()
+}
+fn default_ap_ssid() -> String {
+    "fleetd-{id}".into()
+}
+fn default_listen() -> String {
+    "auto".into()
+}
+fn default_ap_timeout() -> u64 {
+    900
+}
+fn default_ap_address() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(192, 168, 4, 1)
+}
+fn default_hostapd_ctrl() -> PathBuf {
+    PathBuf::from("/run/hostapd")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -327,8 +414,12 @@ impl Config {
         {
             fix(p);
         }
+        if let Some(p) = &mut self.provision {
+            p.pop_file.iter_mut().for_each(fix);
+            fix(&mut p.hostapd_ctrl_dir);
+        }
         if let Some(m) = &mut self.mqtt {
-            fix(&mut m.ca_file);
+            m.ca_file.iter_mut().for_each(fix);
             m.cert_file.iter_mut().for_each(fix);
             m.key_file.iter_mut().for_each(fix);
         }
@@ -404,14 +495,64 @@ impl Config {
             return Err(self.invalid("update.reboot_command", "required when update.reboot = \"command\""));
         }
         if let Some(m) = &self.mqtt {
-            if m.host.is_empty() {
+            if m.host.as_deref() == Some("") {
                 return Err(self.invalid("mqtt.host", "must not be empty"));
+            }
+            if m.port == Some(0) {
+                return Err(self.invalid("mqtt.port", "must not be 0"));
+            }
+            if self.provision.is_none() {
+                for (key, missing) in [("mqtt.host", m.host.is_none()), ("mqtt.ca_file", m.ca_file.is_none())]
+                {
+                    if missing {
+                        return Err(self.invalid(
+                            key,
+                            "required (or a [provision] section, whose provisioning stores it)",
+                        ));
+                    }
+                }
             }
             if m.cert_file.is_some() != m.key_file.is_some() {
                 return Err(self.invalid("mqtt.key_file", "cert_file and key_file go together"));
             }
         }
         Ok(())
+    }
+
+    /// The broker: `[mqtt]` keys first, provisioning's (`host`, `port`) for
+    /// the keys left out; the CA and identity default to the provisioned
+    /// files. `None` when there is nothing to connect to.
+    pub fn broker(&self, provisioned: Option<(&str, u16)>) -> Option<Broker> {
+        if self.mqtt.is_none() && (self.provision.is_none() || provisioned.is_none()) {
+            return None;
+        }
+        let m = self.mqtt.clone().unwrap_or(Mqtt {
+            host: None,
+            port: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            profile: MqttProfile::Native,
+            keep_alive_s: default_keep_alive(),
+        });
+        let identity = self.device.state_dir.join("identity");
+        Some(Broker {
+            host: m.host.or_else(|| provisioned.map(|p| p.0.to_string()))?,
+            port: m.port.or(provisioned.map(|p| p.1)).unwrap_or_else(default_mqtt_port),
+            ca_file: m.ca_file.unwrap_or_else(|| identity.join("ca.pem")),
+            cert_file: m.cert_file.unwrap_or_else(|| identity.join("cert.pem")),
+            key_file: m.key_file.unwrap_or_else(|| identity.join("key.pem")),
+            profile: m.profile,
+            keep_alive_s: m.keep_alive_s,
+        })
+    }
+
+    /// The proof-of-possession file: `provision.pop_file`, else `state_dir/pop`.
+    pub fn pop_file(&self) -> PathBuf {
+        self.provision
+            .as_ref()
+            .and_then(|p| p.pop_file.clone())
+            .unwrap_or_else(|| self.device.state_dir.join("pop"))
     }
 
     /// Loads the trust policy: reads every public key and the slot sizes.
@@ -570,7 +711,7 @@ mod tests {
         .to_toml();
         let config = Config::parse(&text, std::path::Path::new("/f.toml")).unwrap();
         assert!(config.trust.allow_http);
-        assert_eq!(config.mqtt.unwrap().port, 1);
+        assert_eq!(config.mqtt.unwrap().port, Some(1));
         assert_eq!(config.health.timeout_s, 5);
         assert_eq!(config.slots["A"].boot_partition, Some(2));
     }

@@ -3,8 +3,10 @@
 //! messages between them. Messages are acknowledged to the broker only after
 //! what they carry is persisted.
 
-use crate::config::Config;
+use crate::config::{Broker, Config};
 use crate::mqtt::{self, ClientEvent, ClientSetup, Inbound, Outbound, Progress, Topics};
+use crate::provision::phase::PhaseError;
+use crate::provision::store::{ProvisionStore, Provisioned};
 use crate::update::{Admission, Executor, OpenError, Refusal, Report, Source};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -17,20 +19,63 @@ pub enum DaemonError {
     Mqtt(#[from] mqtt::MqttError),
     #[error(transparent)]
     Open(#[from] OpenError),
+    #[error(transparent)]
+    Provision(#[from] PhaseError),
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
 }
 
-/// Runs until SIGTERM/SIGINT. `open` builds the executor (store, boot backend).
+/// Runs until SIGTERM/SIGINT. `open` builds the executor (store, boot
+/// backend). An unprovisioned device with a `[provision]` section first
+/// provisions (access point, portal, handover), then connects.
 pub fn run(
     config: Config,
     open: impl FnOnce(Config) -> Result<Executor, OpenError>,
 ) -> Result<(), DaemonError> {
-    let mqtt_config = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
-    let (cert, key) = mqtt::identity_paths(&config, &mqtt_config);
-    mqtt::check_identity(&cert, &config.device.id)?;
-    let tls = mqtt::tls_config(&mqtt_config.ca_file, &cert, &key)?;
-    run_until(config, Some(tls), open, crate::sys::signals::shutdown())
+    // Opened first: a second daemon (or a running `fleetd install`) holds
+    // the state lock, and this one stops before raising anything.
+    let executor = open(config.clone())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let shutdown = crate::sys::signals::shutdown();
+        tokio::pin!(shutdown);
+        let provisioned = tokio::select! {
+            provisioned = provision_if_needed(&config) => provisioned?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let Some(provisioned) = provisioned else {
+            // The access point timed out: nothing to connect to until a restart.
+            shutdown.await;
+            return Ok(());
+        };
+        let broker = config
+            .broker(provisioned.as_ref().map(|p| (p.broker_host.as_str(), p.broker_port)))
+            .ok_or(DaemonError::NoMqtt)?;
+        mqtt::check_identity(&broker.cert_file, &config.device.id)?;
+        let tls = mqtt::tls_config(&broker.ca_file, &broker.cert_file, &broker.key_file)?;
+        connected(config, broker, Some(tls), executor, shutdown).await
+    })
+}
+
+/// `Ok(Some(None))`: nothing to provision; `Ok(Some(Some(record)))`: the
+/// provisioning to connect with; `Ok(None)`: the access point timed out.
+async fn provision_if_needed(config: &Config) -> Result<Option<Option<Provisioned>>, DaemonError> {
+    let Some(settings) = &config.provision else { return Ok(Some(None)) };
+    let store = ProvisionStore::new(&config.device.state_dir);
+    if let Some(record) = store.load().map_err(PhaseError::from)? {
+        if record.complete() {
+            return Ok(Some(Some(record)));
+        }
+    }
+    let backend = crate::net::Backend::from_config(settings).map_err(PhaseError::from)?;
+    match crate::provision::phase::run(config, backend).await {
+        Ok(record) => Ok(Some(Some(record))),
+        Err(e @ PhaseError::Timeout(_)) => {
+            crate::provision::phase::log(&format!("provisioning: {e}"));
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The daemon until `shutdown` completes. `tls` is the mutual-TLS setup; only
@@ -42,25 +87,33 @@ pub fn run_until(
     open: impl FnOnce(Config) -> Result<Executor, OpenError>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    let mqtt_config = config.mqtt.clone().ok_or(DaemonError::NoMqtt)?;
+    let broker = config.broker(None).ok_or(DaemonError::NoMqtt)?;
+    let executor = open(config.clone())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(connected(config, broker, tls, executor, shutdown))
+}
+
+/// Connected: the MQTT task here, the update worker on its own thread.
+async fn connected(
+    config: Config,
+    broker: Broker,
+    tls: Option<rustls::ClientConfig>,
+    executor: Executor,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
     let topics = Topics::for_config(&config);
     let will = Some((topics.online.clone(), b"false".to_vec()));
     let options = match tls {
-        Some(tls) => mqtt::options(
-            &config.device.id,
-            &mqtt_config.host,
-            mqtt_config.port,
-            tls,
-            mqtt_config.keep_alive_s,
-            will,
-        ),
+        Some(tls) => {
+            mqtt::options(&config.device.id, &broker.host, broker.port, tls, broker.keep_alive_s, will)
+        }
         #[cfg(feature = "fleet")]
-        None => mqtt::plain_options_for_demo(&config.device.id, &mqtt_config.host, mqtt_config.port, will),
+        None => mqtt::plain_options_for_demo(&config.device.id, &broker.host, broker.port, will),
         // Plain MQTT exists only for the demo; a device build has no demo.
         #[cfg(not(feature = "fleet"))]
         None => return Err(DaemonError::NoMqtt),
     };
-    let aws_jobs = match mqtt_config.profile {
+    let aws_jobs = match broker.profile {
         crate::config::MqttProfile::AwsIotJobs => Some(mqtt::aws::AwsJobs::new(&config.device.id)),
         crate::config::MqttProfile::Native => None,
     };
@@ -71,10 +124,6 @@ pub fn run_until(
         backoff: mqtt::RECONNECT,
         connection_file: Some(config.device.state_dir.join("connection.json")),
     };
-
-    // Opened here, before anything connects: a second daemon (or a
-    // running `fleetd install`) holds the state lock, and this one stops.
-    let executor = open(config.clone())?;
 
     let (to_worker, worker_inbox) = mpsc::channel::<Inbound>(WORKER_QUEUE);
     let (outbox, from_worker) = mpsc::unbounded_channel::<Outbound>();
@@ -90,24 +139,21 @@ pub fn run_until(
         result
     })?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(async move {
-        let client = mqtt::run(setup, to_worker, from_worker, connected_tx, shutdown_rx, log_client_event);
-        tokio::pin!(client);
-        tokio::select! {
-            _ = &mut client => {}
-            _ = shutdown => {
-                // The worker drops its job at its next await point (every
-                // slot and env write is synchronous, so none is cut short);
-                // the MQTT task says goodbye (online=false, DISCONNECT).
-                let _ = shutdown_tx.send(true);
-                let _ = tokio::time::timeout(Duration::from_secs(2), &mut client).await;
-            }
+    let client = mqtt::run(setup, to_worker, from_worker, connected_tx, shutdown_rx, log_client_event);
+    tokio::pin!(client);
+    tokio::select! {
+        _ = &mut client => {}
+        _ = shutdown => {
+            // The worker drops its job at its next await point (every
+            // slot and env write is synchronous, so none is cut short);
+            // the MQTT task says goodbye (online=false, DISCONNECT).
+            let _ = shutdown_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut client).await;
         }
-    });
-    drop(runtime);
+    }
     // A download in progress stopped at a durable checkpoint, or will be
-    // resumed from the last one at the next start.
+    // resumed from the last one at the next start. (The worker has its own
+    // runtime; joining blocks only this last moment.)
     let _ = worker.join();
     Ok(())
 }

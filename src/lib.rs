@@ -17,6 +17,7 @@ pub mod fixture;
 pub mod fsutil;
 pub mod http;
 pub mod mqtt;
+pub mod net;
 pub mod provision;
 pub mod status;
 pub mod store;

@@ -160,7 +160,7 @@ pub fn status(config_flag: Option<&Path>, json: bool) -> ExitCode {
 pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
     let result = (|| -> Result<ExitCode, CliError> {
         let config = load_config(config_flag)?;
-        if !once && config.mqtt.is_some() {
+        if !once && (config.mqtt.is_some() || config.provision.is_some()) {
             crate::daemon::run(config, |config| {
                 let mut executor = crate::update::open(config)?;
                 executor.on_report(reporter());

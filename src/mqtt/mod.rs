@@ -81,45 +81,46 @@ pub fn identity_paths(config: &Config, mqtt: &Mqtt) -> (PathBuf, PathBuf) {
     )
 }
 
+/// (tag, content, rest) of the first TLV in `input`.
+pub(crate) fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        first as usize
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        rest = &rest[n..];
+        len
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
 /// The subject common name of a DER certificate: the device's MQTT identity
 /// (with `use_identity_as_username`, the broker's ACLs key on it). A small
 /// DER walk: Certificate → tbsCertificate → subject → the CN attribute.
 pub fn certificate_common_name(der: &[u8]) -> Option<String> {
-    /// (tag, content, rest) of the first TLV in `input`.
-    fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, mut rest) = rest.split_first()?;
-        let len = if first < 0x80 {
-            first as usize
-        } else {
-            let n = (first & 0x7f) as usize;
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
-            rest = &rest[n..];
-            len
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
     const CN_OID: &[u8] = &[0x55, 0x04, 0x03];
-    let (_, certificate, _) = tlv(der).filter(|t| t.0 == 0x30)?;
-    let (_, mut tbs, _) = tlv(certificate).filter(|t| t.0 == 0x30)?;
+    let (_, certificate, _) = der_tlv(der).filter(|t| t.0 == 0x30)?;
+    let (_, mut tbs, _) = der_tlv(certificate).filter(|t| t.0 == 0x30)?;
     if tbs.first() == Some(&0xa0) {
-        tbs = tlv(tbs)?.2; // [0] version
+        tbs = der_tlv(tbs)?.2; // [0] version
     }
     // serial, signature algorithm, issuer, validity; then the subject.
     for _ in 0..4 {
-        tbs = tlv(tbs)?.2;
+        tbs = der_tlv(tbs)?.2;
     }
-    let (_, mut subject, _) = tlv(tbs).filter(|t| t.0 == 0x30)?;
+    let (_, mut subject, _) = der_tlv(tbs).filter(|t| t.0 == 0x30)?;
     while !subject.is_empty() {
-        let (_, rdn, rest) = tlv(subject)?;
+        let (_, rdn, rest) = der_tlv(subject)?;
         subject = rest;
-        let (_, attribute, _) = tlv(rdn)?;
-        let (tag, oid, value) = tlv(attribute)?;
+        let (_, attribute, _) = der_tlv(rdn)?;
+        let (tag, oid, value) = der_tlv(attribute)?;
         if tag == 0x06 && oid == CN_OID {
-            let (_, text, _) = tlv(value)?;
+            let (_, text, _) = der_tlv(value)?;
             return std::str::from_utf8(text).ok().map(str::to_string);
         }
     }

@@ -1,0 +1,244 @@
+//! The provisioning phase of `fleetd run`: scan, raise the access point,
+//! serve the portal, store what a phone sends, hand over to the Wi-Fi. It
+//! ends when the device is provisioned; a failed join brings the access
+//! point back with the reason shown at `/api/v1/info`.
+
+use super::portal::{Facts, Portal, Progress};
+use super::server::{self, Accepted, Clock, SharedPortal};
+use super::store::{load_or_create_pop, ProvisionStore, Provisioned, StoreError};
+use crate::config::{Config, Provision};
+use crate::net::{AccessPoint, Backend, NetError};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PhaseError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("portal-listen: {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("ap-timeout: nobody provisioned the device within {0} s; the access point is down until fleetd restarts")]
+    Timeout(u64),
+}
+
+/// What `fleetd status` shows while the daemon provisions
+/// (`state_dir/provision-status.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseStatus {
+    pub state: String,
+    pub last_error: Option<String>,
+    pub network: NetworkStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    /// `access-point`, `joining`, `station`, `wired`, `none`.
+    pub mode: String,
+    pub ssid: Option<String>,
+    /// Where the portal listens, while it does.
+    pub portal: Option<String>,
+}
+
+pub const STATUS_FILE: &str = "provision-status.json";
+
+/// The phone reads the answer to its request before the access point goes.
+const HANDOVER_GRACE: Duration = Duration::from_secs(2);
+
+pub fn log(line: &str) {
+    eprintln!("{line}");
+}
+
+struct Phase<'a> {
+    config: &'a Config,
+    settings: &'a Provision,
+    store: ProvisionStore,
+    backend: Backend,
+    ap: AccessPoint,
+}
+
+/// Runs provisioning to its end: the record of a complete provisioning.
+pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, PhaseError> {
+    let Some(settings) = config.provision.as_ref() else {
+        return Err(PhaseError::Net(NetError::Backend("no [provision] section".into())));
+    };
+    let store = ProvisionStore::new(&config.device.state_dir);
+    let pop = load_or_create_pop(&config.pop_file())?;
+    let device_key = store.device_key()?;
+    let ap = AccessPoint {
+        interface: settings.interface.clone(),
+        ssid: settings.ap_ssid(&config.device.id),
+        passphrase: pop.ap_passphrase(&config.device.id),
+    };
+    let mut phase = Phase { config, settings, store, backend, ap };
+    phase.write_status("unprovisioned", None, "none", None, None);
+
+    if phase.backend.known_network_active().await? {
+        log("provisioning: a known network is up; not raising an access point over it");
+    }
+    let networks = match phase.backend.scan().await {
+        Ok(n) => n,
+        Err(e) => {
+            log(&format!("provisioning: scan: {e}"));
+            Vec::new()
+        }
+    };
+    let ap_address = phase.backend.start_ap(&phase.ap).await?;
+    let listen = match (settings.listen_addr(), ap_address) {
+        (Some(addr), _) => addr,
+        (None, Some(ip)) => SocketAddr::new(ip, 80),
+        (None, None) => {
+            return Err(PhaseError::Net(NetError::Backend(
+                "provision.listen = \"auto\" needs an access point; backend none needs an ADDR:PORT".into(),
+            )))
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| PhaseError::Listen { addr: listen, source })?;
+    let listen = listener.local_addr().unwrap_or(listen);
+    let portal_url =
+        if listen.port() == 80 { format!("http://{}/", listen.ip()) } else { format!("http://{listen}/") };
+    let progress = Progress { state: "provisioning".into(), provisioned: false, last_error: None };
+    let facts = Facts {
+        device_id: config.device.id.clone(),
+        hardware: config.device.hardware.clone(),
+        portal_url: portal_url.clone(),
+    };
+    let mut portal = Portal::new(facts, &pop, device_key, progress);
+    portal.set_networks(networks);
+    let portal: SharedPortal = Arc::new(Mutex::new(portal));
+    let (accepted_tx, mut accepted) = mpsc::channel::<Accepted>(1);
+    let floor = crate::store::Store::<crate::update::State>::read(&config.device.state_dir)
+        .map(|s| s.clock_floor)
+        .unwrap_or(0)
+        .max(crate::build_epoch());
+    let server = tokio::spawn(server::serve(listener, portal.clone(), accepted_tx, Clock::new(floor), log));
+    let _server = AbortOnDrop(server);
+    let mode = if ap_address.is_some() { "access-point" } else { "wired" };
+    let ap_ssid = ap_address.map(|_| phase.ap.ssid.clone());
+    phase.write_status("provisioning", None, mode, ap_ssid.clone(), Some(portal_url.clone()));
+    log(&format!(
+        "provisioning: portal at {portal_url}{}",
+        ap_ssid.as_ref().map(|s| format!(" on access point {s:?}")).unwrap_or_default()
+    ));
+
+    let timeout = settings.ap_timeout_s;
+    let deadline = async {
+        if timeout == 0 {
+            std::future::pending::<()>().await
+        } else {
+            tokio::time::sleep(Duration::from_secs(timeout)).await
+        }
+    };
+    tokio::pin!(deadline);
+    loop {
+        let item = tokio::select! {
+            item = accepted.recv() => item,
+            _ = &mut deadline => {
+                let _ = phase.backend.stop_ap().await;
+                let e = PhaseError::Timeout(timeout);
+                phase.write_status("unprovisioned", Some(e.to_string()), "none", None, None);
+                return Err(e);
+            }
+        };
+        let Some(Accepted { request, identity, answer }) = item else {
+            return Err(PhaseError::Net(NetError::Backend("the portal stopped".into())));
+        };
+        let record = match phase.store.save(&request, &identity, crate::system_now()) {
+            Ok(r) => r,
+            Err(e) => {
+                log(&format!("provisioning: {e}"));
+                let response = lock(&portal).store_failed(&e.to_string());
+                let _ = answer.send(response);
+                continue;
+            }
+        };
+        let Some(wifi) = request.wifi.clone() else {
+            set_progress(&portal, "idle", true, None);
+            let _ = answer.send(lock(&portal).stored(None));
+            log(&format!(
+                "provisioning: provisioned for broker {}:{}",
+                record.broker_host, record.broker_port
+            ));
+            phase.write_status("idle", None, mode, None, None);
+            tokio::time::sleep(HANDOVER_GRACE).await;
+            return Ok(record);
+        };
+        set_progress(&portal, "joining", false, None);
+        let _ = answer.send(lock(&portal).stored(Some(&wifi.ssid)));
+        log(&format!("provisioning: stored; joining {:?}", wifi.ssid));
+        tokio::time::sleep(HANDOVER_GRACE).await;
+        phase.write_status("provisioning", None, "joining", Some(wifi.ssid.clone()), None);
+        let _ = phase.backend.stop_ap().await;
+        match phase.backend.join(&wifi.ssid, &wifi.psk).await {
+            Ok(()) => {
+                let record = phase.store.network_up()?;
+                log(&format!("provisioning: joined {:?}; provisioned", wifi.ssid));
+                phase.write_status("idle", None, "station", Some(wifi.ssid.clone()), None);
+                return Ok(record);
+            }
+            Err(e) => {
+                log(&format!("provisioning: {e}; raising the access point again"));
+                phase.backend.start_ap(&phase.ap).await?;
+                set_progress(&portal, "provisioning", false, Some(e.to_string()));
+                phase.write_status(
+                    "provisioning",
+                    Some(e.to_string()),
+                    mode,
+                    ap_ssid.clone(),
+                    Some(portal_url.clone()),
+                );
+            }
+        }
+    }
+}
+
+impl Phase<'_> {
+    fn write_status(
+        &self,
+        state: &str,
+        last_error: Option<String>,
+        mode: &str,
+        ssid: Option<String>,
+        portal: Option<String>,
+    ) {
+        let _ = self.settings;
+        let status = PhaseStatus {
+            state: state.into(),
+            last_error,
+            network: NetworkStatus { mode: mode.into(), ssid, portal },
+        };
+        let path = self.config.device.state_dir.join(STATUS_FILE);
+        let bytes = serde_json::to_vec_pretty(&status).unwrap_or_default();
+        if let Err(e) = crate::fsutil::atomic_write(&path, &bytes, 0o644) {
+            log(&format!("provisioning: {}: {e}", path.display()));
+        }
+    }
+}
+
+/// The phase's last status, if the daemon wrote one.
+pub fn read_status(state_dir: &std::path::Path) -> Option<PhaseStatus> {
+    let bytes = std::fs::read(state_dir.join(STATUS_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn lock(portal: &SharedPortal) -> std::sync::MutexGuard<'_, Portal> {
+    portal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn set_progress(portal: &SharedPortal, state: &str, provisioned: bool, last_error: Option<String>) {
+    lock(portal).set_progress(Progress { state: state.into(), provisioned, last_error });
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,385 @@
+//! The portal's protocol core: every HTTP request the access point's web
+//! server gets, answered without IO. The server (`server.rs`) hands in the
+//! method, path, `Authorization` header and body, the time and fresh random
+//! bytes; it gets back a response, or a checked provisioning request to
+//! persist before it answers (`Handled::Provision`).
+//!
+//! Routes (interfaces.md): `/` (the page), `/api/v1/info`, `networks`,
+//! `csr`, `provision`, and the operating systems' captive-portal probes,
+//! which redirect to the page so phones open it by themselves.
+
+use super::auth::{self, AuthError, Nonces};
+use super::guard::{Guard, GuardPolicy, LockedOut};
+use super::identity::{self, CheckedIdentity, DeviceKey};
+use super::request::ProvisionRequest;
+use serde::Serialize;
+
+/// A network seen by the scan made before the access point came up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Network {
+    pub ssid: String,
+    /// 0-100.
+    pub signal: u8,
+    /// "open", "wpa2", "wpa3", …
+    pub security: String,
+}
+
+/// Where provisioning stands, as `/api/v1/info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// `unprovisioned`, `provisioning`, `joining`, `idle` (done), …
+    pub state: String,
+    pub provisioned: bool,
+    /// The reason the last attempt failed (a wrong Wi-Fi passphrase, say).
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    fn json(status: u16, value: &impl Serialize) -> Self {
+        let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+        Self { status, content_type: "application/json", headers: Vec::new(), body }
+    }
+
+    fn error(status: u16, name: &str, detail: &str) -> Self {
+        Self::json(status, &serde_json::json!({"error": name, "detail": detail}))
+    }
+
+    fn redirect(location: String) -> Self {
+        Self {
+            status: 302,
+            content_type: "text/html",
+            body: format!("<a href=\"{location}\">Set up this device</a>").into_bytes(),
+            headers: vec![("Location", location), ("Cache-Control", "no-store".into())],
+        }
+    }
+}
+
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Without the query string.
+    pub path: &'a str,
+    pub authorization: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// What the caller does with a request.
+#[derive(Debug)]
+pub enum Handled {
+    Reply {
+        response: Response,
+        log: Option<String>,
+    },
+    /// Checked in full: the caller stores it (atomically), then answers
+    /// with `Portal::stored` or `Portal::store_failed`.
+    Provision {
+        request: Box<ProvisionRequest>,
+        identity: Box<CheckedIdentity>,
+    },
+}
+
+impl Handled {
+    fn reply(response: Response) -> Self {
+        Self::Reply { response, log: None }
+    }
+}
+
+pub struct Facts {
+    pub device_id: String,
+    pub hardware: String,
+    /// Where phones are sent by the probes: `http://ADDR[:PORT]/`.
+    pub portal_url: String,
+}
+
+/// A nonce is good for two minutes; at most 64 are outstanding.
+const NONCE_TTL_MS: u64 = 120_000;
+const NONCE_CAPACITY: usize = 64;
+
+pub struct Portal {
+    facts: Facts,
+    key: ring::hmac::Key,
+    device_key: DeviceKey,
+    nonces: Nonces,
+    guard: Guard,
+    networks: Vec<Network>,
+    progress: Progress,
+}
+
+impl Portal {
+    pub fn new(facts: Facts, pop: &super::pop::Pop, device_key: DeviceKey, progress: Progress) -> Self {
+        Self {
+            key: pop.request_key(&facts.device_id),
+            facts,
+            device_key,
+            nonces: Nonces::new(NONCE_TTL_MS, NONCE_CAPACITY),
+            guard: Guard::new(GuardPolicy::default()),
+            networks: Vec::new(),
+            progress,
+        }
+    }
+
+    pub fn set_networks(&mut self, networks: Vec<Network>) {
+        self.networks = networks;
+    }
+
+    pub fn set_progress(&mut self, progress: Progress) {
+        self.progress = progress;
+    }
+
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// `now_ms` is monotonic (lock-outs, nonces); `unix_now` is wall-clock
+    /// seconds, already raised to the clock floor (certificate validity).
+    pub fn handle(&mut self, request: &Request, now_ms: u64, unix_now: u64, random: [u8; 16]) -> Handled {
+        match (request.method, request.path) {
+            ("GET", "/") | ("GET", "/index.html") => Handled::reply(self.page()),
+            ("GET", "/api/v1/info") => Handled::reply(self.info(now_ms, random)),
+            // RFC 8908: the captive-portal API that DHCP option 114 points at.
+            ("GET", "/captive-portal/api") => Handled::reply(Response {
+                content_type: "application/captive+json",
+                ..Response::json(
+                    200,
+                    &serde_json::json!({"captive": !self.progress.provisioned, "user-portal-url": self.facts.portal_url}),
+                )
+            }),
+            (_, path) if path.starts_with("/api/") => self.authenticated(request, now_ms, unix_now),
+            // Android (generate_204), Apple (hotspot-detect.html), Windows
+            // (connecttest.txt, ncsi.txt), Firefox (canonical.html,
+            // success.txt), and whatever else a phone asks for while every
+            // name resolves here: a redirect makes it open the page.
+            ("GET", _) | ("HEAD", _) => Handled::reply(Response::redirect(self.facts.portal_url.clone())),
+            _ => Handled::reply(Response::error(405, "method-not-allowed", "only GET and the API")),
+        }
+    }
+
+    fn page(&self) -> Response {
+        let body = PAGE
+            .replace("{{DEVICE}}", &html_escape(&self.facts.device_id))
+            .replace("{{HARDWARE}}", &html_escape(&self.facts.hardware));
+        Response {
+            status: 200,
+            content_type: "text/html; charset=utf-8",
+            headers: vec![("Cache-Control", "no-store".into())],
+            body: body.into_bytes(),
+        }
+    }
+
+    fn info(&mut self, now_ms: u64, random: [u8; 16]) -> Response {
+        let nonce = self.nonces.issue(random, now_ms);
+        Response::json(
+            200,
+            &serde_json::json!({
+                "device": self.facts.device_id,
+                "hardware": self.facts.hardware,
+                "fleetd_version": crate::VERSION,
+                "state": self.progress.state,
+                "provisioned": self.progress.provisioned,
+                "last_error": self.progress.last_error,
+                // For the next authenticated request (auth.rs).
+                "nonce": nonce,
+            }),
+        )
+    }
+
+    fn authenticated(&mut self, request: &Request, now_ms: u64, unix_now: u64) -> Handled {
+        if let Err(LockedOut { retry_after_ms }) = self.guard.check(now_ms) {
+            let mut response = Response::error(
+                429,
+                "locked-out",
+                &format!(
+                    "too many wrong proofs of possession; try again in {} s",
+                    retry_after_ms.div_ceil(1000)
+                ),
+            );
+            response.headers.push(("Retry-After", retry_after_ms.div_ceil(1000).to_string()));
+            return Handled::reply(response);
+        }
+        let checked = auth::verify(
+            &self.key,
+            &mut self.nonces,
+            request.authorization,
+            request.method,
+            request.path,
+            request.body,
+            now_ms,
+        );
+        if let Err(e) = checked {
+            let mut log = None;
+            if e == AuthError::Wrong {
+                if let Some(lockout) = self.guard.failed(now_ms) {
+                    log = Some(format!(
+                        "provisioning: locked-out: too many wrong proofs of possession; the API is locked for {} s",
+                        lockout.retry_after_ms / 1000
+                    ));
+                }
+            }
+            let name = e.to_string().split(':').next().unwrap_or("pop").to_string();
+            return Handled::Reply { response: Response::error(401, &name, &e.to_string()), log };
+        }
+        self.guard.succeeded();
+        match (request.method, request.path) {
+            ("GET", "/api/v1/networks") => Handled::reply(Response::json(200, &self.networks)),
+            ("GET", "/api/v1/csr") => match self.device_key.csr_pem(&self.facts.device_id) {
+                Ok(csr) => Handled::reply(Response::json(200, &serde_json::json!({"csr_pem": csr}))),
+                Err(e) => Handled::reply(Response::error(500, e.name(), &e.to_string())),
+            },
+            ("POST", "/api/v1/provision") => self.provision(request.body, unix_now),
+            _ => Handled::reply(Response::error(404, "not-found", request.path)),
+        }
+    }
+
+    fn provision(&mut self, body: &[u8], unix_now: u64) -> Handled {
+        if self.progress.provisioned {
+            return Handled::reply(Response::error(
+                409,
+                "already-provisioned",
+                "this device is provisioned; `fleetd reset --factory` on the device unlocks provisioning",
+            ));
+        }
+        let request = match ProvisionRequest::parse(body) {
+            Ok(r) => r,
+            Err(e) => return Handled::reply(Response::error(400, e.name(), &e.to_string())),
+        };
+        let checked = identity::check(
+            &self.facts.device_id,
+            &request.identity.cert_pem,
+            request.identity.key_pem.as_deref(),
+            Some(&self.device_key),
+            &request.mqtt.ca_pem,
+            unix_now,
+        );
+        match checked {
+            Ok(identity) => Handled::Provision { request: Box::new(request), identity: Box::new(identity) },
+            Err(e) => Handled::reply(Response::error(400, e.name(), &e.to_string())),
+        }
+    }
+
+    /// The answer once the request is stored: the device now joins the
+    /// Wi-Fi (or, without one, connects to the broker).
+    pub fn stored(&mut self, joining: Option<&str>) -> Response {
+        self.progress.last_error = None;
+        let next = match joining {
+            Some(ssid) => format!("joining {ssid}; this access point goes down now"),
+            None => "connecting to the broker".to_string(),
+        };
+        Response::json(200, &serde_json::json!({"accepted": true, "next": next}))
+    }
+
+    pub fn store_failed(&mut self, error: &str) -> Response {
+        Response::error(500, "store-failed", error)
+    }
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+const PAGE: &str = include_str!("page.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provision::pop::{Pop, POP_BYTES};
+
+    fn portal() -> (Portal, Pop) {
+        let pop = Pop::from_bytes([9; POP_BYTES]);
+        let facts = Facts {
+            device_id: "gw-1".into(),
+            hardware: "rpi4".into(),
+            portal_url: "http://10.42.0.1/".into(),
+        };
+        let progress = Progress { state: "provisioning".into(), provisioned: false, last_error: None };
+        (Portal::new(facts, &pop, DeviceKey::generate().unwrap(), progress), pop)
+    }
+
+    fn get<'a>(path: &'a str, authorization: Option<&'a str>) -> Request<'a> {
+        Request { method: "GET", path, authorization, body: b"" }
+    }
+
+    fn reply(handled: Handled) -> (Response, Option<String>) {
+        match handled {
+            Handled::Reply { response, log } => (response, log),
+            Handled::Provision { .. } => panic!("unexpected provision"),
+        }
+    }
+
+    fn nonce(portal: &mut Portal, now: u64) -> String {
+        let (r, _) = reply(portal.handle(&get("/api/v1/info", None), now, 0, [now as u8; 16]));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        v["nonce"].as_str().unwrap().to_string()
+    }
+
+    fn signed(portal: &mut Portal, pop: &Pop, method: &str, path: &str, body: &[u8], now: u64) -> Response {
+        let n = nonce(portal, now);
+        let header = auth::authorization(&pop.request_key("gw-1"), method, path, &n, body);
+        let request = Request { method, path, authorization: Some(&header), body };
+        reply(portal.handle(&request, now, 0, [1; 16])).0
+    }
+
+    #[test]
+    fn the_page_info_and_probes_need_no_pop_and_everything_else_does() {
+        let (mut p, pop) = portal();
+        let (page, _) = reply(p.handle(&get("/", None), 0, 0, [0; 16]));
+        assert_eq!(page.status, 200);
+        assert!(String::from_utf8(page.body).unwrap().contains("gw-1"));
+        for probe in
+            ["/generate_204", "/hotspot-detect.html", "/connecttest.txt", "/canonical.html", "/success.txt"]
+        {
+            let (r, _) = reply(p.handle(&get(probe, None), 0, 0, [0; 16]));
+            assert_eq!(r.status, 302, "{probe}");
+            assert!(r.headers.contains(&("Location", "http://10.42.0.1/".into())), "{probe}");
+        }
+        for path in ["/api/v1/networks", "/api/v1/csr"] {
+            let (r, _) = reply(p.handle(&get(path, None), 0, 0, [0; 16]));
+            assert_eq!(r.status, 401, "{path}");
+        }
+        p.set_networks(vec![Network { ssid: "home".into(), signal: 70, security: "wpa2".into() }]);
+        let r = signed(&mut p, &pop, "GET", "/api/v1/networks", b"", 1);
+        assert_eq!(r.status, 200);
+        assert_eq!(String::from_utf8(r.body).unwrap(), r#"[{"ssid":"home","signal":70,"security":"wpa2"}]"#);
+        let r = signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 2);
+        assert!(String::from_utf8(r.body).unwrap().contains("BEGIN CERTIFICATE REQUEST"));
+    }
+
+    #[test]
+    fn wrong_proofs_lock_the_api_and_the_lockout_is_logged_once() {
+        let (mut p, _) = portal();
+        let wrong = Pop::from_bytes([8; POP_BYTES]);
+        let mut statuses = std::collections::BTreeMap::new();
+        let mut logs = Vec::new();
+        for i in 0..1000u64 {
+            let n = nonce(&mut p, i);
+            let header = auth::authorization(&wrong.request_key("gw-1"), "GET", "/api/v1/csr", &n, b"");
+            let (r, log) = reply(p.handle(&get("/api/v1/csr", Some(&header)), i, 0, [2; 16]));
+            *statuses.entry(r.status).or_insert(0) += 1;
+            logs.extend(log);
+        }
+        assert_eq!(statuses.get(&401), Some(&5), "{statuses:?}");
+        assert_eq!(statuses.get(&429), Some(&995));
+        assert_eq!(logs.len(), 1);
+        assert!(logs[0].contains("locked-out"));
+        // The right PoP is refused too while locked: the lock is on the API.
+        let (_, pop) = (0, Pop::from_bytes([9; POP_BYTES]));
+        assert_eq!(signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 1000).status, 429);
+        assert_eq!(signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 31_000).status, 200);
+    }
+
+    #[test]
+    fn a_bad_request_is_400_with_its_name_and_a_provisioned_device_says_409() {
+        let (mut p, pop) = portal();
+        let r = signed(&mut p, &pop, "POST", "/api/v1/provision", b"{}", 0);
+        assert_eq!(r.status, 400);
+        assert!(String::from_utf8(r.body).unwrap().contains("\"error\":\"malformed\""));
+        p.set_progress(Progress { state: "idle".into(), provisioned: true, last_error: None });
+        assert_eq!(signed(&mut p, &pop, "POST", "/api/v1/provision", b"{}", 1).status, 409);
+    }
+}

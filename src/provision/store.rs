@@ -1,0 +1,277 @@
+//! What provisioning leaves on disk, under `state_dir`:
+//!
+//! ```text
+//! identity/            0700
+//!   device-key.pem     0600  the key the device made (its CSR's key)
+//!   cert.pem           0600  the MQTT client certificate
+//!   key.pem            0600  its key (the device's own, or the uploaded one)
+//!   ca.pem             0644  the broker's CA
+//! provisioning.json          broker host and port, the Wi-Fi joined; written last
+//! ```
+//!
+//! Every file is written atomically. `provisioning.json` is the commit
+//! point: it is written after the identity files and removed before them,
+//! so a power cut leaves either the old provisioning or none. The device is
+//! provisioned once that file says the network is up (or none was asked).
+
+use super::identity::{CheckedIdentity, DeviceKey, IdentityError};
+use super::pop::Pop;
+use super::request::ProvisionRequest;
+use crate::fsutil;
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provisioned {
+    pub broker_host: String,
+    pub broker_port: u16,
+    /// The Wi-Fi network asked for (its passphrase lives in the network
+    /// backend's profile, never here).
+    pub wifi_ssid: Option<String>,
+    /// False until the device has joined `wifi_ssid`.
+    pub network_up: bool,
+    pub provisioned_at: u64,
+}
+
+impl Provisioned {
+    /// Done: the API stays locked until `fleetd reset --factory`.
+    pub fn complete(&self) -> bool {
+        self.network_up || self.wifi_ssid.is_none()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("provision-store: {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("provision-store: {path}: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+pub struct ProvisionStore {
+    state_dir: PathBuf,
+}
+
+impl ProvisionStore {
+    pub fn new(state_dir: &Path) -> Self {
+        Self { state_dir: state_dir.to_path_buf() }
+    }
+
+    pub fn identity_dir(&self) -> PathBuf {
+        self.state_dir.join("identity")
+    }
+
+    fn record_path(&self) -> PathBuf {
+        self.state_dir.join("provisioning.json")
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.identity_dir().join("ca.pem")
+    }
+
+    fn ensure_identity_dir(&self) -> Result<PathBuf, StoreError> {
+        let dir = self.identity_dir();
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_error(&dir))?;
+        Ok(dir)
+    }
+
+    /// The device's own key: made once and kept, so its CSR stays the same
+    /// across restarts until provisioning uses it.
+    pub fn device_key(&self) -> Result<DeviceKey, StoreError> {
+        let dir = self.ensure_identity_dir()?;
+        let path = dir.join("device-key.pem");
+        match std::fs::read_to_string(&path) {
+            Ok(pem) => Ok(DeviceKey::from_pem(pem)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let key = DeviceKey::generate()?;
+                fsutil::atomic_write(&path, key.pem().as_bytes(), 0o600).map_err(io_error(&path))?;
+                Ok(key)
+            }
+            Err(e) => Err(io_error(&path)(e)),
+        }
+    }
+
+    /// Stores a checked request; the record is written last.
+    pub fn save(
+        &self,
+        request: &ProvisionRequest,
+        identity: &CheckedIdentity,
+        now: u64,
+    ) -> Result<Provisioned, StoreError> {
+        let dir = self.ensure_identity_dir()?;
+        // The old record goes first: between here and the new record a
+        // power cut leaves an unprovisioned device, never a mix.
+        self.remove_record()?;
+        for (name, bytes, mode) in [
+            ("cert.pem", identity.cert_pem.as_bytes(), 0o600),
+            ("key.pem", identity.key_pem.as_bytes(), 0o600),
+            ("ca.pem", request.mqtt.ca_pem.as_bytes(), 0o644),
+        ] {
+            let path = dir.join(name);
+            fsutil::atomic_write(&path, bytes, mode).map_err(io_error(&path))?;
+        }
+        let record = Provisioned {
+            broker_host: request.mqtt.host.clone(),
+            broker_port: request.mqtt.port,
+            wifi_ssid: request.wifi.as_ref().map(|w| w.ssid.clone()),
+            network_up: false,
+            provisioned_at: now,
+        };
+        self.write_record(&record)?;
+        Ok(record)
+    }
+
+    /// The Wi-Fi was joined: provisioning is complete.
+    pub fn network_up(&self) -> Result<Provisioned, StoreError> {
+        let mut record = self.load()?.ok_or_else(|| StoreError::Corrupt {
+            path: self.record_path(),
+            message: "no provisioning to complete".into(),
+        })?;
+        record.network_up = true;
+        self.write_record(&record)?;
+        Ok(record)
+    }
+
+    fn write_record(&self, record: &Provisioned) -> Result<(), StoreError> {
+        let path = self.record_path();
+        let mut bytes = serde_json::to_vec_pretty(record)
+            .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
+        bytes.push(b'\n');
+        fsutil::atomic_write(&path, &bytes, 0o644).map_err(io_error(&path))
+    }
+
+    /// The record, when there is one and the identity files it needs exist.
+    pub fn load(&self) -> Result<Option<Provisioned>, StoreError> {
+        let path = self.record_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&path)(e)),
+        };
+        let record: Provisioned = serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
+        let dir = self.identity_dir();
+        let complete = ["cert.pem", "key.pem", "ca.pem"].iter().all(|f| dir.join(f).is_file());
+        Ok(complete.then_some(record))
+    }
+
+    /// `fleetd reset --factory`: the record first (the device is then
+    /// unprovisioned whatever else a power cut leaves), then the identity.
+    /// The device's own key is kept: it never left the device.
+    pub fn forget(&self) -> Result<bool, StoreError> {
+        let had = self.remove_record()?;
+        let dir = self.identity_dir();
+        for name in ["cert.pem", "key.pem", "ca.pem"] {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path)(e)),
+            }
+        }
+        if dir.is_dir() {
+            fsutil::fsync_dir(&dir).map_err(io_error(&dir))?;
+        }
+        Ok(had)
+    }
+
+    fn remove_record(&self) -> Result<bool, StoreError> {
+        let path = self.record_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                fsutil::fsync_dir(&self.state_dir).map_err(io_error(&self.state_dir))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error(&path)(e)),
+        }
+    }
+}
+
+/// The proof of possession from `pop_file`: written at manufacturing, or
+/// made here on first start (0600).
+pub fn load_or_create_pop(path: &Path) -> Result<Pop, StoreError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Pop::parse(text.trim())
+            .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let pop = Pop::generate().map_err(|_| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                message: "no randomness to make a proof of possession".into(),
+            })?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+            }
+            let line = format!("{}\n", pop.display_code());
+            fsutil::atomic_write(path, line.as_bytes(), 0o600).map_err(io_error(path))?;
+            Ok(pop)
+        }
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_pop_is_made_once_0600_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pop");
+        let pop = load_or_create_pop(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(load_or_create_pop(&path).unwrap(), pop);
+        std::fs::write(&path, "not a code\n").unwrap();
+        assert!(load_or_create_pop(&path).unwrap_err().to_string().contains("pop-malformed"));
+    }
+
+    #[test]
+    fn save_network_up_and_forget_keep_the_record_last_in_and_first_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProvisionStore::new(dir.path());
+        let own = store.device_key().unwrap();
+        assert_eq!(store.device_key().unwrap(), own, "made once");
+        assert_eq!(mode(&store.identity_dir().join("device-key.pem")), 0o600);
+        assert_eq!(mode(&store.identity_dir()), 0o700);
+
+        let body = serde_json::json!({
+            "wifi": {"ssid": "home", "psk": "correct horse"},
+            "mqtt": {"host": "broker", "port": 8883, "ca_pem": "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n"},
+            "identity": {"cert_pem": "-----BEGIN CERTIFICATE-----\nC\n-----END CERTIFICATE-----\n"},
+        });
+        let request = ProvisionRequest::parse(body.to_string().as_bytes()).unwrap();
+        let identity = CheckedIdentity {
+            cert_pem: request.identity.cert_pem.clone(),
+            key_pem: own.pem().to_string(),
+            not_after: 0,
+        };
+        let record = store.save(&request, &identity, 7).unwrap();
+        assert!(!record.complete(), "not until the Wi-Fi is joined");
+        assert_eq!(mode(&store.identity_dir().join("key.pem")), 0o600);
+        assert_eq!(mode(&store.identity_dir().join("cert.pem")), 0o600);
+        let text = std::fs::read_to_string(dir.path().join("provisioning.json")).unwrap();
+        assert!(!text.contains("correct horse"), "the passphrase is not stored here");
+        assert!(store.network_up().unwrap().complete());
+        assert_eq!(store.load().unwrap().unwrap().broker_host, "broker");
+
+        std::fs::remove_file(store.identity_dir().join("key.pem")).unwrap();
+        assert_eq!(store.load().unwrap(), None, "a record without its key is no provisioning");
+        assert!(store.forget().unwrap());
+        assert!(!store.identity_dir().join("cert.pem").exists());
+        assert_eq!(store.device_key().unwrap(), own, "the device's own key survives a reset");
+        assert!(!store.forget().unwrap());
+    }
+}
