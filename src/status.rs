@@ -17,6 +17,20 @@ pub struct StatusDoc {
     pub slots: BTreeMap<String, SlotStatus>,
     pub job: Option<JobStatus>,
     pub last_error: Option<String>,
+    /// Whether the device holds its identity and broker settings (always
+    /// true without a `[provision]` section: configured by hand).
+    pub provisioned: bool,
+    pub network: Option<NetworkStatus>,
+}
+
+/// How the device is on the network, as provisioning last left it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct NetworkStatus {
+    /// `access-point`, `joining`, `station`, `wired`, `none`.
+    pub mode: String,
+    pub ssid: Option<String>,
+    /// Where the portal listens, while it does.
+    pub portal: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -44,6 +58,17 @@ impl StatusDoc {
         let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
         line("device", format!("{} (fleetd {})", self.device, self.fleetd_version));
         line("state", self.state.clone());
+        line("provisioned", if self.provisioned { "yes".into() } else { "no".into() });
+        if let Some(n) = &self.network {
+            let mut text = n.mode.clone();
+            if let Some(ssid) = &n.ssid {
+                text.push_str(&format!(" {ssid:?}"));
+            }
+            if let Some(portal) = &n.portal {
+                text.push_str(&format!(", portal {portal}"));
+            }
+            line("network", text);
+        }
         line("installed", format!("v{}", self.installed_version));
         line("booted", self.booted_slot.clone().unwrap_or_else(|| "unknown".into()));
         line("primary", self.primary_slot.clone().unwrap_or_else(|| "none".into()));

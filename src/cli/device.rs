@@ -123,7 +123,7 @@ pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
     })
 }
 
-pub fn status(config_flag: Option<&Path>, json: bool) -> ExitCode {
+pub fn status(config_flag: Option<&Path>, json: bool, pop: bool) -> ExitCode {
     let config = match load_config(config_flag) {
         Ok(c) => c,
         Err(e) => {
@@ -154,7 +154,46 @@ pub fn status(config_flag: Option<&Path>, json: bool) -> ExitCode {
     } else {
         print!("{}", doc.to_human());
     }
+    if pop {
+        match crate::provision::store::load_or_create_pop(&config.pop_file()) {
+            Ok(pop) => println!("{}", pop.display_code()),
+            Err(e) => {
+                eprintln!("fleetd status: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     ExitCode::SUCCESS
+}
+
+/// `fleetd reset --factory`. It takes the state lock, so it never races a
+/// running daemon (stop it first; it provisions again at its next start).
+pub fn reset_factory(config_flag: Option<&Path>) -> ExitCode {
+    let result = (|| -> Result<bool, CliError> {
+        let config = load_config(config_flag)?;
+        let (_lock, _state) = Store::open(&config.device.state_dir)?;
+        let store = crate::provision::store::ProvisionStore::new(&config.device.state_dir);
+        let had = store.forget().map_err(|e| CliError::Usage(e.to_string()))?;
+        let status = config.device.state_dir.join(crate::provision::phase::STATUS_FILE);
+        let _ = std::fs::remove_file(status);
+        if let Some(settings) = &config.provision {
+            crate::net::forget_wifi(settings).map_err(|e| CliError::Usage(e.to_string()))?;
+        }
+        Ok(had)
+    })();
+    match result {
+        Ok(had) => {
+            println!(
+                "{}; the portal opens at the next start of fleetd",
+                if had { "provisioning forgotten" } else { "nothing was provisioned" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetd reset: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {

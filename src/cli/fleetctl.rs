@@ -53,6 +53,8 @@ enum Command {
         /// The co-signed message, or `-` for standard input.
         file: PathBuf,
     },
+    /// Provision a device over its access point (or wired portal), as a phone would.
+    Provision(Box<super::provision::ProvisionArgs>),
     /// Print devices' status, progress and online messages as they change.
     Watch {
         #[command(flatten)]
@@ -186,6 +188,8 @@ enum CosignerCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        // Its own exit codes: 0 provisioned, 1 refused, 2 usage.
+        Command::Provision(args) => return super::provision::command(&args),
         Command::Keygen { out, name } => keygen(&out, &name).map(|(k, p)| {
             println!("wrote {} (private, 0600) and {}", k.display(), p.display());
         }),

@@ -9,6 +9,8 @@ mod demo;
 mod device;
 #[cfg(feature = "fleet")]
 pub mod fleetctl;
+#[cfg(feature = "fleet")]
+mod provision;
 
 use crate::config::{self, Config};
 use crate::trust::{self, VerifyError};
@@ -59,6 +61,9 @@ pub enum CliError {
     CosignerRefused { status: u16, detail: String },
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    /// The device's portal refused or failed (`fleetctl provision`).
+    #[error("{0}")]
+    Portal(String),
     /// The guided demo went off its script (a step timed out, a check failed).
     #[error("demo: {0}")]
     Demo(String),
@@ -120,6 +125,19 @@ enum FleetdCommand {
         config: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Also print the proof-of-possession code (made now if there is
+        /// none yet), alone on the last line: for the label or QR code.
+        #[arg(long)]
+        pop: bool,
+    },
+    /// `--factory`: forget the provisioning (identity, Wi-Fi profile, broker
+    /// settings) and unlock the portal; slots, installed version and replay
+    /// cache stay. Stop the daemon first.
+    Reset {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, required = true)]
+        factory: bool,
     },
     /// The daemon: finish or resume any pending update, then serve.
     Run {
@@ -143,7 +161,8 @@ pub fn fleetd_main() -> ExitCode {
         }
         FleetdCommand::MarkGood { config } => device::mark(config.as_deref(), true),
         FleetdCommand::MarkBad { config } => device::mark(config.as_deref(), false),
-        FleetdCommand::Status { config, json } => device::status(config.as_deref(), json),
+        FleetdCommand::Status { config, json, pop } => device::status(config.as_deref(), json, pop),
+        FleetdCommand::Reset { config, factory: _ } => device::reset_factory(config.as_deref()),
         FleetdCommand::Run { config, once } => device::run(config.as_deref(), once),
         #[cfg(feature = "fleet")]
         FleetdCommand::Demo => demo::run(),

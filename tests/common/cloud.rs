@@ -166,6 +166,25 @@ impl Pki {
         self.once(common_name, || issue(&self.ca, common_name, &[], false))
     }
 
+    /// The CA's key (`ca.key`, 0600), for a fleet side that signs CSRs.
+    pub fn ca_key(&self) -> PathBuf {
+        let path = self.dir.join("ca.key");
+        write_file(&path, self.ca.key().serialize_pem().as_bytes(), 0o600);
+        path
+    }
+
+    /// A client certificate valid only from `not_before` to `not_after`
+    /// (years), e.g. an expired one (`<stem>.pem`, `<stem>.key`).
+    pub fn client_valid(&self, stem: &str, common_name: &str, years: (i32, i32)) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name_with_cn(common_name);
+        params.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+        params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+        let cert = params.signed_by(&key, &self.ca).expect("sign certificate");
+        self.write_pair(stem, cert.der(), &key)
+    }
+
     /// A client certificate with the same shape as [`Pki::client`] but signed
     /// by the unrelated CA (`foreign-<cn>.pem`, `foreign-<cn>.key`).
     pub fn foreign_client(&self, common_name: &str) -> (PathBuf, PathBuf) {

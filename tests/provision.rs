@@ -1,0 +1,321 @@
+//! Provisioning end to end with backend `none` (the portal only): the
+//! daemon's portal, `fleetctl provision` as the phone, and a real mosquitto
+//! (TLS, per-device ACLs) reached with the identity provisioning stored.
+//!
+//! - The netns test puts the phone and the broker in the cloud namespace and
+//!   the device in its own, joined by veth. Needs root; CI runs as root.
+//! - The refusal tests run the portal on loopback and need no root.
+
+mod common;
+use common::cloud::{self, Broker, Net, Pki};
+use common::gateway::*;
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const PROJECT: &str = "acme-gateways";
+const DEVICE: &str = "gw-0042";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn can_run_netns() -> bool {
+    let ok = is_root() && cloud::available(&["ip", "mosquitto"]);
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the namespace tests (root, mosquitto, iproute2)"
+        );
+        eprintln!("SKIP: needs root, iproute2 and mosquitto (scripts/setup)");
+    }
+    ok
+}
+
+/// A device whose config has `[provision]` (backend none) and no `[mqtt]`.
+struct NewDevice {
+    g: Gateway,
+    daemon: Option<Child>,
+    log: PathBuf,
+}
+
+impl NewDevice {
+    fn new(listen: &str) -> NewDevice {
+        let mut g = Gateway::new(Bootloader::Grub, 1 << 20);
+        g.extra_config = format!(
+            "\n[mqtt]\nkeep_alive_s = 5\n\n[provision]\nbackend = \"none\"\nlisten = \"{listen}\"\nap_timeout_s = 600\n"
+        );
+        g.write_config();
+        let log = g.path().join("fleetd.log");
+        NewDevice { g, daemon: None, log }
+    }
+
+    fn start(&mut self, net: Option<&Net>) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = match net {
+            Some(net) => net.in_device(env!("CARGO_BIN_EXE_fleetd")),
+            None => Command::new(env!("CARGO_BIN_EXE_fleetd")),
+        };
+        let child = cmd
+            .args(["run", "--config"])
+            .arg(self.g.dev.config())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.g.status()
+    }
+
+    fn pop(&self) -> String {
+        let out = self.g.fleetd(&["status", "--pop"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).lines().last().unwrap_or_default().to_string()
+    }
+
+    /// Waits until the portal is up; returns its URL (from the status).
+    fn wait_portal(&self) -> String {
+        let mut last = serde_json::Value::Null;
+        self.wait_for("the portal", Duration::from_secs(20), || {
+            last = self.status();
+            last["state"] == "provisioning" && last["network"]["portal"].is_string()
+        });
+        last["network"]["portal"].as_str().unwrap().to_string()
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}\n--- fleetd\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn identity(&self, file: &str) -> PathBuf {
+        self.g.path().join("state/identity").join(file)
+    }
+
+    fn connection(&self) -> serde_json::Value {
+        std::fs::read(self.g.path().join("state/connection.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for NewDevice {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn provision(net: Option<&Net>, url: &str, pop: &str, broker: &str, ca: &Path, identity: &[&str]) -> Output {
+    let mut cmd = match net {
+        Some(net) => net.in_cloud(env!("CARGO_BIN_EXE_fleetctl")),
+        None => Command::new(env!("CARGO_BIN_EXE_fleetctl")),
+    };
+    cmd.args(["provision", "--url", url, "--pop", pop, "--broker", broker, "--broker-ca"])
+        .arg(ca)
+        .args(identity)
+        .args(["--wait-s", "20"]);
+    run(&mut cmd)
+}
+
+fn paths(p: &[&Path]) -> Vec<String> {
+    p.iter().map(|p| p.display().to_string()).collect()
+}
+
+/// The whole cycle: unprovisioned → portal → a wrong PoP (401, nothing
+/// stored) → a Wi-Fi the backend cannot join (the reason comes back) →
+/// provisioned with the device's own key, signed by the fleet's CA → MQTT
+/// connected to the real broker with that identity → the portal is gone →
+/// `reset --factory` brings it back.
+#[test]
+fn backend_none_provisions_over_veth_and_the_device_reaches_the_broker() {
+    if !can_run_netns() {
+        return;
+    }
+    let net = Net::new();
+    let mut device = NewDevice::new(&format!("{}:8080", net.device_ip()));
+    let pki = Pki::new(&device.g.path().join("pki"), net.cloud_ip());
+    let mut broker =
+        Broker::start(&net, &pki, &device.g.path().join("broker"), &[(DEVICE, PROJECT, "pilot")]);
+    assert_eq!(device.status()["state"], "unprovisioned");
+    assert_eq!(device.status()["provisioned"], false);
+    let pop = device.pop();
+    assert_eq!(pop.len(), 19, "XXXX-XXXX-XXXX-XXXX: {pop:?}");
+    assert_eq!(
+        std::fs::metadata(device.g.path().join("state/pop")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    device.start(Some(&net));
+    let url = device.wait_portal();
+    assert_eq!(url, format!("http://{}:8080/", net.device_ip()));
+    let (host, port) = broker.url();
+    let broker_arg = format!("{host}:{port}");
+    let ca_key = pki.ca_key();
+    let own_key = [
+        "--ca-cert".to_string(),
+        pki.ca_pem.display().to_string(),
+        "--ca-key".into(),
+        ca_key.display().to_string(),
+    ];
+    let own_key: Vec<&str> = own_key.iter().map(String::as_str).collect();
+
+    // A wrong PoP: 401, and nothing stored.
+    let wrong = "0000-0000-0000-0000";
+    let out = provision(Some(&net), &url, wrong, &broker_arg, &pki.ca_pem, &own_key);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pop-wrong"), "{}", stderr(&out));
+    assert!(!device.identity("cert.pem").exists());
+
+    // Wi-Fi on a device without any: the join fails and the reason is shown.
+    let psk = "correct horse battery";
+    let mut with_wifi = own_key.clone();
+    with_wifi.extend(["--ssid", "home", "--psk", psk]);
+    let out = provision(Some(&net), &url, &pop, &broker_arg, &pki.ca_pem, &with_wifi);
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains("could not join: join-failed"), "{}", stderr(&out));
+    let status = device.status();
+    assert_eq!(status["state"], "provisioning");
+    assert!(status["last_error"].as_str().unwrap_or("").contains("join-failed"), "{status}");
+
+    // Now as a wired device: provisioned, and MQTT connects.
+    let out = provision(Some(&net), &url, &pop, &broker_arg, &pki.ca_pem, &own_key);
+    assert!(out.status.success(), "{}{}\n{}", stdout(&out), stderr(&out), device.log());
+    assert!(stdout(&out).contains("provisioned"), "{}", stdout(&out));
+    device.wait_for("the MQTT connection", Duration::from_secs(30), || {
+        device.connection()["connected"] == true
+    });
+    let status = device.status();
+    assert_eq!(status["provisioned"], true, "{status}");
+    assert_eq!(status["state"], "idle", "{status}");
+    for file in ["cert.pem", "key.pem"] {
+        let mode = std::fs::metadata(device.identity(file)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+    assert_eq!(
+        std::fs::read(device.identity("key.pem")).unwrap(),
+        std::fs::read(device.identity("device-key.pem")).unwrap(),
+        "the key stored is the one the device made"
+    );
+    // The broker saw gw-0042 by its certificate.
+    assert!(broker.log().contains(DEVICE), "{}", broker.log());
+
+    // The portal closed; after a restart the device goes straight to MQTT.
+    device.stop();
+    device.start(Some(&net));
+    device.wait_for("the reconnection", Duration::from_secs(30), || device.connection()["connected"] == true);
+    let out = provision(Some(&net), &url, &pop, &broker_arg, &pki.ca_pem, &own_key);
+    assert_eq!(out.status.code(), Some(1), "a provisioned device takes no second provisioning");
+
+    // Reset: the portal is back, the device's own key is kept.
+    let held = device.g.fleetd(&["reset", "--factory"]);
+    assert_eq!(held.status.code(), Some(1), "refused while the daemon holds the lock");
+    assert!(stderr(&held).contains("busy"), "{}", stderr(&held));
+    device.stop();
+    let out = device.g.fleetd(&["reset", "--factory"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!device.identity("cert.pem").exists());
+    assert!(device.identity("device-key.pem").exists());
+    assert_eq!(device.status()["provisioned"], false);
+    device.start(Some(&net));
+    device.wait_portal();
+    device.stop();
+    broker.stop();
+
+    let log = device.log();
+    for secret in [psk, pop.as_str(), pop.replace('-', "").as_str()] {
+        assert!(!log.contains(secret), "a secret in the log: {secret:?}\n{log}");
+    }
+}
+
+/// Refusals by name, each with nothing stored: a certificate for another
+/// key, an expired one, one from a foreign CA, garbage PEM; then 1,000
+/// wrong guesses lock the API (and the lock-out is logged).
+#[test]
+fn bad_identities_are_refused_by_name_and_guessing_locks_the_portal() {
+    let mut device = NewDevice::new("127.0.0.1:0");
+    let pki = Pki::new(&device.g.path().join("pki"), "127.0.0.1".parse().unwrap());
+    device.start(None);
+    let url = device.wait_portal();
+    let pop = device.pop();
+    let broker = "127.0.0.1:8883";
+
+    let (cert, key) = pki.client(DEVICE);
+    let (_, other_key) = pki.client("someone-else");
+    let (expired, expired_key) = pki.client_valid("expired", DEVICE, (2020, 2021));
+    let (foreign, foreign_key) = pki.foreign_client(DEVICE);
+    let garbage = device.g.path().join("garbage.pem");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
+        .unwrap();
+    for (identity, name) in [
+        (paths(&[&cert, &other_key]), "cert-key-mismatch"),
+        (paths(&[&expired, &expired_key]), "cert-expired"),
+        (paths(&[&foreign, &foreign_key]), "cert-untrusted"),
+        (paths(&[&garbage, &key]), "pem-invalid"),
+    ] {
+        let args = ["--cert", &identity[0], "--key", &identity[1]];
+        let out = provision(None, &url, &pop, broker, &pki.ca_pem, &args);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("refused (400): {name}")), "{name}: {}", stderr(&out));
+        assert!(!device.identity("cert.pem").exists(), "{name}: nothing stored");
+    }
+
+    // 1,000 guesses, each with a fresh nonce and a MAC under a wrong key.
+    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let wrong = fleetd::provision::pop::Pop::parse("0000-0000-0000-0001").unwrap().request_key(DEVICE);
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..1000 {
+        let (_, info) = http(&addr, "GET", "/api/v1/info", None);
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let nonce = info["nonce"].as_str().unwrap();
+        let auth = fleetd::provision::auth::authorization(&wrong, "GET", "/api/v1/csr", nonce, b"");
+        let (status, _) = http(&addr, "GET", "/api/v1/csr", Some(&auth));
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    assert_eq!(statuses.get(&401), Some(&5), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&995), "{statuses:?}");
+    let (cert_pem, key_pem) = (cert.display().to_string(), key.display().to_string());
+    let out = provision(None, &url, &pop, broker, &pki.ca_pem, &["--cert", &cert_pem, "--key", &key_pem]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("locked-out"), "the right PoP waits too: {}", stderr(&out));
+    device.stop();
+    let log = device.log();
+    assert_eq!(log.matches("locked-out").count(), 1, "one lock-out, logged once:\n{log}");
+    assert!(!log.contains(&pop), "{log}");
+}
+
+/// A minimal HTTP/1.1 exchange (the portal closes nothing early; one
+/// request per connection keeps it simple).
+fn http(addr: &str, method: &str, path: &str, authorization: Option<&str>) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
