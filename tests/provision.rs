@@ -319,3 +319,61 @@ fn http(addr: &str, method: &str, path: &str, authorization: Option<&str>) -> (u
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
+
+/// The page in a real browser (headless Chromium, phone-sized): a captive
+/// probe lands on it, a wrong code is named, the device's CSR comes back
+/// for the fleet CA to sign, and the submitted form provisions the device.
+/// Screenshots go to target/portal-*.png.
+#[test]
+fn the_portal_page_provisions_the_device_from_a_phone_sized_browser() {
+    let Some(browser) = common::webdriver::Browser::start() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the browser test (chromium, chromium-driver)");
+        eprintln!("SKIP: needs chromium and chromium-driver (scripts/setup)");
+        return;
+    };
+    let mut device = NewDevice::new("127.0.0.1:0");
+    let pki = Pki::new(&device.g.path().join("pki"), "127.0.0.1".parse().unwrap());
+    device.start(None);
+    let url = device.wait_portal();
+    let pop = device.pop();
+
+    // What Android asks first; the redirect opens the page.
+    browser.goto(&format!("{url}generate_204"));
+    assert_eq!(browser.current_url(), url);
+    assert_eq!(browser.title(), format!("Set up {DEVICE}"));
+    browser.wait_until("the state line", Duration::from_secs(10), |b| b.text("#state") == "provisioning");
+
+    let result = |b: &common::webdriver::Browser| b.text("#result");
+    browser.type_into("#pop", "0000-0000-0000-0000");
+    browser.click("#getcsr");
+    browser.wait_until("the wrong-code message", Duration::from_secs(10), |b| !result(b).is_empty());
+    assert!(result(&browser).contains("The code is not right (pop-wrong)"), "{}", result(&browser));
+
+    browser.type_into("#pop", &pop.to_lowercase());
+    browser.click("#scan");
+    browser.wait_until("the scan answer", Duration::from_secs(10), |b| result(b).contains("networks found"));
+    assert_eq!(result(&browser), "No Wi-Fi networks found (a wired device needs none).");
+    browser.click("#getcsr");
+    browser.wait_until("the CSR", Duration::from_secs(10), |b| {
+        b.value("#csr").contains("BEGIN CERTIFICATE REQUEST")
+    });
+    let cert = pki.sign_csr(&browser.value("#csr"));
+    browser.type_into("#host", "127.0.0.1");
+    browser.paste_into("#ca", &std::fs::read_to_string(&pki.ca_pem).unwrap());
+    browser.paste_into("#cert", &cert);
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("..");
+    browser.full_page_screenshot(&shots.join("portal-filled.png"));
+    browser.click("#submit");
+    browser.wait_until("the outcome", Duration::from_secs(15), |b| result(b).starts_with("Provisioned"));
+    browser.screenshot(&shots.join("portal-done.png"));
+
+    assert_eq!(std::fs::read_to_string(device.identity("cert.pem")).unwrap(), cert);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(device.g.path().join("state/provisioning.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["broker_host"], "127.0.0.1");
+    assert_eq!(record["broker_port"], 8883);
+    device.wait_for("provisioned", Duration::from_secs(10), || device.status()["provisioned"] == true);
+    device.stop();
+    assert!(!device.log().contains(&pop));
+}

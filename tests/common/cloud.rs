@@ -173,6 +173,13 @@ impl Pki {
         path
     }
 
+    /// Signs a device's CSR (PEM) as a client certificate, as a fleet CA does.
+    pub fn sign_csr(&self, csr_pem: &str) -> String {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).expect("a CSR");
+        csr.params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        csr.signed_by(&self.ca).expect("sign the CSR").pem()
+    }
+
     /// A client certificate valid only from `not_before` to `not_after`
     /// (years), e.g. an expired one (`<stem>.pem`, `<stem>.key`).
     pub fn client_valid(&self, stem: &str, common_name: &str, years: (i32, i32)) -> (PathBuf, PathBuf) {

@@ -7,6 +7,7 @@ pub mod bootsim_uboot;
 pub mod cloud;
 pub mod gateway;
 pub mod imageserver;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
