@@ -177,7 +177,9 @@ pub fn reset_factory(config_flag: Option<&Path>) -> ExitCode {
         let status = config.device.state_dir.join(crate::provision::phase::STATUS_FILE);
         let _ = std::fs::remove_file(status);
         if let Some(settings) = &config.provision {
-            crate::net::forget_wifi(settings).map_err(|e| CliError::Usage(e.to_string()))?;
+            runtime()?
+                .block_on(crate::net::forget_wifi(settings))
+                .map_err(|e| CliError::Usage(e.to_string()))?;
         }
         Ok(had)
     })();

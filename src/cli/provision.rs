@@ -48,8 +48,9 @@ pub struct ProvisionArgs {
     /// A key made elsewhere, for --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// How long to wait for the device to report the outcome.
-    #[arg(long, default_value_t = 60)]
+    /// How long to wait for the device to report the outcome (longer than
+    /// fleetd's 60 s bound on joining the Wi-Fi).
+    #[arg(long, default_value_t = 90)]
     wait_s: u64,
 }
 

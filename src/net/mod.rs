@@ -1,8 +1,11 @@
 //! The network backends provisioning drives: raise the access point, scan,
 //! join the Wi-Fi a phone handed over. One file per backend, one enum over
 //! them (the set is closed and small; no trait object needed).
+//! - `networkmanager`: NM's D-Bus API (`networkmanager.rs`);
 //! - `none`: no access point; the portal listens on `provision.listen`
 //!   (wired or USB-gadget set-up, and tests).
+
+pub mod networkmanager;
 
 use crate::provision::portal::Network;
 
@@ -34,19 +37,25 @@ impl std::fmt::Debug for AccessPoint {
 }
 
 pub enum Backend {
+    NetworkManager(networkmanager::NetworkManager),
     None,
 }
 
 impl Backend {
-    pub fn from_config(settings: &crate::config::Provision) -> Result<Self, NetError> {
+    pub async fn from_config(settings: &crate::config::Provision) -> Result<Self, NetError> {
+        use crate::config::ProvisionBackend as B;
         match settings.backend {
-            crate::config::ProvisionBackend::None => Ok(Self::None),
+            B::Networkmanager => {
+                Ok(Self::NetworkManager(networkmanager::NetworkManager::connect(&settings.interface).await?))
+            }
+            B::None => Ok(Self::None),
             other => Err(NetError::Backend(format!("backend {other:?} is not built into this fleetd"))),
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
+            Self::NetworkManager(_) => "networkmanager",
             Self::None => "none",
         }
     }
@@ -55,6 +64,7 @@ impl Backend {
     /// never raises an access point over it.
     pub async fn known_network_active(&mut self) -> Result<bool, NetError> {
         match self {
+            Self::NetworkManager(nm) => nm.known_network_active().await,
             Self::None => Ok(false),
         }
     }
@@ -62,26 +72,30 @@ impl Backend {
     /// Scans (before the access point is up: a radio in AP mode cannot).
     pub async fn scan(&mut self) -> Result<Vec<Network>, NetError> {
         match self {
+            Self::NetworkManager(nm) => nm.scan().await,
             Self::None => Ok(Vec::new()),
         }
     }
 
     /// Raises the access point; returns its address (`None`: no AP).
-    pub async fn start_ap(&mut self, _ap: &AccessPoint) -> Result<Option<std::net::IpAddr>, NetError> {
+    pub async fn start_ap(&mut self, ap: &AccessPoint) -> Result<Option<std::net::IpAddr>, NetError> {
         match self {
+            Self::NetworkManager(nm) => nm.start_ap(ap).await.map(Some),
             Self::None => Ok(None),
         }
     }
 
     pub async fn stop_ap(&mut self) -> Result<(), NetError> {
         match self {
+            Self::NetworkManager(nm) => nm.stop_ap().await,
             Self::None => Ok(()),
         }
     }
 
     /// Joins `ssid` as a station and keeps the profile.
-    pub async fn join(&mut self, ssid: &str, _psk: &str) -> Result<(), NetError> {
+    pub async fn join(&mut self, ssid: &str, psk: &str) -> Result<(), NetError> {
         match self {
+            Self::NetworkManager(nm) => nm.join(ssid, psk).await,
             Self::None => {
                 Err(NetError::Join { reason: format!("backend none has no Wi-Fi to join {ssid:?} with") })
             }
@@ -89,10 +103,12 @@ impl Backend {
     }
 }
 
-/// `fleetd reset --factory`: the Wi-Fi profile provisioning made goes too.
-pub fn forget_wifi(settings: &crate::config::Provision) -> Result<(), NetError> {
+/// `fleetd reset --factory`: the Wi-Fi profiles provisioning made go too.
+pub async fn forget_wifi(settings: &crate::config::Provision) -> Result<(), NetError> {
     match settings.backend {
-        crate::config::ProvisionBackend::None => Ok(()),
+        crate::config::ProvisionBackend::Networkmanager => {
+            networkmanager::NetworkManager::connect(&settings.interface).await?.forget().await
+        }
         _ => Ok(()),
     }
 }

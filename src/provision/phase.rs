@@ -40,6 +40,8 @@ pub const STATUS_FILE: &str = "provision-status.json";
 
 /// The phone reads the answer to its request before the access point goes.
 const HANDOVER_GRACE: Duration = Duration::from_secs(2);
+/// How often to look again whether a known network is still up.
+const KNOWN_NETWORK_RECHECK: Duration = Duration::from_secs(10);
 
 pub fn log(line: &str) {
     eprintln!("{line}");
@@ -68,8 +70,18 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
     let mut phase = Phase { config, store, backend, ap };
     phase.write_status("unprovisioned", None, "none", None, None);
 
-    if phase.backend.known_network_active().await? {
-        log("provisioning: a known network is up; not raising an access point over it");
+    // Never raise an access point over a network the device already uses:
+    // with an explicit `listen` the portal is served on it instead; with
+    // "auto" provisioning waits for that network to go.
+    let mut known_network = phase.backend.known_network_active().await?;
+    if known_network && settings.listen_addr().is_none() {
+        log("provisioning: a known network is up; no access point over it (set provision.listen to serve the portal on it)");
+        while phase.backend.known_network_active().await? {
+            tokio::time::sleep(KNOWN_NETWORK_RECHECK).await;
+        }
+        known_network = false;
+    } else if known_network {
+        log("provisioning: a known network is up; serving the portal on it, no access point");
     }
     let networks = match phase.backend.scan().await {
         Ok(n) => n,
@@ -78,7 +90,7 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
             Vec::new()
         }
     };
-    let ap_address = phase.backend.start_ap(&phase.ap).await?;
+    let ap_address = if known_network { None } else { phase.backend.start_ap(&phase.ap).await? };
     let listen = match (settings.listen_addr(), ap_address) {
         (Some(addr), _) => addr,
         (None, Some(ip)) => SocketAddr::new(ip, 80),
@@ -110,7 +122,11 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
         .max(crate::build_epoch());
     let server = tokio::spawn(server::serve(listener, portal.clone(), accepted_tx, Clock::new(floor), log));
     let _server = AbortOnDrop(server);
-    let mode = if ap_address.is_some() { "access-point" } else { "wired" };
+    let mode = match (ap_address, known_network) {
+        (Some(_), _) => "access-point",
+        (None, true) => "station",
+        (None, false) => "wired",
+    };
     let ap_ssid = ap_address.map(|_| phase.ap.ssid.clone());
     phase.write_status("provisioning", None, mode, ap_ssid.clone(), Some(portal_url.clone()));
     log(&format!(
@@ -169,13 +185,16 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
         match phase.backend.join(&wifi.ssid, &wifi.psk).await {
             Ok(()) => {
                 let record = phase.store.network_up()?;
+                set_progress(&portal, "idle", true, None);
                 log(&format!("provisioning: joined {:?}; provisioned", wifi.ssid));
                 phase.write_status("idle", None, "station", Some(wifi.ssid.clone()), None);
                 return Ok(record);
             }
             Err(e) => {
                 log(&format!("provisioning: {e}; raising the access point again"));
-                phase.backend.start_ap(&phase.ap).await?;
+                if ap_address.is_some() {
+                    phase.backend.start_ap(&phase.ap).await?;
+                }
                 set_progress(&portal, "provisioning", false, Some(e.to_string()));
                 phase.write_status(
                     "provisioning",

@@ -27,7 +27,9 @@ pub type SharedPortal = Arc<Mutex<Portal>>;
 /// How long a client may take to send its request head and body.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves until the listener's task is dropped. `log` gets lock-outs.
+/// Serves until this future is dropped; its connections go with it (they
+/// live in its `JoinSet`), so no keep-alive outlives the portal. `log` gets
+/// lock-outs.
 pub async fn serve(
     listener: TcpListener,
     portal: SharedPortal,
@@ -35,11 +37,14 @@ pub async fn serve(
     clock: Clock,
     log: fn(&str),
 ) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _peer)) = listener.accept().await else { continue };
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
         let portal = portal.clone();
         let accepted = accepted.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let portal = portal.clone();
                 let accepted = accepted.clone();

@@ -5,8 +5,10 @@ pub mod bootsim_grub;
 pub mod bootsim_tryboot;
 pub mod bootsim_uboot;
 pub mod cloud;
+pub mod dbus;
 pub mod gateway;
 pub mod imageserver;
+pub mod nm_double;
 pub mod webdriver;
 
 use std::path::{Path, PathBuf};
