@@ -199,6 +199,10 @@ pub struct Provision {
     /// hostapd's control socket directory (`ctrl_interface`).
     #[serde(default = "default_hostapd_ctrl")]
     pub hostapd_ctrl_dir: PathBuf,
+    /// wpa_supplicant's control socket directory, for joining the Wi-Fi
+    /// with the `hostapd` backend.
+    #[serde(default = "default_supplicant_ctrl")]
+    pub wpa_supplicant_ctrl_dir: PathBuf,
 }
 
 impl Provision {
@@ -229,6 +233,9 @@ fn default_ap_address() -> std::net::Ipv4Addr {
 }
 fn default_hostapd_ctrl() -> PathBuf {
     PathBuf::from("/run/hostapd")
+}
+fn default_supplicant_ctrl() -> PathBuf {
+    PathBuf::from("/run/wpa_supplicant")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -417,6 +424,7 @@ impl Config {
         if let Some(p) = &mut self.provision {
             p.pop_file.iter_mut().for_each(fix);
             fix(&mut p.hostapd_ctrl_dir);
+            fix(&mut p.wpa_supplicant_ctrl_dir);
         }
         if let Some(m) = &mut self.mqtt {
             m.ca_file.iter_mut().for_each(fix);

@@ -67,7 +67,8 @@ async fn provision_if_needed(config: &Config) -> Result<Option<Option<Provisione
             return Ok(Some(Some(record)));
         }
     }
-    let backend = crate::net::Backend::from_config(settings).await.map_err(PhaseError::from)?;
+    let client_dir = crate::net::client_dir(&config.device.state_dir);
+    let backend = crate::net::Backend::from_config(settings, &client_dir).await.map_err(PhaseError::from)?;
     match crate::provision::phase::run(config, backend).await {
         Ok(record) => Ok(Some(Some(record))),
         Err(e @ PhaseError::Timeout(_)) => {

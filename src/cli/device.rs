@@ -173,12 +173,14 @@ pub fn reset_factory(config_flag: Option<&Path>) -> ExitCode {
         let config = load_config(config_flag)?;
         let (_lock, _state) = Store::open(&config.device.state_dir)?;
         let store = crate::provision::store::ProvisionStore::new(&config.device.state_dir);
+        let ssid = store.load().ok().flatten().and_then(|r| r.wifi_ssid);
         let had = store.forget().map_err(|e| CliError::Usage(e.to_string()))?;
         let status = config.device.state_dir.join(crate::provision::phase::STATUS_FILE);
         let _ = std::fs::remove_file(status);
         if let Some(settings) = &config.provision {
+            let client_dir = crate::net::client_dir(&config.device.state_dir);
             runtime()?
-                .block_on(crate::net::forget_wifi(settings))
+                .block_on(crate::net::forget_wifi(settings, ssid.as_deref(), &client_dir))
                 .map_err(|e| CliError::Usage(e.to_string()))?;
         }
         Ok(had)

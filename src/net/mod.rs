@@ -2,10 +2,14 @@
 //! join the Wi-Fi a phone handed over. One file per backend, one enum over
 //! them (the set is closed and small; no trait object needed).
 //! - `networkmanager`: NM's D-Bus API (`networkmanager.rs`);
+//! - `hostapd`: hostapd's control socket, and wpa_supplicant's to join
+//!   (`hostapd.rs` over `wpa_ctrl.rs`);
 //! - `none`: no access point; the portal listens on `provision.listen`
 //!   (wired or USB-gadget set-up, and tests).
 
+pub mod hostapd;
 pub mod networkmanager;
+pub mod wpa_ctrl;
 
 use crate::provision::portal::Network;
 
@@ -38,24 +42,30 @@ impl std::fmt::Debug for AccessPoint {
 
 pub enum Backend {
     NetworkManager(networkmanager::NetworkManager),
+    Hostapd(hostapd::Hostapd),
     None,
 }
 
 impl Backend {
-    pub async fn from_config(settings: &crate::config::Provision) -> Result<Self, NetError> {
+    /// `client_dir` holds the control-socket clients' own sockets (hostapd).
+    pub async fn from_config(
+        settings: &crate::config::Provision,
+        client_dir: &std::path::Path,
+    ) -> Result<Self, NetError> {
         use crate::config::ProvisionBackend as B;
         match settings.backend {
             B::Networkmanager => {
                 Ok(Self::NetworkManager(networkmanager::NetworkManager::connect(&settings.interface).await?))
             }
+            B::Hostapd => Ok(Self::Hostapd(hostapd::Hostapd::new(settings, client_dir.to_path_buf()))),
             B::None => Ok(Self::None),
-            other => Err(NetError::Backend(format!("backend {other:?} is not built into this fleetd"))),
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
             Self::NetworkManager(_) => "networkmanager",
+            Self::Hostapd(_) => "hostapd",
             Self::None => "none",
         }
     }
@@ -65,6 +75,8 @@ impl Backend {
     pub async fn known_network_active(&mut self) -> Result<bool, NetError> {
         match self {
             Self::NetworkManager(nm) => nm.known_network_active().await,
+            // hostapd owns the radio as an access point; there is no station to take over.
+            Self::Hostapd(_) => Ok(false),
             Self::None => Ok(false),
         }
     }
@@ -73,6 +85,7 @@ impl Backend {
     pub async fn scan(&mut self) -> Result<Vec<Network>, NetError> {
         match self {
             Self::NetworkManager(nm) => nm.scan().await,
+            Self::Hostapd(_) => Ok(Vec::new()),
             Self::None => Ok(Vec::new()),
         }
     }
@@ -81,6 +94,7 @@ impl Backend {
     pub async fn start_ap(&mut self, ap: &AccessPoint) -> Result<Option<std::net::IpAddr>, NetError> {
         match self {
             Self::NetworkManager(nm) => nm.start_ap(ap).await.map(Some),
+            Self::Hostapd(h) => h.start_ap(ap).await.map(Some),
             Self::None => Ok(None),
         }
     }
@@ -88,6 +102,7 @@ impl Backend {
     pub async fn stop_ap(&mut self) -> Result<(), NetError> {
         match self {
             Self::NetworkManager(nm) => nm.stop_ap().await,
+            Self::Hostapd(h) => h.stop_ap().await,
             Self::None => Ok(()),
         }
     }
@@ -96,6 +111,7 @@ impl Backend {
     pub async fn join(&mut self, ssid: &str, psk: &str) -> Result<(), NetError> {
         match self {
             Self::NetworkManager(nm) => nm.join(ssid, psk).await,
+            Self::Hostapd(h) => h.join(ssid, psk).await,
             Self::None => {
                 Err(NetError::Join { reason: format!("backend none has no Wi-Fi to join {ssid:?} with") })
             }
@@ -104,11 +120,28 @@ impl Backend {
 }
 
 /// `fleetd reset --factory`: the Wi-Fi profiles provisioning made go too.
-pub async fn forget_wifi(settings: &crate::config::Provision) -> Result<(), NetError> {
-    match settings.backend {
-        crate::config::ProvisionBackend::Networkmanager => {
+/// `ssid` is the network provisioning joined, if any.
+pub async fn forget_wifi(
+    settings: &crate::config::Provision,
+    ssid: Option<&str>,
+    client_dir: &std::path::Path,
+) -> Result<(), NetError> {
+    match (settings.backend, ssid) {
+        (crate::config::ProvisionBackend::Networkmanager, _) => {
             networkmanager::NetworkManager::connect(&settings.interface).await?.forget().await
+        }
+        (crate::config::ProvisionBackend::Hostapd, Some(ssid)) => {
+            hostapd::Hostapd::new(settings, client_dir.to_path_buf()).forget(ssid).await
         }
         _ => Ok(()),
     }
+}
+
+/// Where control-socket clients bind their own sockets: systemd's
+/// RuntimeDirectory when there is one (hostapd must be able to answer
+/// there), else the state directory.
+pub fn client_dir(state_dir: &std::path::Path) -> std::path::PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| state_dir.to_path_buf())
 }
