@@ -244,6 +244,27 @@ fn a_killed_fleetd_leaves_no_hotspot_behind() {
     let mut unit = Unit::new(&bus.address, "127.0.0.1:0");
     unit.start(None);
     unit.wait_for("the hotspot", &nm, Duration::from_secs(20), || Unit::hotspot_up(&nm));
+
+    // A rescan, when asked: the hotspot drops, NM scans, the hotspot returns.
+    let key = fleetd::provision::pop::Pop::parse(&unit.pop()).unwrap().request_key(DEVICE);
+    let mut portal = String::new();
+    unit.wait_for("the portal", &nm, Duration::from_secs(20), || {
+        portal = unit.g.status()["network"]["portal"].as_str().unwrap_or_default().to_string();
+        !portal.is_empty()
+    });
+    let addr = portal.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let (status, networks) = portal_call(&addr, "GET", "/api/v1/networks", Some(&key));
+    assert_eq!((status, networks.as_str()), (200, r#"[{"ssid":"home","signal":80,"security":"wpa2"}]"#));
+    assert_eq!(portal_call(&addr, "POST", "/api/v1/rescan", None).0, 401);
+    assert_eq!(portal_call(&addr, "POST", "/api/v1/rescan", Some(&key)).0, 202);
+    unit.wait_for("the hotspot back after a rescan", &nm, Duration::from_secs(20), || {
+        nm.activations().len() == 2 && Unit::hotspot_up(&nm)
+    });
+    let events = nm.events();
+    let scans: Vec<_> = events.iter().enumerate().filter(|(_, e)| *e == "scanned").map(|(i, _)| i).collect();
+    let down = events.iter().position(|e| e.starts_with("deactivated")).expect("the hotspot dropped");
+    assert!(scans.len() == 2 && scans[1] > down, "scanned again after the hotspot dropped: {events:?}");
+
     unit.signal(libc::SIGKILL);
     unit.wait_for("NM to drop the hotspot", &nm, Duration::from_secs(10), || nm.active().is_empty());
     assert!(nm.events().iter().any(|e| e.contains("left: deactivating")), "{:?}", nm.events());

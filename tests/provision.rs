@@ -10,7 +10,6 @@ mod common;
 use common::cloud::{self, Broker, Net, Pki};
 use common::gateway::*;
 use common::*;
-use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -46,9 +45,13 @@ struct NewDevice {
 
 impl NewDevice {
     fn new(listen: &str) -> NewDevice {
+        Self::with_ap_timeout(listen, 600)
+    }
+
+    fn with_ap_timeout(listen: &str, ap_timeout_s: u64) -> NewDevice {
         let mut g = Gateway::new(Bootloader::Grub, 1 << 20);
         g.extra_config = format!(
-            "\n[mqtt]\nkeep_alive_s = 5\n\n[provision]\nbackend = \"none\"\nlisten = \"{listen}\"\nap_timeout_s = 600\n"
+            "\n[mqtt]\nkeep_alive_s = 5\n\n[provision]\nbackend = \"none\"\nlisten = \"{listen}\"\nap_timeout_s = {ap_timeout_s}\n"
         );
         g.write_config();
         let log = g.path().join("fleetd.log");
@@ -288,11 +291,7 @@ fn bad_identities_are_refused_by_name_and_guessing_locks_the_portal() {
     let wrong = fleetd::provision::pop::Pop::parse("0000-0000-0000-0001").unwrap().request_key(DEVICE);
     let mut statuses = std::collections::BTreeMap::new();
     for _ in 0..1000 {
-        let (_, info) = http(&addr, "GET", "/api/v1/info", None);
-        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
-        let nonce = info["nonce"].as_str().unwrap();
-        let auth = fleetd::provision::auth::authorization(&wrong, "GET", "/api/v1/csr", nonce, b"");
-        let (status, _) = http(&addr, "GET", "/api/v1/csr", Some(&auth));
+        let (status, _) = portal_call(&addr, "GET", "/api/v1/csr", Some(&wrong));
         *statuses.entry(status).or_insert(0) += 1;
     }
     assert_eq!(statuses.get(&401), Some(&5), "{statuses:?}");
@@ -305,19 +304,6 @@ fn bad_identities_are_refused_by_name_and_guessing_locks_the_portal() {
     let log = device.log();
     assert_eq!(log.matches("locked-out").count(), 1, "one lock-out, logged once:\n{log}");
     assert!(!log.contains(&pop), "{log}");
-}
-
-/// A minimal HTTP/1.1 exchange (the portal closes nothing early; one
-/// request per connection keeps it simple).
-fn http(addr: &str, method: &str, path: &str, authorization: Option<&str>) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
 }
 
 /// The page in a real browser (headless Chromium, phone-sized): a captive
@@ -376,4 +362,26 @@ fn the_portal_page_provisions_the_device_from_a_phone_sized_browser() {
     device.wait_for("provisioned", Duration::from_secs(10), || device.status()["provisioned"] == true);
     device.stop();
     assert!(!device.log().contains(&pop));
+}
+
+/// `ap_timeout_s`: nobody came, so the portal closes, the status says why,
+/// and the daemon waits (for a restart) without spinning.
+#[test]
+fn the_portal_closes_after_ap_timeout_and_says_so() {
+    let mut device = NewDevice::with_ap_timeout("127.0.0.1:0", 3);
+    device.start(None);
+    let url = device.wait_portal();
+    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    device.wait_for("the timeout", Duration::from_secs(10), || {
+        device.status()["last_error"].as_str().unwrap_or("").starts_with("ap-timeout")
+    });
+    let status = device.status();
+    assert_eq!(status["state"], "unprovisioned", "{status}");
+    assert_eq!(status["network"]["mode"], "none", "{status}");
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "the portal is closed");
+    let child = device.daemon.as_mut().unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "the daemon still runs");
+    let started = Instant::now();
+    device.stop();
+    assert!(started.elapsed() < Duration::from_secs(5), "and stops at SIGTERM");
 }

@@ -4,7 +4,7 @@
 //! point back with the reason shown at `/api/v1/info`.
 
 use super::portal::{Facts, Portal, Progress};
-use super::server::{self, Accepted, Clock, SharedPortal};
+use super::server::{self, Accepted, Clock, SharedPortal, ToPhase};
 use super::store::{load_or_create_pop, ProvisionStore, Provisioned, StoreError};
 use crate::config::Config;
 use crate::net::{AccessPoint, Backend, NetError};
@@ -115,7 +115,7 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
     let mut portal = Portal::new(facts, &pop, device_key, progress);
     portal.set_networks(networks);
     let portal: SharedPortal = Arc::new(Mutex::new(portal));
-    let (accepted_tx, mut accepted) = mpsc::channel::<Accepted>(1);
+    let (accepted_tx, mut accepted) = mpsc::channel::<ToPhase>(1);
     let floor = crate::store::Store::<crate::update::State>::read(&config.device.state_dir)
         .map(|s| s.clock_floor)
         .unwrap_or(0)
@@ -153,8 +153,24 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
                 return Err(e);
             }
         };
-        let Some(Accepted { request, identity, answer }) = item else {
-            return Err(PhaseError::Net(NetError::Backend("the portal stopped".into())));
+        let Accepted { request, identity, answer } = match item {
+            Some(ToPhase::Provision(accepted)) => accepted,
+            Some(ToPhase::Rescan) => {
+                tokio::time::sleep(HANDOVER_GRACE).await;
+                if ap_address.is_some() {
+                    phase.backend.stop_ap().await?;
+                }
+                match phase.backend.scan().await {
+                    Ok(networks) => lock(&portal).set_networks(networks),
+                    Err(e) => log(&format!("provisioning: rescan: {e}")),
+                }
+                if ap_address.is_some() {
+                    phase.backend.start_ap(&phase.ap).await?;
+                }
+                log("provisioning: rescanned");
+                continue;
+            }
+            None => return Err(PhaseError::Net(NetError::Backend("the portal stopped".into()))),
         };
         let record = match phase.store.save(&request, &identity, crate::system_now()) {
             Ok(r) => r,

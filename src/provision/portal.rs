@@ -83,6 +83,11 @@ pub enum Handled {
         request: Box<ProvisionRequest>,
         identity: Box<CheckedIdentity>,
     },
+    /// Asked for a fresh scan: answer `response`, then drop the access
+    /// point briefly (a radio in AP mode cannot scan) and raise it again.
+    Rescan {
+        response: Response,
+    },
 }
 
 impl Handled {
@@ -233,6 +238,13 @@ impl Portal {
                 Err(e) => Handled::reply(Response::error(500, e.name(), &e.to_string())),
             },
             ("POST", "/api/v1/provision") => self.provision(request.body, unix_now),
+            ("POST", "/api/v1/rescan") => Handled::Rescan {
+                response: Response::json(
+                    202,
+                    &serde_json::json!({"rescanning": true,
+                        "detail": "the access point drops for a few seconds to scan; reconnect, then ask /api/v1/networks"}),
+                ),
+            },
             _ => Handled::reply(Response::error(404, "not-found", request.path)),
         }
     }
@@ -308,7 +320,7 @@ mod tests {
     fn reply(handled: Handled) -> (Response, Option<String>) {
         match handled {
             Handled::Reply { response, log } => (response, log),
-            Handled::Provision { .. } => panic!("unexpected provision"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
@@ -348,6 +360,20 @@ mod tests {
         assert_eq!(String::from_utf8(r.body).unwrap(), r#"[{"ssid":"home","signal":70,"security":"wpa2"}]"#);
         let r = signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 2);
         assert!(String::from_utf8(r.body).unwrap().contains("BEGIN CERTIFICATE REQUEST"));
+        let (r, _) = reply(p.handle(
+            &Request { method: "POST", path: "/api/v1/rescan", authorization: None, body: b"" },
+            3,
+            0,
+            [0; 16],
+        ));
+        assert_eq!(r.status, 401, "a rescan needs the PoP too");
+        let n = nonce(&mut p, 4);
+        let header = auth::authorization(&pop.request_key("gw-1"), "POST", "/api/v1/rescan", &n, b"");
+        let rescan =
+            Request { method: "POST", path: "/api/v1/rescan", authorization: Some(&header), body: b"" };
+        assert!(
+            matches!(p.handle(&rescan, 4, 0, [5; 16]), Handled::Rescan { response } if response.status == 202)
+        );
     }
 
     #[test]

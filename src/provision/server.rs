@@ -14,6 +14,12 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+/// What the portal hands the phase driver.
+pub enum ToPhase {
+    Provision(Accepted),
+    Rescan,
+}
+
 /// A request that passed every check, for the phase driver to store.
 pub struct Accepted {
     pub request: ProvisionRequest,
@@ -33,7 +39,7 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn serve(
     listener: TcpListener,
     portal: SharedPortal,
-    accepted: mpsc::Sender<Accepted>,
+    accepted: mpsc::Sender<ToPhase>,
     clock: Clock,
     log: fn(&str),
 ) {
@@ -84,7 +90,7 @@ impl Clock {
 async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
     portal: &SharedPortal,
-    accepted: &mpsc::Sender<Accepted>,
+    accepted: &mpsc::Sender<ToPhase>,
     clock: Clock,
     log: fn(&str),
 ) -> hyper::Response<Full<Bytes>> {
@@ -122,13 +128,18 @@ async fn answer(
         Handled::Provision { request, identity } => {
             let (tx, rx) = oneshot::channel();
             let item = Accepted { request: *request, identity: *identity, answer: tx };
-            if accepted.send(item).await.is_err() {
+            if accepted.send(ToPhase::Provision(item)).await.is_err() {
                 return to_hyper(error(503, "not-provisioning", "provisioning has ended"));
             }
             match rx.await {
                 Ok(response) => to_hyper(response),
                 Err(_) => to_hyper(error(503, "not-provisioning", "provisioning has ended")),
             }
+        }
+        Handled::Rescan { response } => {
+            // One at a time: a second ask while one is queued changes nothing.
+            let _ = accepted.try_send(ToPhase::Rescan);
+            to_hyper(response)
         }
     }
 }

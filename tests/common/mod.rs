@@ -151,3 +151,28 @@ impl Device {
         (out.status.code().unwrap_or(-1), stdout(&out) + &stderr(&out))
     }
 }
+
+/// One HTTP/1.1 exchange with a portal (`ADDR:PORT`), optionally signed
+/// with the proof-of-possession `key` (a fresh nonce from /api/v1/info):
+/// the status and the body.
+pub fn portal_call(addr: &str, method: &str, path: &str, key: Option<&ring::hmac::Key>) -> (u16, String) {
+    let authorization = key.map(|key| {
+        let (_, info) = portal_call(addr, "GET", "/api/v1/info", None);
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let nonce = info["nonce"].as_str().unwrap().to_string();
+        fleetd::provision::auth::authorization(key, method, path, &nonce, b"")
+    });
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
