@@ -154,7 +154,7 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
             }
         };
         let Accepted { request, identity, answer } = match item {
-            Some(ToPhase::Provision(accepted)) => accepted,
+            Some(ToPhase::Provision(accepted)) => *accepted,
             Some(ToPhase::Rescan) => {
                 tokio::time::sleep(HANDOVER_GRACE).await;
                 if ap_address.is_some() {

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// What the portal hands the phase driver.
 pub enum ToPhase {
-    Provision(Accepted),
+    Provision(Box<Accepted>),
     Rescan,
 }
 
@@ -128,7 +128,7 @@ async fn answer(
         Handled::Provision { request, identity } => {
             let (tx, rx) = oneshot::channel();
             let item = Accepted { request: *request, identity: *identity, answer: tx };
-            if accepted.send(ToPhase::Provision(item)).await.is_err() {
+            if accepted.send(ToPhase::Provision(Box::new(item))).await.is_err() {
                 return to_hyper(error(503, "not-provisioning", "provisioning has ended"));
             }
             match rx.await {
