@@ -34,13 +34,14 @@ pub fn run(
 ) -> Result<(), DaemonError> {
     // Opened first: a second daemon (or a running `fleetd install`) holds
     // the state lock, and this one stops before raising anything.
-    let executor = open(config.clone())?;
+    let mut executor = open(config.clone())?;
+    let clock_floor = executor.clock_floor();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         let shutdown = crate::sys::signals::shutdown();
         tokio::pin!(shutdown);
         let provisioned = tokio::select! {
-            provisioned = provision_if_needed(&config) => provisioned?,
+            provisioned = provision_if_needed(&config, clock_floor) => provisioned?,
             _ = &mut shutdown => return Ok(()),
         };
         let Some(provisioned) = provisioned else {
@@ -51,6 +52,7 @@ pub fn run(
         let broker = config
             .broker(provisioned.as_ref().map(|p| (p.broker_host.as_str(), p.broker_port)))
             .ok_or(DaemonError::NoMqtt)?;
+        executor.set_provisioning(crate::provision::phase::facts(&config));
         mqtt::check_identity(&broker.cert_file, &config.device.id)?;
         let tls = mqtt::tls_config(&broker.ca_file, &broker.cert_file, &broker.key_file)?;
         connected(config, broker, Some(tls), executor, shutdown).await
@@ -59,7 +61,10 @@ pub fn run(
 
 /// `Ok(Some(None))`: nothing to provision; `Ok(Some(Some(record)))`: the
 /// provisioning to connect with; `Ok(None)`: the access point timed out.
-async fn provision_if_needed(config: &Config) -> Result<Option<Option<Provisioned>>, DaemonError> {
+async fn provision_if_needed(
+    config: &Config,
+    clock_floor: u64,
+) -> Result<Option<Option<Provisioned>>, DaemonError> {
     let Some(settings) = &config.provision else { return Ok(Some(None)) };
     let store = ProvisionStore::new(&config.device.state_dir);
     if let Some(record) = store.load().map_err(PhaseError::from)? {
@@ -69,10 +74,10 @@ async fn provision_if_needed(config: &Config) -> Result<Option<Option<Provisione
     }
     let client_dir = crate::net::client_dir(&config.device.state_dir);
     let backend = crate::net::Backend::from_config(settings, &client_dir).await.map_err(PhaseError::from)?;
-    match crate::provision::phase::run(config, backend).await {
+    match crate::provision::phase::run(config, backend, clock_floor).await {
         Ok(record) => Ok(Some(Some(record))),
         Err(e @ PhaseError::Timeout(_)) => {
-            crate::provision::phase::log(&format!("provisioning: {e}"));
+            crate::logging::log(&format!("provisioning: {e}"));
             Ok(None)
         }
         Err(e) => Err(e.into()),

@@ -16,6 +16,7 @@ mod demo_broker;
 pub mod fixture;
 pub mod fsutil;
 pub mod http;
+pub mod logging;
 pub mod mqtt;
 pub mod net;
 pub mod provision;

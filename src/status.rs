@@ -51,7 +51,31 @@ pub struct JobStatus {
     pub progress: u8,
 }
 
+/// What provisioning left, for the status document (plain data; the
+/// provisioning code reads it from disk).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Provisioning {
+    pub provisioned: bool,
+    pub network: Option<NetworkStatus>,
+    /// `unprovisioned` or `provisioning` while not provisioned.
+    pub state: Option<String>,
+    pub last_error: Option<String>,
+}
+
 impl StatusDoc {
+    /// An unprovisioned device's state is `unprovisioned` or (while the
+    /// daemon runs its portal) `provisioning`, whatever the update state.
+    pub fn apply_provisioning(&mut self, p: &Provisioning) {
+        self.provisioned = p.provisioned;
+        self.network = p.network.clone();
+        if let Some(state) = &p.state {
+            self.state = state.clone();
+        }
+        if let Some(e) = &p.last_error {
+            self.last_error.get_or_insert_with(|| e.clone());
+        }
+    }
+
     /// Short, aligned text for people.
     pub fn to_human(&self) -> String {
         let mut out = String::new();

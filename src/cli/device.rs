@@ -149,6 +149,7 @@ pub fn status(config_flag: Option<&Path>, json: bool, pop: bool) -> ExitCode {
     if let Err(e) = &backend {
         doc.last_error.get_or_insert_with(|| format!("{}: {e}", e.name()));
     }
+    doc.apply_provisioning(&crate::provision::phase::facts(&config));
     if json {
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {

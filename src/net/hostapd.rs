@@ -90,11 +90,11 @@ impl Hostapd {
             while let Ok(event) = events.next().await {
                 let mac = event.text.split_whitespace().nth(1).unwrap_or("?").to_string();
                 match event.name() {
-                    "AP-STA-CONNECTED" => crate::provision::phase::log(&format!("provisioning: {mac} joined the access point")),
-                    "AP-STA-POSSIBLE-PSK-MISMATCH" => crate::provision::phase::log(&format!(
+                    "AP-STA-CONNECTED" => crate::logging::log(&format!("provisioning: {mac} joined the access point")),
+                    "AP-STA-POSSIBLE-PSK-MISMATCH" => crate::logging::log(&format!(
                         "provisioning: {mac} tried a wrong access-point passphrase (the one derived from the label's code is needed)"
                     )),
-                    "AP-STA-DISCONNECTED" => crate::provision::phase::log(&format!("provisioning: {mac} left the access point")),
+                    "AP-STA-DISCONNECTED" => crate::logging::log(&format!("provisioning: {mac} left the access point")),
                     _ => {}
                 }
             }
@@ -138,7 +138,7 @@ impl Hostapd {
             Ok(()) => {
                 // Kept for the next boots; a read-only config is not fatal.
                 if let Err(e) = supplicant.ok("SAVE_CONFIG").await {
-                    crate::provision::phase::log(&format!("provisioning: wpa_supplicant SAVE_CONFIG: {e}"));
+                    crate::logging::log(&format!("provisioning: wpa_supplicant SAVE_CONFIG: {e}"));
                 }
                 Ok(())
             }

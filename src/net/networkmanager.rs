@@ -16,8 +16,8 @@
 //! rest is tested against a stand-in on a private dbus-daemon
 //! (tests/networkmanager.rs).
 
+use super::Network;
 use super::{AccessPoint, NetError};
-use crate::provision::portal::Network;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -238,7 +238,7 @@ impl NetworkManager {
         })
         .await;
         if waited.is_err() {
-            crate::provision::phase::log("provisioning: the scan took too long; using what NM has");
+            crate::logging::log("provisioning: the scan took too long; using what NM has");
         }
         let paths: Vec<OwnedObjectPath> =
             wireless.call("GetAllAccessPoints", &()).await.map_err(dbus("access points"))?;

@@ -43,9 +43,7 @@ const HANDOVER_GRACE: Duration = Duration::from_secs(2);
 /// How often to look again whether a known network is still up.
 const KNOWN_NETWORK_RECHECK: Duration = Duration::from_secs(10);
 
-pub fn log(line: &str) {
-    eprintln!("{line}");
-}
+use crate::logging::log;
 
 struct Phase<'a> {
     config: &'a Config,
@@ -55,7 +53,8 @@ struct Phase<'a> {
 }
 
 /// Runs provisioning to its end: the record of a complete provisioning.
-pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, PhaseError> {
+/// `clock_floor`: the device's lowest trusted time, for certificate validity.
+pub async fn run(config: &Config, backend: Backend, clock_floor: u64) -> Result<Provisioned, PhaseError> {
     let Some(settings) = config.provision.as_ref() else {
         return Err(PhaseError::Net(NetError::Backend("no [provision] section".into())));
     };
@@ -116,10 +115,7 @@ pub async fn run(config: &Config, backend: Backend) -> Result<Provisioned, Phase
     portal.set_networks(networks);
     let portal: SharedPortal = Arc::new(Mutex::new(portal));
     let (accepted_tx, mut accepted) = mpsc::channel::<ToPhase>(1);
-    let floor = crate::store::Store::<crate::update::State>::read(&config.device.state_dir)
-        .map(|s| s.clock_floor)
-        .unwrap_or(0)
-        .max(crate::build_epoch());
+    let floor = clock_floor.max(crate::build_epoch());
     let server = tokio::spawn(server::serve(listener, portal.clone(), accepted_tx, Clock::new(floor), log));
     let _server = AbortOnDrop(server);
     let mode = match (ap_address, known_network) {
@@ -244,6 +240,30 @@ impl Phase<'_> {
             log(&format!("provisioning: {}: {e}", path.display()));
         }
     }
+}
+
+/// What provisioning left, for the status document. Without a
+/// `[provision]` section the device is configured by hand: provisioned.
+pub fn facts(config: &Config) -> crate::status::Provisioning {
+    let phase = read_status(&config.device.state_dir);
+    if config.provision.is_none() {
+        return crate::status::Provisioning { provisioned: true, ..Default::default() };
+    }
+    let store = ProvisionStore::new(&config.device.state_dir);
+    let provisioned = matches!(store.load(), Ok(Some(record)) if record.complete());
+    let mut facts = crate::status::Provisioning {
+        provisioned,
+        network: phase.as_ref().map(|p| p.network.clone()),
+        ..Default::default()
+    };
+    if !provisioned {
+        facts.state = Some(match &phase {
+            Some(p) if p.state == "provisioning" => "provisioning".into(),
+            _ => "unprovisioned".into(),
+        });
+        facts.last_error = phase.and_then(|p| p.last_error);
+    }
+    facts
 }
 
 /// The phase's last status, if the daemon wrote one.

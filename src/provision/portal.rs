@@ -14,15 +14,7 @@ use super::identity::{self, CheckedIdentity, DeviceKey};
 use super::request::ProvisionRequest;
 use serde::Serialize;
 
-/// A network seen by the scan made before the access point came up.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Network {
-    pub ssid: String,
-    /// 0-100.
-    pub signal: u8,
-    /// "open", "wpa2", "wpa3", …
-    pub security: String,
-}
+pub use crate::net::Network;
 
 /// Where provisioning stands, as `/api/v1/info` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -130,6 +130,7 @@ pub struct Executor {
     /// Actions of the current job still to carry out.
     queue: VecDeque<Action>,
     inputs: VecDeque<Input>,
+    provisioning: Option<crate::status::Provisioning>,
 }
 
 impl Executor {
@@ -168,6 +169,7 @@ impl Executor {
             timers: BTreeMap::new(),
             queue: VecDeque::new(),
             inputs: VecDeque::new(),
+            provisioning: None,
         })
     }
 
@@ -583,7 +585,26 @@ impl Executor {
 
     /// The status document as of now.
     pub fn status_doc(&self) -> crate::status::StatusDoc {
-        super::status_doc(&self.config, self.agent.state(), Some(self.boot.as_ref()), Some(self.booted()))
+        let mut doc = super::status_doc(
+            &self.config,
+            self.agent.state(),
+            Some(self.boot.as_ref()),
+            Some(self.booted()),
+        );
+        if let Some(p) = &self.provisioning {
+            doc.apply_provisioning(p);
+        }
+        doc
+    }
+
+    /// What provisioning left, for the status documents it reports.
+    pub fn set_provisioning(&mut self, provisioning: crate::status::Provisioning) {
+        self.provisioning = Some(provisioning);
+    }
+
+    /// The lowest trusted time (seconds): the stored clock floor.
+    pub fn clock_floor(&self) -> u64 {
+        self.agent.state().clock_floor
     }
 
     pub fn report_status(&mut self) {

@@ -50,8 +50,7 @@ pub fn status_doc(
         step: j.phase.status_name().to_string(),
         progress: (j.written.saturating_mul(100) / j.size.max(1)).min(100) as u8,
     });
-    let mut state_name = state.job.as_ref().map(|j| j.phase.status_name()).unwrap_or("idle").to_string();
-    let (provisioned, network) = provisioning(config, &mut state_name, &mut last_error);
+    let state_name = state.job.as_ref().map(|j| j.phase.status_name()).unwrap_or("idle").to_string();
     StatusDoc {
         device: config.device.id.clone(),
         fleetd_version: crate::VERSION.to_string(),
@@ -62,33 +61,9 @@ pub fn status_doc(
         slots,
         job,
         last_error,
-        provisioned,
-        network,
+        // Configured by hand until the caller applies what provisioning
+        // left (`StatusDoc::apply_provisioning`).
+        provisioned: true,
+        network: None,
     }
-}
-
-/// Provisioning's part: with a `[provision]` section, an unprovisioned
-/// device's state is `unprovisioned` or (while the daemon runs its portal)
-/// `provisioning`.
-fn provisioning(
-    config: &Config,
-    state_name: &mut String,
-    last_error: &mut Option<String>,
-) -> (bool, Option<crate::status::NetworkStatus>) {
-    let phase = crate::provision::phase::read_status(&config.device.state_dir);
-    if config.provision.is_none() {
-        return (true, None);
-    }
-    let store = crate::provision::store::ProvisionStore::new(&config.device.state_dir);
-    let provisioned = matches!(store.load(), Ok(Some(record)) if record.complete());
-    if !provisioned {
-        *state_name = match &phase {
-            Some(p) if p.state == "provisioning" => "provisioning".into(),
-            _ => "unprovisioned".into(),
-        };
-        if let Some(e) = phase.as_ref().and_then(|p| p.last_error.clone()) {
-            last_error.get_or_insert(e);
-        }
-    }
-    (provisioned, phase.map(|p| p.network))
 }
