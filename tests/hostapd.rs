@@ -9,7 +9,7 @@ use common::gateway::*;
 use common::*;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ const DEVICE: &str = "gw-0042";
 
 /// One control-socket daemon: records every command, answers as `answer`
 /// says, sends events to attached clients (one before each reply to them).
-struct Daemon {
+struct CtrlDaemon {
     commands: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -26,8 +26,8 @@ struct Daemon {
 
 type Answer = dyn Fn(&str) -> (String, Vec<String>) + Send;
 
-impl Daemon {
-    fn start(socket: &Path, answer: Box<Answer>) -> Daemon {
+impl CtrlDaemon {
+    fn start(socket: &Path, answer: Box<Answer>) -> CtrlDaemon {
         std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
         let server = UnixDatagram::bind(socket).unwrap();
         server.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
@@ -61,7 +61,7 @@ impl Daemon {
                 }
             }
         });
-        Daemon { commands, stop, thread: Some(thread) }
+        CtrlDaemon { commands, stop, thread: Some(thread) }
     }
 
     fn commands(&self) -> Vec<String> {
@@ -69,7 +69,7 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
+impl Drop for CtrlDaemon {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -78,9 +78,9 @@ impl Drop for Daemon {
     }
 }
 
-fn hostapd(socket: &Path) -> Daemon {
+fn hostapd(socket: &Path) -> CtrlDaemon {
     let enabled = Arc::new(AtomicBool::new(false));
-    Daemon::start(
+    CtrlDaemon::start(
         socket,
         Box::new(move |command| {
             let ok = |events: Vec<&str>| ("OK\n".to_string(), events.into_iter().map(String::from).collect());
@@ -109,9 +109,9 @@ fn hostapd(socket: &Path) -> Daemon {
     )
 }
 
-fn wpa_supplicant(socket: &Path, right_psk: &'static str) -> Daemon {
+fn wpa_supplicant(socket: &Path, right_psk: &'static str) -> CtrlDaemon {
     let psk = Arc::new(Mutex::new(String::new()));
-    Daemon::start(
+    CtrlDaemon::start(
         socket,
         Box::new(move |command| {
             let ok = |events: Vec<String>| ("OK\n".to_string(), events);
@@ -173,13 +173,7 @@ fn the_hostapd_backend_raises_the_ap_joins_through_wpa_supplicant_and_reports_a_
     let (cert, key) = pki.client(DEVICE);
     let pop = stdout(&g.fleetd(&["status", "--pop"])).lines().last().unwrap().to_string();
     let log = g.path().join("fleetd.log");
-    let mut daemon: Child = Command::new(env!("CARGO_BIN_EXE_fleetd"))
-        .args(["run", "--config"])
-        .arg(g.dev.config())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = Daemon::start(&g.dev.config(), None, &[], &log);
     let mut url = String::new();
     wait_for("the portal", &log, Duration::from_secs(20), || {
         url = g.status()["network"]["portal"].as_str().unwrap_or_default().to_string();
@@ -235,9 +229,7 @@ fn the_hostapd_backend_raises_the_ap_joins_through_wpa_supplicant_and_reports_a_
     assert_eq!(g.status()["network"]["mode"], "station");
 
     // SIGTERM, then reset: the saved network goes.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    let _ = daemon.wait();
+    daemon.stop();
     ok(fleetd().args(["reset", "--factory", "--config"]).arg(g.dev.config()));
     let sup = supplicant.commands();
     assert!(

@@ -258,12 +258,6 @@ fn a_corrupt_boot_env_is_named_and_nothing_is_written() {
     assert!(c.server.log().is_empty());
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
-
 fn require_root(what: &str) -> bool {
     if is_root() {
         return true;

@@ -19,22 +19,8 @@ fn runs(name: &str, default: u32) -> u32 {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
-
 fn can_run() -> bool {
-    let ok = is_root() && cloud::available(&["ip", "mosquitto"]);
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the namespace tests (root, mosquitto, iproute2)"
-        );
-        eprintln!("SKIP: needs root, iproute2 and mosquitto (scripts/setup)");
-    }
-    ok
+    can_run_netns()
 }
 
 struct World {

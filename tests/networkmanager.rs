@@ -10,22 +10,16 @@
 //!   behind (bind-activation), and a known network is never taken over.
 
 mod common;
-use common::cloud::{self, Broker, Net, Pki};
+use common::cloud::{Broker, Net, Pki};
 use common::dbus::PrivateBus;
 use common::gateway::*;
 use common::nm_double::NmDouble;
 use common::*;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 const DEVICE: &str = "gw-0042";
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
 
 fn bus(dir: &std::path::Path) -> Option<PrivateBus> {
     let bus = PrivateBus::start(dir);
@@ -38,7 +32,7 @@ fn bus(dir: &std::path::Path) -> Option<PrivateBus> {
 
 struct Unit {
     g: Gateway,
-    daemon: Option<Child>,
+    daemon: Option<Daemon>,
     log: PathBuf,
     bus: String,
 }
@@ -56,27 +50,13 @@ impl Unit {
     }
 
     fn start(&mut self, net: Option<&Net>) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = match net {
-            Some(net) => net.in_device(env!("CARGO_BIN_EXE_fleetd")),
-            None => Command::new(env!("CARGO_BIN_EXE_fleetd")),
-        };
-        let child = cmd
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.bus)
-            .args(["run", "--config"])
-            .arg(self.g.dev.config())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
+        let env = [("DBUS_SYSTEM_BUS_ADDRESS", self.bus.as_str())];
+        self.daemon = Some(Daemon::start(&self.g.dev.config(), net, &env, &self.log));
     }
 
     fn signal(&mut self, signal: i32) {
-        if let Some(mut child) = self.daemon.take() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, signal) };
-            let _ = child.wait();
+        if let Some(mut d) = self.daemon.take() {
+            d.signal(signal);
         }
     }
 
@@ -107,12 +87,6 @@ impl Unit {
     }
 }
 
-impl Drop for Unit {
-    fn drop(&mut self) {
-        self.signal(libc::SIGTERM);
-    }
-}
-
 fn provision(net: &Net, url: &str, pop: &str, pki: &Pki, broker: &str, wifi: (&str, &str)) -> Output {
     let ca_key = pki.ca_key();
     run(net
@@ -128,9 +102,7 @@ fn provision(net: &Net, url: &str, pop: &str, pki: &Pki, broker: &str, wifi: (&s
 
 #[test]
 fn unprovisioned_to_mqtt_through_networkmanager_with_a_wrong_passphrase_first() {
-    if !(is_root() && cloud::available(&["ip", "mosquitto"])) {
-        assert!(std::env::var_os("CI").is_none(), "CI must run the namespace tests");
-        eprintln!("SKIP: needs root, iproute2 and mosquitto (scripts/setup)");
+    if !can_run_netns() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -165,6 +137,10 @@ fn unprovisioned_to_mqtt_through_networkmanager_with_a_wrong_passphrase_first() 
     assert_eq!(ap.str("802-11-wireless", "band").as_deref(), Some("bg"));
     assert_eq!(ap.str("802-11-wireless-security", "key-mgmt").as_deref(), Some("wpa-psk"));
     assert_eq!(ap.str("802-11-wireless-security", "psk"), Some(passphrase.clone()));
+    // The label shows what a phone needs to join.
+    let label = stdout(&unit.g.fleetd(&["status", "--pop"]));
+    assert!(label.contains(&format!("access point fleetd-{DEVICE}, passphrase {passphrase}")), "{label}");
+    assert!(label.contains(&format!("WIFI:T:WPA;S:fleetd-{DEVICE};P:{passphrase};;")), "{label}");
     for key in ["proto", "pairwise", "group"] {
         let list: Vec<String> =
             ap.get("802-11-wireless-security", key).unwrap().try_clone().unwrap().try_into().unwrap();

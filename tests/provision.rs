@@ -7,39 +7,21 @@
 //! - The refusal tests run the portal on loopback and need no root.
 
 mod common;
-use common::cloud::{self, Broker, Net, Pki};
+use common::cloud::{Broker, Net, Pki};
 use common::gateway::*;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 const PROJECT: &str = "acme-gateways";
 const DEVICE: &str = "gw-0042";
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
-        .unwrap_or(false)
-}
-
-fn can_run_netns() -> bool {
-    let ok = is_root() && cloud::available(&["ip", "mosquitto"]);
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the namespace tests (root, mosquitto, iproute2)"
-        );
-        eprintln!("SKIP: needs root, iproute2 and mosquitto (scripts/setup)");
-    }
-    ok
-}
-
 /// A device whose config has `[provision]` (backend none) and no `[mqtt]`.
 struct NewDevice {
     g: Gateway,
-    daemon: Option<Child>,
+    daemon: Option<Daemon>,
     log: PathBuf,
 }
 
@@ -59,26 +41,12 @@ impl NewDevice {
     }
 
     fn start(&mut self, net: Option<&Net>) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut cmd = match net {
-            Some(net) => net.in_device(env!("CARGO_BIN_EXE_fleetd")),
-            None => Command::new(env!("CARGO_BIN_EXE_fleetd")),
-        };
-        let child = cmd
-            .args(["run", "--config"])
-            .arg(self.g.dev.config())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
+        self.daemon = Some(Daemon::start(&self.g.dev.config(), net, &[], &self.log));
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
         }
     }
 
@@ -123,12 +91,6 @@ impl NewDevice {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(serde_json::Value::Null)
-    }
-}
-
-impl Drop for NewDevice {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -379,8 +341,7 @@ fn the_portal_closes_after_ap_timeout_and_says_so() {
     assert_eq!(status["state"], "unprovisioned", "{status}");
     assert_eq!(status["network"]["mode"], "none", "{status}");
     assert!(std::net::TcpStream::connect(&addr).is_err(), "the portal is closed");
-    let child = device.daemon.as_mut().unwrap();
-    assert!(child.try_wait().unwrap().is_none(), "the daemon still runs");
+    assert!(device.daemon.as_mut().unwrap().running(), "the daemon still runs");
     let started = Instant::now();
     device.stop();
     assert!(started.elapsed() < Duration::from_secs(5), "and stops at SIGTERM");

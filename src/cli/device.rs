@@ -157,7 +157,17 @@ pub fn status(config_flag: Option<&Path>, json: bool, pop: bool) -> ExitCode {
     }
     if pop {
         match crate::provision::store::load_or_create_pop(&config.pop_file()) {
-            Ok(pop) => println!("{}", pop.display_code()),
+            Ok(pop) => {
+                // For the label: the access point and its passphrase (also as
+                // the Wi-Fi QR code phones read), then the code, alone, last.
+                if let Some(settings) = &config.provision {
+                    let ssid = settings.ap_ssid(&config.device.id);
+                    let passphrase = pop.ap_passphrase(&config.device.id);
+                    println!("{:<12} {ssid}, passphrase {passphrase}", "access point");
+                    println!("{:<12} WIFI:T:WPA;S:{};P:{passphrase};;", "wifi qr", wifi_qr_escape(&ssid));
+                }
+                println!("{}", pop.display_code())
+            }
             Err(e) => {
                 eprintln!("fleetd status: {e}");
                 return ExitCode::from(1);
@@ -165,6 +175,11 @@ pub fn status(config_flag: Option<&Path>, json: bool, pop: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The Wi-Fi QR format escapes `\ ; , : "` with a backslash.
+fn wifi_qr_escape(text: &str) -> String {
+    text.chars().flat_map(|c| if "\\;,:\"".contains(c) { vec!['\\', c] } else { vec![c] }).collect()
 }
 
 /// `fleetd reset --factory`. It takes the state lock, so it never races a

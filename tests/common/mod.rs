@@ -176,3 +176,77 @@ pub fn portal_call(addr: &str, method: &str, path: &str, key: Option<&ring::hmac
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// Whether the namespace tests can run (root, iproute2, mosquitto). Under
+/// CI they must: there a skip is a failure.
+pub fn can_run_netns() -> bool {
+    let ok = is_root() && cloud::available(&["ip", "mosquitto"]);
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the namespace tests (root, mosquitto, iproute2)"
+        );
+        eprintln!("SKIP: needs root, iproute2 and mosquitto (scripts/setup)");
+    }
+    ok
+}
+
+/// `fleetd run` as a child process (in the device namespace when given),
+/// its standard error appended to `log`; SIGTERM on drop.
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, net: Option<&cloud::Net>, env: &[(&str, &str)], log: &Path) -> Daemon {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut cmd = match net {
+            Some(net) => net.in_device(env!("CARGO_BIN_EXE_fleetd")),
+            None => Command::new(env!("CARGO_BIN_EXE_fleetd")),
+        };
+        let child = cmd
+            .envs(env.iter().copied())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Daemon { child: Some(child), log: log.to_path_buf() }
+    }
+
+    /// Sends `signal` and waits for the exit.
+    pub fn signal(&mut self, signal: i32) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Still running (not exited, not stopped by us).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
