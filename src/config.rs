@@ -502,6 +502,17 @@ impl Config {
         if self.update.reboot == RebootMethod::Command && self.update.reboot_command.is_none() {
             return Err(self.invalid("update.reboot_command", "required when update.reboot = \"command\""));
         }
+        if let Some(p) = &self.provision {
+            if p.listen != "auto" && p.listen_addr().is_none() {
+                return Err(self.invalid(
+                    "provision.listen",
+                    format!("{:?} is neither \"auto\" nor ADDR:PORT", p.listen),
+                ));
+            }
+            if p.interface.is_empty() || p.interface.contains('/') {
+                return Err(self.invalid("provision.interface", "must be an interface name"));
+            }
+        }
         if let Some(m) = &self.mqtt {
             if m.host.as_deref() == Some("") {
                 return Err(self.invalid("mqtt.host", "must not be empty"));
@@ -683,6 +694,11 @@ mod tests {
 
         let e = error_of("this is = = not toml");
         assert!(e.starts_with("/etc/fleetd/fleetd.toml: key"), "{e}");
+
+        let e = error_of(&format!("{}\n[provision]\nlisten = \"0.0.0.0\"\n", good()));
+        assert!(e.contains("`provision.listen`") && e.contains("ADDR:PORT"), "{e}");
+        let e = error_of(&format!("{}\n[provision]\nbackend = \"wext\"\n", good()));
+        assert!(e.contains("`provision.backend`"), "{e}");
     }
 
     #[test]

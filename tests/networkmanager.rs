@@ -263,3 +263,36 @@ fn a_known_network_is_never_taken_over() {
     assert!(unit.log().contains("known network"), "{}", unit.log());
     assert_eq!(unit.g.status()["network"]["mode"], "station");
 }
+
+/// Stopped between joining the Wi-Fi and recording it (a power cut, say):
+/// at the next start the network provisioning asked for is up, so the
+/// device counts as provisioned and goes on, instead of waiting for a
+/// known network to go away for ever.
+#[test]
+fn a_join_that_was_never_recorded_is_completed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bus) = bus(dir.path()) else { return };
+    let nm =
+        NmDouble::start_on_known_network(&bus.address, "127.0.0.1", &[("home", 80, "x")], "fleetd-wifi-home");
+    let mut unit = Unit::new(&bus.address, "auto");
+    let pki = Pki::new(&unit.g.path().join("pki"), "127.0.0.1".parse().unwrap());
+    let (cert, key) = pki.client(DEVICE);
+    let identity = unit.g.path().join("state/identity");
+    std::fs::create_dir_all(&identity).unwrap();
+    std::fs::copy(&cert, identity.join("cert.pem")).unwrap();
+    std::fs::copy(&key, identity.join("key.pem")).unwrap();
+    std::fs::copy(&pki.ca_pem, identity.join("ca.pem")).unwrap();
+    let record = unit.g.path().join("state/provisioning.json");
+    std::fs::write(
+        &record,
+        r#"{"broker_host":"127.0.0.1","broker_port":8883,"wifi_ssid":"home","network_up":false,"provisioned_at":1}"#,
+    )
+    .unwrap();
+    assert_eq!(unit.g.status()["provisioned"], false);
+    unit.start(None);
+    unit.wait_for("the recovered provisioning", &nm, Duration::from_secs(20), || {
+        unit.g.status()["provisioned"] == true
+    });
+    assert!(nm.activations().is_empty(), "no hotspot over the joined network: {:?}", nm.activations());
+    assert!(unit.log().contains("the Wi-Fi provisioning joined is up"), "{}", unit.log());
+}

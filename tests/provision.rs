@@ -346,3 +346,49 @@ fn the_portal_closes_after_ap_timeout_and_says_so() {
     device.stop();
     assert!(started.elapsed() < Duration::from_secs(5), "and stops at SIGTERM");
 }
+
+/// Something posing as the portal (it knows the device id, not the PoP)
+/// hands out its own CSR: fleetctl refuses it before the CA signs anything,
+/// because the answer lacks the device's MAC.
+#[test]
+fn fleetctl_signs_nothing_for_a_portal_that_cannot_prove_the_pop() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let someone = fleetd::provision::identity::DeviceKey::generate().unwrap();
+    let csr = someone.csr_pem(DEVICE).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        for stream in listener.incoming().flatten().take(8) {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).map(|n| n == 0 || header == "\r\n").unwrap_or(true) {
+                    break;
+                }
+            }
+            let body = if line.contains("/api/v1/csr") {
+                serde_json::json!({"csr_pem": csr}).to_string()
+            } else {
+                serde_json::json!({"device": DEVICE, "hardware": "x", "fleetd_version": "0", "state": "provisioning",
+                    "provisioned": false, "last_error": null, "nonce": "AAAAAAAAAAAAAAAAAAAAAA"}).to_string()
+            };
+            let mut stream = stream;
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "127.0.0.1".parse().unwrap());
+    let ca_key = pki.ca_key();
+    let out = run(Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["provision", "--url", &format!("http://{addr}/"), "--pop", "0000-0000-0000-0000"])
+        .args(["--broker", "127.0.0.1:8883", "--broker-ca"])
+        .arg(&pki.ca_pem)
+        .arg("--ca-cert")
+        .arg(&pki.ca_pem)
+        .arg("--ca-key")
+        .arg(&ca_key));
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains("not from the device that holds this code"), "{}", stderr(&out));
+}

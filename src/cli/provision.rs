@@ -17,13 +17,15 @@ pub struct ProvisionArgs {
     /// The portal, e.g. http://192.168.4.1/ (NetworkManager's hotspot: http://10.42.0.1/).
     #[arg(long)]
     url: String,
-    /// The proof-of-possession code from the device's label.
-    #[arg(long)]
+    /// The proof-of-possession code from the device's label (or
+    /// $FLEETCTL_POP, which keeps it out of the process list).
+    #[arg(long, env = "FLEETCTL_POP", hide_env_values = true)]
     pop: String,
     /// The Wi-Fi for the device to join (leave out for a wired device).
     #[arg(long, requires = "psk")]
     ssid: Option<String>,
-    #[arg(long, requires = "ssid")]
+    /// The Wi-Fi passphrase (or $FLEETCTL_PSK).
+    #[arg(long, requires = "ssid", env = "FLEETCTL_PSK", hide_env_values = true)]
     psk: Option<String>,
     /// The MQTT broker, HOST or HOST:PORT (default port 8883).
     #[arg(long)]
@@ -89,6 +91,10 @@ impl Answer {
     }
 }
 
+/// One call to the portal, answer included; a portal that went away with
+/// its access point must not hold the command up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Portal {
     async fn call(
         &self,
@@ -96,15 +102,31 @@ impl Portal {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Answer, CliError> {
+        tokio::time::timeout(CALL_TIMEOUT, self.call_once(method, path, body)).await.map_err(|_| {
+            CliError::Portal(format!("{}{path}: no answer within {} s", self.base, CALL_TIMEOUT.as_secs()))
+        })?
+    }
+
+    /// Authenticated calls (all but info) prove the PoP, and their
+    /// successful answers must carry the device's MAC: a CSR or an
+    /// "accepted" from anything else is refused.
+    async fn call_once(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer, CliError> {
         let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
         let mut request = hyper::Request::builder().method(method).uri(format!("{}{path}", self.base));
+        let mut signed = None;
         if path != "/api/v1/info" {
-            let info = Box::pin(self.call("GET", "/api/v1/info", None)).await?;
+            let info = Box::pin(self.call_once("GET", "/api/v1/info", None)).await?;
             let nonce = info.body["nonce"].as_str().unwrap_or_default().to_string();
             let device = info.body["device"].as_str().unwrap_or_default().to_string();
             let key = self.pop.request_key(&device);
             request =
                 request.header("Authorization", auth::authorization(&key, method, path, &nonce, &bytes));
+            signed = Some((key, nonce));
         }
         let request = request
             .header("Content-Type", "application/json")
@@ -116,12 +138,22 @@ impl Portal {
             .await
             .map_err(|e| CliError::Portal(format!("{}{path}: {e}", self.base)))?;
         let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), 256 * 1024)
+        let mac =
+            response.headers().get(auth::RESPONSE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let bytes = Limited::new(response.into_body(), 256 * 1024)
             .collect()
             .await
             .map_err(|e| CliError::Portal(format!("{}{path}: {e}", self.base)))?
             .to_bytes();
-        let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        if let (Some((key, nonce)), true) = (&signed, (200..300).contains(&status)) {
+            auth::verify_response(key, nonce, status, &bytes, mac.as_deref()).map_err(|e| {
+                CliError::Portal(format!(
+                    "{}{path}: the answer is not from the device that holds this code ({e}); refusing it",
+                    self.base
+                ))
+            })?;
+        }
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         Ok(Answer { status, body })
     }
 }
@@ -161,7 +193,7 @@ async fn provision(args: &ProvisionArgs) -> Result<(), CliError> {
     let (cert_pem, key_pem) = match (&args.ca_cert, &args.ca_key, &args.csr_out, &args.cert, &args.key) {
         (Some(ca_cert), Some(ca_key), _, _, _) => {
             let csr = fetch_csr(&portal).await?;
-            (sign_csr(&csr, &read(ca_cert)?, &read(ca_key)?, args.days)?, None)
+            (sign_csr(&csr, &device, &read(ca_cert)?, &read(ca_key)?, args.days)?, None)
         }
         (_, _, Some(out), _, _) => {
             let csr = fetch_csr(&portal).await?;
@@ -240,13 +272,20 @@ async fn fetch_csr(portal: &Portal) -> Result<String, CliError> {
         .ok_or_else(|| CliError::Portal("the CSR answer holds no csr_pem".into()))
 }
 
-/// Signs the device's CSR as a client certificate, valid from a day ago
-/// (a device's clock may lag) for `days`.
-fn sign_csr(csr_pem: &str, ca_cert: &str, ca_key: &str, days: u32) -> Result<String, CliError> {
+/// Signs the device's CSR as a client certificate for `device`, valid from
+/// a day ago (a device's clock may lag) for `days`.
+fn sign_csr(csr_pem: &str, device: &str, ca_cert: &str, ca_key: &str, days: u32) -> Result<String, CliError> {
     let signing = |e: rcgen::Error| CliError::Portal(format!("signing the CSR: {e}"));
     let key = rcgen::KeyPair::from_pem(ca_key).map_err(signing)?;
     let issuer = rcgen::Issuer::from_ca_cert_pem(ca_cert, key).map_err(signing)?;
     let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(signing)?;
+    // The CA signs only a certificate for the device it is talking to.
+    let cn = csr.params.distinguished_name.get(&rcgen::DnType::CommonName);
+    if !matches!(cn, Some(rcgen::DnValue::Utf8String(cn)) if cn == device) {
+        return Err(CliError::Portal(format!(
+            "the CSR is not for {device} (its CN is {cn:?}); not signing it"
+        )));
+    }
     let now = time::OffsetDateTime::now_utc();
     csr.params.not_before = now - time::Duration::days(1);
     csr.params.not_after = now + time::Duration::days(i64::from(days));

@@ -35,8 +35,19 @@ pub fn ap_commands(ap: &AccessPoint) -> Vec<String> {
     ]
 }
 
-/// wpa_supplicant quotes strings in `SET_NETWORK`; a quote or newline in
-/// them would end the value, so those SSIDs are sent as hex. Pure.
+/// A passphrase for `SET_NETWORK … psk`: 64 hex digits are a raw key and
+/// go bare; anything else is a passphrase and goes quoted (wpa_supplicant
+/// ends the value at the last quote, so one inside needs no escape). Pure.
+pub fn psk_value(psk: &str) -> String {
+    if psk.len() == 64 && psk.bytes().all(|b| b.is_ascii_hexdigit()) {
+        psk.to_string()
+    } else {
+        format!("\"{psk}\"")
+    }
+}
+
+/// An SSID for `SET_NETWORK … ssid`: quoted when plain printable ASCII,
+/// else as hex (wpa_supplicant reads both). Pure.
 pub fn network_value(text: &str) -> String {
     if text.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"') {
         format!("\"{text}\"")
@@ -120,7 +131,7 @@ impl Hostapd {
         }
         let configured = async {
             supplicant.ok(&format!("SET_NETWORK {id} ssid {}", network_value(ssid))).await?;
-            supplicant.ok(&format!("SET_NETWORK {id} psk {}", network_value(psk))).await?;
+            supplicant.ok(&format!("SET_NETWORK {id} psk {}", psk_value(psk))).await?;
             supplicant.ok(&format!("SET_NETWORK {id} key_mgmt WPA-PSK")).await?;
             supplicant.ok(&format!("SELECT_NETWORK {id}")).await
         }
@@ -147,6 +158,25 @@ impl Hostapd {
                 Err(e)
             }
         }
+    }
+}
+
+/// A daemon stopped while its access point is up leaves it disabled: NM
+/// does that by itself (bind-activation), hostapd needs telling.
+impl Drop for Hostapd {
+    fn drop(&mut self) {
+        let Some(events) = self.events.take() else { return };
+        events.abort();
+        let local = self.client_dir.join(format!("fleetd-ctrl-{}-drop", std::process::id()));
+        let _ = std::fs::remove_file(&local);
+        if let Ok(socket) = std::os::unix::net::UnixDatagram::bind(&local) {
+            let _ = socket.set_read_timeout(Some(Duration::from_secs(1)));
+            if socket.connect(&self.hostapd).is_ok() && socket.send(b"DISABLE").is_ok() {
+                let mut reply = [0u8; 64];
+                let _ = socket.recv(&mut reply);
+            }
+        }
+        let _ = std::fs::remove_file(&local);
     }
 }
 
@@ -201,6 +231,13 @@ mod tests {
             assert!(c.contains(&expected.to_string()), "{expected}");
         }
         assert!(c.contains(&format!("SET wpa_passphrase {}", "K".repeat(24))));
+    }
+
+    #[test]
+    fn a_raw_key_goes_bare_and_a_passphrase_quoted() {
+        assert_eq!(psk_value(&"ab".repeat(32)), "ab".repeat(32));
+        assert_eq!(psk_value("correct horse"), "\"correct horse\"");
+        assert_eq!(psk_value("say \"hi\" now"), "\"say \"hi\" now\"");
     }
 
     #[test]

@@ -218,7 +218,8 @@ impl NetworkManager {
         let properties = proxy(&self.conn, &self.device, "org.freedesktop.DBus.Properties").await?;
         let mut changes = properties.receive_signal("PropertiesChanged").await.map_err(dbus("subscribe"))?;
         let options: HashMap<&str, Value> = HashMap::new();
-        // Refused while a scan runs already: then wait for that one.
+        // Refused (a scan runs already, or the radio is busy): use the
+        // list NM has when it has scanned before, else wait for a scan.
         let requested = wireless.call::<_, _, ()>("RequestScan", &(options,)).await;
         let waited = tokio::time::timeout(SCAN_TIMEOUT, async {
             if requested.is_err() && before > 0 {
@@ -302,7 +303,7 @@ impl NetworkManager {
         match self.activate(station_settings(&self.interface, ssid, psk), options).await {
             Ok(_) => Ok(()),
             Err(e) => {
-                let _ = self.delete_profiles(&format!("{STATION_PREFIX}{ssid}")).await;
+                let _ = self.delete_profiles(|id| id == format!("{STATION_PREFIX}{ssid}")).await;
                 Err(e)
             }
         }
@@ -310,10 +311,10 @@ impl NetworkManager {
 
     /// `fleetd reset --factory`: every station profile fleetd made.
     pub async fn forget(&mut self) -> Result<(), NetError> {
-        self.delete_profiles(STATION_PREFIX).await
+        self.delete_profiles(|id| id.starts_with(STATION_PREFIX)).await
     }
 
-    async fn delete_profiles(&self, id_prefix: &str) -> Result<(), NetError> {
+    async fn delete_profiles(&self, matches: impl Fn(&str) -> bool) -> Result<(), NetError> {
         let settings = proxy(&self.conn, SETTINGS_PATH, "org.freedesktop.NetworkManager.Settings").await?;
         let paths: Vec<OwnedObjectPath> =
             settings.call("ListConnections", &()).await.map_err(dbus("list profiles"))?;
@@ -328,7 +329,7 @@ impl NetworkManager {
             };
             let id =
                 s.get("connection").and_then(|c| c.get("id")).and_then(|v| String::try_from(v.clone()).ok());
-            if id.is_some_and(|id| id.starts_with(id_prefix)) {
+            if id.is_some_and(|id| matches(&id)) {
                 connection.call::<_, _, ()>("Delete", &()).await.map_err(dbus("delete a profile"))?;
             }
         }

@@ -95,8 +95,38 @@ impl Nonces {
     }
 }
 
-/// Checks a request. The nonce is spent whatever the outcome, so a wrong
-/// MAC cannot be retried with the same nonce.
+/// The header a device signs its answers to authenticated requests with,
+/// so a client knows the answer (a CSR, "provisioned") came from the
+/// device that holds the PoP, not from something posing as its portal.
+pub const RESPONSE_HEADER: &str = "X-Fleetd-Response-Mac";
+
+fn response_bytes(nonce: &str, status: u16, body: &[u8]) -> Vec<u8> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, body);
+    format!("response\n{nonce}\n{status}\n{}", crate::trust::hex(digest.as_ref())).into_bytes()
+}
+
+/// The MAC over an answer to the request that used `nonce`.
+pub fn response_mac(key: &hmac::Key, nonce: &str, status: u16, body: &[u8]) -> String {
+    crate::trust::b64url_encode(hmac::sign(key, &response_bytes(nonce, status, body)).as_ref())
+}
+
+/// Checks an answer's MAC (constant time).
+pub fn verify_response(
+    key: &hmac::Key,
+    nonce: &str,
+    status: u16,
+    body: &[u8],
+    header: Option<&str>,
+) -> Result<(), AuthError> {
+    let mac = header.ok_or_else(|| AuthError::Malformed(format!("no {RESPONSE_HEADER}")))?;
+    let mac = crate::trust::b64url_decode(mac.trim())
+        .ok_or_else(|| AuthError::Malformed(format!("{RESPONSE_HEADER} is not base64url")))?;
+    hmac::verify(key, &response_bytes(nonce, status, body), &mac).map_err(|_| AuthError::Wrong)
+}
+
+/// Checks a request; on success, the nonce it used (for the answer's MAC).
+/// The nonce is spent whatever the outcome, so a wrong MAC cannot be
+/// retried with the same nonce.
 pub fn verify(
     key: &hmac::Key,
     nonces: &mut Nonces,
@@ -105,12 +135,13 @@ pub fn verify(
     path: &str,
     body: &[u8],
     now_ms: u64,
-) -> Result<(), AuthError> {
+) -> Result<String, AuthError> {
     let (nonce, mac) = parse_authorization(header)?;
     if !nonces.take(&nonce, now_ms) {
         return Err(AuthError::Nonce);
     }
-    hmac::verify(key, &signed_bytes(method, path, &nonce, body), &mac).map_err(|_| AuthError::Wrong)
+    hmac::verify(key, &signed_bytes(method, path, &nonce, body), &mac).map_err(|_| AuthError::Wrong)?;
+    Ok(nonce)
 }
 
 #[cfg(test)]
@@ -123,13 +154,36 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_is_bound_to_its_request_status_and_body() {
+        let mac = response_mac(&key(7), "n1", 200, b"{\"csr_pem\":\"x\"}");
+        assert_eq!(verify_response(&key(7), "n1", 200, b"{\"csr_pem\":\"x\"}", Some(&mac)), Ok(()));
+        assert_eq!(
+            verify_response(&key(8), "n1", 200, b"{\"csr_pem\":\"x\"}", Some(&mac)),
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(
+            verify_response(&key(7), "n2", 200, b"{\"csr_pem\":\"x\"}", Some(&mac)),
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(
+            verify_response(&key(7), "n1", 400, b"{\"csr_pem\":\"x\"}", Some(&mac)),
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(
+            verify_response(&key(7), "n1", 200, b"{\"csr_pem\":\"y\"}", Some(&mac)),
+            Err(AuthError::Wrong)
+        );
+        assert!(verify_response(&key(7), "n1", 200, b"", None).is_err());
+    }
+
+    #[test]
     fn a_request_signed_with_the_pop_passes_once() {
         let mut nonces = Nonces::new(60_000, 8);
         let nonce = nonces.issue([1; 16], 0);
         let header = authorization(&key(7), "POST", "/api/v1/provision", &nonce, b"{}");
         assert_eq!(
             verify(&key(7), &mut nonces, Some(&header), "POST", "/api/v1/provision", b"{}", 10),
-            Ok(())
+            Ok(nonce.clone())
         );
         // The same request again: the nonce is spent.
         assert_eq!(
@@ -144,7 +198,7 @@ mod tests {
         let check = |nonces: &mut Nonces, signer: u8, body: &[u8], path: &str, at: u64| {
             let nonce = nonces.issue([signer; 16], 0);
             let header = authorization(&key(signer), "POST", "/api/v1/provision", &nonce, b"{}");
-            verify(&key(7), nonces, Some(&header), "POST", path, body, at)
+            verify(&key(7), nonces, Some(&header), "POST", path, body, at).map(|_| ())
         };
         assert_eq!(check(&mut nonces, 8, b"{}", "/api/v1/provision", 1), Err(AuthError::Wrong));
         assert_eq!(check(&mut nonces, 7, b"{\"x\":1}", "/api/v1/provision", 1), Err(AuthError::Wrong));

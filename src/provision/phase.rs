@@ -73,6 +73,16 @@ pub async fn run(config: &Config, backend: Backend, clock_floor: u64) -> Result<
     // with an explicit `listen` the portal is served on it instead; with
     // "auto" provisioning waits for that network to go.
     let mut known_network = phase.backend.known_network_active().await?;
+    // Stopped (power cut, SIGTERM) between joining the Wi-Fi and recording
+    // it: the network the phone handed over is up, so provisioning is done.
+    if let Some(record) = phase.store.load()? {
+        if known_network && record.wifi_ssid.is_some() && !record.network_up {
+            let record = phase.store.network_up()?;
+            log("provisioning: the Wi-Fi provisioning joined is up; provisioned");
+            phase.write_status("idle", None, "station", record.wifi_ssid.clone(), None);
+            return Ok(record);
+        }
+    }
     if known_network && settings.listen_addr().is_none() {
         log("provisioning: a known network is up; no access point over it (set provision.listen to serve the portal on it)");
         while phase.backend.known_network_active().await? {
@@ -154,14 +164,16 @@ pub async fn run(config: &Config, backend: Backend, clock_floor: u64) -> Result<
             Some(ToPhase::Rescan) => {
                 tokio::time::sleep(HANDOVER_GRACE).await;
                 if ap_address.is_some() {
-                    phase.backend.stop_ap().await?;
+                    if let Err(e) = phase.backend.stop_ap().await {
+                        log(&format!("provisioning: rescan: {e}"));
+                    }
                 }
                 match phase.backend.scan().await {
                     Ok(networks) => lock(&portal).set_networks(networks),
                     Err(e) => log(&format!("provisioning: rescan: {e}")),
                 }
                 if ap_address.is_some() {
-                    phase.backend.start_ap(&phase.ap).await?;
+                    phase.raise_ap_again().await?;
                 }
                 log("provisioning: rescanned");
                 continue;
@@ -205,7 +217,7 @@ pub async fn run(config: &Config, backend: Backend, clock_floor: u64) -> Result<
             Err(e) => {
                 log(&format!("provisioning: {e}; raising the access point again"));
                 if ap_address.is_some() {
-                    phase.backend.start_ap(&phase.ap).await?;
+                    phase.raise_ap_again().await?;
                 }
                 set_progress(&portal, "provisioning", false, Some(e.to_string()));
                 phase.write_status(
@@ -220,7 +232,29 @@ pub async fn run(config: &Config, backend: Backend, clock_floor: u64) -> Result<
     }
 }
 
+/// Tries to bring the access point back this many times before the phase
+/// gives up (and the daemon exits, for systemd to restart it).
+const AP_RETRIES: u32 = 3;
+const AP_RETRY_WAIT: Duration = Duration::from_secs(5);
+
 impl Phase<'_> {
+    /// After a rescan or a failed join: without the access point nobody can
+    /// reach the portal, so retry a few times, then fail the phase.
+    async fn raise_ap_again(&mut self) -> Result<(), PhaseError> {
+        let mut attempt = 1;
+        loop {
+            match self.backend.start_ap(&self.ap).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt < AP_RETRIES => {
+                    log(&format!("provisioning: raising the access point again: {e}; retrying"));
+                    attempt += 1;
+                    tokio::time::sleep(AP_RETRY_WAIT).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     fn write_status(
         &self,
         state: &str,

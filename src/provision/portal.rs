@@ -74,11 +74,16 @@ pub enum Handled {
     Provision {
         request: Box<ProvisionRequest>,
         identity: Box<CheckedIdentity>,
+        /// The request's nonce: the answer is signed with it (`sign`).
+        nonce: String,
     },
     /// Asked for a fresh scan: answer `response`, then drop the access
     /// point briefly (a radio in AP mode cannot scan) and raise it again.
+    /// `busy` is the answer instead when a rescan or a provisioning is
+    /// already queued.
     Rescan {
         response: Response,
+        busy: Response,
     },
 }
 
@@ -107,6 +112,9 @@ pub struct Portal {
     guard: Guard,
     networks: Vec<Network>,
     progress: Progress,
+    /// A checked request is being stored or its Wi-Fi joined: a second
+    /// one waits for the outcome (409 busy), single use holds meanwhile.
+    in_flight: bool,
 }
 
 impl Portal {
@@ -119,6 +127,7 @@ impl Portal {
             guard: Guard::new(GuardPolicy::default()),
             networks: Vec::new(),
             progress,
+            in_flight: false,
         }
     }
 
@@ -126,8 +135,18 @@ impl Portal {
         self.networks = networks;
     }
 
+    /// Back to `provisioning` (a failed join) ends the request in flight.
     pub fn set_progress(&mut self, progress: Progress) {
+        if progress.state == "provisioning" {
+            self.in_flight = false;
+        }
         self.progress = progress;
+    }
+
+    /// Signs an answer to an authenticated request (auth::RESPONSE_HEADER).
+    pub fn sign(&self, nonce: &str, response: &mut Response) {
+        let mac = auth::response_mac(&self.key, nonce, response.status, &response.body);
+        response.headers.push((auth::RESPONSE_HEADER, mac));
     }
 
     pub fn progress(&self) -> &Progress {
@@ -209,39 +228,59 @@ impl Portal {
             request.body,
             now_ms,
         );
-        if let Err(e) = checked {
-            let mut log = None;
-            if e == AuthError::Wrong {
-                if let Some(lockout) = self.guard.failed(now_ms) {
-                    log = Some(format!(
+        let nonce = match checked {
+            Ok(nonce) => nonce,
+            Err(e) => {
+                let mut log = None;
+                if e == AuthError::Wrong {
+                    if let Some(lockout) = self.guard.failed(now_ms) {
+                        log = Some(format!(
                         "provisioning: locked-out: too many wrong proofs of possession; the API is locked for {} s",
                         lockout.retry_after_ms / 1000
                     ));
+                    }
                 }
+                let name = e.to_string().split(':').next().unwrap_or("pop").to_string();
+                return Handled::Reply { response: Response::error(401, &name, &e.to_string()), log };
             }
-            let name = e.to_string().split(':').next().unwrap_or("pop").to_string();
-            return Handled::Reply { response: Response::error(401, &name, &e.to_string()), log };
-        }
+        };
         self.guard.succeeded();
-        match (request.method, request.path) {
+        let mut handled = match (request.method, request.path) {
             ("GET", "/api/v1/networks") => Handled::reply(Response::json(200, &self.networks)),
             ("GET", "/api/v1/csr") => match self.device_key.csr_pem(&self.facts.device_id) {
                 Ok(csr) => Handled::reply(Response::json(200, &serde_json::json!({"csr_pem": csr}))),
                 Err(e) => Handled::reply(Response::error(500, e.name(), &e.to_string())),
             },
-            ("POST", "/api/v1/provision") => self.provision(request.body, unix_now),
+            ("POST", "/api/v1/provision") => self.provision(request.body, unix_now, &nonce),
             ("POST", "/api/v1/rescan") => Handled::Rescan {
                 response: Response::json(
                     202,
                     &serde_json::json!({"rescanning": true,
                         "detail": "the access point drops for a few seconds to scan; reconnect, then ask /api/v1/networks"}),
                 ),
+                busy: Response::error(409, "busy", "a rescan or a provisioning is under way"),
             },
             _ => Handled::reply(Response::error(404, "not-found", request.path)),
+        };
+        match &mut handled {
+            Handled::Reply { response, .. } => self.sign(&nonce, response),
+            Handled::Rescan { response, busy } => {
+                self.sign(&nonce, response);
+                self.sign(&nonce, busy);
+            }
+            Handled::Provision { .. } => {}
         }
+        handled
     }
 
-    fn provision(&mut self, body: &[u8], unix_now: u64) -> Handled {
+    fn provision(&mut self, body: &[u8], unix_now: u64, nonce: &str) -> Handled {
+        if self.in_flight {
+            return Handled::reply(Response::error(
+                409,
+                "busy",
+                "a provisioning request is being carried out; ask /api/v1/info for its outcome",
+            ));
+        }
         if self.progress.provisioned {
             return Handled::reply(Response::error(
                 409,
@@ -262,7 +301,14 @@ impl Portal {
             unix_now,
         );
         match checked {
-            Ok(identity) => Handled::Provision { request: Box::new(request), identity: Box::new(identity) },
+            Ok(identity) => {
+                self.in_flight = true;
+                Handled::Provision {
+                    request: Box::new(request),
+                    identity: Box::new(identity),
+                    nonce: nonce.to_string(),
+                }
+            }
             Err(e) => Handled::reply(Response::error(400, e.name(), &e.to_string())),
         }
     }
@@ -279,6 +325,7 @@ impl Portal {
     }
 
     pub fn store_failed(&mut self, error: &str) -> Response {
+        self.in_flight = false;
         Response::error(500, "store-failed", error)
     }
 }
@@ -364,7 +411,7 @@ mod tests {
         let rescan =
             Request { method: "POST", path: "/api/v1/rescan", authorization: Some(&header), body: b"" };
         assert!(
-            matches!(p.handle(&rescan, 4, 0, [5; 16]), Handled::Rescan { response } if response.status == 202)
+            matches!(p.handle(&rescan, 4, 0, [5; 16]), Handled::Rescan { response, .. } if response.status == 202)
         );
     }
 
@@ -389,6 +436,57 @@ mod tests {
         let (_, pop) = (0, Pop::from_bytes([9; POP_BYTES]));
         assert_eq!(signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 1000).status, 429);
         assert_eq!(signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 31_000).status, 200);
+    }
+
+    /// A request in flight (stored, the Wi-Fi being joined) holds single
+    /// use: a second is 409 busy until the join fails and the portal opens.
+    /// Every authenticated answer carries the device's MAC.
+    #[test]
+    fn one_request_at_a_time_and_answers_are_signed() {
+        let (mut p, pop) = portal();
+        let key = pop.request_key("gw-1");
+        let n = nonce(&mut p, 0);
+        let header = auth::authorization(&key, "GET", "/api/v1/csr", &n, b"");
+        let (csr, _) = reply(p.handle(&get("/api/v1/csr", Some(&header)), 0, 0, [3; 16]));
+        let mac = csr.headers.iter().find(|(k, _)| *k == auth::RESPONSE_HEADER).map(|(_, v)| v.as_str());
+        assert_eq!(auth::verify_response(&key, &n, 200, &csr.body, mac), Ok(()));
+
+        let csr: serde_json::Value = serde_json::from_slice(&csr.body).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let params =
+            rcgen::CertificateSigningRequestParams::from_pem(csr["csr_pem"].as_str().unwrap()).unwrap();
+        let cert = params.signed_by(&issuer).unwrap().pem();
+        let body = serde_json::json!({
+            "wifi": {"ssid": "home", "psk": "correct horse"},
+            "mqtt": {"host": "broker", "ca_pem": ca_pem},
+            "identity": {"cert_pem": cert},
+        })
+        .to_string();
+        let post = |p: &mut Portal, at: u64| {
+            let n = nonce(p, at);
+            let header = auth::authorization(&key, "POST", "/api/v1/provision", &n, body.as_bytes());
+            let request = Request {
+                method: "POST",
+                path: "/api/v1/provision",
+                authorization: Some(&header),
+                body: body.as_bytes(),
+            };
+            p.handle(&request, at, 1_800_000_000, [4; 16])
+        };
+        assert!(matches!(post(&mut p, 1), Handled::Provision { .. }));
+        let (busy, _) = reply(post(&mut p, 2));
+        assert_eq!(busy.status, 409);
+        assert!(String::from_utf8(busy.body).unwrap().contains("\"busy\""));
+        p.set_progress(Progress {
+            state: "provisioning".into(),
+            provisioned: false,
+            last_error: Some("join-failed".into()),
+        });
+        assert!(matches!(post(&mut p, 3), Handled::Provision { .. }), "open again after a failed join");
     }
 
     #[test]

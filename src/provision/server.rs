@@ -30,6 +30,10 @@ pub struct Accepted {
 
 pub type SharedPortal = Arc<Mutex<Portal>>;
 
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 32;
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How long a client may take to send its request head and body.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -45,9 +49,20 @@ pub async fn serve(
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, _peer)) = listener.accept().await else { continue };
-        // Reap finished connections so the set does not grow.
+        let stream = match listener.accept().await {
+            Ok((stream, _peer)) => stream,
+            // Out of descriptors, say: wait instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        // Reap finished connections so the set does not grow; past the cap
+        // a new connection is closed at once (a phone needs one or two).
         while connections.try_join_next().is_some() {}
+        if connections.len() >= MAX_CONNECTIONS {
+            continue;
+        }
         let portal = portal.clone();
         let accepted = accepted.clone();
         connections.spawn(async move {
@@ -125,22 +140,26 @@ async fn answer(
             }
             to_hyper(response)
         }
-        Handled::Provision { request, identity } => {
+        Handled::Provision { request, identity, nonce } => {
             let (tx, rx) = oneshot::channel();
             let item = Accepted { request: *request, identity: *identity, answer: tx };
             if accepted.send(ToPhase::Provision(Box::new(item))).await.is_err() {
                 return to_hyper(error(503, "not-provisioning", "provisioning has ended"));
             }
             match rx.await {
-                Ok(response) => to_hyper(response),
+                Ok(mut response) => {
+                    if let Ok(portal) = portal.lock() {
+                        portal.sign(&nonce, &mut response);
+                    }
+                    to_hyper(response)
+                }
                 Err(_) => to_hyper(error(503, "not-provisioning", "provisioning has ended")),
             }
         }
-        Handled::Rescan { response } => {
-            // One at a time: a second ask while one is queued changes nothing.
-            let _ = accepted.try_send(ToPhase::Rescan);
-            to_hyper(response)
-        }
+        Handled::Rescan { response, busy } => match accepted.try_send(ToPhase::Rescan) {
+            Ok(()) => to_hyper(response),
+            Err(_) => to_hyper(busy),
+        },
     }
 }
 

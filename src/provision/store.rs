@@ -211,8 +211,13 @@ pub fn load_or_create_pop(path: &Path) -> Result<Pop, StoreError> {
                 std::fs::create_dir_all(dir).map_err(io_error(dir))?;
             }
             let line = format!("{}\n", pop.display_code());
-            fsutil::atomic_write(path, line.as_bytes(), 0o600).map_err(io_error(path))?;
-            Ok(pop)
+            // Never replaced: if another fleetd (`status --pop` beside the
+            // daemon) made one first, that one is the device's.
+            match fsutil::create_new(path, line.as_bytes(), 0o600) {
+                Ok(()) => Ok(pop),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => load_or_create_pop(path),
+                Err(e) => Err(io_error(path)(e)),
+            }
         }
         Err(e) => Err(io_error(path)(e)),
     }
