@@ -7,6 +7,7 @@ use crate::config::{Broker, Config};
 use crate::mqtt::{self, ClientEvent, ClientSetup, Inbound, Outbound, Progress, Topics};
 use crate::provision::phase::PhaseError;
 use crate::provision::store::{ProvisionStore, Provisioned};
+use crate::sys::notify;
 use crate::update::{Admission, Executor, OpenError, Refusal, Report, Source};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -38,7 +39,18 @@ pub fn run(
     let clock_floor = executor.clock_floor();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let shutdown = crate::sys::signals::shutdown();
+        // Handlers first: from here a SIGTERM is a clean stop.
+        let signals = crate::sys::signals::shutdown();
+        // systemd: ready once the state is loaded; the watchdog is fed by
+        // this (the main) loop, so a wedged loop stops the pings.
+        notify::send("READY=1");
+        notify::status("started");
+        tokio::spawn(notify::feed_watchdog());
+        wedge_for_tests();
+        let shutdown = async {
+            signals.await;
+            notify::send("STOPPING=1");
+        };
         tokio::pin!(shutdown);
         let provisioned = tokio::select! {
             provisioned = provision_if_needed(&config, clock_floor) => provisioned?,
@@ -46,6 +58,7 @@ pub fn run(
         };
         let Some(provisioned) = provisioned else {
             // The access point timed out: nothing to connect to until a restart.
+            notify::status("unprovisioned: the access point timed out; restart fleetd to provision");
             shutdown.await;
             return Ok(());
         };
@@ -55,8 +68,25 @@ pub fn run(
         executor.set_provisioning(crate::provision::phase::facts(&config));
         mqtt::check_identity(&broker.cert_file, &config.device.id)?;
         let tls = mqtt::tls_config(&broker.ca_file, &broker.cert_file, &broker.key_file)?;
+        notify::status(&format!("connecting to {}:{}", broker.host, broker.port));
         connected(config, broker, Some(tls), executor, shutdown).await
     })
+}
+
+/// A test hook: `FLEETD_TEST_WEDGE_MAIN_LOOP_MS=N` blocks the main loop's
+/// thread N ms after the start, for good, so a test can see the watchdog
+/// pings stop. Nothing else reads the variable.
+fn wedge_for_tests() {
+    let Some(ms) = std::env::var("FLEETD_TEST_WEDGE_MAIN_LOOP_MS").ok().and_then(|v| v.parse().ok()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        crate::logging::log("test hook: wedging the main loop");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    });
 }
 
 /// `Ok(Some(None))`: nothing to provision; `Ok(Some(Some(record)))`: the
@@ -172,6 +202,7 @@ pub const WORKER_QUEUE: usize = 8;
 fn log_client_event(event: &ClientEvent) {
     match event {
         ClientEvent::Connected { session_present } => {
+            notify::status("connected to the broker");
             eprintln!("mqtt: connected (session present: {session_present})")
         }
         ClientEvent::Subscribed { topics } => eprintln!("mqtt: subscribed to {}", topics.join(", ")),
@@ -179,6 +210,7 @@ fn log_client_event(event: &ClientEvent) {
             eprintln!("mqtt-suback: the broker refused the subscription to {topic}")
         }
         ClientEvent::Disconnected { error, retry_in } => {
+            notify::status(&format!("disconnected ({error}); reconnecting"));
             eprintln!("{error}; reconnecting in {} ms", retry_in.as_millis())
         }
     }
@@ -203,6 +235,7 @@ fn worker_main(
                 total: *total,
             }),
             Report::Step { state, detail } => {
+                notify::status(&format!("{state}: {detail}"));
                 eprintln!("{state}: {detail}");
                 Outbound::Progress(Progress::Step { state: state.to_string(), detail: detail.clone() })
             }

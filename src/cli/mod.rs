@@ -136,6 +136,7 @@ enum FleetdCommand {
     Reset {
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Required: says what is forgotten.
         #[arg(long, required = true)]
         factory: bool,
     },

@@ -36,6 +36,7 @@ pub struct ProvisionArgs {
     /// Sign the device's CSR with this CA (the device makes its key).
     #[arg(long, requires = "ca_key", conflicts_with_all = ["csr_out", "cert"])]
     ca_cert: Option<PathBuf>,
+    /// That CA's private key (PEM).
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
     /// Days the signed certificate is valid.

@@ -135,6 +135,7 @@ pub async fn run(config: &Config, backend: Backend, clock_floor: u64) -> Result<
     };
     let ap_ssid = ap_address.map(|_| phase.ap.ssid.clone());
     phase.write_status("provisioning", None, mode, ap_ssid.clone(), Some(portal_url.clone()));
+    crate::sys::notify::status(&format!("provisioning: portal at {portal_url}"));
     log(&format!(
         "provisioning: portal at {portal_url}{}",
         ap_ssid.as_ref().map(|s| format!(" on access point {s:?}")).unwrap_or_default()

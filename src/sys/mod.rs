@@ -3,4 +3,5 @@
 
 pub mod block;
 pub mod netlink;
+pub mod notify;
 pub mod signals;
