@@ -4,6 +4,7 @@
 //! what they carry is persisted.
 
 use crate::config::{Broker, Config};
+use crate::logging::{self, Priority};
 use crate::mqtt::{self, ClientEvent, ClientSetup, Inbound, Outbound, Progress, Topics};
 use crate::provision::phase::PhaseError;
 use crate::provision::store::{ProvisionStore, Provisioned};
@@ -170,7 +171,11 @@ async fn connected(
     let worker = std::thread::Builder::new().name("update-worker".into()).spawn(move || {
         let result = worker_main(executor, worker_inbox, outbox, connected_rx, worker_shutdown);
         if let Err(e) = &result {
-            eprintln!("fleetd: update worker: {e}");
+            logging::event(
+                Priority::Error,
+                &format!("fleetd: update worker: {e}"),
+                &[(logging::ERROR, "worker")],
+            );
         }
         result
     })?;
@@ -199,19 +204,34 @@ async fn connected(
 /// refuses a message itself rather than wait.
 pub const WORKER_QUEUE: usize = 8;
 
+/// An error's name is the part before its first colon.
+fn log_error(message: &str, error: &str) {
+    let name = error.split(':').next().unwrap_or(error);
+    logging::event(Priority::Error, message, &[(logging::ERROR, name)]);
+}
+
 fn log_client_event(event: &ClientEvent) {
     match event {
         ClientEvent::Connected { session_present } => {
             notify::status("connected to the broker");
-            eprintln!("mqtt: connected (session present: {session_present})")
+            logging::log(&format!("mqtt: connected (session present: {session_present})"))
         }
-        ClientEvent::Subscribed { topics } => eprintln!("mqtt: subscribed to {}", topics.join(", ")),
-        ClientEvent::SubscriptionRefused { topic } => {
-            eprintln!("mqtt-suback: the broker refused the subscription to {topic}")
+        ClientEvent::Subscribed { topics } => {
+            logging::log(&format!("mqtt: subscribed to {}", topics.join(", ")))
         }
+        ClientEvent::SubscriptionRefused { topic } => logging::event(
+            Priority::Error,
+            &format!("mqtt-suback: the broker refused the subscription to {topic}"),
+            &[(logging::ERROR, "mqtt-suback")],
+        ),
         ClientEvent::Disconnected { error, retry_in } => {
             notify::status(&format!("disconnected ({error}); reconnecting"));
-            eprintln!("{error}; reconnecting in {} ms", retry_in.as_millis())
+            let text = error.to_string();
+            logging::event(
+                Priority::Warning,
+                &format!("{error}; reconnecting in {} ms", retry_in.as_millis()),
+                &[(logging::ERROR, text.split(':').next().unwrap_or("mqtt"))],
+            )
         }
     }
 }
@@ -234,9 +254,9 @@ fn worker_main(
                 done: *done,
                 total: *total,
             }),
-            Report::Step { state, detail } => {
+            Report::Step { state, detail, job } => {
                 notify::status(&format!("{state}: {detail}"));
-                eprintln!("{state}: {detail}");
+                logging::step(state, detail, job.as_ref());
                 Outbound::Progress(Progress::Step { state: state.to_string(), detail: detail.clone() })
             }
         };
@@ -247,7 +267,7 @@ fn worker_main(
         let busy = executor.busy_view();
         match while_busy(executor.start(), &busy, &mut inbox, &outbox, &mut shutdown).await {
             None => return,
-            Some(Err(e)) => eprintln!("fleetd: resuming: {e}"),
+            Some(Err(e)) => log_error(&format!("fleetd: resuming: {e}"), &e.to_string()),
             Some(Ok(())) => {}
         }
         executor.report_status();
@@ -269,12 +289,12 @@ fn worker_main(
                     let busy = executor.busy_view();
                     match while_busy(executor.run(), &busy, &mut inbox, &outbox, &mut shutdown).await {
                         None => break,
-                        Some(Err(e)) => eprintln!("fleetd: {e}"),
+                        Some(Err(e)) => log_error(&format!("fleetd: {e}"), &e.to_string()),
                         Some(Ok(())) => {}
                     }
                 }
                 Err(e) => {
-                    eprintln!("fleetd: {e}");
+                    log_error(&format!("fleetd: {e}"), &e.to_string());
                     let _ = outbox.send(Outbound::Refused { token, error: e.to_string() });
                 }
             }
@@ -317,11 +337,19 @@ async fn while_busy<T>(
 
 /// Logs a refusal and hands it to the MQTT task, which acks the message.
 fn send_refusal(refusal: &Refusal, topic: &str, token: u64, outbox: &mpsc::UnboundedSender<Outbound>) {
-    eprintln!("update refused: {refusal} (on {topic})");
+    logging::event(
+        Priority::Warning,
+        &format!("update refused: {refusal} (on {topic})"),
+        &[(logging::ERROR, refusal.name())],
+    );
     let _ = outbox.send(Outbound::Refused { token, error: refusal.to_string() });
 }
 
 fn report_duplicate(jti: &str, topic: &str, outbox: &mpsc::UnboundedSender<Outbound>) {
-    eprintln!("update {jti} on {topic}: a second delivery of a message already handled; not run again");
+    logging::event(
+        Priority::Info,
+        &format!("update {jti} on {topic}: a second delivery of a message already handled; not run again"),
+        &[(logging::JOB, jti)],
+    );
     let _ = outbox.send(Outbound::Progress(Progress::Duplicate { jti: jti.to_string() }));
 }

@@ -118,3 +118,68 @@ fn sigterm_says_stopping() {
     systemd.until("STOPPING=1", Duration::from_secs(5), |s| s.iter().any(|m| m == "STOPPING=1"));
     assert_eq!(pings(&systemd.seen), 0, "no WATCHDOG_USEC, no pings: {:?}", systemd.seen);
 }
+
+/// Under systemd (`$JOURNAL_STREAM`), each step is a native-protocol
+/// datagram with FLEETD_JOB, FLEETD_VERSION and FLEETD_STEP, and a failed
+/// job's reason is FLEETD_ERROR; the test's socket plays journald.
+#[test]
+fn steps_reach_the_journal_with_their_fields() {
+    let mut g = Gateway::new(Bootloader::Grub, 8 << 20);
+    let journal_path = g.path().join("journal");
+    let journal = UnixDatagram::bind(&journal_path).unwrap();
+    journal.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let server = common::imageserver::ImageServer::start();
+    let image = image_bytes(1 << 20, 3);
+    let file = g.path().join("v8.img");
+    std::fs::write(&file, &image).unwrap();
+    let good = g.message("v8", &server.add("/v8.img", image.clone()), &file, 8);
+    // Signed for these bytes, served with others: the hash check fails.
+    let bad = g.message("v9", &server.add("/v9.img", image_bytes(1 << 20, 4)), &file, 9);
+    let config = g.dev.config();
+    let install = |msg: &std::path::Path| {
+        run(fleetd()
+            .env("JOURNAL_STREAM", "8:1234")
+            .env("FLEETD_JOURNAL_SOCKET", &journal_path)
+            .args(["install", "--no-reboot", "--config"])
+            .arg(&config)
+            .arg(msg))
+    };
+    let out = install(&good);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while let Ok(n) = journal.recv(&mut buf) {
+        entries.push(fleetd::logging::decode(&buf[..n]).expect("native protocol"));
+    }
+    let get = |e: &Vec<(String, String)>, k: &str| e.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let jti = g.status()["job"]["jti"].as_str().unwrap().to_string();
+    let steps: Vec<String> = entries.iter().filter_map(|e| get(e, "FLEETD_STEP")).collect();
+    assert!(
+        steps.contains(&"downloading".to_string()) && steps.contains(&"reboot-pending".to_string()),
+        "{steps:?}"
+    );
+    for e in entries.iter().filter(|e| get(e, "FLEETD_STEP").is_some()) {
+        assert_eq!(get(e, "FLEETD_JOB"), Some(jti.clone()), "{e:?}");
+        assert_eq!(get(e, "FLEETD_VERSION").as_deref(), Some("8"), "{e:?}");
+        assert_eq!(get(e, "SYSLOG_IDENTIFIER").as_deref(), Some("fleetd"));
+        assert!(get(e, "MESSAGE").is_some_and(|m| !m.is_empty()));
+    }
+
+    // Boot B, commit, then a job that fails: its reason is FLEETD_ERROR.
+    g.power_on(&|_| true);
+    assert!(g.run_once().status.success());
+    while journal.recv(&mut buf).is_ok() {}
+    let out = install(&bad);
+    assert!(!out.status.success());
+    let mut failed = None;
+    while let Ok(n) = journal.recv(&mut buf) {
+        let e = fleetd::logging::decode(&buf[..n]).unwrap();
+        if get(&e, "FLEETD_STEP").as_deref() == Some("failed") {
+            failed = Some(e);
+        }
+    }
+    let failed = failed.expect("a failed step in the journal");
+    assert_eq!(get(&failed, "FLEETD_VERSION").as_deref(), Some("9"));
+    assert_eq!(get(&failed, "PRIORITY").as_deref(), Some("3"));
+    assert!(get(&failed, "FLEETD_ERROR").is_some_and(|e| e.contains("hash")), "{failed:?}");
+}

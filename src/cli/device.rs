@@ -22,7 +22,12 @@ fn reporter() -> crate::update::Reporter {
     let tty = std::io::stderr().is_terminal();
     let mut last_line_percent = u64::MAX;
     Box::new(move |report: &Report| match report {
-        Report::Step { state, detail } => {
+        // Under systemd (a boot-time `fleetd run --once`, say) steps go to
+        // the journal with their fields.
+        Report::Step { state, detail, job } if crate::logging::to_journal() => {
+            crate::logging::step(state, detail, job.as_ref());
+        }
+        Report::Step { state, detail, .. } => {
             if tty {
                 eprint!("\r\x1b[2K");
             }

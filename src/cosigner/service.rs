@@ -194,7 +194,7 @@ async fn cosign_handler(
     body: Bytes,
 ) -> Response {
     if let Err(e) = app.admit_peer(peer.ip(), Instant::now()) {
-        eprintln!("cosign refused: {e}");
+        crate::logging::log(&format!("cosign refused: {e}"));
         return e.into_response();
     }
     let now = crate::system_now();
@@ -204,7 +204,7 @@ async fn cosign_handler(
             ([(axum::http::header::CONTENT_TYPE, "application/json")], envelope.to_json()).into_response()
         }
         Ok(Err(e)) => {
-            eprintln!("cosign refused: {e}");
+            crate::logging::log(&format!("cosign refused: {e}"));
             e.into_response()
         }
         Err(e) => CosignError::Internal(e.to_string()).into_response(),

@@ -246,7 +246,11 @@ pub async fn run(
                             Err(mpsc::error::TrySendError::Full(_)) => {
                                 let _ = client.try_ack(&publish);
                                 let error = "busy: the update worker's queue is full".to_string();
-                                eprintln!("update refused: {error} (on {})", publish.topic);
+                                crate::logging::event(
+                                    crate::logging::Priority::Warning,
+                                    &format!("update refused: {error} (on {})", publish.topic),
+                                    &[(crate::logging::ERROR, "busy")],
+                                );
                                 if let Some(jobs) = aws.as_mut() {
                                     publish_all(&client, jobs.on_refused(&error));
                                 }

@@ -68,8 +68,9 @@ pub enum Admission {
 /// What the executor tells its front end (CLI progress, MQTT reports).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
-    /// A new phase or an event: the status `state` name and a sentence.
-    Step { state: &'static str, detail: String },
+    /// A new phase or an event: the status `state` name and a sentence,
+    /// and the job's jti and version when there is one (journal fields).
+    Step { state: &'static str, detail: String, job: Option<(String, u64)> },
     /// Download progress, at most once per percent.
     Progress { jti: String, version: u64, done: u64, total: u64 },
     /// The status document, after every persisted change.
@@ -471,6 +472,7 @@ impl Executor {
             (reporter.borrow_mut())(&Report::Step {
                 state: "downloading",
                 detail: format!("download interrupted ({why}); retrying in {} ms", wait.as_millis()),
+                job: Some((job.jti.clone(), job.version)),
             });
         };
         let hooks = FetchHooks {
@@ -488,6 +490,7 @@ impl Executor {
                 "image verified (sha256 ok); {} bytes written, {} unchanged bytes skipped",
                 stats.written, stats.skipped
             ),
+            job: Some((job.jti.clone(), job.version)),
         });
         Ok(())
     }
@@ -614,7 +617,8 @@ impl Executor {
 
     fn report_step(&mut self, detail: String) {
         let state = self.job().map(|j| j.phase.status_name()).unwrap_or("idle");
-        (self.reporter)(&Report::Step { state, detail });
+        let job = self.job().map(|j| (j.jti.clone(), j.version));
+        (self.reporter)(&Report::Step { state, detail, job });
     }
 
     fn report_phase(&mut self) {
@@ -630,7 +634,8 @@ impl Executor {
             Phase::Failed { error } => format!("failed: {error}"),
         };
         let state = job.phase.status_name();
-        (self.reporter)(&Report::Step { state, detail });
+        let job = Some((job.jti.clone(), job.version));
+        (self.reporter)(&Report::Step { state, detail, job });
     }
 }
 
