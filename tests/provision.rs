@@ -190,6 +190,7 @@ fn backend_none_provisions_over_veth_and_the_device_reaches_the_broker() {
 
     // The portal closed; after a restart the device goes straight to MQTT.
     device.stop();
+    assert_eq!(device.connection()["connected"], false, "a stopped daemon says so");
     device.start(Some(&net));
     device.wait_for("the reconnection", Duration::from_secs(30), || device.connection()["connected"] == true);
     let out = provision(Some(&net), &url, &pop, &broker_arg, &pki.ca_pem, &own_key);

@@ -286,6 +286,13 @@ pub async fn run(
     })
     .await;
     poller.abort();
+    // A stopped daemon is not connected: the file must not say otherwise.
+    if let Some(path) = &setup.connection_file {
+        write_connection_file(
+            path,
+            &ClientEvent::Disconnected { error: "stopped".into(), retry_in: Duration::ZERO },
+        );
+    }
 }
 
 /// What the polling task saw.
