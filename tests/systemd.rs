@@ -183,3 +183,48 @@ fn steps_reach_the_journal_with_their_fields() {
     assert_eq!(get(&failed, "PRIORITY").as_deref(), Some("3"));
     assert!(get(&failed, "FLEETD_ERROR").is_some_and(|e| e.contains("hash")), "{failed:?}");
 }
+
+/// The shipped unit: `systemd-analyze verify` passes on it (in a throwaway
+/// root holding the binary and systemd's own units) and its exposure under
+/// `systemd-analyze security --offline=yes` is at most 2.0.
+#[test]
+fn the_shipped_unit_verifies_and_is_hardened() {
+    let analyze = "/usr/bin/systemd-analyze";
+    if !std::path::Path::new(analyze).exists() {
+        assert!(std::env::var_os("CI").is_none(), "CI must check the unit (systemd, scripts/setup)");
+        eprintln!("SKIP: needs systemd-analyze (scripts/setup)");
+        return;
+    }
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/fleetd.service");
+    let out =
+        run(std::process::Command::new(analyze).args(["security", "--offline=yes", "--no-pager"]).arg(&unit));
+    let text = stdout(&out);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for fleetd.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure figure:\n{text}{}", stderr(&out)));
+    eprintln!("systemd-analyze security: exposure {exposure}");
+    assert!(exposure <= 2.0, "exposure {exposure} > 2.0:\n{text}");
+
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for dir in ["usr/bin", "etc/systemd/system", "usr/lib/systemd"] {
+        std::fs::create_dir_all(r.join(dir)).unwrap();
+    }
+    std::fs::copy(env!("CARGO_BIN_EXE_fleetd"), r.join("usr/bin/fleetd")).unwrap();
+    std::fs::copy(&unit, r.join("etc/systemd/system/fleetd.service")).unwrap();
+    let system_units = ["/usr/lib/systemd/system", "/lib/systemd/system"]
+        .into_iter()
+        .find(|d| std::path::Path::new(d).join("sysinit.target").exists())
+        .expect("systemd's units");
+    ok(std::process::Command::new("cp").arg("-r").arg(system_units).arg(r.join("usr/lib/systemd/")));
+    let out = run(std::process::Command::new(analyze).arg(format!("--root={}", r.display())).args([
+        "verify",
+        "--man=no",
+        "fleetd.service",
+    ]));
+    assert!(out.status.success(), "systemd-analyze verify:\n{}{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).trim().is_empty(), "warnings:\n{}", stderr(&out));
+}
