@@ -228,3 +228,28 @@ fn the_shipped_unit_verifies_and_is_hardened() {
     assert!(out.status.success(), "systemd-analyze verify:\n{}{}", stdout(&out), stderr(&out));
     assert!(stderr(&out).trim().is_empty(), "warnings:\n{}", stderr(&out));
 }
+
+/// The Yocto layer: the crates list matches Cargo.lock, and oelint-adv
+/// finds no errors in the recipe and the bbappend.
+#[test]
+fn the_yocto_layer_is_current_and_lints_clean() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    ok(std::process::Command::new(root.join("scripts/yocto-crates")).arg("--check"));
+    let Ok(version) = std::process::Command::new("oelint-adv").arg("--version").output() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must lint the layer (oelint-adv, scripts/setup)");
+        eprintln!("SKIP: needs oelint-adv (scripts/setup)");
+        return;
+    };
+    assert!(version.status.success());
+    let layer = root.join("yocto-layer/meta-fleetd");
+    let out = run(std::process::Command::new("oelint-adv")
+        .current_dir(&layer)
+        .args(["--quiet", "--release", "scarthgap", "--constantmods", "+oelint-constants.json", "--"])
+        .args(["recipes-core/fleetd/fleetd_0.1.0.bb", "recipes-bsp/libubootenv/libubootenv_%.bbappend"]));
+    let report = format!("{}{}", stdout(&out), stderr(&out));
+    let errors: Vec<&str> = report.lines().filter(|l| l.contains(":error:")).collect();
+    eprintln!("oelint-adv: {} errors, {} warnings", errors.len(), report.matches(":warning:").count());
+    assert!(errors.is_empty(), "{report}");
+    let layer_conf = std::fs::read_to_string(layer.join("conf/layer.conf")).unwrap();
+    assert!(layer_conf.contains("LAYERSERIES_COMPAT_fleetd = \"scarthgap"), "{layer_conf}");
+}
