@@ -74,15 +74,16 @@ pub fn run(
     })
 }
 
-/// A test hook: `FLEETD_TEST_WEDGE_MAIN_LOOP_MS=N` blocks the main loop's
-/// thread N ms after the start, for good, so a test can see the watchdog
-/// pings stop. Nothing else reads the variable.
+/// A test hook: with `FLEETD_TEST_WEDGE_MAIN_LOOP_FILE=PATH`, the main
+/// loop's thread blocks for good once PATH exists, so a test can see the
+/// watchdog pings stop. Nothing else reads the variable.
 fn wedge_for_tests() {
-    let Some(ms) = std::env::var("FLEETD_TEST_WEDGE_MAIN_LOOP_MS").ok().and_then(|v| v.parse().ok()) else {
-        return;
-    };
+    let Some(trigger) = std::env::var_os("FLEETD_TEST_WEDGE_MAIN_LOOP_FILE") else { return };
+    let trigger = std::path::PathBuf::from(trigger);
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        while !trigger.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         crate::logging::log("test hook: wedging the main loop");
         loop {
             std::thread::sleep(Duration::from_secs(3600));

@@ -1,5 +1,5 @@
-//! Where log lines go. Under systemd (`$JOURNAL_STREAM` set: standard error
-//! is the journal) each event is one datagram of journald's native
+//! Where log lines go. Under systemd (`$JOURNAL_STREAM` names standard
+//! error's stream: it is the journal) each event is one datagram of journald's native
 //! protocol to `/run/systemd/journal/socket`, with structured fields
 //! (`FLEETD_JOB`, `FLEETD_VERSION`, `FLEETD_STEP`, `FLEETD_ERROR`), so that
 //! `journalctl FLEETD_JOB=…` finds a job's whole story. Elsewhere, plain
@@ -39,17 +39,30 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 
 fn sink() -> &'static Sink {
     SINK.get_or_init(|| {
-        if std::env::var_os("JOURNAL_STREAM").is_none() {
-            return Sink::Stderr;
-        }
-        let path = std::env::var_os("FLEETD_JOURNAL_SOCKET")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(JOURNAL_SOCKET));
-        match UnixDatagram::unbound() {
+        // `$FLEETD_JOURNAL_SOCKET` names another journal socket (a
+        // container's, a test's stand-in) and turns the journal on.
+        let path = match std::env::var_os("FLEETD_JOURNAL_SOCKET") {
+            Some(p) => PathBuf::from(p),
+            None if stderr_is_the_journal() => PathBuf::from(JOURNAL_SOCKET),
+            None => return Sink::Stderr,
+        };
+        // Non-blocking: a stalled journald must not stall the daemon; a
+        // refused datagram goes to standard error instead.
+        match UnixDatagram::unbound().and_then(|s| s.set_nonblocking(true).map(|()| s)) {
             Ok(socket) => Sink::Journal { socket, path },
             Err(_) => Sink::Stderr,
         }
     })
+}
+
+/// systemd.exec(5): `$JOURNAL_STREAM` is `DEVICE:INODE` of the stream
+/// standard error is connected to; only if it still is, is it the journal.
+fn stderr_is_the_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else { return false };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
+    std::fs::metadata("/proc/self/fd/2").map(|m| m.dev() == dev && m.ino() == ino).unwrap_or(false)
 }
 
 /// An informational line.
@@ -64,6 +77,9 @@ pub fn event(priority: Priority, message: &str, fields: &[(&str, &str)]) {
         if socket.send_to(&encode(priority, message, fields), path).is_ok() {
             return;
         }
+        // The journal takes `<N>` on its stream as the priority.
+        eprintln!("<{}>{message}", priority as u8);
+        return;
     }
     eprintln!("{message}");
 }
@@ -84,7 +100,7 @@ pub fn step(state: &str, detail: &str, job: Option<&(String, u64)>) {
     }
     let failed = matches!(state, "failed" | "rolled-back");
     if failed {
-        fields.push((ERROR, detail));
+        fields.push((ERROR, detail.strip_prefix("failed: ").unwrap_or(detail)));
     }
     let priority = if failed { Priority::Error } else { Priority::Notice };
     event(priority, &format!("{state}: {detail}"), &fields);
@@ -120,12 +136,11 @@ pub fn encode(priority: Priority, message: &str, fields: &[(&str, &str)]) -> Vec
     out
 }
 
-/// journald's rule: uppercase letters, digits and `_`, not leading `_`,
-/// at most 64 bytes.
+/// journald's rule: uppercase letters, digits and `_`, starting with a
+/// letter, at most 64 bytes.
 fn valid_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= 64
-        && !key.starts_with('_')
+    key.len() <= 64
+        && key.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
         && key.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
@@ -164,7 +179,13 @@ mod tests {
         let bytes = encode(
             Priority::Warning,
             "update refused: replayed",
-            &[(ERROR, "replayed"), (JOB, "j-1"), ("bad key", "dropped"), (STEP, "two\nlines")],
+            &[
+                (ERROR, "replayed"),
+                (JOB, "j-1"),
+                ("bad key", "dropped"),
+                ("1X", "dropped"),
+                (STEP, "two\nlines"),
+            ],
         );
         let fields = decode(&bytes).unwrap();
         let get = |k: &str| fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
@@ -175,6 +196,7 @@ mod tests {
         assert_eq!(get(JOB), Some("j-1"));
         assert_eq!(get(STEP), Some("two\nlines"), "a newline takes the length-prefixed form");
         assert_eq!(get("bad key"), None, "an invalid key is left out");
+        assert_eq!(get("1X"), None, "a key starts with a letter");
         assert!(bytes.windows(5).any(|w| w == b"STEP\n"), "binary form on the wire");
     }
 }

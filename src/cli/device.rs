@@ -246,6 +246,10 @@ pub fn run(config_flag: Option<&Path>, once: bool) -> ExitCode {
         rt.block_on(async {
             let stop = crate::sys::signals::shutdown();
             tokio::pin!(stop);
+            // Nothing to connect to, but systemd still waits for this.
+            crate::sys::notify::send("READY=1");
+            crate::sys::notify::status("no broker configured: finishing the stored job, then idle");
+            tokio::spawn(crate::sys::notify::feed_watchdog());
             tokio::select! {
                 started = executor.start() => started?,
                 _ = &mut stop => return Ok(()),

@@ -131,6 +131,13 @@ pub async fn run(
     let mut last_status: Option<Vec<u8>> = None;
     let mut limiter = ProgressLimiter::new(Duration::from_secs(1));
     let mut suback_topics: Vec<String> = Vec::new();
+    // Whatever a killed predecessor left there, nothing is connected yet.
+    if let Some(path) = &setup.connection_file {
+        write_connection_file(
+            path,
+            &ClientEvent::Disconnected { error: "starting".into(), retry_in: Duration::ZERO },
+        );
+    }
     let mut record = |event: &ClientEvent| {
         if let Some(path) = &setup.connection_file {
             write_connection_file(path, event);

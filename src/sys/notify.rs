@@ -10,9 +10,14 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 pub struct Notifier {
+    /// Non-blocking: WATCHDOG and STATUS never stall the main loop.
     socket: UnixDatagram,
+    /// Blocking for at most `RELIABLE_TIMEOUT`: READY and STOPPING matter.
+    reliable: UnixDatagram,
     target: Target,
 }
+
+const RELIABLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 enum Target {
     Path(std::path::PathBuf),
@@ -29,22 +34,34 @@ impl Notifier {
             None if bytes.starts_with(b"/") => Target::Path(value.into()),
             None => return None,
         };
+        Self::new(target)
+    }
+
+    fn new(target: Target) -> Option<Notifier> {
         let socket = UnixDatagram::unbound().ok()?;
         // Never block the main loop on systemd: a full queue drops the
         // notification (the next one carries the same news).
         socket.set_nonblocking(true).ok()?;
-        Some(Notifier { socket, target })
+        let reliable = UnixDatagram::unbound().ok()?;
+        reliable.set_write_timeout(Some(RELIABLE_TIMEOUT)).ok()?;
+        Some(Notifier { socket, reliable, target })
     }
 
     /// Sends one notification; errors are ignored (systemd may be gone at
     /// shutdown, and a notification is never worth failing for).
     pub fn send(&self, state: &str) {
+        // READY=1 and STOPPING=1 wait a moment for room; the rest never wait.
+        let socket = if state.starts_with("READY=") || state.starts_with("STOPPING=") {
+            &self.reliable
+        } else {
+            &self.socket
+        };
         let _ = match &self.target {
-            Target::Path(p) => self.socket.send_to(state.as_bytes(), p),
+            Target::Path(p) => socket.send_to(state.as_bytes(), p),
             Target::Abstract(name) => {
                 use std::os::linux::net::SocketAddrExt;
                 match std::os::unix::net::SocketAddr::from_abstract_name(name) {
-                    Ok(addr) => self.socket.send_to_addr(state.as_bytes(), &addr),
+                    Ok(addr) => socket.send_to_addr(state.as_bytes(), &addr),
                     Err(e) => Err(e),
                 }
             }
@@ -119,9 +136,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let _listener = UnixDatagram::bind(&path).unwrap();
-        std::env::set_var("NOTIFY_SOCKET", &path);
-        let n = Notifier::from_env().unwrap();
-        std::env::remove_var("NOTIFY_SOCKET");
+        let n = Notifier::new(Target::Path(path)).unwrap();
         let started = std::time::Instant::now();
         for _ in 0..1000 {
             n.send("WATCHDOG=1");
@@ -134,7 +149,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let listener = UnixDatagram::bind(&path).unwrap();
-        let n = Notifier { socket: UnixDatagram::unbound().unwrap(), target: Target::Path(path) };
+        let n = Notifier::new(Target::Path(path)).unwrap();
         n.send("READY=1\nSTATUS=idle");
         let mut buf = [0u8; 64];
         let len = listener.recv(&mut buf).unwrap();

@@ -14,8 +14,15 @@ pub mod webdriver;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The systemd variables a test runner may have: a test opts in to them.
+pub const SYSTEMD_ENV: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"];
+
 pub fn fleetd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fleetd"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetd"));
+    SYSTEMD_ENV.iter().for_each(|v| {
+        cmd.env_remove(v);
+    });
+    cmd
 }
 
 pub fn fleetctl() -> Command {
@@ -211,6 +218,9 @@ impl Daemon {
             Some(net) => net.in_device(env!("CARGO_BIN_EXE_fleetd")),
             None => Command::new(env!("CARGO_BIN_EXE_fleetd")),
         };
+        SYSTEMD_ENV.iter().for_each(|v| {
+            cmd.env_remove(v);
+        });
         let child = cmd
             .envs(env.iter().copied())
             .args(["run", "--config"])

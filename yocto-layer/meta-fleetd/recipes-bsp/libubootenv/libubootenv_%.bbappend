@@ -4,6 +4,7 @@
 # for meta-raspberrypi's machines (the `rpi` override); copy it with your
 # MACHINE's override for another board.
 FILESEXTRAPATHS:prepend:rpi := "${THISDIR}/files:"
+UNPACKDIR:rpi ??= "${WORKDIR}"
 SRC_URI:append:rpi = " file://fw_env.config"
 
 do_install:append:rpi() {

@@ -17,6 +17,9 @@ SRC_URI = "${FLEETD_GIT_URI} \
            file://fleetd.toml \
 "
 SRCREV ??= "0000000000000000000000000000000000000000"
+S = "${WORKDIR}/git"
+# styhead and later set UNPACKDIR; scarthgap unpacks into WORKDIR.
+UNPACKDIR ??= "${WORKDIR}"
 
 inherit cargo cargo-update-recipe-crates systemd
 
@@ -61,3 +64,7 @@ FILES:${PN} += "${systemd_system_unitdir}/fleetd.service \
                 ${sysconfdir}/NetworkManager/dnsmasq-shared.d \
 "
 CONFFILES:${PN} = "${sysconfdir}/fleetd/fleetd.toml"
+
+# fleetd writes U-Boot's environment itself, through /etc/fw_env.config,
+# which libubootenv (and this layer's bbappend) provides.
+RRECOMMENDS:${PN} += "libubootenv"
