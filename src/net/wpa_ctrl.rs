@@ -56,6 +56,12 @@ pub fn parse_key_values(reply: &str) -> BTreeMap<String, String> {
     reply.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
+/// What errors name of a command: its first two words only, because
+/// commands such as `SET wpa_passphrase …` carry secrets.
+fn verb(command: &str) -> String {
+    command.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
 static NEXT_CLIENT: AtomicU32 = AtomicU32::new(0);
 
 /// One bound client socket, connected to the daemon's.
@@ -98,8 +104,7 @@ impl Socket {
     /// Sends `command` and returns its reply; events met on the way go to
     /// `events` (only an attached socket gets any).
     async fn request(&self, command: &str, events: &mut Vec<Event>) -> Result<String, CtrlError> {
-        // Only the verb: commands such as `SET wpa_passphrase …` carry secrets.
-        let verb = command.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let verb = verb(command);
         self.send(command).await?;
         let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
             loop {

@@ -40,7 +40,8 @@ impl Response {
         Self { status, content_type: "application/json", headers: Vec::new(), body }
     }
 
-    fn error(status: u16, name: &str, detail: &str) -> Self {
+    /// `{error: NAME, detail}` with `status`.
+    pub fn error(status: u16, name: &str, detail: &str) -> Self {
         Self::json(status, &serde_json::json!({"error": name, "detail": detail}))
     }
 

@@ -118,16 +118,18 @@ async fn answer(
             .await
         {
             Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(_)) => return to_hyper(error(413, "malformed", "the body is too large or cut short")),
-            Err(_) => return to_hyper(error(408, "malformed", "the body took too long")),
+            Ok(Err(_)) => {
+                return to_hyper(Response::error(413, "malformed", "the body is too large or cut short"))
+            }
+            Err(_) => return to_hyper(Response::error(408, "malformed", "the body took too long")),
         };
     let mut random = [0u8; 16];
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random).is_err() {
-        return to_hyper(error(500, "no-randomness", "the system has no randomness"));
+        return to_hyper(Response::error(500, "no-randomness", "the system has no randomness"));
     }
     let handled = {
         let Ok(mut portal) = portal.lock() else {
-            return to_hyper(error(500, "internal", "portal state poisoned"));
+            return to_hyper(Response::error(500, "internal", "portal state poisoned"));
         };
         let request =
             Request { method: &method, path: &path, authorization: authorization.as_deref(), body: &body };
@@ -144,7 +146,7 @@ async fn answer(
             let (tx, rx) = oneshot::channel();
             let item = Accepted { request: *request, identity: *identity, answer: tx };
             if accepted.send(ToPhase::Provision(Box::new(item))).await.is_err() {
-                return to_hyper(error(503, "not-provisioning", "provisioning has ended"));
+                return to_hyper(Response::error(503, "not-provisioning", "provisioning has ended"));
             }
             match rx.await {
                 Ok(mut response) => {
@@ -153,7 +155,7 @@ async fn answer(
                     }
                     to_hyper(response)
                 }
-                Err(_) => to_hyper(error(503, "not-provisioning", "provisioning has ended")),
+                Err(_) => to_hyper(Response::error(503, "not-provisioning", "provisioning has ended")),
             }
         }
         Handled::Rescan { response, busy } => match accepted.try_send(ToPhase::Rescan) {
@@ -161,11 +163,6 @@ async fn answer(
             Err(_) => to_hyper(busy),
         },
     }
-}
-
-fn error(status: u16, name: &str, detail: &str) -> Response {
-    let body = serde_json::json!({"error": name, "detail": detail}).to_string().into_bytes();
-    Response { status, content_type: "application/json", headers: Vec::new(), body }
 }
 
 fn to_hyper(response: Response) -> hyper::Response<Full<Bytes>> {
