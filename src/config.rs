@@ -35,6 +35,8 @@ pub struct Config {
     /// Present: an unprovisioned device raises an access point and a portal.
     #[serde(default)]
     pub provision: Option<Provision>,
+    #[serde(default)]
+    pub dbus: Dbus,
     /// Where the file was loaded from; relative paths in it resolve against its directory.
     #[serde(skip)]
     pub source: PathBuf,
@@ -319,6 +321,25 @@ pub struct Health {
     pub command: Option<PathBuf>,
     #[serde(default = "default_health_timeout")]
     pub timeout_s: u64,
+}
+
+/// The D-Bus API on the system bus. Without a bus (a container) the
+/// daemon logs it and runs on; `enabled = false` does not try.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dbus {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for Dbus {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for Health {

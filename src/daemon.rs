@@ -3,12 +3,16 @@
 //! messages between them. Messages are acknowledged to the broker only after
 //! what they carry is persisted.
 
+use crate::bus::model::Event as BusEvent;
+use crate::bus::service::Bus;
+use crate::bus::{Command, CommandError, Request};
 use crate::config::{Broker, Config};
 use crate::logging::{self, Priority};
 use crate::mqtt::{self, ClientEvent, ClientSetup, Inbound, Outbound, Progress, Topics};
 use crate::provision::phase::PhaseError;
 use crate::provision::store::{ProvisionStore, Provisioned};
 use crate::sys::notify;
+use crate::update::agent::BusyView;
 use crate::update::{Admission, Executor, OpenError, Refusal, Report, Source};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -42,8 +46,11 @@ pub fn run(
     runtime.block_on(async move {
         // Handlers first: from here a SIGTERM is a clean stop.
         let signals = crate::sys::signals::shutdown();
-        // systemd: ready once the state is loaded; the watchdog is fed by
-        // this (the main) loop, so a wedged loop stops the pings.
+        let bus = start_bus(&config, &executor).await;
+        let sink = bus.as_ref().and_then(Bus::sink);
+        // systemd: ready once the state is loaded and the bus name owned;
+        // the watchdog is fed by this (the main) loop, so a wedged loop
+        // stops the pings.
         notify::send("READY=1");
         notify::status("started");
         tokio::spawn(notify::feed_watchdog());
@@ -54,7 +61,7 @@ pub fn run(
         };
         tokio::pin!(shutdown);
         let provisioned = tokio::select! {
-            provisioned = provision_if_needed(&config, clock_floor) => provisioned?,
+            provisioned = provision_if_needed(&config, clock_floor, &sink) => provisioned?,
             _ = &mut shutdown => return Ok(()),
         };
         let Some(provisioned) = provisioned else {
@@ -67,11 +74,36 @@ pub fn run(
             .broker(provisioned.as_ref().map(|p| (p.broker_host.as_str(), p.broker_port)))
             .ok_or(DaemonError::NoMqtt)?;
         executor.set_provisioning(crate::provision::phase::facts(&config));
+        crate::bus::send(&sink, BusEvent::Report(Report::Status(Box::new(executor.status_doc()))));
         mqtt::check_identity(&broker.cert_file, &config.device.id)?;
         let tls = mqtt::tls_config(&broker.ca_file, &broker.cert_file, &broker.key_file)?;
         notify::status(&format!("connecting to {}:{}", broker.host, broker.port));
-        connected(config, broker, Some(tls), executor, shutdown).await
+        connected(config, broker, Some(tls), executor, shutdown, bus.as_ref()).await
     })
+}
+
+/// The D-Bus API, when the config wants it and a system bus answers.
+/// Updates never depend on it: without it the daemon logs why and runs on.
+async fn start_bus(config: &Config, executor: &Executor) -> Option<Bus> {
+    if !config.dbus.enabled {
+        return None;
+    }
+    let mut doc = executor.status_doc();
+    doc.apply_provisioning(&crate::provision::phase::facts(config));
+    match Bus::start(doc).await {
+        Ok(bus) => {
+            logging::log(&format!("d-bus: serving {} on the system bus", crate::bus::NAME));
+            Some(bus)
+        }
+        Err(e) => {
+            logging::event(
+                Priority::Warning,
+                &format!("d-bus-unavailable: {e}; running without the D-Bus API"),
+                &[(logging::ERROR, "d-bus-unavailable")],
+            );
+            None
+        }
+    }
 }
 
 /// A test hook: with `FLEETD_TEST_WEDGE_MAIN_LOOP_FILE=PATH`, the main
@@ -96,6 +128,7 @@ fn wedge_for_tests() {
 async fn provision_if_needed(
     config: &Config,
     clock_floor: u64,
+    sink: &crate::bus::Sink,
 ) -> Result<Option<Option<Provisioned>>, DaemonError> {
     let Some(settings) = &config.provision else { return Ok(Some(None)) };
     let store = ProvisionStore::new(&config.device.state_dir);
@@ -106,7 +139,8 @@ async fn provision_if_needed(
     }
     let client_dir = crate::net::client_dir(&config.device.state_dir);
     let backend = crate::net::Backend::from_config(settings, &client_dir).await.map_err(PhaseError::from)?;
-    match crate::provision::phase::run(config, backend, clock_floor).await {
+    let on_status = || crate::bus::send(sink, BusEvent::Provisioning(crate::provision::phase::facts(config)));
+    match crate::provision::phase::run(config, backend, clock_floor, &on_status).await {
         Ok(record) => Ok(Some(Some(record))),
         Err(e @ PhaseError::Timeout(_)) => {
             crate::logging::log(&format!("provisioning: {e}"));
@@ -128,7 +162,7 @@ pub fn run_until(
     let broker = config.broker(None).ok_or(DaemonError::NoMqtt)?;
     let executor = open(config.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(connected(config, broker, tls, executor, shutdown))
+    runtime.block_on(connected(config, broker, tls, executor, shutdown, None))
 }
 
 /// Connected: the MQTT task here, the update worker on its own thread.
@@ -138,6 +172,7 @@ async fn connected(
     tls: Option<rustls::ClientConfig>,
     executor: Executor,
     shutdown: impl std::future::Future<Output = ()>,
+    bus: Option<&Bus>,
 ) -> Result<(), DaemonError> {
     let topics = Topics::for_config(&config);
     let will = Some((topics.online.clone(), b"false".to_vec()));
@@ -168,9 +203,22 @@ async fn connected(
     let (connected_tx, connected_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let (requests_tx, requests) = mpsc::channel::<Request>(BUS_QUEUE);
+    let sink = bus.and_then(Bus::sink);
+    if let Some(bus) = bus {
+        bus.attach_worker(requests_tx, outbox.clone());
+        let (mut up, sink) = (connected_rx.clone(), sink.clone());
+        tokio::spawn(async move {
+            while up.changed().await.is_ok() {
+                let now = *up.borrow_and_update();
+                crate::bus::send(&sink, BusEvent::Connected(now));
+            }
+        });
+    }
     let worker_shutdown = shutdown_rx.clone();
     let worker = std::thread::Builder::new().name("update-worker".into()).spawn(move || {
-        let result = worker_main(executor, worker_inbox, outbox, connected_rx, worker_shutdown);
+        let channels = Channels { inbox: worker_inbox, requests, outbox, sink, shutdown: worker_shutdown };
+        let result = worker_main(executor, channels, connected_rx);
         if let Err(e) = &result {
             logging::event(
                 Priority::Error,
@@ -205,9 +253,10 @@ async fn connected(
 /// refuses a message itself rather than wait.
 pub const WORKER_QUEUE: usize = 8;
 
-/// An error's name is the part before its first colon.
-fn log_error(message: &str, error: &str) {
-    let name = error.split(':').next().unwrap_or(error);
+/// D-Bus calls waiting for the worker; past this a call is answered busy.
+const BUS_QUEUE: usize = 4;
+
+fn log_error(message: &str, name: &str) {
     logging::event(Priority::Error, message, &[(logging::ERROR, name)]);
 }
 
@@ -237,16 +286,32 @@ fn log_client_event(event: &ClientEvent) {
     }
 }
 
+/// The worker's ends of its channels.
+struct Channels {
+    /// Update messages from the MQTT task.
+    inbox: mpsc::Receiver<Inbound>,
+    /// Calls from the D-Bus API.
+    requests: mpsc::Receiver<Request>,
+    outbox: mpsc::UnboundedSender<Outbound>,
+    sink: crate::bus::Sink,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// What woke the idle worker.
+enum Work {
+    Message(Inbound),
+    Call(Request),
+}
+
 fn worker_main(
     mut executor: Executor,
-    mut inbox: mpsc::Receiver<Inbound>,
-    outbox: mpsc::UnboundedSender<Outbound>,
+    mut ch: Channels,
     connected: watch::Receiver<bool>,
-    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), std::io::Error> {
     executor.set_health_gate(connected);
-    let reports = outbox.clone();
+    let (reports, sink) = (ch.outbox.clone(), ch.sink.clone());
     executor.on_report(Box::new(move |report: &Report| {
+        crate::bus::send(&sink, BusEvent::Report(report.clone()));
         let outbound = match report {
             Report::Status(doc) => Outbound::Status(doc.clone()),
             Report::Progress { jti, version, done, total } => Outbound::Progress(Progress::Download {
@@ -265,39 +330,54 @@ fn worker_main(
     }));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let busy = executor.busy_view();
-        match while_busy(executor.start(), &busy, &mut inbox, &outbox, &mut shutdown).await {
-            None => return,
-            Some(Err(e)) => log_error(&format!("fleetd: resuming: {e}"), &e.to_string()),
-            Some(Ok(())) => {}
+        if !run_job(&mut executor, &mut ch, true).await {
+            return;
         }
         executor.report_status();
+        let mut calls_open = true;
         loop {
-            let message = tokio::select! {
-                message = inbox.recv() => message,
-                _ = shutdown.wait_for(|stop| *stop) => None,
+            let work = tokio::select! {
+                message = ch.inbox.recv() => match message {
+                    Some(m) => Work::Message(m),
+                    None => break,
+                },
+                call = ch.requests.recv(), if calls_open => match call {
+                    Some(c) => Work::Call(c),
+                    None => {
+                        calls_open = false;
+                        continue;
+                    }
+                },
+                _ = ch.shutdown.wait_for(|stop| *stop) => break,
             };
-            let Some(Inbound::UpdateMessage { topic, payload, token }) = message else { break };
-            let ack = outbox.clone();
-            let on_ack = move || {
-                let _ = ack.send(Outbound::Ack(token));
-            };
-            let source = Source::Broker { topic: topic.clone() };
-            match executor.admit(&payload, source, on_ack).await {
-                Ok(Admission::Duplicate { jti }) => report_duplicate(&jti, &topic, &outbox),
-                Ok(Admission::Refused(refusal)) => send_refusal(&refusal, &topic, token, &outbox),
-                Ok(Admission::Accepted { .. } | Admission::Continued) => {
-                    let busy = executor.busy_view();
-                    match while_busy(executor.run(), &busy, &mut inbox, &outbox, &mut shutdown).await {
-                        None => break,
-                        Some(Err(e)) => log_error(&format!("fleetd: {e}"), &e.to_string()),
-                        Some(Ok(())) => {}
+            let has_job = match work {
+                Work::Message(Inbound::UpdateMessage { topic, payload, token }) => {
+                    let ack = ch.outbox.clone();
+                    let on_ack = move || {
+                        let _ = ack.send(Outbound::Ack(token));
+                    };
+                    let source = Source::Broker { topic: topic.clone() };
+                    match executor.admit(&payload, source, on_ack).await {
+                        Ok(Admission::Duplicate { jti }) => {
+                            report_duplicate(&jti, &topic, &ch.outbox);
+                            false
+                        }
+                        Ok(Admission::Refused(refusal)) => {
+                            send_refusal(&refusal, &topic, token, &ch.outbox);
+                            false
+                        }
+                        Ok(Admission::Accepted { .. } | Admission::Continued) => true,
+                        Err(e) => {
+                            log_error(&format!("fleetd: {e}"), e.name());
+                            let _ = ch.outbox.send(Outbound::Refused { token, error: e.to_string() });
+                            false
+                        }
                     }
                 }
-                Err(e) => {
-                    log_error(&format!("fleetd: {e}"), &e.to_string());
-                    let _ = outbox.send(Outbound::Refused { token, error: e.to_string() });
-                }
+                Work::Call(request) => answer_call(&mut executor, request, &ch.sink).await,
+            };
+            if has_job && !run_job(&mut executor, &mut ch, false).await {
+                break;
             }
             executor.report_status();
         }
@@ -305,35 +385,146 @@ fn worker_main(
     Ok(())
 }
 
-/// Runs `work` (a job) to its end while answering every update message that
-/// arrives meanwhile, so the MQTT task never waits on the worker. `None`
-/// when shutdown came first: `work` is dropped at an await point, and the
-/// job stays at its last persisted checkpoint, to be resumed at next start.
+/// Runs the job (or, with `starting`, the process's start: confirm the
+/// booted slot, resume the stored job) while answering what arrives.
+/// A call that must act on the job (a verdict in its trial, a cancel)
+/// stops it at an await point, is carried out, and what is left of the
+/// job resumes from its persisted state. `false` when shutdown came.
+async fn run_job(executor: &mut Executor, ch: &mut Channels, starting: bool) -> bool {
+    let mut first = Some(starting);
+    loop {
+        let busy = executor.busy_view();
+        let ended = match first.take() {
+            Some(true) => while_busy(executor.start(), &busy, ch).await,
+            Some(false) => while_busy(executor.run(), &busy, ch).await,
+            None => while_busy(executor.resume(), &busy, ch).await,
+        };
+        match ended {
+            Ended::Shutdown => return false,
+            Ended::Done(Err(e)) => {
+                log_error(&format!("fleetd: {e}"), e.name());
+                return true;
+            }
+            Ended::Done(Ok(())) => return true,
+            Ended::Interrupted(request) => {
+                executor.abandon_plan();
+                answer_call(executor, request, &ch.sink).await;
+                // A verdict or a cancel ends the job; had it not, the rest
+                // resumes from what is persisted, as after a restart.
+                if executor.state().active_job().is_none() {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// Carries out a D-Bus call with the executor idle; true when a job was
+/// admitted and is to run.
+async fn answer_call(executor: &mut Executor, request: Request, sink: &crate::bus::Sink) -> bool {
+    let (answer, has_job) = match request.command {
+        Command::Install { message } => {
+            let outcome = executor.admit(&message, Source::Local, || {}).await;
+            let answer = match outcome {
+                Ok(Admission::Accepted { jti, version }) => Ok(format!("accepted update {jti} v{version}")),
+                Ok(Admission::Continued) => Ok("the stored update goes on".to_string()),
+                Ok(Admission::Duplicate { jti }) => Err(CommandError::Refused(format!(
+                    "duplicate: update {jti} was already handled; not run again"
+                ))),
+                Ok(Admission::Refused(refusal)) => Err(CommandError::Refused(refusal.to_string())),
+                Err(e) => Err(CommandError::Failed(e.to_string())),
+            };
+            if let Err(e) = &answer {
+                crate::bus::send(sink, BusEvent::InstallRefused(e.to_string()));
+            }
+            let has_job = answer.is_ok();
+            (answer, has_job)
+        }
+        Command::Mark { good } => {
+            (executor.mark_booted(good).await.map_err(|e| CommandError::Refused(e.to_string())), false)
+        }
+        Command::Cancel => {
+            let answer = match executor.cancel().await {
+                Ok(Ok(done)) => Ok(done),
+                Ok(Err(why)) => Err(CommandError::NoJob(why)),
+                Err(e) => Err(CommandError::Failed(e.to_string())),
+            };
+            (answer, false)
+        }
+    };
+    let _ = request.reply.send(answer);
+    has_job
+}
+
+enum Ended<T> {
+    Done(T),
+    Shutdown,
+    /// A D-Bus call that needs the job stopped first.
+    Interrupted(Request),
+}
+
+/// Runs `work` (a job) to its end while answering every update message and
+/// call that arrives meanwhile, so neither the MQTT task nor a bus client
+/// waits on the worker. On shutdown `work` is dropped at an await point,
+/// and the job stays at its last persisted checkpoint, to be resumed at
+/// next start.
 async fn while_busy<T>(
     work: impl std::future::Future<Output = T>,
-    busy: &crate::update::agent::BusyView,
-    inbox: &mut mpsc::Receiver<Inbound>,
-    outbox: &mpsc::UnboundedSender<Outbound>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<T> {
+    busy: &BusyView,
+    ch: &mut Channels,
+) -> Ended<T> {
     tokio::pin!(work);
-    let mut inbox_open = true;
+    let (mut inbox_open, mut calls_open) = (true, true);
     loop {
         tokio::select! {
-            done = &mut work => return Some(done),
-            _ = shutdown.wait_for(|stop| *stop) => return None,
-            message = inbox.recv(), if inbox_open => match message {
+            done = &mut work => return Ended::Done(done),
+            _ = ch.shutdown.wait_for(|stop| *stop) => return Ended::Shutdown,
+            message = ch.inbox.recv(), if inbox_open => match message {
                 Some(Inbound::UpdateMessage { topic, payload, token }) => match busy.answer(&payload) {
                     Ok(jti) => {
-                        report_duplicate(&jti, &topic, outbox);
-                        let _ = outbox.send(Outbound::Ack(token));
+                        report_duplicate(&jti, &topic, &ch.outbox);
+                        let _ = ch.outbox.send(Outbound::Ack(token));
                     }
-                    Err(refusal) => send_refusal(&refusal, &topic, token, outbox),
+                    Err(refusal) => send_refusal(&refusal, &topic, token, &ch.outbox),
                 },
                 None => inbox_open = false,
             },
+            call = ch.requests.recv(), if calls_open => match call {
+                Some(request) => {
+                    if let Some(request) = answer_while_busy(request, busy, &ch.sink) {
+                        return Ended::Interrupted(request);
+                    }
+                }
+                None => calls_open = false,
+            },
         }
     }
+}
+
+/// A call while a job runs: answered at once, or handed back when it must
+/// stop the job (a verdict during the trial; a cancel before it).
+fn answer_while_busy(request: Request, busy: &BusyView, sink: &crate::bus::Sink) -> Option<Request> {
+    let answer = match &request.command {
+        Command::Mark { .. } if busy.in_trial => return Some(request),
+        Command::Cancel if busy.cancellable => return Some(request),
+        Command::Mark { .. } => Err(CommandError::Busy(
+            "busy: an update is being installed; the booted slot is not on trial".into(),
+        )),
+        Command::Cancel => Err(CommandError::NoJob(
+            "cancel-too-late: the booted slot is on trial; MarkBad gives it up".into(),
+        )),
+        Command::Install { message } => match busy.answer(message) {
+            Ok(jti) => Err(CommandError::Refused(format!(
+                "duplicate: update {jti} was already handled; not run again"
+            ))),
+            Err(refusal) => Err(CommandError::Busy(refusal.to_string())),
+        },
+    };
+    if let (Command::Install { .. }, Err(e)) = (&request.command, &answer) {
+        crate::bus::send(sink, BusEvent::InstallRefused(e.to_string()));
+    }
+    let _ = request.reply.send(answer);
+    None
 }
 
 /// Logs a refusal and hands it to the MQTT task, which acks the message.

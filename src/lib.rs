@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod boot;
+pub mod bus;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "fleet")]

@@ -3,10 +3,10 @@
 //! Plain data: `update::status_doc` fills it in from the state and the boot
 //! environment.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatusDoc {
     pub device: String,
     pub fleetd_version: String,
@@ -21,10 +21,22 @@ pub struct StatusDoc {
     /// true without a `[provision]` section: configured by hand).
     pub provisioned: bool,
     pub network: Option<NetworkStatus>,
+    /// The broker connection: the daemon's own view over D-Bus, else what
+    /// it last wrote to `connection.json`. None when nothing says.
+    pub mqtt: Option<MqttStatus>,
+    /// Where `fleetd status` got this: `daemon` (over D-Bus) or `disk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MqttStatus {
+    pub connected: bool,
+    pub error: Option<String>,
 }
 
 /// How the device is on the network, as provisioning last left it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NetworkStatus {
     /// `access-point`, `joining`, `station`, `wired`, `none`.
     pub mode: String,
@@ -33,7 +45,7 @@ pub struct NetworkStatus {
     pub portal: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SlotStatus {
     /// good | trying | bad | unknown (the boot env could not be read)
     pub state: String,
@@ -41,7 +53,7 @@ pub struct SlotStatus {
     pub device: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JobStatus {
     pub jti: String,
     pub version: u64,
@@ -93,7 +105,20 @@ impl StatusDoc {
             }
             line("network", text);
         }
+        if let Some(m) = &self.mqtt {
+            let text = match (&m.connected, &m.error) {
+                (true, _) => "connected".to_string(),
+                (false, Some(e)) => format!("disconnected ({e})"),
+                (false, None) => "disconnected".to_string(),
+            };
+            line("mqtt", text);
+        }
         line("installed", format!("v{}", self.installed_version));
+        match self.source.as_deref() {
+            Some("daemon") => line("source", "the running daemon (D-Bus)".into()),
+            Some(_) => line("source", "the state on disk (no daemon answered on the bus)".into()),
+            None => {}
+        }
         line("booted", self.booted_slot.clone().unwrap_or_else(|| "unknown".into()));
         line("primary", self.primary_slot.clone().unwrap_or_else(|| "none".into()));
         for (name, s) in &self.slots {

@@ -2,6 +2,7 @@
 
 use super::{runtime, CliError};
 use crate::boot;
+use crate::bus::client::{ClientError, Daemon};
 use crate::config::{self, Config};
 use crate::update::StateStore as Store;
 use crate::update::{Admission, Executor, Phase, Refusal, Report, Source};
@@ -69,14 +70,36 @@ fn job_outcome(executor: &Executor) -> ExitCode {
     }
 }
 
+/// Runs `call` against the running daemon of this device over D-Bus;
+/// `None` when there is none (the command then works on the state itself).
+fn via_daemon<T, F>(config: &Config, call: impl FnOnce(Daemon) -> F) -> Option<Result<T, CliError>>
+where
+    F: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return Some(Err(e)),
+    };
+    rt.block_on(async {
+        match crate::bus::client::find(&config.device.id).await? {
+            Ok(daemon) => Some(call(daemon).await.map_err(CliError::from)),
+            Err(e) => Some(Err(e.into())),
+        }
+    })
+}
+
 pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> ExitCode {
     let result = (|| -> Result<ExitCode, CliError> {
-        let mut executor = open_executor(load_config(config_flag)?)?;
+        let config = load_config(config_flag)?;
+        let input = crate::fsutil::read_prefix(file, crate::trust::MAX_MESSAGE_BYTES + 1)
+            .map_err(super::file_error(file))?;
+        if let Some(done) = install_via_daemon(&config, no_reboot, &input) {
+            return done;
+        }
+        let mut executor = open_executor(config)?;
         executor.no_reboot = no_reboot;
         executor.on_report(reporter());
         let rt = runtime()?;
-        let input = crate::fsutil::read_prefix(file, crate::trust::MAX_MESSAGE_BYTES + 1)
-            .map_err(super::file_error(file))?;
         let admission = rt.block_on(executor.admit(&input, Source::Local, || {}))?;
         match admission {
             Admission::Refused(Refusal::Verify(e)) => {
@@ -101,25 +124,65 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
     })
 }
 
+/// A running daemon takes the job (it holds the state lock); this follows
+/// its progress to `Completed`.
+fn install_via_daemon(
+    config: &Config,
+    no_reboot: bool,
+    message: &[u8],
+) -> Option<Result<ExitCode, CliError>> {
+    let message = message.to_vec();
+    let tty = std::io::stderr().is_terminal();
+    via_daemon(config, |daemon| async move {
+        if no_reboot {
+            return Err(ClientError::Refused(
+                "no-reboot: the running daemon decides reboots ([update] reboot); stop it to use --no-reboot"
+                    .into(),
+            ));
+        }
+        eprintln!("the daemon takes the update (D-Bus)");
+        let mut last = (-1, String::new());
+        let (result, detail) = daemon
+            .install(message, |percent, step| {
+                if (percent, step) == (last.0, last.1.as_str()) {
+                    return;
+                }
+                if tty {
+                    eprint!("\r\x1b[2K{percent:>3}% {step}");
+                } else if step != last.1 || percent / 10 != last.0 / 10 {
+                    eprintln!("{percent:>3}% {step}");
+                }
+                last = (percent, step.to_string());
+            })
+            .await?;
+        if tty {
+            eprintln!();
+        }
+        Ok((result, detail))
+    })
+    .map(|answer| {
+        let (result, detail) = answer?;
+        if result == crate::bus::model::RESULT_OK {
+            eprintln!("done: {detail}");
+            Ok(ExitCode::SUCCESS)
+        } else {
+            eprintln!("failed: {detail}");
+            Ok(ExitCode::from(1))
+        }
+    })
+}
+
 pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {
     let result = (|| -> Result<ExitCode, CliError> {
-        let mut executor = open_executor(load_config(config_flag)?)?;
+        let config = load_config(config_flag)?;
+        if let Some(answer) = via_daemon(&config, |daemon| async move { daemon.mark(good).await }) {
+            println!("{}", answer?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut executor = open_executor(config)?;
         executor.on_report(reporter());
-        let booted = executor.booted().to_string();
-        if good && executor.booted_is_unfinished_target() {
-            return Err(CliError::Usage(format!(
-                "target-is-booted: slot {booted} holds an unfinished download; refusing to mark it good"
-            )));
-        }
-        // In a trial (also right after a manual reboot, before any health
-        // check ran) the job ends exactly as the daemon's check ends it.
-        let ended_trial = runtime()?.block_on(executor.verdict_by_hand(good))?;
-        if !ended_trial {
-            let backend = executor.boot_mut();
-            let result = if good { backend.mark_good(&booted) } else { backend.mark_bad(&booted) };
-            result?;
-        }
-        println!("slot {booted} marked {}", if good { "good" } else { "bad" });
+        let answer = runtime()?.block_on(executor.mark_booted(good))?;
+        println!("{answer}");
         Ok(ExitCode::SUCCESS)
     })();
     result.unwrap_or_else(|e| {
@@ -136,25 +199,27 @@ pub fn status(config_flag: Option<&Path>, json: bool, pop: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let state = match Store::read(&config.device.state_dir) {
-        Ok(s) => s,
+    let doc = match via_daemon(&config, |daemon| async move { daemon.status().await }) {
+        Some(Ok(mut doc)) => {
+            doc.source = Some("daemon".into());
+            Ok(doc)
+        }
+        Some(Err(e)) => {
+            eprintln!("fleetd status: the daemon did not answer ({e}); showing the state on disk");
+            status_from_disk(&config)
+        }
+        None => status_from_disk(&config),
+    };
+    let doc = match doc {
+        Ok(mut doc) => {
+            doc.source.get_or_insert_with(|| "disk".into());
+            doc
+        }
         Err(e) => {
             eprintln!("fleetd status: {e}");
             return ExitCode::from(1);
         }
     };
-    let backend = boot::from_config(&config);
-    let booted = backend.as_ref().ok().and_then(|b| boot::booted_slot(&config, b.as_ref()).ok());
-    let mut doc = crate::update::status_doc(
-        &config,
-        &state,
-        backend.as_ref().ok().map(|b| b.as_ref()),
-        booted.as_deref(),
-    );
-    if let Err(e) = &backend {
-        doc.last_error.get_or_insert_with(|| format!("{}: {e}", e.name()));
-    }
-    doc.apply_provisioning(&crate::provision::phase::facts(&config));
     if json {
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
@@ -180,6 +245,26 @@ pub fn status(config_flag: Option<&Path>, json: bool, pop: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// What the state, the boot environment and the daemon's last connection
+/// file say, when no daemon answers on the bus.
+fn status_from_disk(config: &Config) -> Result<crate::status::StatusDoc, CliError> {
+    let state = Store::read(&config.device.state_dir)?;
+    let backend = boot::from_config(config);
+    let booted = backend.as_ref().ok().and_then(|b| boot::booted_slot(config, b.as_ref()).ok());
+    let mut doc = crate::update::status_doc(
+        config,
+        &state,
+        backend.as_ref().ok().map(|b| b.as_ref()),
+        booted.as_deref(),
+    );
+    if let Err(e) = &backend {
+        doc.last_error.get_or_insert_with(|| format!("{}: {e}", e.name()));
+    }
+    doc.apply_provisioning(&crate::provision::phase::facts(config));
+    doc.mqtt = crate::mqtt::read_connection_file(&config.device.state_dir);
+    Ok(doc)
 }
 
 /// The Wi-Fi QR format escapes `\ ; , : "` with a backslash.

@@ -38,6 +38,11 @@ pub enum CliError {
     #[error(transparent)]
     Open(#[from] crate::update::OpenError),
     #[error(transparent)]
+    Mark(#[from] crate::update::MarkError),
+    /// The running daemon refused or failed a call over D-Bus.
+    #[error(transparent)]
+    Bus(#[from] crate::bus::client::ClientError),
+    #[error(transparent)]
     Exec(#[from] crate::update::ExecError),
     #[error(transparent)]
     Daemon(#[from] crate::daemon::DaemonError),

@@ -33,6 +33,8 @@ pub enum Outbound {
     Status(Box<crate::status::StatusDoc>),
     /// A progress event; step changes always go out, the rest ≤ 1/s.
     Progress(Progress),
+    /// Ask the broker again for update messages (D-Bus `CheckForUpdate`).
+    CheckForUpdate,
 }
 
 /// What the progress topic carries, before it is JSON.
@@ -180,6 +182,20 @@ pub async fn run(
                             publish_all(&client, jobs.on_progress(progress.step(), progress.percent()));
                         }
                         let _ = client.try_publish(&topics.progress, QoS::AtMostOnce, false, progress.to_json());
+                    }
+                }
+                Some(Outbound::CheckForUpdate) => {
+                    if *connected.borrow() {
+                        match &aws {
+                            Some(jobs) => publish_all(&client, jobs.on_connect()),
+                            // Subscribing again makes the broker send the
+                            // retained messages again; known ones are duplicates.
+                            None => {
+                                let filters = subscriptions.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                                let _ = client.try_subscribe_many(filters);
+                                suback_topics = subscriptions.clone();
+                            }
+                        }
                     }
                 }
             },
@@ -359,6 +375,13 @@ fn describe(e: &rumqttc::ConnectionError) -> String {
         E::Io(io) => format!("mqtt-io: {io}"),
         other => format!("mqtt: {other}"),
     }
+}
+
+/// What the daemon last wrote to `connection.json` (for `fleetd status`
+/// when no daemon answers on the bus).
+pub fn read_connection_file(state_dir: &std::path::Path) -> Option<crate::status::MqttStatus> {
+    let bytes = std::fs::read(state_dir.join("connection.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 fn write_connection_file(path: &std::path::Path, event: &ClientEvent) {

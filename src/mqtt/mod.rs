@@ -11,7 +11,7 @@ mod client;
 pub mod fleet;
 mod limiter;
 
-pub use client::{run, ClientEvent, ClientSetup, Inbound, Outbound, Progress};
+pub use client::{read_connection_file, run, ClientEvent, ClientSetup, Inbound, Outbound, Progress};
 pub use limiter::ProgressLimiter;
 
 use crate::config::{Config, Mqtt};

@@ -50,11 +50,19 @@ struct Phase<'a> {
     store: ProvisionStore,
     backend: Backend,
     ap: AccessPoint,
+    on_status: &'a (dyn Fn() + Sync),
 }
 
 /// Runs provisioning to its end: the record of a complete provisioning.
 /// `clock_floor`: the device's lowest trusted time, for certificate validity.
-pub async fn run(config: &Config, backend: Backend, clock_floor: u64) -> Result<Provisioned, PhaseError> {
+/// `on_status` is called after each change of the status file (the D-Bus
+/// API shows it live).
+pub async fn run(
+    config: &Config,
+    backend: Backend,
+    clock_floor: u64,
+    on_status: &(dyn Fn() + Sync),
+) -> Result<Provisioned, PhaseError> {
     let Some(settings) = config.provision.as_ref() else {
         return Err(PhaseError::Net(NetError::Backend("no [provision] section".into())));
     };
@@ -66,7 +74,7 @@ pub async fn run(config: &Config, backend: Backend, clock_floor: u64) -> Result<
         ssid: settings.ap_ssid(&config.device.id),
         passphrase: pop.ap_passphrase(&config.device.id),
     };
-    let mut phase = Phase { config, store, backend, ap };
+    let mut phase = Phase { config, store, backend, ap, on_status };
     phase.write_status("unprovisioned", None, "none", None, None);
 
     // Never raise an access point over a network the device already uses:
@@ -274,6 +282,7 @@ impl Phase<'_> {
         if let Err(e) = crate::fsutil::atomic_write(&path, &bytes, 0o644) {
             log(&format!("provisioning: {}: {e}", path.display()));
         }
+        (self.on_status)();
     }
 }
 

@@ -75,6 +75,8 @@ pub enum Input {
     VerdictByHand {
         healthy: bool,
     },
+    /// A person gives the job up before its trial boot (D-Bus `Cancel`).
+    Cancel,
     /// The health command finished (`ok` = exit 0).
     HealthCommandDone {
         ok: bool,
@@ -230,7 +232,13 @@ impl Agent {
     pub fn busy_view(&self) -> BusyView {
         let mut known: Vec<String> = self.state.history.iter().map(|h| h.jti.clone()).collect();
         known.extend(self.state.job.as_ref().map(|j| j.jti.clone()));
-        BusyView { known, running: self.state.active_job().map(|j| (j.jti.clone(), j.version)) }
+        let active = self.state.active_job();
+        BusyView {
+            known,
+            running: active.map(|j| (j.jti.clone(), j.version)),
+            cancellable: active.is_some_and(|j| cancellable(j, &self.facts.booted)),
+            in_trial: active.is_some_and(|j| j.target_slot == self.facts.booted),
+        }
     }
 
     /// Records `error` as the last error (and asks for it to be saved).
@@ -258,6 +266,12 @@ impl Agent {
                 }
                 let booted = self.facts.booted.clone();
                 self.job_event(Event::VerdictByHand { booted, healthy }, now)
+            }
+            Input::Cancel => {
+                if !self.job().is_some_and(|j| cancellable(j, &self.facts.booted)) {
+                    return Vec::new();
+                }
+                self.job_event(Event::ActionFailed { error: CANCELLED.into() }, now)
             }
             Input::HealthCommandDone { ok, detail } => {
                 if self.health != Some(HealthWait::Command) {
@@ -484,6 +498,23 @@ impl Agent {
 pub struct BusyView {
     known: Vec<String>,
     running: Option<(String, u64)>,
+    /// The running job may be cancelled (it has not booted its target).
+    pub cancellable: bool,
+    /// The running job is the trial of the booted slot (a verdict ends it).
+    pub in_trial: bool,
+}
+
+/// The error a cancelled job ends with.
+pub const CANCELLED: &str = "cancelled: given up by request before its trial boot";
+
+/// Until the target boots, a job can be given up: the target is (or is
+/// made) bad, the running slot stays primary. In its trial, `MarkBad` does that.
+pub fn cancellable(job: &Job, booted: &str) -> bool {
+    job.target_slot != booted
+        && matches!(
+            job.phase,
+            Phase::Accepted | Phase::Downloading | Phase::Written | Phase::RebootPending { .. }
+        )
 }
 
 impl BusyView {
@@ -580,6 +611,42 @@ mod tests {
 
     fn phase(a: &Agent) -> Phase {
         a.job().map(|j| j.phase.clone()).unwrap()
+    }
+
+    /// Cancel gives a job up in each phase before its trial boot: the
+    /// target is (or stays) bad, the job ends failed with CANCELLED; in the
+    /// trial, and with no job, it changes nothing.
+    #[test]
+    fn cancel_before_the_trial_boot_only() {
+        let k = keys();
+        let m = message(&k, "jti-00000008", 8, 100);
+        let mut a = agent(&k, "A", "b1", installed_7());
+        assert_eq!(a.handle(Input::Cancel, NOW), vec![], "no job, nothing to cancel");
+        a.handle(msg(m, broker()), NOW);
+        let fresh = a.state().clone();
+        a.handle(Input::Job(Event::SlotInvalidated), NOW);
+        let downloading = a.state().clone();
+        assert!(a.busy_view().cancellable && !a.busy_view().in_trial);
+        a.handle(Input::Job(Event::ImageVerified), NOW);
+        let written = a.state().clone();
+        a.handle(Input::Job(Event::Switched { boot_id: "b1".into() }), NOW);
+        let pending = a.state().clone();
+        for (state, gives_up_target) in
+            [(fresh, false), (downloading, false), (written, true), (pending, true)]
+        {
+            let mut before = agent(&k, "A", "b1", state);
+            let actions = before.handle(Input::Cancel, NOW);
+            assert_eq!(actions.contains(&MarkTargetBad), gives_up_target, "{actions:?}");
+            assert!(actions.contains(&Persist), "{actions:?}");
+            assert_eq!(phase(&before), Phase::Failed { error: CANCELLED.into() });
+            assert!(!before.busy_view().cancellable);
+        }
+        // Booted into B: the trial, where MarkBad (a verdict) is the way.
+        let mut b = agent(&k, "B", "b2", a.state().clone());
+        b.handle(Input::Started, NOW);
+        assert!(b.busy_view().in_trial && !b.busy_view().cancellable);
+        assert_eq!(b.handle(Input::Cancel, NOW), vec![]);
+        assert!(matches!(phase(&b), Phase::Testing { .. }));
     }
 
     /// One row per input kind: (agent before, input) → actions, and what

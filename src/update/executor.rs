@@ -323,6 +323,68 @@ impl Executor {
         Ok(true)
     }
 
+    /// `MarkGood` / `MarkBad` of the booted slot, from the CLI or the bus:
+    /// in a trial the job ends as the health check would end it; otherwise
+    /// the boot environment is told directly.
+    pub async fn mark_booted(&mut self, good: bool) -> Result<String, MarkError> {
+        let booted = self.booted().to_string();
+        if good && self.booted_is_unfinished_target() {
+            return Err(MarkError::UnfinishedTarget(booted));
+        }
+        // Also right after a manual reboot, before any health check ran.
+        if !self.verdict_by_hand(good).await? {
+            let backend = self.boot_mut();
+            if good {
+                backend.mark_good(&booted)?
+            } else {
+                backend.mark_bad(&booted)?
+            }
+            self.report_status();
+        }
+        Ok(format!("slot {booted} marked {}", if good { "good" } else { "bad" }))
+    }
+
+    /// Gives the job up before its trial boot (`agent::cancellable`): it
+    /// ends failed with `agent::CANCELLED`, its target bad. `Ok(Err(why))`
+    /// when there is nothing to cancel.
+    pub async fn cancel(&mut self) -> Result<Result<String, String>, ExecError> {
+        self.abandon_plan();
+        let Some(job) = self.job().cloned() else {
+            return Ok(Err("no-job: nothing to cancel".into()));
+        };
+        let actions = self.agent.handle(Input::Cancel, crate::system_now());
+        if actions.is_empty() {
+            let why = if job.phase.is_terminal() {
+                format!(
+                    "no-job: update {} v{} already ended ({})",
+                    job.name,
+                    job.version,
+                    job.phase.status_name()
+                )
+            } else {
+                format!("cancel-too-late: slot {} is on trial; MarkBad gives it up", job.target_slot)
+            };
+            return Ok(Err(why));
+        }
+        self.queue.extend(actions);
+        self.run().await?;
+        Ok(Ok(format!("cancelled {} v{}; slot {} stays bad", job.name, job.version, job.target_slot)))
+    }
+
+    /// Drops what is left of a plan whose `run` was stopped at an await
+    /// point (the bus interrupted it). A later `resume` starts over from the
+    /// persisted state, as a restart would.
+    pub fn abandon_plan(&mut self) {
+        self.queue.clear();
+        self.inputs.clear();
+    }
+
+    /// Goes on with the stored job from its persisted state (after `abandon_plan`).
+    pub async fn resume(&mut self) -> Result<(), ExecError> {
+        self.abandon_plan();
+        self.start().await
+    }
+
     fn boot_facts(&self) -> BootFacts {
         let booted = self.booted().to_string();
         let booted_slot_bad = matches!(self.boot.state(&booted), Ok(SlotState::Bad));
@@ -647,6 +709,16 @@ pub fn open(config: Config) -> Result<Executor, OpenError> {
     let booted = crate::boot::booted_slot(&config, backend.as_ref())?;
     let boot_id = crate::boot::boot_id(&config)?;
     Ok(Executor::new(config, store, state, backend, booted, boot_id)?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MarkError {
+    #[error("target-is-booted: slot {0} holds an unfinished download; refusing to mark it good")]
+    UnfinishedTarget(String),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -65,5 +65,7 @@ pub fn status_doc(
         // left (`StatusDoc::apply_provisioning`).
         provisioned: true,
         network: None,
+        mqtt: None,
+        source: None,
     }
 }

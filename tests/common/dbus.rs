@@ -58,6 +58,78 @@ impl PrivateBus {
     }
 }
 
+/// The default policy of Debian's system bus (`/usr/share/dbus-1/system.conf`):
+/// nobody owns names or calls methods unless a service's policy says so.
+const SYSTEM_DEFAULT_POLICY: &str = r#"
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+"#;
+
+impl PrivateBus {
+    /// A bus with the system bus's default policy plus `service_policy`
+    /// (a shipped `system.d` file), run in its own mount namespace where
+    /// `/etc/group` also holds `group` with `gid`, so the machine's groups
+    /// are never changed. Needs root; `None` without it.
+    pub fn system_like(dir: &Path, service_policy: &Path, group: &str, gid: u32) -> Option<PrivateBus> {
+        if !Path::new(DBUS_DAEMON).exists() || unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let socket = dir.join("system_bus_socket");
+        let config = dir.join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>custom</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+{SYSTEM_DEFAULT_POLICY}
+  <include>{}</include>
+</busconfig>
+"#,
+                socket.display(),
+                service_policy.display()
+            ),
+        )
+        .ok()?;
+        let mut groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        groups.push_str(&format!("{group}:x:{gid}:\n"));
+        let group_file = dir.join("group");
+        std::fs::write(&group_file, groups).ok()?;
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(format!(
+                "mount --bind \"$0\" /etc/group && exec {DBUS_DAEMON} --config-file=\"$1\" --nofork --print-address=1"
+            ))
+            .arg(&group_file)
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take()?).read_line(&mut line).ok()?;
+        let address = line.trim().to_string();
+        assert!(address.starts_with("unix:"), "dbus-daemon printed {address:?}");
+        Some(PrivateBus { child, address, socket })
+    }
+}
+
 impl Drop for PrivateBus {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -17,11 +17,18 @@ use std::process::{Command, Output};
 /// The systemd variables a test runner may have: a test opts in to them.
 pub const SYSTEMD_ENV: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"];
 
+/// Where the fleetd under test looks for the system bus unless a test sets
+/// its own: nowhere, so no test touches the machine's bus (fleetd runs on
+/// without D-Bus, and the CLI reads the state on disk).
+pub const NO_BUS: (&str, &str) =
+    ("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/fleetd-tests-have-no-system-bus");
+
 pub fn fleetd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetd"));
     SYSTEMD_ENV.iter().for_each(|v| {
         cmd.env_remove(v);
     });
+    cmd.env(NO_BUS.0, NO_BUS.1);
     cmd
 }
 
@@ -222,6 +229,7 @@ impl Daemon {
             cmd.env_remove(v);
         });
         let child = cmd
+            .env(NO_BUS.0, NO_BUS.1)
             .envs(env.iter().copied())
             .args(["run", "--config"])
             .arg(config)

@@ -1,0 +1,387 @@
+//! What the D-Bus API shows, computed from the executor's reports: pure, no
+//! bus. `Model::apply` turns one event into the properties that changed and,
+//! when an install or a trial ended, the `Completed` signal.
+//!
+//! Progress is the install's: the download takes 0–90 %, the verified image
+//! 95 %, and 100 % comes only once the boot slot is switched (the install's
+//! last step, persisted). `Completed` fires once per ending: the install
+//! (0 at reboot-pending, or a failure) and, after the reboot, the trial
+//! (committed, rolled back). A refused `Install` call gets one too.
+
+use crate::status::StatusDoc;
+use crate::update::Report;
+
+/// `Completed`'s result codes.
+pub const RESULT_OK: i32 = 0;
+pub const RESULT_FAILED: i32 = 1;
+pub const RESULT_CANCELLED: i32 = 2;
+pub const RESULT_ROLLED_BACK: i32 = 3;
+pub const RESULT_REFUSED: i32 = 4;
+
+/// The percent a download ends at; the rest belongs to the steps after it.
+const DOWNLOAD_SHARE: u64 = 90;
+const VERIFIED_PERCENT: i32 = 95;
+
+/// One property of `org.fleetd.Daemon1`, by its bus name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Property {
+    State,
+    Progress,
+    LastError,
+    BootedSlot,
+    PrimarySlot,
+    InstalledVersion,
+    Provisioned,
+    Connected,
+}
+
+impl Property {
+    pub fn bus_name(self) -> &'static str {
+        match self {
+            Self::State => "State",
+            Self::Progress => "Progress",
+            Self::LastError => "LastError",
+            Self::BootedSlot => "BootedSlot",
+            Self::PrimarySlot => "PrimarySlot",
+            Self::InstalledVersion => "InstalledVersion",
+            Self::Provisioned => "Provisioned",
+            Self::Connected => "Connected",
+        }
+    }
+}
+
+/// What the daemon tells the bus side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Report(Report),
+    /// An `Install` call was refused before it became a job.
+    InstallRefused(String),
+    /// The broker connection went up or down.
+    Connected(bool),
+    /// Provisioning moved on (the portal is up, the device joined, ...).
+    Provisioning(crate::status::Provisioning),
+}
+
+/// What to emit after an event: the properties that changed (one
+/// PropertiesChanged), then `Completed` when something ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub properties: Vec<Property>,
+    pub completed: Option<(i32, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Model {
+    pub doc: StatusDoc,
+    pub progress: (i32, String),
+    pub connected: bool,
+    /// The job whose progress is shown.
+    job: Option<String>,
+    /// The last (jti, ending) `Completed` was sent for: never twice.
+    completed_for: Option<(String, &'static str)>,
+}
+
+impl Model {
+    /// The starting point: what is on disk. A job that already reached an
+    /// ending (reboot-pending, committed, ...) has had its `Completed`.
+    pub fn new(doc: StatusDoc) -> Self {
+        let job = doc.job.as_ref().map(|j| j.jti.clone());
+        let progress = match &doc.job {
+            Some(j) => (percent_of_state(&j.step, j.progress), j.step.clone()),
+            None => (0, "idle".to_string()),
+        };
+        let completed_for = doc.job.as_ref().and_then(|j| ending(&j.step).map(|e| (j.jti.clone(), e.0)));
+        Self { doc, progress, connected: false, job, completed_for }
+    }
+
+    pub fn last_error(&self) -> String {
+        self.doc.last_error.clone().unwrap_or_default()
+    }
+
+    pub fn booted_slot(&self) -> String {
+        self.doc.booted_slot.clone().unwrap_or_default()
+    }
+
+    pub fn primary_slot(&self) -> String {
+        self.doc.primary_slot.clone().unwrap_or_default()
+    }
+
+    /// `GetSlotStatus`: per slot, its state, version (0 = none), device,
+    /// and whether it is booted or primary.
+    pub fn slot_status(&self) -> Vec<(String, SlotFacts)> {
+        self.doc
+            .slots
+            .iter()
+            .map(|(name, s)| {
+                let facts = SlotFacts {
+                    state: s.state.clone(),
+                    version: s.version.unwrap_or(0),
+                    device: s.device.clone(),
+                    booted: self.doc.booted_slot.as_deref() == Some(name),
+                    primary: self.doc.primary_slot.as_deref() == Some(name),
+                };
+                (name.clone(), facts)
+            })
+            .collect()
+    }
+
+    pub fn apply(&mut self, event: &Event) -> Changes {
+        let before = self.clone();
+        let mut completed = None;
+        match event {
+            Event::Connected(up) => self.connected = *up,
+            Event::Provisioning(p) => self.doc.apply_provisioning(p),
+            Event::InstallRefused(why) => completed = Some((RESULT_REFUSED, why.clone())),
+            Event::Report(Report::Status(doc)) => {
+                self.doc = (**doc).clone();
+                self.doc.mqtt = before.doc.mqtt.clone();
+            }
+            Event::Report(Report::Progress { jti, done, total, .. }) => {
+                self.follow(jti);
+                let percent = (done.saturating_mul(DOWNLOAD_SHARE) / (*total).max(1)).min(DOWNLOAD_SHARE);
+                // Resuming re-hashes from the start: never go backwards.
+                let percent =
+                    (percent as i32).max(if self.progress.1 == "downloading" { self.progress.0 } else { 0 });
+                self.progress = (percent, "downloading".into());
+            }
+            Event::Report(Report::Step { state, detail, job }) => {
+                if let Some((jti, _)) = job {
+                    self.follow(jti);
+                    let percent = percent_of_state(state, 0).max(match *state {
+                        "downloading" | "failed" | "rolled-back" => self.progress.0,
+                        _ => 0,
+                    });
+                    self.progress = (percent, state.to_string());
+                    if let Some((name, code)) = ending(state) {
+                        let key = (jti.clone(), name);
+                        if self.completed_for.as_ref() != Some(&key) {
+                            self.completed_for = Some(key);
+                            let code = if code == RESULT_FAILED && detail.contains("cancelled") {
+                                RESULT_CANCELLED
+                            } else {
+                                code
+                            };
+                            completed = Some((code, detail.clone()));
+                        }
+                    }
+                }
+                // The state shown moves with the steps; the status report
+                // that follows confirms it.
+                self.doc.state = state.to_string();
+            }
+        }
+        let mut properties = Vec::new();
+        let mut changed = |p: Property, differs: bool| {
+            if differs {
+                properties.push(p);
+            }
+        };
+        changed(Property::State, before.doc.state != self.doc.state);
+        changed(Property::Progress, before.progress != self.progress);
+        changed(Property::LastError, before.doc.last_error != self.doc.last_error);
+        changed(Property::BootedSlot, before.doc.booted_slot != self.doc.booted_slot);
+        changed(Property::PrimarySlot, before.doc.primary_slot != self.doc.primary_slot);
+        changed(Property::InstalledVersion, before.doc.installed_version != self.doc.installed_version);
+        changed(Property::Provisioned, before.doc.provisioned != self.doc.provisioned);
+        changed(Property::Connected, before.connected != self.connected);
+        Changes { properties, completed }
+    }
+
+    /// A new job starts its progress from 0.
+    fn follow(&mut self, jti: &str) {
+        if self.job.as_deref() != Some(jti) {
+            self.job = Some(jti.to_string());
+            self.progress = (0, "downloading".into());
+        }
+    }
+
+    /// The status document as `GetStatus` returns it (with the connection).
+    pub fn status(&self) -> StatusDoc {
+        let mut doc = self.doc.clone();
+        doc.mqtt = Some(crate::status::MqttStatus { connected: self.connected, error: None });
+        doc
+    }
+}
+
+/// `GetSlotStatus`'s facts about one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotFacts {
+    pub state: String,
+    pub version: u64,
+    pub device: String,
+    pub booted: bool,
+    pub primary: bool,
+}
+
+/// Progress of a step; `download_percent` (0–100) of the bytes for
+/// `downloading`.
+fn percent_of_state(state: &str, download_percent: u8) -> i32 {
+    match state {
+        "downloading" => (u64::from(download_percent.min(100)) * DOWNLOAD_SHARE / 100) as i32,
+        "installing" => VERIFIED_PERCENT,
+        "reboot-pending" | "testing" | "committed" => 100,
+        _ => 0,
+    }
+}
+
+/// The steps that end something, with the name `Completed` is kept by and
+/// the result.
+fn ending(state: &str) -> Option<(&'static str, i32)> {
+    match state {
+        "reboot-pending" => Some(("reboot-pending", RESULT_OK)),
+        "committed" => Some(("committed", RESULT_OK)),
+        "rolled-back" => Some(("rolled-back", RESULT_ROLLED_BACK)),
+        "failed" => Some(("failed", RESULT_FAILED)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{JobStatus, SlotStatus};
+
+    fn doc(state: &str) -> StatusDoc {
+        StatusDoc {
+            device: "gw-1".into(),
+            fleetd_version: "0".into(),
+            state: state.into(),
+            installed_version: 1,
+            booted_slot: Some("A".into()),
+            primary_slot: Some("A".into()),
+            slots: [
+                (
+                    "A".to_string(),
+                    SlotStatus { state: "good".into(), version: Some(1), device: "/dev/a".into() },
+                ),
+                ("B".to_string(), SlotStatus { state: "bad".into(), version: None, device: "/dev/b".into() }),
+            ]
+            .into(),
+            job: None,
+            last_error: None,
+            provisioned: true,
+            network: None,
+            mqtt: None,
+            source: None,
+        }
+    }
+
+    fn step(state: &'static str, detail: &str) -> Event {
+        Event::Report(Report::Step { state, detail: detail.into(), job: Some(("j1".into(), 2)) })
+    }
+
+    fn bytes(done: u64) -> Event {
+        Event::Report(Report::Progress { jti: "j1".into(), version: 2, done, total: 1000 })
+    }
+
+    #[test]
+    fn progress_reaches_100_only_when_the_boot_slot_is_switched() {
+        let mut m = Model::new(doc("idle"));
+        let mut seen = Vec::new();
+        for event in [
+            step("downloading", "accepted"),
+            bytes(0),
+            bytes(500),
+            bytes(1000),
+            step("installing", "image verified"),
+            step("reboot-pending", "slot B is primary for a trial boot"),
+        ] {
+            let changes = m.apply(&event);
+            if changes.properties.contains(&Property::Progress) {
+                seen.push(m.progress.clone());
+            }
+            if event != step("reboot-pending", "slot B is primary for a trial boot") {
+                assert!(m.progress.0 < 100, "{:?} after {event:?}", m.progress);
+                assert_eq!(changes.completed, None);
+            } else {
+                assert_eq!(changes.completed, Some((RESULT_OK, "slot B is primary for a trial boot".into())));
+            }
+        }
+        let percents: Vec<i32> = seen.iter().map(|p| p.0).collect();
+        assert_eq!(percents, vec![0, 45, 90, 95, 100], "{seen:?}");
+        assert_eq!(m.doc.state, "reboot-pending");
+    }
+
+    #[test]
+    fn completed_fires_once_per_ending() {
+        let mut m = Model::new(doc("idle"));
+        m.apply(&step("downloading", "accepted"));
+        assert!(m.apply(&step("reboot-pending", "switched")).completed.is_some());
+        // "rebooting into the new slot" is another step in the same phase.
+        assert_eq!(m.apply(&step("reboot-pending", "rebooting")).completed, None);
+        assert_eq!(m.apply(&step("testing", "checking health")).completed, None);
+        assert_eq!(
+            m.apply(&step("committed", "committed v2")).completed,
+            Some((RESULT_OK, "committed v2".into()))
+        );
+    }
+
+    #[test]
+    fn failures_cancels_and_rollbacks_have_their_own_codes() {
+        let mut m = Model::new(doc("idle"));
+        m.apply(&step("downloading", "accepted"));
+        m.apply(&bytes(300));
+        let c = m.apply(&step("failed", "failed: cancelled: by request"));
+        assert_eq!(c.completed.map(|c| c.0), Some(RESULT_CANCELLED));
+        assert_eq!(m.progress, (27, "failed".into()), "a failure keeps how far it got");
+
+        let mut m = Model::new(doc("idle"));
+        m.apply(&step("downloading", "accepted"));
+        assert_eq!(
+            m.apply(&step("failed", "failed: hash-mismatch")).completed.map(|c| c.0),
+            Some(RESULT_FAILED)
+        );
+        let mut m = Model::new(doc("testing"));
+        assert_eq!(
+            m.apply(&step("rolled-back", "rolled back")).completed.map(|c| c.0),
+            Some(RESULT_ROLLED_BACK)
+        );
+        assert_eq!(
+            m.apply(&Event::InstallRefused("busy: x".into())).completed,
+            Some((RESULT_REFUSED, "busy: x".into()))
+        );
+    }
+
+    #[test]
+    fn a_job_already_ended_on_disk_does_not_complete_again() {
+        let mut d = doc("reboot-pending");
+        d.job = Some(JobStatus {
+            jti: "j1".into(),
+            version: 2,
+            name: "v2".into(),
+            target_slot: "B".into(),
+            step: "reboot-pending".into(),
+            progress: 100,
+        });
+        let mut m = Model::new(d);
+        assert_eq!(m.progress, (100, "reboot-pending".into()));
+        assert_eq!(m.apply(&step("reboot-pending", "reboot needed")).completed, None);
+        assert!(m.apply(&step("committed", "committed")).completed.is_some());
+    }
+
+    #[test]
+    fn a_new_job_starts_from_zero_and_status_reports_change_properties() {
+        let mut m = Model::new(doc("idle"));
+        m.apply(&step("downloading", "accepted"));
+        m.apply(&bytes(1000));
+        let other = Event::Report(Report::Step {
+            state: "downloading",
+            detail: "accepted".into(),
+            job: Some(("j2".into(), 3)),
+        });
+        m.apply(&other);
+        assert_eq!(m.progress, (0, "downloading".into()));
+
+        let mut next = doc("idle");
+        next.installed_version = 3;
+        next.primary_slot = Some("B".into());
+        let c = m.apply(&Event::Report(Report::Status(Box::new(next))));
+        assert_eq!(c.properties, vec![Property::State, Property::PrimarySlot, Property::InstalledVersion]);
+        assert_eq!(m.apply(&Event::Connected(true)).properties, vec![Property::Connected]);
+        assert_eq!(m.apply(&Event::Connected(true)).properties, vec![]);
+        let slots = m.slot_status();
+        assert_eq!(slots[0].0, "A");
+        assert!(slots[0].1.booted && !slots[0].1.primary && slots[1].1.primary);
+        assert_eq!(m.status().mqtt.map(|s| s.connected), Some(true));
+    }
+}

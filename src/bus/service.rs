@@ -1,0 +1,309 @@
+//! `org.fleetd.Daemon1` served on the system bus (zbus on the daemon's
+//! main runtime). Properties are read from the shared `Model`; one task
+//! applies the daemon's events to it and emits PropertiesChanged and
+//! `Completed`. Calls that act go to the update worker as `Request`s; the
+//! interface never holds a lock across an await, so a slow call never
+//! stalls a property read or a signal.
+
+use super::model::{self, Event, Model, Property};
+use super::{Command, CommandError, Request, INTERFACE, NAME, PATH};
+use crate::mqtt::Outbound;
+use crate::status::StatusDoc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::Value;
+
+/// How long the daemon waits for the bus and its name before it goes on
+/// without D-Bus (updates never depend on it).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A named D-Bus error for each refusal: `org.fleetd.Daemon1.Error.Busy`, ...
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.fleetd.Daemon1.Error")]
+pub enum BusError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    Busy(String),
+    Refused(String),
+    NoJob(String),
+    NotReady(String),
+    NotConnected(String),
+    Failed(String),
+}
+
+impl From<CommandError> for BusError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::Busy(t) => Self::Busy(t),
+            CommandError::Refused(t) => Self::Refused(t),
+            CommandError::NoJob(t) => Self::NoJob(t),
+            CommandError::NotReady(t) => Self::NotReady(t),
+            CommandError::Failed(t) => Self::Failed(t),
+        }
+    }
+}
+
+/// The worker's end, once it runs (after provisioning).
+#[derive(Clone)]
+struct Worker {
+    requests: mpsc::Sender<Request>,
+    outbox: mpsc::UnboundedSender<Outbound>,
+}
+
+#[derive(Clone, Default)]
+struct Shared {
+    model: Arc<Mutex<Option<Model>>>,
+    worker: Arc<Mutex<Option<Worker>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    fn read<T>(&self, f: impl FnOnce(&Model) -> T) -> Option<T> {
+        lock(&self.model).as_ref().map(f)
+    }
+}
+
+/// The served API. Dropping it leaves the bus (the name is released).
+pub struct Bus {
+    _conn: zbus::Connection,
+    shared: Shared,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Bus {
+    /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured),
+    /// serves the object and owns the name: when this returns, clients can
+    /// call (systemd's READY=1 comes after).
+    pub async fn start(initial: StatusDoc) -> Result<Bus, zbus::Error> {
+        let shared = Shared::default();
+        *lock(&shared.model) = Some(Model::new(initial));
+        let iface = Daemon1 { shared: shared.clone() };
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            zbus::connection::Builder::system()?.serve_at(PATH, iface)?.name(NAME)?.build().await
+        })
+        .await
+        .map_err(|_| {
+            zbus::Error::Failure(format!("no answer from the system bus in {CONNECT_TIMEOUT:?}"))
+        })??;
+        let (events, mut inbox) = mpsc::unbounded_channel::<Event>();
+        let emitter = SignalEmitter::new(&conn, PATH)?.into_owned();
+        let task_shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(event) = inbox.recv().await {
+                let (changes, values) = {
+                    let mut guard = lock(&task_shared.model);
+                    let Some(m) = guard.as_mut() else { continue };
+                    let changes = m.apply(&event);
+                    let values: Vec<(&'static str, Value<'static>)> =
+                        changes.properties.iter().map(|p| (p.bus_name(), value_of(m, *p))).collect();
+                    (changes, values)
+                };
+                emit(&emitter, values, changes.completed).await;
+            }
+        });
+        Ok(Bus { _conn: conn, shared, events })
+    }
+
+    /// Where the daemon sends its events.
+    pub fn sink(&self) -> super::Sink {
+        Some(self.events.clone())
+    }
+
+    /// The worker runs: calls that act are carried out from now on.
+    pub fn attach_worker(&self, requests: mpsc::Sender<Request>, outbox: mpsc::UnboundedSender<Outbound>) {
+        *lock(&self.shared.worker) = Some(Worker { requests, outbox });
+    }
+}
+
+/// Properties first (one PropertiesChanged), then `Completed`.
+async fn emit(
+    emitter: &SignalEmitter<'static>,
+    values: Vec<(&'static str, Value<'static>)>,
+    completed: Option<(i32, String)>,
+) {
+    if !values.is_empty() {
+        let changed: HashMap<&str, Value<'_>> = values.into_iter().collect();
+        let interface = zbus::names::InterfaceName::from_static_str_unchecked(INTERFACE);
+        let _ =
+            zbus::fdo::Properties::properties_changed(emitter, interface, changed, (&[][..]).into()).await;
+    }
+    if let Some((result, detail)) = completed {
+        let _ = Daemon1::completed(emitter, result, &detail).await;
+    }
+}
+
+fn value_of(m: &Model, p: Property) -> Value<'static> {
+    match p {
+        Property::State => Value::from(m.doc.state.clone()),
+        Property::Progress => Value::from((m.progress.0, m.progress.1.clone())),
+        Property::LastError => Value::from(m.last_error()),
+        Property::BootedSlot => Value::from(m.booted_slot()),
+        Property::PrimarySlot => Value::from(m.primary_slot()),
+        Property::InstalledVersion => Value::from(m.doc.installed_version),
+        Property::Provisioned => Value::from(m.doc.provisioned),
+        Property::Connected => Value::from(m.connected),
+    }
+}
+
+struct Daemon1 {
+    shared: Shared,
+}
+
+impl Daemon1 {
+    fn worker(&self) -> Result<Worker, BusError> {
+        lock(&self.shared.worker).clone().ok_or_else(|| {
+            BusError::NotReady("not-ready: the update worker starts once the device is provisioned".into())
+        })
+    }
+
+    /// Hands `command` to the worker and waits for its answer.
+    async fn call(&self, command: Command) -> Result<String, BusError> {
+        let worker = self.worker()?;
+        let (reply, answer) = oneshot::channel();
+        worker
+            .requests
+            .try_send(Request { command, reply })
+            .map_err(|_| BusError::Busy("busy: the update worker has calls waiting; try again".into()))?;
+        match answer.await {
+            Ok(result) => result.map_err(BusError::from),
+            Err(_) => Err(BusError::Failed("stopping: the daemon is shutting down".into())),
+        }
+    }
+
+    fn property<T>(&self, f: impl FnOnce(&Model) -> T) -> zbus::fdo::Result<T> {
+        self.shared.read(f).ok_or_else(|| zbus::fdo::Error::Failed("no state yet".into()))
+    }
+}
+
+#[zbus::interface(name = "org.fleetd.Daemon1")]
+impl Daemon1 {
+    /// Per slot: `state` s, `version` t (0 = none), `device` s, `booted` b, `primary` b.
+    async fn get_slot_status(&self) -> zbus::fdo::Result<Vec<(String, HashMap<String, Value<'static>>)>> {
+        let slots = self.property(Model::slot_status)?;
+        Ok(slots
+            .into_iter()
+            .map(|(name, s)| {
+                let facts = HashMap::from([
+                    ("state".to_string(), Value::from(s.state)),
+                    ("version".to_string(), Value::from(s.version)),
+                    ("device".to_string(), Value::from(s.device)),
+                    ("booted".to_string(), Value::from(s.booted)),
+                    ("primary".to_string(), Value::from(s.primary)),
+                ]);
+                (name, facts)
+            })
+            .collect())
+    }
+
+    /// The whole status document as JSON, as `fleetd status --json` prints it.
+    async fn get_status(&self) -> zbus::fdo::Result<String> {
+        let doc = self.property(Model::status)?;
+        serde_json::to_string(&doc).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+    }
+
+    async fn mark_good(&self) -> Result<String, BusError> {
+        self.call(Command::Mark { good: true }).await
+    }
+
+    async fn mark_bad(&self) -> Result<String, BusError> {
+        self.call(Command::Mark { good: false }).await
+    }
+
+    /// Asks the broker again for update messages (retained ones are sent anew).
+    async fn check_for_update(&self) -> Result<(), BusError> {
+        let worker = self.worker()?;
+        if !self.shared.read(|m| m.connected).unwrap_or(false) {
+            return Err(BusError::NotConnected("not-connected: the broker is not reachable now".into()));
+        }
+        worker
+            .outbox
+            .send(Outbound::CheckForUpdate)
+            .map_err(|_| BusError::Failed("stopping: the daemon is shutting down".into()))
+    }
+
+    /// Installs the update message in a file, like `rauc install`. The
+    /// daemon reads it: under the shipped unit its /tmp is private, so a
+    /// file in the caller's /tmp is not seen (`InstallMessage` takes the bytes).
+    async fn install(&self, message_path: String) -> Result<(), BusError> {
+        let message = read_message(&message_path).await?;
+        self.install_message(message).await.map(|_| ())
+    }
+
+    /// Installs the update message given (what `fleetd install` sends);
+    /// returns what became of it. `Completed` follows in every case.
+    async fn install_message(&self, message: Vec<u8>) -> Result<String, BusError> {
+        self.call(Command::Install { message }).await
+    }
+
+    /// Gives the running job up before its trial boot.
+    async fn cancel(&self) -> Result<(), BusError> {
+        self.call(Command::Cancel).await.map(|_| ())
+    }
+
+    #[zbus(signal)]
+    async fn completed(emitter: &SignalEmitter<'_>, result: i32, detail: &str) -> zbus::Result<()>;
+
+    #[zbus(property)]
+    async fn state(&self) -> zbus::fdo::Result<String> {
+        self.property(|m| m.doc.state.clone())
+    }
+
+    /// (percent, step); 100 only once the install is done.
+    #[zbus(property)]
+    async fn progress(&self) -> zbus::fdo::Result<(i32, String)> {
+        self.property(|m| m.progress.clone())
+    }
+
+    #[zbus(property)]
+    async fn last_error(&self) -> zbus::fdo::Result<String> {
+        self.property(Model::last_error)
+    }
+
+    #[zbus(property)]
+    async fn booted_slot(&self) -> zbus::fdo::Result<String> {
+        self.property(Model::booted_slot)
+    }
+
+    #[zbus(property)]
+    async fn primary_slot(&self) -> zbus::fdo::Result<String> {
+        self.property(Model::primary_slot)
+    }
+
+    #[zbus(property)]
+    async fn installed_version(&self) -> zbus::fdo::Result<u64> {
+        self.property(|m| m.doc.installed_version)
+    }
+
+    #[zbus(property)]
+    async fn provisioned(&self) -> zbus::fdo::Result<bool> {
+        self.property(|m| m.doc.provisioned)
+    }
+
+    /// Connected to the broker now (an addition to RAUC's set).
+    #[zbus(property)]
+    async fn connected(&self) -> zbus::fdo::Result<bool> {
+        self.property(|m| m.connected)
+    }
+}
+
+async fn read_message(path: &str) -> Result<Vec<u8>, BusError> {
+    let path = std::path::PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(BusError::Refused(format!("message-path: {} is not an absolute path", path.display())));
+    }
+    tokio::task::spawn_blocking(move || {
+        crate::fsutil::read_prefix(&path, crate::trust::MAX_MESSAGE_BYTES + 1)
+            .map_err(|e| BusError::Refused(format!("message-unreadable: {}: {e}", path.display())))
+    })
+    .await
+    .map_err(|e| BusError::Failed(e.to_string()))?
+}
+
+/// The result codes of `Completed`, for clients.
+pub use model::{RESULT_CANCELLED, RESULT_FAILED, RESULT_OK, RESULT_REFUSED, RESULT_ROLLED_BACK};
