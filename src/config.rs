@@ -648,6 +648,18 @@ fn is_identifier(s: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The configuration the Debian package installs parses as it stands,
+    /// and says what its comments say.
+    #[test]
+    fn the_packaged_default_config_parses() {
+        let text = include_str!("../packaging/fleetd.toml");
+        let c = Config::parse(text, Path::new("/etc/fleetd/fleetd.toml")).expect("packaging/fleetd.toml");
+        assert_eq!(c.device.state_dir, Path::new("/var/lib/fleetd"));
+        assert_eq!(c.slots.len(), 2);
+        assert!(c.mqtt.is_none() && c.provision.is_some() && c.dbus.enabled);
+        assert_eq!(c.pop_file(), Path::new("/var/lib/fleetd/pop"));
+    }
+
     /// The documented example device, on U-Boot with real partitions.
     fn good() -> String {
         crate::fixture::DeviceConfig {

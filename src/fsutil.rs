@@ -75,7 +75,8 @@ fn parent_dir(path: &Path) -> &Path {
 /// holds the owner's pid, for the message a second process gets.
 #[derive(Debug)]
 pub struct DirLock {
-    _file: File,
+    /// Unlocked when dropped (and by the kernel when the process dies).
+    _file: nix::fcntl::Flock<File>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,11 +92,11 @@ impl DirLock {
     /// Takes the lock at once or fails: a second fleetd must not wait and
     /// then act on state the first has changed under it.
     pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        use nix::fcntl::{Flock, FlockArg};
         use std::io::{Read, Seek};
-        use std::os::fd::AsRawFd;
         let path = dir.join("lock");
         let io = |source| LockError::Io { path: path.clone(), source };
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -103,16 +104,15 @@ impl DirLock {
             .mode(0o600)
             .open(&path)
             .map_err(io)?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io(err));
+        let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(LockError::Held { path, holder: text.trim().parse().ok() });
             }
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
-            return Err(LockError::Held { path, holder: text.trim().parse().ok() });
-        }
+            Err((_, errno)) => return Err(io(io::Error::from(errno))),
+        };
         // Ours now: record who holds it (advisory, for the message above).
         file.set_len(0).and_then(|()| file.rewind()).map_err(io)?;
         write!(file, "{}", std::process::id()).map_err(io)?;

@@ -8,6 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `fleetctl`'s command line, for man pages and shell completions.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Parser)]
 #[command(name = "fleetctl", version, about = "Fleet-side tool for fleetd: keys, signing, co-signing")]
 struct Cli {

@@ -85,6 +85,11 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `fleetd`'s command line, for man pages and shell completions.
+pub fn fleetd_command() -> clap::Command {
+    <FleetdCli as clap::CommandFactory>::command()
+}
+
 #[derive(Parser)]
 #[command(name = "fleetd", version, about = "Gateway update and provisioning daemon")]
 struct FleetdCli {

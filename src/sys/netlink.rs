@@ -7,7 +7,7 @@
 //! change worth one early attempt.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 
 /// RTMGRP_* multicast groups (linux/rtnetlink.h).
@@ -25,34 +25,14 @@ impl NetChanges {
     /// Subscribes to link, address and route changes in this process's
     /// network namespace. Must be called inside a tokio runtime.
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the descriptor is owned right away.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_nl is plain data; all-zero is its empty value.
-        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        address.nl_groups = GROUPS;
-        // SAFETY: binds our own socket to a correctly sized sockaddr_nl.
-        let bound = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&address as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if bound != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        use nix::sys::socket::{bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType};
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkRoute,
+        )?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, GROUPS))?;
         // SAFETY: an OwnedFd stays open, and names the same socket, for as
         // long as the AsyncFd that owns it.
         let socket = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
@@ -67,27 +47,19 @@ impl NetChanges {
             let mut ready = self.socket.readable().await?;
             let mut any = false;
             loop {
-                // SAFETY: reads into our own buffer, at most its length.
-                let n = unsafe {
-                    libc::recv(
-                        self.socket.get_ref().as_raw_fd(),
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n > 0 {
-                    any = true;
-                    continue;
-                }
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
+                use nix::errno::Errno;
+                use nix::sys::socket::{recv, MsgFlags};
+                match recv(self.socket.get_ref().as_raw_fd(), &mut buffer, MsgFlags::MSG_DONTWAIT) {
+                    Ok(n) if n > 0 => {
+                        any = true;
+                        continue;
+                    }
+                    Ok(_) => {}
                     // The kernel dropped messages for us: certainly a change.
-                    Some(libc::ENOBUFS) => any = true,
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => {}
-                    _ if n == 0 => {}
-                    _ => return Err(err),
+                    Err(Errno::ENOBUFS) => any = true,
+                    Err(Errno::EINTR) => continue,
+                    Err(Errno::EAGAIN) => {}
+                    Err(e) => return Err(e.into()),
                 }
                 break;
             }

@@ -107,7 +107,14 @@ impl PrivateBus {
             ),
         )
         .ok()?;
-        let mut groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        // The machine may have the group already (an installed package):
+        // this bus sees only the test's.
+        let mut groups: String = std::fs::read_to_string("/etc/group")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.split(':').next() != Some(group))
+            .map(|l| format!("{l}\n"))
+            .collect();
         groups.push_str(&format!("{group}:x:{gid}:\n"));
         let group_file = dir.join("group");
         std::fs::write(&group_file, groups).ok()?;

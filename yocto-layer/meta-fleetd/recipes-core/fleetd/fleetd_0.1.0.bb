@@ -21,7 +21,7 @@ S = "${WORKDIR}/git"
 # styhead and later set UNPACKDIR; scarthgap unpacks into WORKDIR.
 UNPACKDIR ??= "${WORKDIR}"
 
-inherit cargo cargo-update-recipe-crates systemd
+inherit cargo cargo-update-recipe-crates systemd useradd
 
 require ${BPN}-crates.inc
 
@@ -39,11 +39,22 @@ PACKAGECONFIG[hostapd] = ",,,hostapd wpa-supplicant dnsmasq"
 SYSTEMD_SERVICE:${PN} = "fleetd.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
+# The group the D-Bus policy lets read fleetd's state and call its API.
+FLEETD_DBUS_GROUP ??= "fleetd"
+USERADD_PACKAGES = "${PN}"
+GROUPADD_PARAM:${PN} = "--system ${FLEETD_DBUS_GROUP}"
+
 do_install:append() {
     install -d ${D}${systemd_system_unitdir}
     install -m 0644 ${S}/systemd/fleetd.service ${D}${systemd_system_unitdir}/
     install -d -m 0755 ${D}${sysconfdir}/fleetd
     install -m 0644 ${UNPACKDIR}/fleetd.toml ${D}${sysconfdir}/fleetd/fleetd.toml
+    install -d ${D}${datadir}/dbus-1/system.d
+    sed 's/group="fleetd"/group="${FLEETD_DBUS_GROUP}"/' ${S}/packaging/dbus/org.fleetd.Daemon1.conf \
+        > ${D}${datadir}/dbus-1/system.d/org.fleetd.Daemon1.conf
+    chmod 0644 ${D}${datadir}/dbus-1/system.d/org.fleetd.Daemon1.conf
+    install -d ${D}${nonarch_libdir}/tmpfiles.d
+    install -m 0644 ${S}/packaging/tmpfiles.d/fleetd.conf ${D}${nonarch_libdir}/tmpfiles.d/
     install -d -m 0755 ${D}${datadir}/fleetd/boot
     install -m 0644 ${S}/packaging/boot/uboot/boot.cmd ${D}${datadir}/fleetd/boot/
     install -m 0644 ${S}/packaging/boot/grub/grub.cfg ${D}${datadir}/fleetd/boot/
@@ -61,6 +72,8 @@ do_install:append() {
 
 FILES:${PN} += "${systemd_system_unitdir}/fleetd.service \
                 ${sysconfdir}/fleetd \
+                ${datadir}/dbus-1/system.d \
+                ${nonarch_libdir}/tmpfiles.d \
                 ${sysconfdir}/NetworkManager/dnsmasq-shared.d \
 "
 CONFFILES:${PN} = "${sysconfdir}/fleetd/fleetd.toml"
