@@ -17,10 +17,14 @@
 # fleetd.toml ([slots.A], [slots.B], boot.attempts).
 
 # --- Board specifics: adapt. Hush locals (name=value) are never saved. ---
+# (scripts/test-system runs this file on real U-Boot with only the two
+# board sections replaced.)
+# --- fleetd: board section begin ---
 slot_A_root=/dev/mmcblk0p2
 slot_A_dev="mmc 0:2"
 slot_B_root=/dev/mmcblk0p3
 slot_B_dev="mmc 0:3"
+# --- fleetd: board section end ---
 
 # --- Missing variables take the defaults (fleetd reads them the same way). ---
 test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
@@ -75,9 +79,11 @@ saveenv
 setenv bootargs "${bootargs} root=${fleetd_root} rootwait rauc.slot=${fleetd_slot} fleetd.slot=${fleetd_slot}"
 
 # --- Load and boot: adapt to the board (kernel name, FIT image, fdt). ---
+# --- fleetd: board section begin ---
 load ${fleetd_dev} ${kernel_addr_r} /boot/Image
 load ${fleetd_dev} ${fdt_addr_r} /boot/${fdtfile}
 booti ${kernel_addr_r} - ${fdt_addr_r}
+# --- fleetd: board section end ---
 
 # Reached only if booting failed; the attempt stays spent.
 echo "fleetd: booting slot ${fleetd_slot} failed; resetting"
