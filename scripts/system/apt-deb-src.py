@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Prints a deb822 deb-src stanza for the machine's own Debian archive (read
-from its apt sources), so `apt-get source` works without naming a mirror."""
+from its apt sources), so `apt-get source` works without naming a mirror.
+With --mirror, prints only the archive's URI and suite (for debootstrap)."""
 import glob
 import sys
 
@@ -29,6 +30,9 @@ def stanzas():
 for fields in stanzas():
     if "deb" not in fields.get("Types", "").split() or "security" in fields.get("URIs", ""):
         continue
+    if sys.argv[1:] == ["--mirror"]:
+        print(fields["URIs"], fields["Suites"].split()[0])
+        sys.exit(0)
     print("Types: deb-src")
     print("URIs: " + fields["URIs"])
     print("Suites: " + fields["Suites"].split()[0])

@@ -1,0 +1,338 @@
+//! Provisioning over real Wi-Fi: a QEMU guest (software emulation) with
+//! Debian's kernel and three mac80211_hwsim radios, real NetworkManager,
+//! wpa_supplicant, hostapd, dnsmasq and mosquitto. Radio 0 is the device's,
+//! radio 1 (moved into the netns `phone`) is the phone, radio 2 (netns
+//! `home`) is the home Wi-Fi: hostapd, a DHCP server and the broker.
+//!
+//! This file is both sides. On the host (`FLEETD_SYSTEM_TESTS=1`, run by
+//! `scripts/test-system networkmanager`) it boots the guest with this very
+//! test binary, fleetd and fleetctl appended to the initramfs at their own
+//! paths, and reads the verdict from the serial console. In the guest
+//! (`FLEETD_IN_GUEST=1`) the same test runs the scenario.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const HOME_SSID: &str = "home";
+const HOME_PSK: &str = "home-secret-1";
+const HOME_IP: &str = "192.168.77.1";
+/// NetworkManager's shared mode gives the hotspot this address.
+const AP_IP: &str = "10.42.0.1";
+/// A whole guest run takes under a minute under TCG; this catches a hang.
+const GUEST_DEADLINE: Duration = Duration::from_secs(600);
+const RESULT: &str = "FLEETD-GUEST-RESULT";
+
+#[test]
+fn networkmanager_provisioning_on_mac80211_hwsim() {
+    if std::env::var_os("FLEETD_IN_GUEST").is_some() {
+        return in_guest();
+    }
+    if std::env::var_os("FLEETD_SYSTEM_TESTS").is_none() {
+        eprintln!("SKIP: the real-radio tier runs from scripts/test-system");
+        return;
+    }
+    on_host();
+}
+
+// ---------------------------------------------------------------- host side
+
+fn on_host() {
+    let guest = PathBuf::from(std::env::var("FLEETD_GUEST_DIR").expect("FLEETD_GUEST_DIR (scripts/test-system)"));
+    let dir = tempfile::tempdir().unwrap();
+    // The overlay: /init, and this binary, fleetd and fleetctl at the paths
+    // they were built at (the test finds them by those paths).
+    let overlay = dir.path().join("overlay");
+    let me = std::env::current_exe().unwrap();
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/dbus/org.fleetd.Daemon1.conf");
+    let files: [(PathBuf, PathBuf); 4] = [
+        (me.clone(), me.clone()),
+        (env!("CARGO_BIN_EXE_fleetd").into(), env!("CARGO_BIN_EXE_fleetd").into()),
+        (env!("CARGO_BIN_EXE_fleetctl").into(), env!("CARGO_BIN_EXE_fleetctl").into()),
+        // As the package installs it: the daemon owns its name on the guest's bus.
+        (policy, "/usr/share/dbus-1/system.d/org.fleetd.Daemon1.conf".into()),
+    ];
+    for (from, at) in files {
+        let to = overlay.join(at.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap();
+    }
+    let init = format!(
+        "#!/bin/sh\n\
+         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+         mkdir -p /dev/pts /run /tmp\nmount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /tmp\n\
+         ip link set lo up\nhostname guest\n\
+         export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n\
+         FLEETD_IN_GUEST=1 RUST_BACKTRACE=1 {me} --exact networkmanager_provisioning_on_mac80211_hwsim --nocapture --test-threads=1\n\
+         echo \"{RESULT} $?\"\n\
+         echo o > /proc/sysrq-trigger\nsleep 30\n",
+        me = me.display()
+    );
+    std::fs::write(overlay.join("init"), init).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(overlay.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cpio = dir.path().join("overlay.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && find . | cpio -o -H newc --quiet > {}", overlay.display(), cpio.display()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let initrd = dir.path().join("initrd");
+    let mut bytes = std::fs::read(guest.join("root.cpio.gz")).unwrap();
+    bytes.extend(std::fs::read(&cpio).unwrap());
+    std::fs::write(&initrd, bytes).unwrap();
+
+    let serial = dir.path().join("serial.log");
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2048"])
+        .arg("-kernel")
+        .arg(guest.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=3"])
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&serial).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if started.elapsed() > GUEST_DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let text = String::from_utf8_lossy(&std::fs::read(&serial).unwrap()).replace('\r', "");
+    eprintln!("{text}");
+    eprintln!("guest run: {} s", started.elapsed().as_secs());
+    let code = text.lines().find_map(|l| l.trim().strip_prefix(RESULT)).map(str::trim);
+    assert_eq!(code, Some("0"), "the guest's test did not pass (serial console above)");
+}
+
+// --------------------------------------------------------------- guest side
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(out.status.success(), "{cmd}: {}{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
+fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("guest: {what}");
+}
+
+/// `nmcli -t connection show NAME` as key → value.
+fn connection_settings(name: &str) -> BTreeMap<String, String> {
+    sh(&format!("nmcli -t --show-secrets connection show '{name}'"))
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+fn in_guest() {
+    let dir = PathBuf::from("/tmp/wifi");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    step("radios, udev, the system bus");
+    sh("modprobe mac80211_hwsim radios=3");
+    sh("/usr/lib/systemd/systemd-udevd --daemon && udevadm trigger --action=add && udevadm settle");
+    sh("mkdir -p /run/dbus && dbus-daemon --system --fork");
+    // The phone's and the home network's radios leave the device's namespace.
+    let phys = sh("iw dev");
+    let mut iface_phy = BTreeMap::new();
+    let mut phy = String::new();
+    for line in phys.lines() {
+        let line = line.trim();
+        if let Some(p) = line.strip_prefix("phy#") {
+            phy = format!("phy{p}");
+        } else if let Some(i) = line.strip_prefix("Interface ") {
+            iface_phy.insert(i.to_string(), phy.clone());
+        }
+    }
+    assert_eq!(iface_phy.len(), 3, "{phys}");
+    for (ns, iface) in [("phone", "wlan1"), ("home", "wlan2")] {
+        sh(&format!("ip netns add {ns} && iw phy {} set netns name {ns}", iface_phy[iface]));
+        sh(&format!("ip -n {ns} link set lo up"));
+    }
+
+    step("the home network: hostapd, DHCP, mosquitto over mutual TLS");
+    let pki = common::cloud::Pki::new(&dir.join("pki"), HOME_IP.parse().unwrap());
+    std::fs::write(
+        dir.join("home-hostapd.conf"),
+        format!(
+            "interface=wlan2\ndriver=nl80211\nssid={HOME_SSID}\nhw_mode=g\nchannel=6\nwpa=2\n\
+             wpa_key_mgmt=WPA-PSK\nrsn_pairwise=CCMP\nwpa_passphrase={HOME_PSK}\n"
+        ),
+    )
+    .unwrap();
+    sh(&format!("ip netns exec home hostapd -B -P /run/home-hostapd.pid {}", dir.join("home-hostapd.conf").display()));
+    sh(&format!("ip -n home addr add {HOME_IP}/24 dev wlan2"));
+    sh("ip netns exec home dnsmasq --no-resolv --no-hosts --interface=wlan2 --bind-interfaces \
+        --dhcp-range=192.168.77.10,192.168.77.50,1h --pid-file=/run/home-dnsmasq.pid --dhcp-leasefile=/run/home.leases");
+    std::fs::write(
+        dir.join("mosquitto.conf"),
+        format!(
+            "listener 8883 {HOME_IP}\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+             use_identity_as_username true\nallow_anonymous false\npersistence false\n",
+            pki.ca_pem.display(),
+            pki.broker_cert.display(),
+            pki.broker_key.display()
+        ),
+    )
+    .unwrap();
+    let _broker = Command::new("ip")
+        .args(["netns", "exec", "home", "mosquitto", "-c"])
+        .arg(dir.join("mosquitto.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    step("wpa_supplicant (D-Bus) and NetworkManager");
+    sh("wpa_supplicant -u -B -P /run/wpa_supplicant.pid");
+    let _nm = Command::new("NetworkManager").arg("--no-daemon").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    until("NetworkManager to manage wlan0", Duration::from_secs(60), || {
+        Command::new("nmcli")
+            .args(["-t", "-f", "DEVICE,STATE", "device"])
+            .output()
+            .map(|o| stdout(&o).lines().any(|l| l == "wlan0:disconnected"))
+            .unwrap_or(false)
+    });
+
+    step("what `nmcli dev wifi hotspot` makes, for reference");
+    sh("nmcli dev wifi hotspot ifname wlan0 con-name reference ssid reference password reference-pass");
+    let reference = connection_settings("reference");
+    sh("nmcli connection delete reference");
+
+    step("fleetd raises its hotspot");
+    let dev = Device::with_slot_size(1 << 20);
+    fleetd::boot::grub::GrubEnv::initialize(&dev.path().join("grubenv"), &["A".into(), "B".into()]).unwrap();
+    let config = fleetd::fixture::DeviceConfig {
+        update: Some("reboot = \"none\"".into()),
+        ..Default::default()
+    }
+    .to_toml()
+        + "\n[provision]\nbackend = \"networkmanager\"\ninterface = \"wlan0\"\nlisten = \"auto\"\nap_timeout_s = 0\n";
+    std::fs::write(dev.config(), config).unwrap();
+    let log = dir.join("fleetd.log");
+    let system_bus = ("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/run/dbus/system_bus_socket");
+    let daemon = Daemon::start(&dev.config(), None, &[system_bus], &log);
+    let pop_out = run(fleetd().env(system_bus.0, system_bus.1).args(["status", "--pop", "--config"]).arg(dev.config()));
+    let pop_text = stdout(&pop_out);
+    let pop = pop_text.lines().last().unwrap().trim().to_string();
+    let passphrase = pop_text
+        .lines()
+        .find_map(|l| l.strip_prefix("access point").map(|r| r.split("passphrase ").nth(1).unwrap().trim().to_string()))
+        .unwrap();
+    let ssid = "fleetd-gw-0042";
+    let hotspot_name = || {
+        sh("nmcli -t -f NAME,DEVICE connection show --active")
+            .lines()
+            .find(|l| l.ends_with(":wlan0"))
+            .map(|l| l.trim_end_matches(":wlan0").to_string())
+    };
+    until("fleetd's hotspot", Duration::from_secs(90), || hotspot_name().is_some_and(|n| n != "reference"));
+    let hotspot = connection_settings(&hotspot_name().unwrap());
+    // Key by key as nmcli makes it; the differences are fleetd's, by design.
+    let differs_by_design = ["connection.id", "connection.uuid", "connection.interface-name", "802-11-wireless.ssid", "802-11-wireless-security.psk"];
+    for key in [
+        "802-11-wireless.mode",
+        "802-11-wireless.band",
+        "802-11-wireless-security.key-mgmt",
+        "802-11-wireless-security.proto",
+        "802-11-wireless-security.pairwise",
+        "802-11-wireless-security.group",
+        "802-11-wireless-security.pmf",
+        "ipv4.method",
+        "ipv6.method",
+        "connection.autoconnect",
+    ] {
+        assert_eq!(hotspot.get(key), reference.get(key), "{key}: fleetd's hotspot vs nmcli's");
+        assert!(!differs_by_design.contains(&key));
+    }
+    assert_eq!(hotspot.get("802-11-wireless.ssid").map(String::as_str), Some(ssid));
+    assert_eq!(hotspot.get("802-11-wireless-security.psk"), Some(&passphrase));
+    assert!(!std::fs::read_to_string(&log).unwrap_or_default().contains(&passphrase), "the passphrase is logged");
+
+    step("the phone joins with the PoP-derived passphrase and gets a lease");
+    std::fs::write(
+        dir.join("phone.conf"),
+        format!("ctrl_interface=/run/phone-wpa\nnetwork={{\n ssid=\"{ssid}\"\n psk=\"{passphrase}\"\n key_mgmt=WPA-PSK\n}}\n"),
+    )
+    .unwrap();
+    sh(&format!("ip netns exec phone wpa_supplicant -B -i wlan1 -c {}", dir.join("phone.conf").display()));
+    until("the phone to associate", Duration::from_secs(60), || {
+        Command::new("sh")
+            .arg("-c")
+            .arg("ip netns exec phone wpa_cli -p /run/phone-wpa -i wlan1 status")
+            .output()
+            .map(|o| stdout(&o).contains("wpa_state=COMPLETED"))
+            .unwrap_or(false)
+    });
+    std::fs::write(
+        dir.join("udhcpc.sh"),
+        "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\" ;; esac\n",
+    )
+    .unwrap();
+    sh(&format!("chmod +x {0} && ip netns exec phone busybox udhcpc -i wlan1 -n -q -t 20 -s {0}", dir.join("udhcpc.sh").display()));
+    let phone_addr = sh("ip -n phone -4 -o addr show dev wlan1");
+    assert!(phone_addr.contains("10.42.0."), "a lease from NM's shared mode: {phone_addr}");
+
+    let provision = |psk: &str, wait_s: &str| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", "phone", env!("CARGO_BIN_EXE_fleetctl"), "provision"])
+            .args(["--url", &format!("http://{AP_IP}"), "--pop", &pop, "--ssid", HOME_SSID, "--psk", psk])
+            .args(["--broker", &format!("{HOME_IP}:8883"), "--broker-ca"])
+            .arg(&pki.ca_pem)
+            .arg("--ca-cert")
+            .arg(&pki.ca_pem)
+            .arg("--ca-key")
+            .arg(pki.ca_key())
+            .args(["--wait-s", wait_s]);
+        run(&mut cmd)
+    };
+
+    step("a wrong passphrase for the home Wi-Fi: back to the access point, with the reason");
+    let out = provision("not-the-home-psk", "120");
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains("could not join"), "{}", stderr(&out));
+    until("the hotspot back", Duration::from_secs(60), || hotspot_name().is_some());
+
+    step("the right one: fleetd hands over to the home Wi-Fi and reaches the broker");
+    let out = provision(HOME_PSK, "30");
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let connection = dev.state_dir().join("connection.json");
+    until("MQTT over mutual TLS from the home network", Duration::from_secs(120), || {
+        std::fs::read(&connection)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|c| c["connected"] == true)
+    });
+    let station = sh("nmcli -t -f NAME,DEVICE connection show --active");
+    assert!(station.lines().any(|l| l.contains(HOME_SSID) && l.ends_with(":wlan0")), "{station}");
+    assert!(sh("ip -4 -o addr show dev wlan0").contains("192.168.77."), "a lease from the home network");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    for secret in [HOME_PSK, passphrase.as_str(), pop.as_str()] {
+        assert!(!log_text.contains(secret), "a secret in fleetd's log");
+    }
+    drop(daemon);
+    step("passed");
+}
