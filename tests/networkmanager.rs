@@ -135,6 +135,8 @@ fn unprovisioned_to_mqtt_through_networkmanager_with_a_wrong_passphrase_first() 
     assert_eq!(ap.mode(), "ap");
     assert_eq!(ap.ssid(), format!("fleetd-{DEVICE}"));
     assert_eq!(ap.str("802-11-wireless", "band").as_deref(), Some("bg"));
+    let channel = ap.get("802-11-wireless", "channel").and_then(|v| u32::try_from(v.try_clone().ok()?).ok());
+    assert_eq!(channel, Some(fleetd::net::networkmanager::HOTSPOT_CHANNEL), "a channel every domain allows");
     assert_eq!(ap.str("802-11-wireless-security", "key-mgmt").as_deref(), Some("wpa-psk"));
     assert_eq!(ap.str("802-11-wireless-security", "psk"), Some(passphrase.clone()));
     // The label shows what a phone needs to join.

@@ -135,10 +135,7 @@ pub async fn run(
     let mut suback_topics: Vec<String> = Vec::new();
     // Whatever a killed predecessor left there, nothing is connected yet.
     if let Some(path) = &setup.connection_file {
-        write_connection_file(
-            path,
-            &ClientEvent::Disconnected { error: "starting".into(), retry_in: Duration::ZERO },
-        );
+        write_connection_state(path, "starting");
     }
     let mut record = |event: &ClientEvent| {
         if let Some(path) = &setup.connection_file {
@@ -311,10 +308,7 @@ pub async fn run(
     poller.abort();
     // A stopped daemon is not connected: the file must not say otherwise.
     if let Some(path) = &setup.connection_file {
-        write_connection_file(
-            path,
-            &ClientEvent::Disconnected { error: "stopped".into(), retry_in: Duration::ZERO },
-        );
+        write_connection_state(path, "stopped");
     }
 }
 
@@ -382,6 +376,17 @@ fn describe(e: &rumqttc::ConnectionError) -> String {
 pub fn read_connection_file(state_dir: &std::path::Path) -> Option<crate::status::MqttStatus> {
     let bytes = std::fs::read(state_dir.join("connection.json")).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// Not connected, and no error to tell: the daemon is starting or stopped.
+/// (`error` names only a failed attempt, so a reader waiting for one never
+/// takes this for it.)
+fn write_connection_state(path: &std::path::Path, state: &str) {
+    let doc = serde_json::json!({ "connected": false, "since": crate::system_now(), "error": null, "state": state });
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, doc.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
 }
 
 fn write_connection_file(path: &std::path::Path, event: &ClientEvent) {

@@ -51,8 +51,21 @@ const SCAN_TIMEOUT: Duration = Duration::from_secs(15);
 /// `a{sa{sv}}`: a connection's settings.
 pub type Settings = HashMap<&'static str, HashMap<&'static str, Value<'static>>>;
 
+/// The hotspot's channel. Channels 1-11 are open to an access point in
+/// every regulatory domain. Left to itself, NM picks a channel for band bg
+/// from the SSID, and for some device ids it picked 13 (2472 MHz). The
+/// world domain and the US do not allow an access point there, and the
+/// activation fails with `supplicant-timeout`. The real NM showed this on
+/// mac80211_hwsim (tests/system_wifi.rs).
+pub const HOTSPOT_CHANNEL: u32 = 1;
+
 /// What `nmcli dev wifi hotspot` creates, with the PoP-derived passphrase.
-/// Differences from nmcli, by design: the id and `interface-name`.
+/// The differences from nmcli are by design, and tests/system_wifi.rs
+/// checks them against the real NM on mac80211_hwsim:
+/// - the id and `interface-name`;
+/// - `band` = bg (nmcli leaves the band to the driver);
+/// - `channel` = [`HOTSPOT_CHANNEL`];
+/// - `pmf` = 1 (nmcli keeps the default).
 pub fn hotspot_settings(ap: &AccessPoint) -> Settings {
     let mut s = Settings::new();
     s.insert(
@@ -70,6 +83,7 @@ pub fn hotspot_settings(ap: &AccessPoint) -> Settings {
             ("ssid", Value::from(ap.ssid.as_bytes().to_vec())),
             ("mode", Value::from("ap")),
             ("band", Value::from("bg")),
+            ("channel", Value::from(HOTSPOT_CHANNEL)),
         ]),
     );
     s.insert(
@@ -431,6 +445,7 @@ mod tests {
         let get = |section: &str, key: &str| s[section][key].to_string();
         assert_eq!(get("802-11-wireless", "mode"), "\"ap\"");
         assert_eq!(get("802-11-wireless", "band"), "\"bg\"");
+        assert_eq!(s["802-11-wireless"]["channel"], Value::from(HOTSPOT_CHANNEL));
         assert_eq!(s["802-11-wireless"]["ssid"], Value::from(b"fleetd-gw-1".to_vec()));
         assert_eq!(get("802-11-wireless-security", "key-mgmt"), "\"wpa-psk\"");
         assert_eq!(get("802-11-wireless-security", "proto"), "[\"rsn\"]");
