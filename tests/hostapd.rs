@@ -133,7 +133,7 @@ fn wpa_supplicant(socket: &Path, right_psk: &'static str) -> CtrlDaemon {
                     };
                     ok(vec!["<3>CTRL-EVENT-SCAN-RESULTS".into(), event])
                 }
-                ["SAVE_CONFIG"] | ["REMOVE_NETWORK", _] => ok(vec![]),
+                ["SAVE_CONFIG"] | ["REMOVE_NETWORK", _] | ["DISCONNECT"] => ok(vec![]),
                 ["LIST_NETWORKS"] => {
                     ("network id / ssid / bssid / flags\n0\thome\tany\t[CURRENT]\n".into(), vec![])
                 }
@@ -214,7 +214,10 @@ fn the_hostapd_backend_raises_the_ap_joins_through_wpa_supplicant_and_reports_a_
     assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
     assert!(stderr(&out).contains("wrong-key"), "{}", stderr(&out));
     let sup = supplicant.commands();
-    assert!(sup.contains(&"REMOVE_NETWORK 0".to_string()), "the failed network is removed: {sup:?}");
+    let disconnect = sup.iter().position(|c| c == "DISCONNECT");
+    let remove = sup.iter().position(|c| c == "REMOVE_NETWORK 0");
+    assert!(remove.is_some(), "the failed network is removed: {sup:?}");
+    assert!(disconnect < remove && disconnect.is_some(), "the radio is released first: {sup:?}");
     let enables = hostapd.commands().iter().filter(|c| *c == "ENABLE" || *c == "RELOAD").count();
     assert_eq!(enables, 2, "the access point came back: {:?}", hostapd.commands());
 

@@ -154,6 +154,11 @@ impl Hostapd {
                 Ok(())
             }
             Err(e) => {
+                // DISCONNECT first: a supplicant still trying the network
+                // keeps the radio a station, and the access point raised
+                // again would send no beacons (seen on mac80211_hwsim:
+                // hostapd said AP-ENABLED, no phone could see it).
+                let _ = supplicant.ok("DISCONNECT").await;
                 let _ = supplicant.ok(&format!("REMOVE_NETWORK {id}")).await;
                 Err(e)
             }
