@@ -408,7 +408,21 @@ async fn run_job(executor: &mut Executor, ch: &mut Channels, starting: bool) -> 
             Ended::Done(Ok(())) => return true,
             Ended::Interrupted(request) => {
                 executor.abandon_plan();
-                answer_call(executor, request, &ch.sink).await;
+                // The view the call was let in by is from the job's start:
+                // a trial may have ended since (a rollback waiting on its
+                // reboot). A verdict or cancel acts only on what still is.
+                let now = executor.busy_view();
+                let still = match request.command {
+                    Command::Mark { .. } => now.in_trial,
+                    Command::Cancel => now.cancellable,
+                    Command::Install { .. } => true,
+                };
+                if still {
+                    answer_call(executor, request, &ch.sink).await;
+                } else {
+                    let why = "moved-on: the job left the phase the call was for; read State and try again";
+                    let _ = request.reply.send(Err(CommandError::NoJob(why.into())));
+                }
                 // A verdict or a cancel ends the job; had it not, the rest
                 // resumes from what is persisted, as after a restart.
                 if executor.state().active_job().is_none() {
@@ -427,21 +441,40 @@ async fn answer_call(executor: &mut Executor, request: Request, sink: &crate::bu
             let outcome = executor.admit(&message, Source::Local, || {}).await;
             let answer = match outcome {
                 Ok(Admission::Accepted { jti, version }) => Ok(format!("accepted update {jti} v{version}")),
-                Ok(Admission::Continued) => Ok("the stored update goes on".to_string()),
+                Ok(Admission::Continued) => match executor.job() {
+                    // Installed already, waiting for its reboot: that is
+                    // this install's end, so it completes now.
+                    Some(job) if matches!(job.phase, crate::update::Phase::RebootPending { .. }) => {
+                        let done = format!(
+                            "update {} v{} is installed and waits for a reboot",
+                            job.name, job.version
+                        );
+                        crate::bus::send(
+                            sink,
+                            BusEvent::Completed(crate::bus::model::RESULT_OK, done.clone()),
+                        );
+                        Ok(done)
+                    }
+                    _ => Ok("the stored update goes on".to_string()),
+                },
                 Ok(Admission::Duplicate { jti }) => Err(CommandError::Refused(format!(
                     "duplicate: update {jti} was already handled; not run again"
                 ))),
+                Ok(Admission::Refused(refusal @ (Refusal::Busy { .. } | Refusal::Resuming))) => {
+                    Err(CommandError::Busy(refusal.to_string()))
+                }
                 Ok(Admission::Refused(refusal)) => Err(CommandError::Refused(refusal.to_string())),
                 Err(e) => Err(CommandError::Failed(e.to_string())),
             };
-            if let Err(e) = &answer {
-                crate::bus::send(sink, BusEvent::InstallRefused(e.to_string()));
-            }
             let has_job = answer.is_ok();
             (answer, has_job)
         }
         Command::Mark { good } => {
-            (executor.mark_booted(good).await.map_err(|e| CommandError::Refused(e.to_string())), false)
+            let answer = executor.mark_booted(good).await.map_err(|e| match e {
+                crate::update::MarkError::UnfinishedTarget(_) => CommandError::Refused(e.to_string()),
+                _ => CommandError::Failed(e.to_string()),
+            });
+            (answer, false)
         }
         Command::Cancel => {
             let answer = match executor.cancel().await {
@@ -491,7 +524,7 @@ async fn while_busy<T>(
             },
             call = ch.requests.recv(), if calls_open => match call {
                 Some(request) => {
-                    if let Some(request) = answer_while_busy(request, busy, &ch.sink) {
+                    if let Some(request) = answer_while_busy(request, busy) {
                         return Ended::Interrupted(request);
                     }
                 }
@@ -503,7 +536,7 @@ async fn while_busy<T>(
 
 /// A call while a job runs: answered at once, or handed back when it must
 /// stop the job (a verdict during the trial; a cancel before it).
-fn answer_while_busy(request: Request, busy: &BusyView, sink: &crate::bus::Sink) -> Option<Request> {
+fn answer_while_busy(request: Request, busy: &BusyView) -> Option<Request> {
     let answer = match &request.command {
         Command::Mark { .. } if busy.in_trial => return Some(request),
         Command::Cancel if busy.cancellable => return Some(request),
@@ -520,9 +553,6 @@ fn answer_while_busy(request: Request, busy: &BusyView, sink: &crate::bus::Sink)
             Err(refusal) => Err(CommandError::Busy(refusal.to_string())),
         },
     };
-    if let (Command::Install { .. }, Err(e)) = (&request.command, &answer) {
-        crate::bus::send(sink, BusEvent::InstallRefused(e.to_string()));
-    }
     let _ = request.reply.send(answer);
     None
 }

@@ -69,7 +69,8 @@ fn on_host(test: &str) {
         PathBuf::from(std::env::var("FLEETD_GUEST_DIR").expect("FLEETD_GUEST_DIR (scripts/test-system)"));
     let dir = tempfile::tempdir().unwrap();
     // The overlay: /init, and this binary, fleetd and fleetctl at the paths
-    // they were built at (the test finds them by those paths).
+    // they were built at (the test finds them by those paths; /tmp too:
+    // nothing is mounted over the initramfs root's /tmp).
     let overlay = dir.path().join("overlay");
     let me = std::env::current_exe().unwrap();
     let policy =
@@ -95,7 +96,7 @@ fn on_host(test: &str) {
     let init = format!(
         "#!/bin/sh\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-         mkdir -p /dev/pts /run /tmp\nmount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /tmp\n\
+         mkdir -p /dev/pts /run /tmp\nmount -t tmpfs tmpfs /run\n\
          ip link set lo up\nhostname guest\n\
          export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root\n\
          FLEETD_IN_GUEST=1 RUST_BACKTRACE=1 {me} --exact {test} --nocapture --test-threads=1\n\

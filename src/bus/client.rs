@@ -9,6 +9,9 @@ use std::time::Duration;
 
 /// How long the CLI waits for the bus before it treats the daemon as absent.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Every call's answer: a wedged daemon must not hang `fleetd status`
+/// (which then reads the disk). Admission verifies and persists: quick.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -53,7 +56,8 @@ pub struct Daemon {
 /// (`DBUS_SYSTEM_BUS_ADDRESS` is honoured). `None`: no bus, no daemon, or
 /// another device's (the CLI then works on the state on disk).
 pub async fn find(device_id: &str) -> Option<Result<Daemon, ClientError>> {
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, zbus::Connection::system()).await.ok()?.ok()?;
+    let builder = zbus::connection::Builder::system().ok()?.method_timeout(CALL_TIMEOUT);
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, builder.build()).await.ok()?.ok()?;
     let dbus = zbus::fdo::DBusProxy::new(&conn).await.ok()?;
     let name = zbus::names::BusName::from_static_str(NAME).ok()?;
     if !dbus.name_has_owner(name).await.ok()? {
@@ -115,7 +119,10 @@ impl Daemon {
                 signal = completed.next() => {
                     let Some(signal) = signal else { return Err(ClientError::Gone) };
                     let (result, detail): (i32, String) = signal.body().deserialize()?;
-                    return Ok((result, detail));
+                    // Our install was accepted: a refusal is another caller's.
+                    if result != super::model::RESULT_REFUSED {
+                        return Ok((result, detail));
+                    }
                 }
                 change = changes.next() => {
                     let Some(change) = change else { return Err(ClientError::Gone) };

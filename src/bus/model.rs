@@ -54,8 +54,9 @@ impl Property {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Report(Report),
-    /// An `Install` call was refused before it became a job.
-    InstallRefused(String),
+    /// An ending the reports do not show: a refused `Install` call (sent by
+    /// the service), or an install found already done.
+    Completed(i32, String),
     /// The broker connection went up or down.
     Connected(bool),
     /// Provisioning moved on (the portal is up, the device joined, ...).
@@ -131,11 +132,8 @@ impl Model {
         match event {
             Event::Connected(up) => self.connected = *up,
             Event::Provisioning(p) => self.doc.apply_provisioning(p),
-            Event::InstallRefused(why) => completed = Some((RESULT_REFUSED, why.clone())),
-            Event::Report(Report::Status(doc)) => {
-                self.doc = (**doc).clone();
-                self.doc.mqtt = before.doc.mqtt.clone();
-            }
+            Event::Completed(result, detail) => completed = Some((*result, detail.clone())),
+            Event::Report(Report::Status(doc)) => self.doc = (**doc).clone(),
             Event::Report(Report::Progress { jti, done, total, .. }) => {
                 self.follow(jti);
                 let percent = (done.saturating_mul(DOWNLOAD_SHARE) / (*total).max(1)).min(DOWNLOAD_SHARE);
@@ -156,11 +154,9 @@ impl Model {
                         let key = (jti.clone(), name);
                         if self.completed_for.as_ref() != Some(&key) {
                             self.completed_for = Some(key);
-                            let code = if code == RESULT_FAILED && detail.contains("cancelled") {
-                                RESULT_CANCELLED
-                            } else {
-                                code
-                            };
+                            let cancelled = detail.ends_with(crate::update::agent::CANCELLED);
+                            let code =
+                                if code == RESULT_FAILED && cancelled { RESULT_CANCELLED } else { code };
                             completed = Some((code, detail.clone()));
                         }
                     }
@@ -321,7 +317,7 @@ mod tests {
         let mut m = Model::new(doc("idle"));
         m.apply(&step("downloading", "accepted"));
         m.apply(&bytes(300));
-        let c = m.apply(&step("failed", "failed: cancelled: by request"));
+        let c = m.apply(&step("failed", &format!("failed: {}", crate::update::agent::CANCELLED)));
         assert_eq!(c.completed.map(|c| c.0), Some(RESULT_CANCELLED));
         assert_eq!(m.progress, (27, "failed".into()), "a failure keeps how far it got");
 
@@ -337,7 +333,7 @@ mod tests {
             Some(RESULT_ROLLED_BACK)
         );
         assert_eq!(
-            m.apply(&Event::InstallRefused("busy: x".into())).completed,
+            m.apply(&Event::Completed(RESULT_REFUSED, "busy: x".into())).completed,
             Some((RESULT_REFUSED, "busy: x".into()))
         );
     }

@@ -57,6 +57,8 @@ struct Worker {
 struct Shared {
     model: Arc<Mutex<Option<Model>>>,
     worker: Arc<Mutex<Option<Worker>>>,
+    /// The event task's inbox (refused calls complete through it too).
+    events: Arc<Mutex<Option<mpsc::UnboundedSender<Event>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,6 +94,7 @@ impl Bus {
             zbus::Error::Failure(format!("no answer from the system bus in {CONNECT_TIMEOUT:?}"))
         })??;
         let (events, mut inbox) = mpsc::unbounded_channel::<Event>();
+        *lock(&shared.events) = Some(events.clone());
         let emitter = SignalEmitter::new(&conn, PATH)?.into_owned();
         let task_shared = shared.clone();
         tokio::spawn(async move {
@@ -176,6 +179,23 @@ impl Daemon1 {
         }
     }
 
+    /// A refused `Install`: its `Completed` goes out with the error.
+    fn refused(&self, error: BusError) -> BusError {
+        let (result, text) = match &error {
+            BusError::Failed(t) => (model::RESULT_FAILED, t.clone()),
+            BusError::Busy(t)
+            | BusError::Refused(t)
+            | BusError::NoJob(t)
+            | BusError::NotReady(t)
+            | BusError::NotConnected(t) => (model::RESULT_REFUSED, t.clone()),
+            BusError::ZBus(e) => (model::RESULT_FAILED, e.to_string()),
+        };
+        if let Some(events) = lock(&self.shared.events).as_ref() {
+            let _ = events.send(Event::Completed(result, text));
+        }
+        error
+    }
+
     fn property<T>(&self, f: impl FnOnce(&Model) -> T) -> zbus::fdo::Result<T> {
         self.shared.read(f).ok_or_else(|| zbus::fdo::Error::Failed("no state yet".into()))
     }
@@ -231,14 +251,18 @@ impl Daemon1 {
     /// daemon reads it: under the shipped unit its /tmp is private, so a
     /// file in the caller's /tmp is not seen (`InstallMessage` takes the bytes).
     async fn install(&self, message_path: String) -> Result<(), BusError> {
-        let message = read_message(&message_path).await?;
+        let message = match read_message(&message_path).await {
+            Ok(m) => m,
+            Err(e) => return Err(self.refused(e)),
+        };
         self.install_message(message).await.map(|_| ())
     }
 
     /// Installs the update message given (what `fleetd install` sends);
-    /// returns what became of it. `Completed` follows in every case.
+    /// returns what became of it. `Completed` follows in every case: for a
+    /// refusal at once, here; for a job when it ends.
     async fn install_message(&self, message: Vec<u8>) -> Result<String, BusError> {
-        self.call(Command::Install { message }).await
+        self.call(Command::Install { message }).await.map_err(|e| self.refused(e))
     }
 
     /// Gives the running job up before its trial boot.

@@ -383,6 +383,11 @@ pub fn read_connection_file(state_dir: &std::path::Path) -> Option<crate::status
 /// takes this for it.)
 fn write_connection_state(path: &std::path::Path, state: &str) {
     let doc = serde_json::json!({ "connected": false, "since": crate::system_now(), "error": null, "state": state });
+    write_runtime_doc(path, &doc);
+}
+
+/// Runtime information: atomic but not worth an fsync of its own.
+fn write_runtime_doc(path: &std::path::Path, doc: &serde_json::Value) {
     let tmp = path.with_extension("tmp");
     if std::fs::write(&tmp, doc.to_string()).is_ok() {
         let _ = std::fs::rename(&tmp, path);
@@ -399,11 +404,7 @@ fn write_connection_file(path: &std::path::Path, event: &ClientEvent) {
         }),
         _ => return,
     };
-    // Runtime information: atomic but not worth an fsync of its own.
-    let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, doc.to_string()).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
-    }
+    write_runtime_doc(path, &doc);
 }
 
 #[cfg(test)]

@@ -232,8 +232,7 @@ impl Executor {
         on_ack: impl FnOnce(),
     ) -> Result<Admission, ExecError> {
         // Whatever an earlier, failed run left behind belongs to no one now.
-        self.queue.clear();
-        self.inputs.clear();
+        self.abandon_plan();
         let now = crate::system_now();
         let actions = match self.agent.early_answer(bytes, &source, now) {
             Err(answered) => answered,
@@ -297,8 +296,7 @@ impl Executor {
             if let Some(action) = self.queue.pop_front() {
                 if let Err(e) = self.perform(action).await {
                     // Nothing of this job's plan may run in a later one.
-                    self.queue.clear();
-                    self.inputs.clear();
+                    self.abandon_plan();
                     return Err(e);
                 }
                 continue;
@@ -368,7 +366,7 @@ impl Executor {
         }
         self.queue.extend(actions);
         self.run().await?;
-        Ok(Ok(format!("cancelled {} v{}; slot {} stays bad", job.name, job.version, job.target_slot)))
+        Ok(Ok(format!("cancelled {} v{}", job.name, job.version)))
     }
 
     /// Drops what is left of a plan whose `run` was stopped at an await
@@ -464,8 +462,7 @@ impl Executor {
                 self.inputs.push_back(Input::SideEffectFailed { error: error.to_string() });
             }
             Err(error) => {
-                self.queue.clear();
-                self.inputs.clear();
+                self.abandon_plan();
                 self.inputs.push_back(Input::Job(Event::ActionFailed { error: error.to_string() }));
             }
         }
