@@ -258,7 +258,12 @@ async fn properties_progress_completed_mark_good_and_cancel() {
     assert!(last_progress < completed_at, "Completed comes after the last Progress: {seen:#?}");
     assert_eq!(client.get::<String>("State").await, "reboot-pending");
     assert_eq!(client.get::<String>("PrimarySlot").await, "B");
-    assert!(g.reboot_requested().is_some(), "the daemon asked for the reboot");
+    // Completed comes at reboot-pending; the reboot command runs right after it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.reboot_requested().is_none() {
+        assert!(Instant::now() < deadline, "the daemon never asked for the reboot:\n{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The reboot: B comes up on trial; MarkGood (the CLI, over the bus)
     // commits it before the health timeout would roll it back.

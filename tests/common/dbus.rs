@@ -14,50 +14,6 @@ pub struct PrivateBus {
     pub socket: PathBuf,
 }
 
-impl PrivateBus {
-    /// `None` where dbus-daemon is not installed.
-    pub fn start(dir: &Path) -> Option<PrivateBus> {
-        if !Path::new(DBUS_DAEMON).exists() {
-            return None;
-        }
-        let socket = dir.join("system_bus_socket");
-        let config = dir.join("bus.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>custom</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>
-</busconfig>
-"#,
-                socket.display()
-            ),
-        )
-        .ok()?;
-        let mut child = Command::new(DBUS_DAEMON)
-            .arg(format!("--config-file={}", config.display()))
-            .args(["--nofork", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take()?).read_line(&mut line).ok()?;
-        let address = line.trim().to_string();
-        assert!(address.starts_with("unix:"), "dbus-daemon printed {address:?}");
-        Some(PrivateBus { child, address, socket })
-    }
-}
-
 /// The default policy of Debian's system bus (`/usr/share/dbus-1/system.conf`):
 /// nobody owns names or calls methods unless a service's policy says so.
 const SYSTEM_DEFAULT_POLICY: &str = r#"
@@ -78,7 +34,42 @@ const SYSTEM_DEFAULT_POLICY: &str = r#"
   </policy>
 "#;
 
+/// A bus config: listen on `socket`, EXTERNAL auth, then `policies`.
+fn bus_config(socket: &Path, policies: &str) -> String {
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>custom</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+{policies}
+</busconfig>
+"#,
+        socket.display()
+    )
+}
+
 impl PrivateBus {
+    /// `None` where dbus-daemon is not installed.
+    pub fn start(dir: &Path) -> Option<PrivateBus> {
+        if !Path::new(DBUS_DAEMON).exists() {
+            return None;
+        }
+        let socket = dir.join("system_bus_socket");
+        let config = dir.join("bus.conf");
+        let open = r#"  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>"#;
+        std::fs::write(&config, bus_config(&socket, open)).ok()?;
+        let mut daemon = Command::new(DBUS_DAEMON);
+        daemon.arg(format!("--config-file={}", config.display())).args(["--nofork", "--print-address=1"]);
+        Self::spawn(daemon, socket)
+    }
+
     /// A bus with the system bus's default policy plus `service_policy`
     /// (a shipped `system.d` file), run in its own mount namespace where
     /// `/etc/group` also holds `group` with `gid`, so the machine's groups
@@ -89,24 +80,8 @@ impl PrivateBus {
         }
         let socket = dir.join("system_bus_socket");
         let config = dir.join("bus.conf");
-        std::fs::write(
-            &config,
-            format!(
-                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>custom</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-{SYSTEM_DEFAULT_POLICY}
-  <include>{}</include>
-</busconfig>
-"#,
-                socket.display(),
-                service_policy.display()
-            ),
-        )
-        .ok()?;
+        let policies = format!("{SYSTEM_DEFAULT_POLICY}\n  <include>{}</include>", service_policy.display());
+        std::fs::write(&config, bus_config(&socket, &policies)).ok()?;
         // The machine may have the group already (an installed package):
         // this bus sees only the test's.
         let mut groups: String = std::fs::read_to_string("/etc/group")
@@ -118,17 +93,21 @@ impl PrivateBus {
         groups.push_str(&format!("{group}:x:{gid}:\n"));
         let group_file = dir.join("group");
         std::fs::write(&group_file, groups).ok()?;
-        let mut child = Command::new("unshare")
+        let mut daemon = Command::new("unshare");
+        daemon
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(format!(
                 "mount --bind \"$0\" /etc/group && exec {DBUS_DAEMON} --config-file=\"$1\" --nofork --print-address=1"
             ))
             .arg(&group_file)
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
+            .arg(&config);
+        Self::spawn(daemon, socket)
+    }
+
+    /// Starts `daemon` (a dbus-daemon with `--print-address=1`) and reads
+    /// the address it listens on.
+    fn spawn(mut daemon: Command, socket: PathBuf) -> Option<PrivateBus> {
+        let mut child = daemon.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().ok()?;
         let mut line = String::new();
         BufReader::new(child.stdout.take()?).read_line(&mut line).ok()?;
         let address = line.trim().to_string();
