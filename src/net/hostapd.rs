@@ -94,6 +94,10 @@ impl Hostapd {
         let command =
             if state.get("state").map(String::as_str) == Some("ENABLED") { "RELOAD" } else { "ENABLE" };
         ctrl.ok(command).await.map_err(|e| NetError::Ap(e.to_string()))?;
+        // With `start_disabled=1` (packaging/hostapd) an ENABLE after a
+        // DISABLE sets the interface up but sends no beacons: phones see
+        // nothing. UPDATE_BEACON starts them, and is harmless otherwise.
+        ctrl.ok("UPDATE_BEACON").await.map_err(|e| NetError::Ap(e.to_string()))?;
         if let Some(old) = self.events.take() {
             old.abort();
         }
