@@ -391,13 +391,20 @@ fn worker_main(
 /// stops it at an await point, is carried out, and what is left of the
 /// job resumes from its persisted state. `false` when shutdown came.
 async fn run_job(executor: &mut Executor, ch: &mut Channels, starting: bool) -> bool {
-    let mut first = Some(starting);
+    /// How the executor is entered: the process's start, an admitted job,
+    /// or what is left of a job after an interrupting call.
+    enum Entry {
+        Start,
+        Run,
+        Resume,
+    }
+    let mut entry = if starting { Entry::Start } else { Entry::Run };
     loop {
         let busy = executor.busy_view();
-        let ended = match first.take() {
-            Some(true) => while_busy(executor.start(), &busy, ch).await,
-            Some(false) => while_busy(executor.run(), &busy, ch).await,
-            None => while_busy(executor.resume(), &busy, ch).await,
+        let ended = match std::mem::replace(&mut entry, Entry::Resume) {
+            Entry::Start => while_busy(executor.start(), &busy, ch).await,
+            Entry::Run => while_busy(executor.run(), &busy, ch).await,
+            Entry::Resume => while_busy(executor.resume(), &busy, ch).await,
         };
         match ended {
             Ended::Shutdown => return false,

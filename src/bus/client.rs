@@ -50,6 +50,8 @@ impl ClientError {
 pub struct Daemon {
     conn: zbus::Connection,
     proxy: zbus::Proxy<'static>,
+    /// Its status when it was found (read to tell whose daemon it is).
+    pub found: StatusDoc,
 }
 
 /// The daemon of device `device_id` when one is on the system bus
@@ -74,20 +76,19 @@ pub async fn find(device_id: &str) -> Option<Result<Daemon, ClientError>> {
         .build()
         .await
         .ok()?;
-    let daemon = Daemon { conn, proxy };
-    match daemon.status().await {
-        Ok(doc) if doc.device == device_id => Some(Ok(daemon)),
+    match status(&proxy).await {
+        Ok(found) if found.device == device_id => Some(Ok(Daemon { conn, proxy, found })),
         Ok(_) => None,
         Err(e) => Some(Err(e)),
     }
 }
 
-impl Daemon {
-    pub async fn status(&self) -> Result<StatusDoc, ClientError> {
-        let json: String = self.proxy.call("GetStatus", &()).await.map_err(ClientError::from_call)?;
-        serde_json::from_str(&json).map_err(|e| ClientError::Status(e.to_string()))
-    }
+async fn status(proxy: &zbus::Proxy<'static>) -> Result<StatusDoc, ClientError> {
+    let json: String = proxy.call("GetStatus", &()).await.map_err(ClientError::from_call)?;
+    serde_json::from_str(&json).map_err(|e| ClientError::Status(e.to_string()))
+}
 
+impl Daemon {
     pub async fn mark(&self, good: bool) -> Result<String, ClientError> {
         let method = if good { "MarkGood" } else { "MarkBad" };
         self.proxy.call(method, &()).await.map_err(ClientError::from_call)

@@ -53,9 +53,9 @@ struct Worker {
     outbox: mpsc::UnboundedSender<Outbound>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Shared {
-    model: Arc<Mutex<Option<Model>>>,
+    model: Arc<Mutex<Model>>,
     worker: Arc<Mutex<Option<Worker>>>,
     /// The event task's inbox (refused calls complete through it too).
     events: Arc<Mutex<Option<mpsc::UnboundedSender<Event>>>>,
@@ -66,8 +66,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn read<T>(&self, f: impl FnOnce(&Model) -> T) -> Option<T> {
-        lock(&self.model).as_ref().map(f)
+    fn new(model: Model) -> Self {
+        Self { model: Arc::new(Mutex::new(model)), worker: Arc::default(), events: Arc::default() }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Model) -> T) -> T {
+        f(&lock(&self.model))
     }
 }
 
@@ -83,8 +87,7 @@ impl Bus {
     /// serves the object and owns the name: when this returns, clients can
     /// call (systemd's READY=1 comes after).
     pub async fn start(initial: StatusDoc) -> Result<Bus, zbus::Error> {
-        let shared = Shared::default();
-        *lock(&shared.model) = Some(Model::new(initial));
+        let shared = Shared::new(Model::new(initial));
         let iface = Daemon1 { shared: shared.clone() };
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, async {
             zbus::connection::Builder::system()?.serve_at(PATH, iface)?.name(NAME)?.build().await
@@ -100,11 +103,10 @@ impl Bus {
         tokio::spawn(async move {
             while let Some(event) = inbox.recv().await {
                 let (changes, values) = {
-                    let mut guard = lock(&task_shared.model);
-                    let Some(m) = guard.as_mut() else { continue };
+                    let mut m = lock(&task_shared.model);
                     let changes = m.apply(&event);
                     let values: Vec<(&'static str, Value<'static>)> =
-                        changes.properties.iter().map(|p| (p.bus_name(), value_of(m, *p))).collect();
+                        changes.properties.iter().map(|p| (p.bus_name(), value_of(&m, *p))).collect();
                     (changes, values)
                 };
                 emit(&emitter, values, changes.completed).await;
@@ -196,17 +198,17 @@ impl Daemon1 {
         error
     }
 
-    fn property<T>(&self, f: impl FnOnce(&Model) -> T) -> zbus::fdo::Result<T> {
-        self.shared.read(f).ok_or_else(|| zbus::fdo::Error::Failed("no state yet".into()))
+    fn property<T>(&self, f: impl FnOnce(&Model) -> T) -> T {
+        self.shared.read(f)
     }
 }
 
 #[zbus::interface(name = "org.fleetd.Daemon1")]
 impl Daemon1 {
     /// Per slot: `state` s, `version` t (0 = none), `device` s, `booted` b, `primary` b.
-    async fn get_slot_status(&self) -> zbus::fdo::Result<Vec<(String, HashMap<String, Value<'static>>)>> {
-        let slots = self.property(Model::slot_status)?;
-        Ok(slots
+    async fn get_slot_status(&self) -> Vec<(String, HashMap<String, Value<'static>>)> {
+        let slots = self.property(Model::slot_status);
+        slots
             .into_iter()
             .map(|(name, s)| {
                 let facts = HashMap::from([
@@ -218,12 +220,12 @@ impl Daemon1 {
                 ]);
                 (name, facts)
             })
-            .collect())
+            .collect()
     }
 
     /// The whole status document as JSON, as `fleetd status --json` prints it.
     async fn get_status(&self) -> zbus::fdo::Result<String> {
-        let doc = self.property(Model::status)?;
+        let doc = self.property(Model::status);
         serde_json::to_string(&doc).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
     }
 
@@ -238,7 +240,7 @@ impl Daemon1 {
     /// Asks the broker again for update messages (retained ones are sent anew).
     async fn check_for_update(&self) -> Result<(), BusError> {
         let worker = self.worker()?;
-        if !self.shared.read(|m| m.connected).unwrap_or(false) {
+        if !self.shared.read(|m| m.connected) {
             return Err(BusError::NotConnected("not-connected: the broker is not reachable now".into()));
         }
         worker
@@ -274,44 +276,44 @@ impl Daemon1 {
     async fn completed(emitter: &SignalEmitter<'_>, result: i32, detail: &str) -> zbus::Result<()>;
 
     #[zbus(property)]
-    async fn state(&self) -> zbus::fdo::Result<String> {
+    async fn state(&self) -> String {
         self.property(|m| m.doc.state.clone())
     }
 
     /// (percent, step); 100 only once the install is done.
     #[zbus(property)]
-    async fn progress(&self) -> zbus::fdo::Result<(i32, String)> {
+    async fn progress(&self) -> (i32, String) {
         self.property(|m| m.progress.clone())
     }
 
     #[zbus(property)]
-    async fn last_error(&self) -> zbus::fdo::Result<String> {
+    async fn last_error(&self) -> String {
         self.property(Model::last_error)
     }
 
     #[zbus(property)]
-    async fn booted_slot(&self) -> zbus::fdo::Result<String> {
+    async fn booted_slot(&self) -> String {
         self.property(Model::booted_slot)
     }
 
     #[zbus(property)]
-    async fn primary_slot(&self) -> zbus::fdo::Result<String> {
+    async fn primary_slot(&self) -> String {
         self.property(Model::primary_slot)
     }
 
     #[zbus(property)]
-    async fn installed_version(&self) -> zbus::fdo::Result<u64> {
+    async fn installed_version(&self) -> u64 {
         self.property(|m| m.doc.installed_version)
     }
 
     #[zbus(property)]
-    async fn provisioned(&self) -> zbus::fdo::Result<bool> {
+    async fn provisioned(&self) -> bool {
         self.property(|m| m.doc.provisioned)
     }
 
     /// Connected to the broker now (an addition to RAUC's set).
     #[zbus(property)]
-    async fn connected(&self) -> zbus::fdo::Result<bool> {
+    async fn connected(&self) -> bool {
         self.property(|m| m.connected)
     }
 }

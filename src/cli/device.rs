@@ -199,7 +199,7 @@ pub fn status(config_flag: Option<&Path>, json: bool, pop: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let doc = match via_daemon(&config, |daemon| async move { daemon.status().await }) {
+    let doc = match via_daemon(&config, |daemon| async move { Ok(daemon.found) }) {
         Some(Ok(mut doc)) => {
             doc.source = Some("daemon".into());
             Ok(doc)

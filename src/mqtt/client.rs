@@ -148,7 +148,7 @@ pub async fn run(
             _ = shutdown.changed() => break,
             outbound = from_worker.recv() => match outbound {
                 None => break,
-                                Some(Outbound::Ack(token)) => {
+                Some(Outbound::Ack(token)) => {
                     if let Some(publish) = pending_acks.remove(&token) {
                         let _ = client.try_ack(&publish);
                     }
@@ -187,11 +187,7 @@ pub async fn run(
                             Some(jobs) => publish_all(&client, jobs.on_connect()),
                             // Subscribing again makes the broker send the
                             // retained messages again; known ones are duplicates.
-                            None => {
-                                let filters = subscriptions.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-                                let _ = client.try_subscribe_many(filters);
-                                suback_topics = subscriptions.clone();
-                            }
+                            None => suback_topics = subscribe_all(&client, &subscriptions),
                         }
                     }
                 }
@@ -203,17 +199,15 @@ pub async fn run(
                     }
                 }
             },
-                        polled = events.recv() => match polled {
+            polled = events.recv() => match polled {
                 None => break,
                 Some(Polled::Event(event)) => match event {
-                                Event::Incoming(Packet::ConnAck(ack)) => {
+                Event::Incoming(Packet::ConnAck(ack)) => {
                     let _ = connected.send(true);
                     record(&ClientEvent::Connected { session_present: ack.session_present });
                     // Without a stored session the broker forgot our subscriptions.
-                                        if !ack.session_present {
-                        let filters = subscriptions.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-                        let _ = client.try_subscribe_many(filters);
-                        suback_topics = subscriptions.clone();
+                    if !ack.session_present {
+                        suback_topics = subscribe_all(&client, &subscriptions);
                     }
                     if let Some(jobs) = &aws {
                         publish_all(&client, jobs.on_connect());
@@ -223,7 +217,7 @@ pub async fn run(
                         let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, doc.clone());
                     }
                 }
-                                Event::Incoming(Packet::SubAck(ack)) => {
+                Event::Incoming(Packet::SubAck(ack)) => {
                     // mosquitto grants and silently withholds on an ACL denial;
                     // other brokers answer Failure: say so.
                     let mut granted = Vec::new();
@@ -235,7 +229,7 @@ pub async fn run(
                     }
                     record(&ClientEvent::Subscribed { topics: granted });
                 }
-                                Event::Incoming(Packet::Publish(publish)) => {
+                Event::Incoming(Packet::Publish(publish)) => {
                     let document = match aws.as_mut() {
                         Some(jobs) if jobs.owns(&publish.topic) => match jobs.on_message(&publish.topic, &publish.payload) {
                             JobsEvent::Document { document, .. } => Some(document),
@@ -326,6 +320,14 @@ enum Polled {
 /// each failure (reset by a successful connection). A network change (a
 /// link up, an address or a route) ends the wait at once and starts the
 /// count again: the outage is over, or a new one began.
+/// Subscribes to every topic at once; returns them in the order the SUBACK
+/// answers them.
+fn subscribe_all(client: &AsyncClient, subscriptions: &[String]) -> Vec<String> {
+    let filters = subscriptions.iter().map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+    let _ = client.try_subscribe_many(filters);
+    subscriptions.to_vec()
+}
+
 async fn poll_forever(mut eventloop: EventLoop, backoff: Backoff, events: mpsc::Sender<Polled>) {
     let mut failures = 0u32;
     let mut changes = crate::sys::netlink::NetChanges::open().ok();
