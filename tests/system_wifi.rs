@@ -378,10 +378,10 @@ fn in_guest(backend: Backend) {
         // hostapd says ENABLED even when it sends no beacons (seen: after
         // a DISABLE with `start_disabled=1`); the kernel's view of the
         // interface shows whether the access point really runs.
-        Backend::Hostapd => Command::new("iw")
-            .args(["dev", "wlan0", "info"])
-            .output()
-            .is_ok_and(|o| stdout(&o).contains("type AP") && stdout(&o).contains(&format!("ssid {ssid}\n"))),
+        Backend::Hostapd => Command::new("iw").args(["dev", "wlan0", "info"]).output().is_ok_and(|o| {
+            let info = stdout(&o);
+            info.contains("type AP") && info.contains(&format!("ssid {ssid}\n"))
+        }),
     };
     until("fleetd's access point", Duration::from_secs(90), ap_up);
     if backend == Backend::NetworkManager {

@@ -22,6 +22,11 @@ fn ctrl_error(e: super::wpa_ctrl::CtrlError) -> NetError {
     NetError::Backend(e.to_string())
 }
 
+/// hostapd refused a step of raising the access point.
+fn ap_error(e: super::wpa_ctrl::CtrlError) -> NetError {
+    NetError::Ap(e.to_string())
+}
+
 /// The `SET` commands that make the access point: WPA2-PSK, CCMP only,
 /// PMF off (brcmfmac clients), the PoP-derived passphrase. Pure.
 pub fn ap_commands(ap: &AccessPoint) -> Vec<String> {
@@ -88,16 +93,16 @@ impl Hostapd {
         // Attached before ENABLE, so no early event is missed.
         let mut events = Events::attach(&self.hostapd, &self.client_dir).await.map_err(ctrl_error)?;
         for command in ap_commands(ap) {
-            ctrl.ok(&command).await.map_err(|e| NetError::Ap(e.to_string()))?;
+            ctrl.ok(&command).await.map_err(ap_error)?;
         }
         let state = parse_key_values(&ctrl.request("STATUS").await.map_err(ctrl_error)?);
         let command =
             if state.get("state").map(String::as_str) == Some("ENABLED") { "RELOAD" } else { "ENABLE" };
-        ctrl.ok(command).await.map_err(|e| NetError::Ap(e.to_string()))?;
+        ctrl.ok(command).await.map_err(ap_error)?;
         // With `start_disabled=1` (packaging/hostapd) an ENABLE after a
         // DISABLE sets the interface up but sends no beacons: phones see
         // nothing. UPDATE_BEACON starts them, and is harmless otherwise.
-        ctrl.ok("UPDATE_BEACON").await.map_err(|e| NetError::Ap(e.to_string()))?;
+        ctrl.ok("UPDATE_BEACON").await.map_err(ap_error)?;
         if let Some(old) = self.events.take() {
             old.abort();
         }
