@@ -262,7 +262,9 @@ pub struct Update {
     pub ca_file: Option<PathBuf>,
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout_s: u64,
-    /// Bytes per second a download must average over each minute (0: no minimum).
+    /// Bytes per second a download must average over each minute, and over
+    /// the whole download once `give_up_after_s` has passed (0: no minimum).
+    /// The second bound is what no server can reset by dripping bytes.
     #[serde(default = "default_min_rate")]
     pub min_rate_bps: u64,
     /// Consecutive download attempts without progress before giving up.

@@ -250,7 +250,7 @@ async fn connected(
 
 /// Update messages queued for the worker. The worker answers at once even
 /// while a job runs, so the queue stays short; past this the MQTT task
-/// refuses a message itself rather than wait.
+/// keeps them (unacknowledged) until there is room.
 pub const WORKER_QUEUE: usize = 8;
 
 /// D-Bus calls waiting for the worker; past this a call is answered busy.
@@ -367,9 +367,11 @@ fn worker_main(
                             false
                         }
                         Ok(Admission::Accepted { .. } | Admission::Continued) => true,
+                        // Not saved, so not acknowledged: the MQTT task
+                        // hands the message over again later.
                         Err(e) => {
-                            log_error(&format!("fleetd: {e}"), e.name());
-                            let _ = ch.outbox.send(Outbound::Refused { token, error: e.to_string() });
+                            log_error(&format!("fleetd: {e}; the message stays unacknowledged"), e.name());
+                            let _ = ch.outbox.send(Outbound::NotSaved { token });
                             false
                         }
                     }
@@ -571,7 +573,7 @@ fn send_refusal(refusal: &Refusal, topic: &str, token: u64, outbox: &mpsc::Unbou
         &format!("update refused: {refusal} (on {topic})"),
         &[(logging::ERROR, refusal.name())],
     );
-    let _ = outbox.send(Outbound::Refused { token, error: refusal.to_string() });
+    let _ = outbox.send(Outbound::Refused { token, name: refusal.name(), error: refusal.to_string() });
 }
 
 fn report_duplicate(jti: &str, topic: &str, outbox: &mpsc::UnboundedSender<Outbound>) {

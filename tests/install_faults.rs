@@ -243,6 +243,43 @@ fn http_errors_are_named() {
     c.assert_failed_with("download-refused");
 }
 
+/// A server that drips bytes slower than `min_rate_bps`: every attempt
+/// "makes progress", which used to reset the retries for ever. The whole
+/// download's floor ends it by name soon after its grace.
+#[test]
+fn a_slow_drip_server_is_given_up_as_too_slow() {
+    let mut c = case(MIB as usize);
+    let (stall_s, give_up_s, min_rate) = (2, 2, 1024);
+    c.g.give_up_after_s = give_up_s;
+    c.g.extra_config = format!("stall_timeout_s = {stall_s}\nmin_rate_bps = {min_rate}\n");
+    c.g.write_config();
+    c.server.set_rate(Some(min_rate / 5));
+    let msg = c.message(c.image.clone(), &[]);
+    let mut child = fleetd()
+        .args(["install", "--no-reboot", "--config"])
+        .arg(c.g.dev.config())
+        .arg(&msg)
+        .spawn()
+        .unwrap();
+    // The floor's grace, one more stall timeout for the check to come
+    // round, and start-up: the product's own bounds.
+    let bound = std::time::Duration::from_secs(give_up_s + 2 * stall_s + 5);
+    let deadline = std::time::Instant::now() + bound;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still downloading after {bound:?}: {}", c.g.status());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    c.assert_failed_with("download-too-slow");
+}
+
 #[test]
 fn a_corrupt_boot_env_is_named_and_nothing_is_written() {
     let c = case(MIB as usize);

@@ -161,6 +161,58 @@ impl World {
         Instant::now()
     }
 
+    /// `mosquitto_pub` in the cloud as the fleet server, with `args` after
+    /// the connection options; returns its output.
+    fn mosquitto_pub(&self, args: &[&str], stdin: Option<&Path>) -> std::process::Output {
+        let (host, port) = self.broker.url();
+        let (cert, key) = self.pki.client("fleet-server");
+        let mut cmd = self.net.in_cloud("mosquitto_pub");
+        cmd.args(["-h", &host, "-p", &port.to_string(), "--cafile"])
+            .arg(&self.pki.ca_pem)
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .args(["-i", "fleet-server-raw"])
+            .args(args);
+        if let Some(file) = stdin {
+            cmd.stdin(std::fs::File::open(file).unwrap());
+        }
+        cmd.output().unwrap()
+    }
+
+    /// `mosquitto_sub` in the cloud as the fleet server, already subscribed
+    /// when this returns (a retained marker comes back first).
+    fn subscribe(&self, topic: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+        let (host, port) = self.broker.url();
+        let (cert, key) = self.pki.client("fleet-server");
+        let mut child = self
+            .net
+            .in_cloud("stdbuf")
+            .args(["-oL", "mosquitto_sub", "-h", &host, "-p", &port.to_string(), "--cafile"])
+            .arg(&self.pki.ca_pem)
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .args(["-i", "fleet-server-sub", "-q", "1", "-t", topic])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (child, rx)
+    }
+
     /// The retained status document of gw-0042 as the fleet sees it.
     fn retained_status(&self) -> serde_json::Value {
         let mut cmd = self.net.in_cloud(env!("CARGO_BIN_EXE_fleetctl"));
@@ -745,4 +797,185 @@ fn a_certificate_for_another_device_id_is_refused_at_start() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("CN is \"gw-9999\" but the device id is \"gw-0042\""), "{err}");
+}
+
+/// When the connection last changed, as the daemon recorded it.
+fn connected_since(w: &World) -> serde_json::Value {
+    let c = w.connection();
+    assert_eq!(c["connected"], true, "{c}\n{}", w.log());
+    c["since"].clone()
+}
+
+/// A message far over 64 KiB that the broker still accepts, on the device
+/// topic and retained on the group topic: each is refused by name,
+/// acknowledged and reported, the connection never drops, and the next
+/// valid update runs. (rumqttc's old 68 KiB limit dropped the connection
+/// and the broker redelivered the message at every reconnect.) A packet
+/// over the shipped broker's max_packet_size never reaches the device.
+#[test]
+fn an_oversized_message_is_refused_by_name_and_the_device_stays_connected() {
+    if !can_run() {
+        return;
+    }
+    let mut w = World::new(None);
+    w.start_daemon();
+    w.wait_connected();
+    let since = connected_since(&w);
+    let oversized = w.g.path().join("oversized.json");
+    std::fs::write(&oversized, format!("{{\"payload\":\"{}\"}}", "A".repeat(70 << 10))).unwrap();
+    let file = oversized.to_str().unwrap();
+    let device_topic = "fleet/acme-gateways/devices/gw-0042/update";
+    let group_topic = "fleet/acme-gateways/groups/pilot/update";
+    let out = w.mosquitto_pub(&["-t", device_topic, "-q", "1", "-f", file], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = w.mosquitto_pub(&["-t", group_topic, "-q", "1", "-r", "-f", file], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.wait_for("both refusals", Duration::from_secs(20), || {
+        w.log().matches("update refused: message-too-large").count() >= 2
+    });
+    let mut retained = serde_json::Value::Null;
+    w.wait_for("the refusal in the retained status", Duration::from_secs(10), || {
+        retained = w.retained_status();
+        retained["last_error"].as_str().is_some_and(|e| e.starts_with("message-too-large"))
+    });
+
+    // Over the broker's limit: the broker drops the sender, not the device.
+    let limit: usize =
+        cloud::shipped_setting("max_packet_size").split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        limit <= fleetd::mqtt::MAX_INCOMING_PACKET,
+        "the shipped broker accepts what the device cannot read"
+    );
+    let huge = w.g.path().join("huge.json");
+    std::fs::write(&huge, vec![b'B'; limit + 1]).unwrap();
+    let _ = w.mosquitto_pub(&["-t", device_topic, "-q", "1", "-f", huge.to_str().unwrap()], None);
+
+    let image = image_bytes(1 << 20, 70);
+    let msg = w.message("v8", 8, &image, &[]);
+    w.publish(&msg, To::Device("gw-0042"));
+    w.wait_state("reboot-pending", Duration::from_secs(30));
+    assert_eq!(connected_since(&w), since, "the connection never dropped:\n{}", w.log());
+    assert!(!w.log().contains("reconnecting"), "{}", w.log());
+    w.reboot();
+    w.wait_state("committed", Duration::from_secs(30));
+}
+
+/// 1,000 QoS 1 messages of about 1 KB with a valid update as message 501:
+/// every one is seen and answered (no acknowledgement is lost, none is
+/// refused unseen for a full queue), the fleet gets a report for each
+/// refusal, and the valid update runs.
+#[test]
+fn a_burst_of_a_thousand_messages_loses_nothing_and_the_valid_update_runs() {
+    if !can_run() {
+        return;
+    }
+    let mut w = World::new(None);
+    w.start_daemon();
+    w.wait_connected();
+    let image = image_bytes(2 << 20, 71);
+    let valid = w.message("v8", 8, &image, &["--name", "v8"]);
+    let valid: serde_json::Value = serde_json::from_slice(&std::fs::read(&valid).unwrap()).unwrap();
+    let (count, valid_at) = (1000, 500);
+    let mut lines = String::new();
+    for i in 0..count {
+        if i == valid_at {
+            lines.push_str(&valid.to_string());
+        } else {
+            lines.push_str(&format!("{{\"junk\":{i},\"pad\":\"{}\"}}", "x".repeat(1000)));
+        }
+        lines.push('\n');
+    }
+    let burst = w.g.path().join("burst.txt");
+    std::fs::write(&burst, lines).unwrap();
+    let (mut sub, reports) = w.subscribe("fleet/acme-gateways/devices/gw-0042/progress");
+    // The subscription is in place once a report published after it arrives.
+    w.wait_for("the fleet's subscription", Duration::from_secs(10), || {
+        let out = w.mosquitto_pub(
+            &["-t", "fleet/acme-gateways/devices/gw-0042/update", "-q", "1", "-m", "{}"],
+            None,
+        );
+        assert!(out.status.success());
+        reports.recv_timeout(Duration::from_millis(500)).is_ok_and(|r| r.contains("\"refused\""))
+    });
+    while reports.try_recv().is_ok() {}
+    let refused_before = w.log().matches("update refused:").count();
+    let out =
+        w.mosquitto_pub(&["-t", "fleet/acme-gateways/devices/gw-0042/update", "-q", "1", "-l"], Some(&burst));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut refused_reports = 0;
+    w.wait_for("a report for every refusal", Duration::from_secs(120), || {
+        while let Ok(line) = reports.try_recv() {
+            if line.contains("\"step\":\"refused\"") {
+                refused_reports += 1;
+            }
+        }
+        refused_reports >= count - 1
+    });
+    let _ = sub.kill();
+    let _ = sub.wait();
+    let log = w.log();
+    assert_eq!(log.matches("update refused:").count() - refused_before, count - 1, "{log}");
+    assert!(!log.contains("queue is full"), "{log}");
+    assert_done_once(&w, &image);
+    assert_eq!(w.connection()["connected"], true);
+}
+
+/// Unmounts on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The state directory on a full 64 KiB tmpfs: a valid update can be
+/// neither stored nor refused on record, so it is not acknowledged and no
+/// job exists in memory either (no phantom `downloading`); once space is
+/// freed, the same delivery runs, without a restart.
+#[test]
+fn a_full_state_disk_never_acknowledges_and_the_update_runs_once_space_is_free() {
+    if !can_run() {
+        return;
+    }
+    let mut w = World::new(None);
+    let state = w.g.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let saved = w.g.path().join("state.saved");
+    ok(std::process::Command::new("cp").arg("-a").arg(&state).arg(&saved));
+    ok(std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&state));
+    let mounted = Mounted(state.clone());
+    ok(std::process::Command::new("sh").arg("-c").arg(format!(
+        "cp -a {}/. {}/",
+        saved.display(),
+        state.display()
+    )));
+    w.start_daemon();
+    w.wait_connected();
+    let filler = state.join("filler");
+    let _ = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .args(["bs=1k", "count=64"])
+        .stderr(Stdio::null())
+        .status();
+    let image = image_bytes(1 << 20, 72);
+    let msg = w.message("v8", 8, &image, &[]);
+    w.publish(&msg, To::Device("gw-0042"));
+    // Two failed saves: the first delivery, and its retry after RETRY_UNSAVED.
+    let retry = fleetd::mqtt::RETRY_UNSAVED;
+    w.wait_for("a save to fail twice", retry * 2 + Duration::from_secs(10), || {
+        w.log().matches("the message stays unacknowledged").count() >= 2
+    });
+    let st = w.g.status();
+    assert_ne!(st["state"], "downloading", "{st}");
+    assert!(st["job"].is_null(), "no job on disk: {st}");
+    assert!(w.server.log().is_empty(), "nothing was downloaded");
+    assert!(!w.log().contains("accepted v8"), "{}", w.log());
+    std::fs::remove_file(&filler).unwrap();
+    let st = w.wait_state("reboot-pending", retry + Duration::from_secs(30));
+    assert_eq!(st["job"]["version"], 8);
+    assert_eq!(w.server.log().len(), 1, "downloaded once");
+    w.kill_daemon();
+    drop(mounted);
 }

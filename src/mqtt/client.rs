@@ -5,7 +5,7 @@ use super::aws::{AwsJobs, JobsEvent};
 use super::{ProgressLimiter, Topics};
 use crate::backoff::Backoff;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -23,11 +23,19 @@ pub enum Inbound {
 #[derive(Debug)]
 pub enum Outbound {
     Ack(u64),
-    /// The message was refused (and the refusal recorded): ack it, and in the
-    /// AWS profile report the job REJECTED.
+    /// The message was refused (and the refusal recorded, where it could
+    /// be): ack it and report it, in the AWS profile as a REJECTED job.
     Refused {
         token: u64,
+        /// The refusal's stable name (`busy`, `message-too-large`, ...).
+        name: &'static str,
         error: String,
+    },
+    /// Neither the job nor its refusal could be saved: the message stays
+    /// unacknowledged and is handed to the worker again after
+    /// `RETRY_UNSAVED`, so memory, disk and the broker never disagree.
+    NotSaved {
+        token: u64,
     },
     /// The status document (retained).
     Status(Box<crate::status::StatusDoc>),
@@ -47,6 +55,8 @@ pub enum Progress {
     /// A second delivery of a message already handled: not run again, but
     /// shown to the fleet (a replay or a redelivery is never silent).
     Duplicate { jti: String },
+    /// A message refused: always sent, at QoS 1, whatever the rate.
+    Refused { name: &'static str, detail: String },
 }
 
 impl Progress {
@@ -56,6 +66,7 @@ impl Progress {
             Self::Download { .. } => "downloading",
             Self::Step { state, .. } => state,
             Self::Duplicate { .. } => "duplicate",
+            Self::Refused { .. } => "refused",
         }
     }
 
@@ -76,6 +87,9 @@ impl Progress {
             Self::Duplicate { jti } => serde_json::json!({
                 "jti": jti, "step": "duplicate",
                 "detail": "a second delivery of a message already handled; not run again",
+            }),
+            Self::Refused { name, detail } => serde_json::json!({
+                "step": "refused", "error": name, "detail": detail,
             }),
         };
         value.to_string().into_bytes()
@@ -101,6 +115,32 @@ pub struct ClientSetup {
     pub connection_file: Option<PathBuf>,
 }
 
+/// Messages handed to the worker's queue or waiting for room in it. Each
+/// is unacknowledged until the worker answers, so the broker's in-flight
+/// window (20 in mosquitto) bounds this; past it, the broker (or whoever)
+/// is made to wait: no more is read from the connection until room frees.
+pub const MAX_WAITING: usize = 64;
+
+/// How soon a message whose job or refusal could not be saved (a full
+/// disk) is handed to the worker again. It stays unacknowledged meanwhile.
+pub const RETRY_UNSAVED: Duration = Duration::from_secs(5);
+
+/// What goes to the broker, in order, through one sender task: an
+/// acknowledgement or a report is never dropped because rumqttc's request
+/// queue is full at that moment; the task waits for room instead.
+enum Request {
+    Ack(rumqttc::Publish),
+    Publish { topic: String, qos: QoS, retain: bool, payload: Vec<u8> },
+}
+
+/// A received message the worker has not answered yet.
+struct Unanswered {
+    /// The publish without its payload: its topic, and all an
+    /// acknowledgement needs.
+    publish: rumqttc::Publish,
+    payload: Vec<u8>,
+}
+
 /// Runs until `shutdown` turns true. `connected` follows the connection.
 pub async fn run(
     setup: ClientSetup,
@@ -116,6 +156,8 @@ pub async fn run(
     // runs in a task of its own that only forwards what happened.
     let (events_tx, mut events) = mpsc::channel(64);
     let poller = tokio::spawn(poll_forever(eventloop, setup.backoff, events_tx));
+    let (requests, requests_rx) = mpsc::unbounded_channel();
+    let sender = tokio::spawn(send_forever(client.clone(), requests_rx));
     let topics = setup.topics;
     let mut aws = setup.aws_jobs;
     let subscriptions = match &aws {
@@ -123,12 +165,19 @@ pub async fn run(
         None => topics.updates.clone(),
     };
     let mut aws_retry = tokio::time::interval(Duration::from_secs(15));
-    let publish_all = |client: &AsyncClient, list: Vec<super::aws::Publish>| {
+    let send = |request: Request| {
+        let _ = requests.send(request);
+    };
+    let publish_all = |list: Vec<super::aws::Publish>| {
         for (topic, payload) in list {
-            let _ = client.try_publish(topic, QoS::AtLeastOnce, false, payload);
+            send(Request::Publish { topic, qos: QoS::AtLeastOnce, retain: false, payload });
         }
     };
-    let mut pending_acks: HashMap<u64, rumqttc::Publish> = HashMap::new();
+    let mut unanswered: HashMap<u64, Unanswered> = HashMap::new();
+    // Tokens received, in order, not yet in the worker's queue.
+    let mut waiting: VecDeque<u64> = VecDeque::new();
+    // Tokens whose save failed, with when to try again.
+    let mut unsaved: VecDeque<(Instant, u64)> = VecDeque::new();
     let mut next_token = 0u64;
     let mut last_status: Option<Vec<u8>> = None;
     let mut limiter = ProgressLimiter::new(Duration::from_secs(1));
@@ -144,29 +193,57 @@ pub async fn run(
         on_event(event);
     };
     loop {
+        let held = unanswered.len();
+        let retry_at = unsaved.front().map(|(at, _)| *at);
         tokio::select! {
             _ = shutdown.changed() => break,
+            permit = to_worker.reserve(), if !waiting.is_empty() => {
+                let Ok(permit) = permit else { break };
+                if let Some(token) = waiting.pop_front() {
+                    if let Some(m) = unanswered.get(&token) {
+                        permit.send(Inbound::UpdateMessage { topic: m.publish.topic.clone(), payload: m.payload.clone(), token });
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                if let Some((_, token)) = unsaved.pop_front() {
+                    if unanswered.contains_key(&token) {
+                        waiting.push_back(token);
+                    }
+                }
+            }
             outbound = from_worker.recv() => match outbound {
                 None => break,
                 Some(Outbound::Ack(token)) => {
-                    if let Some(publish) = pending_acks.remove(&token) {
-                        let _ = client.try_ack(&publish);
+                    if let Some(m) = unanswered.remove(&token) {
+                        send(Request::Ack(m.publish));
                     }
                 }
-                Some(Outbound::Refused { token, error }) => {
-                    if let Some(publish) = pending_acks.remove(&token) {
-                        let _ = client.try_ack(&publish);
+                Some(Outbound::Refused { token, name, error }) => {
+                    if let Some(m) = unanswered.remove(&token) {
+                        send(Request::Ack(m.publish));
                     }
-                    if let Some(jobs) = aws.as_mut() {
-                        publish_all(&client, jobs.on_refused(&error));
+                    match aws.as_mut() {
+                        Some(jobs) => publish_all(jobs.on_refused(&error)),
+                        None => send(Request::Publish {
+                            topic: topics.progress.clone(),
+                            qos: QoS::AtLeastOnce,
+                            retain: false,
+                            payload: Progress::Refused { name, detail: error }.to_json(),
+                        }),
+                    }
+                }
+                Some(Outbound::NotSaved { token }) => {
+                    if unanswered.contains_key(&token) {
+                        unsaved.push_back((Instant::now() + RETRY_UNSAVED, token));
                     }
                 }
                 Some(Outbound::Status(doc)) => {
                     let bytes = serde_json::to_vec(&doc).unwrap_or_default();
                     if *connected.borrow() {
-                        let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, bytes.clone());
+                        send(Request::Publish { topic: topics.status.clone(), qos: QoS::AtLeastOnce, retain: true, payload: bytes.clone() });
                         if let (Some(jobs), Ok(value)) = (aws.as_mut(), serde_json::to_value(&doc)) {
-                            publish_all(&client, jobs.on_status(&value));
+                            publish_all(jobs.on_status(&value));
                         }
                     }
                     last_status = Some(bytes);
@@ -176,15 +253,15 @@ pub async fn run(
                         // A duplicate is the fleet's news, not the job's progress.
                         let for_job = !matches!(progress, Progress::Duplicate { .. });
                         if let Some(jobs) = aws.as_mut().filter(|_| for_job) {
-                            publish_all(&client, jobs.on_progress(progress.step(), progress.percent()));
+                            publish_all(jobs.on_progress(progress.step(), progress.percent()));
                         }
-                        let _ = client.try_publish(&topics.progress, QoS::AtMostOnce, false, progress.to_json());
+                        send(Request::Publish { topic: topics.progress.clone(), qos: QoS::AtMostOnce, retain: false, payload: progress.to_json() });
                     }
                 }
                 Some(Outbound::CheckForUpdate) => {
                     if *connected.borrow() {
                         match &aws {
-                            Some(jobs) => publish_all(&client, jobs.on_connect()),
+                            Some(jobs) => publish_all(jobs.on_connect()),
                             // Subscribing again makes the broker send the
                             // retained messages again; known ones are duplicates.
                             None => suback_topics = subscribe_all(&client, &subscriptions),
@@ -195,11 +272,13 @@ pub async fn run(
             _ = aws_retry.tick(), if aws.is_some() => {
                 if let Some(jobs) = &aws {
                     if *connected.borrow() {
-                        publish_all(&client, jobs.retry());
+                        publish_all(jobs.retry());
                     }
                 }
             },
-            polled = events.recv() => match polled {
+            // Backpressure: while MAX_WAITING messages wait for the worker,
+            // nothing more is read, so nothing is refused unseen.
+            polled = events.recv(), if held < MAX_WAITING => match polled {
                 None => break,
                 Some(Polled::Event(event)) => match event {
                 Event::Incoming(Packet::ConnAck(ack)) => {
@@ -210,11 +289,11 @@ pub async fn run(
                         suback_topics = subscribe_all(&client, &subscriptions);
                     }
                     if let Some(jobs) = &aws {
-                        publish_all(&client, jobs.on_connect());
+                        publish_all(jobs.on_connect());
                     }
-                    let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, b"true".to_vec());
+                    send(Request::Publish { topic: topics.online.clone(), qos: QoS::AtLeastOnce, retain: true, payload: b"true".to_vec() });
                     if let Some(doc) = &last_status {
-                        let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, doc.clone());
+                        send(Request::Publish { topic: topics.status.clone(), qos: QoS::AtLeastOnce, retain: true, payload: doc.clone() });
                     }
                 }
                 Event::Incoming(Packet::SubAck(ack)) => {
@@ -229,12 +308,12 @@ pub async fn run(
                     }
                     record(&ClientEvent::Subscribed { topics: granted });
                 }
-                Event::Incoming(Packet::Publish(publish)) => {
+                Event::Incoming(Packet::Publish(mut publish)) => {
                     let document = match aws.as_mut() {
                         Some(jobs) if jobs.owns(&publish.topic) => match jobs.on_message(&publish.topic, &publish.payload) {
                             JobsEvent::Document { document, .. } => Some(document),
                             JobsEvent::Reply(list) => {
-                                publish_all(&client, list);
+                                publish_all(list);
                                 None
                             }
                             JobsEvent::Nothing => None,
@@ -243,51 +322,37 @@ pub async fn run(
                         None if topics.updates.contains(&publish.topic) => Some(publish.payload.to_vec()),
                         None => None,
                     };
-                    if let Some(payload) = document {
-                        next_token += 1;
-                        let message = Inbound::UpdateMessage {
-                            topic: publish.topic.clone(),
-                            payload,
-                            token: next_token,
-                        };
-                        // Never wait on the worker: it answers even while a job
-                        // runs, so a full queue means a flood. Refuse (and ack)
-                        // rather than let keep-alives and shutdown stall.
-                        match to_worker.try_send(message) {
-                            Ok(()) => {
-                                pending_acks.insert(next_token, publish);
-                            }
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                let _ = client.try_ack(&publish);
-                                let error = "busy: the update worker's queue is full".to_string();
-                                crate::logging::event(
-                                    crate::logging::Priority::Warning,
-                                    &format!("update refused: {error} (on {})", publish.topic),
-                                    &[(crate::logging::ERROR, "busy")],
-                                );
-                                if let Some(jobs) = aws.as_mut() {
-                                    publish_all(&client, jobs.on_refused(&error));
-                                }
-                            }
-                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    // The acknowledgement needs only the packet id.
+                    publish.payload = bytes::Bytes::new();
+                    match document {
+                        Some(mut payload) => {
+                            // One byte past the limit is enough for the
+                            // verifier to refuse it by name; no more is kept.
+                            payload.truncate(crate::trust::MAX_MESSAGE_BYTES + 1);
+                            next_token += 1;
+                            unanswered.insert(next_token, Unanswered { publish, payload });
+                            waiting.push_back(next_token);
                         }
-                    } else {
                         // Not ours to handle: acknowledge so it is not redelivered.
-                        let _ = client.try_ack(&publish);
+                        None => send(Request::Ack(publish)),
                     }
                 }
-                                _ => {}
+                _ => {}
                 },
                 Some(Polled::Lost { error, retry_in }) => {
                     let _ = connected.send(false);
-                    // Unacked messages will be redelivered by the broker.
-                    pending_acks.clear();
+                    // Unacked messages will be redelivered by the broker, on
+                    // a session whose packet ids mean something else.
+                    unanswered.clear();
+                    waiting.clear();
+                    unsaved.clear();
                     record(&ClientEvent::Disconnected { error, retry_in });
                 }
             },
         }
     }
     let _ = connected.send(false);
+    sender.abort();
     let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, b"false".to_vec());
     let _ = client.try_disconnect();
     // Let the goodbye go out, then stop polling.
@@ -303,6 +368,22 @@ pub async fn run(
     // A stopped daemon is not connected: the file must not say otherwise.
     if let Some(path) = &setup.connection_file {
         write_connection_state(path, "stopped");
+    }
+}
+
+/// Hands each request to rumqttc in order, waiting while its queue is full
+/// (the poller drains it; it never waits on this task).
+async fn send_forever(client: AsyncClient, mut requests: mpsc::UnboundedReceiver<Request>) {
+    while let Some(request) = requests.recv().await {
+        let sent = match request {
+            Request::Ack(publish) => client.ack(&publish).await,
+            Request::Publish { topic, qos, retain, payload } => {
+                client.publish(topic, qos, retain, payload).await
+            }
+        };
+        if sent.is_err() {
+            return;
+        }
     }
 }
 

@@ -11,7 +11,10 @@ mod client;
 pub mod fleet;
 mod limiter;
 
-pub use client::{read_connection_file, run, ClientEvent, ClientSetup, Inbound, Outbound, Progress};
+pub use client::{
+    read_connection_file, run, ClientEvent, ClientSetup, Inbound, Outbound, Progress, MAX_WAITING,
+    RETRY_UNSAVED,
+};
 pub use limiter::ProgressLimiter;
 
 use crate::config::{Config, Mqtt};
@@ -21,7 +24,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Update messages are at most 64 KiB; leave room for the MQTT header.
+/// What fleetd itself sends is never larger.
 pub const MAX_PACKET: usize = crate::trust::MAX_MESSAGE_BYTES + 4096;
+
+/// The largest packet fleetd reads. A larger one would make rumqttc drop
+/// the connection, and the broker would hand the same message back at every
+/// reconnect: one oversized message would cut the device off for good. So
+/// the device reads far more than a valid message (refusing the excess by
+/// name), and the broker is told to accept less than this: mosquitto's
+/// `max_packet_size` in packaging/mosquitto (AWS IoT caps messages at
+/// 128 KB of its own).
+pub const MAX_INCOMING_PACKET: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -190,7 +203,7 @@ pub fn reconnect_after_network_change() -> std::time::Duration {
 }
 
 /// Connection options for one client: persistent session, manual acks,
-/// packets large enough for a 64 KiB message, and a last will.
+/// incoming packets up to `MAX_INCOMING_PACKET`, and a last will.
 pub fn options(
     client_id: &str,
     host: &str,
@@ -204,7 +217,7 @@ pub fn options(
         .set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))))
         .set_clean_session(false)
         .set_manual_acks(true)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_PACKET)
         .set_keep_alive(std::time::Duration::from_secs(keep_alive_s.max(5)));
     if let Some((topic, payload)) = will {
         options.set_last_will(rumqttc::LastWill::new(topic, payload, rumqttc::QoS::AtLeastOnce, true));
@@ -222,7 +235,10 @@ pub(crate) fn plain_options_for_demo(
     will: Option<(String, Vec<u8>)>,
 ) -> rumqttc::MqttOptions {
     let mut options = rumqttc::MqttOptions::new(client_id, host, port);
-    options.set_clean_session(false).set_manual_acks(true).set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    options
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_PACKET);
     if let Some((topic, payload)) = will {
         options.set_last_will(rumqttc::LastWill::new(topic, payload, rumqttc::QoS::AtLeastOnce, true));
     }

@@ -203,6 +203,12 @@ impl Agent {
         &self.state
     }
 
+    /// Puts back the state as it is on disk, after a change to it could
+    /// not be saved.
+    pub fn restore(&mut self, on_disk: State) {
+        self.state = on_disk;
+    }
+
     pub fn facts(&self) -> &Facts {
         &self.facts
     }

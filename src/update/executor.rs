@@ -233,6 +233,23 @@ impl Executor {
     ) -> Result<Admission, ExecError> {
         // Whatever an earlier, failed run left behind belongs to no one now.
         self.abandon_plan();
+        // What is on disk: if this admission cannot be saved, memory goes
+        // back to it, so memory and disk never disagree.
+        let on_disk = self.agent.state().clone();
+        let admitted = self.admit_from(bytes, source, on_ack).await;
+        if admitted.is_err() {
+            self.agent.restore(on_disk);
+            self.abandon_plan();
+        }
+        admitted
+    }
+
+    async fn admit_from(
+        &mut self,
+        bytes: &[u8],
+        source: Source,
+        on_ack: impl FnOnce(),
+    ) -> Result<Admission, ExecError> {
         let now = crate::system_now();
         let actions = match self.agent.early_answer(bytes, &source, now) {
             Err(answered) => answered,
@@ -245,7 +262,6 @@ impl Executor {
                 self.agent.handle(Input::Verified { claims: Box::new(claims), source, boot }, now)
             }
         };
-        let refusing = actions.iter().any(|a| matches!(a, Action::Refuse(_)));
         let mut on_ack = Some(on_ack);
         let mut outcome = None;
         let mut actions: VecDeque<Action> = actions.into();
@@ -262,13 +278,8 @@ impl Executor {
                     self.inputs.push_back(Input::Started);
                     outcome = Some(Admission::Continued);
                 }
-                // A refusal goes out with its own reason even when recording
-                // it fails; the store's failure is logged.
-                Action::Persist if refusing => {
-                    if let Err(e) = self.persist() {
-                        self.report_step(format!("cannot record the refusal: {e}"));
-                    }
-                }
+                // Neither a job nor a refusal is acknowledged unless it is
+                // on disk: the sender delivers the message again later.
                 Action::Persist => self.persist()?,
                 Action::PhaseChanged => {
                     if let Some(job) = self.job() {

@@ -2,6 +2,15 @@
 //! size, resumes after a cut with a `Range` request from the bytes already in
 //! the slot, gives up on a stalled or too-slow transfer, and retries with
 //! exponential backoff and full jitter.
+//!
+//! Each attempt's checks (the stall timeout, the rate per window, the
+//! fruitless-attempt count) are reset by any progress, so a server that
+//! drips a few bytes a minute would pass them forever. The whole download
+//! is held to a floor as well, which nothing the server sends resets:
+//! after a grace of `give_up_after` plus one `stall_timeout`, it must have
+//! averaged `min_rate` since it began (`RateFloor`). The floor counts from
+//! the start of this process's download: only a restart of fleetd, which
+//! no server can cause, starts it again.
 
 use super::slot_writer::{SlotWriter, WriteError};
 use bytes::Bytes;
@@ -50,6 +59,10 @@ pub enum FetchError {
     Refused { status: u16, url: String },
     #[error("download-failed: {attempts} attempts without progress; last: {last}")]
     GaveUp { attempts: u32, last: String },
+    #[error(
+        "download-too-slow: {received} bytes in {elapsed_s} s, below the floor of {min_rate} bytes/s after a grace of {grace_s} s"
+    )]
+    TooSlow { received: u64, elapsed_s: u64, min_rate: u64, grace_s: u64 },
     #[error("bad-url: {0}")]
     BadUrl(String),
     /// The job's durable offset could not be saved.
@@ -66,6 +79,7 @@ impl FetchError {
             Self::Write(e) => e.name(),
             Self::Refused { .. } => "download-refused",
             Self::GaveUp { .. } => "download-failed",
+            Self::TooSlow { .. } => "download-too-slow",
             Self::BadUrl(_) => "bad-url",
             Self::Checkpoint(_) => "checkpoint",
             Self::Tls(_) => "tls-config",
@@ -105,6 +119,48 @@ pub struct FetchHooks<'a> {
     pub on_retry: &'a mut dyn FnMut(&str, Duration),
 }
 
+/// The whole download's floor: after `grace`, the bytes received since it
+/// began must average at least `min_rate` per second. Pure: time is passed in.
+#[derive(Debug, Clone, Copy)]
+pub struct RateFloor {
+    pub min_rate: u64,
+    pub grace: Duration,
+}
+
+impl RateFloor {
+    /// Bytes that must have arrived `elapsed` after the start.
+    pub fn required(&self, elapsed: Duration) -> u64 {
+        let over = elapsed.saturating_sub(self.grace);
+        let whole = self.min_rate.saturating_mul(over.as_secs());
+        whole.saturating_add(self.min_rate.saturating_mul(u64::from(over.subsec_millis())) / 1000)
+    }
+
+    pub fn check(&self, received: u64, elapsed: Duration) -> Result<(), FetchError> {
+        if received < self.required(elapsed) {
+            return Err(FetchError::TooSlow {
+                received,
+                elapsed_s: elapsed.as_secs(),
+                min_rate: self.min_rate,
+                grace_s: self.grace.as_secs(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where the whole download started: the floor's reference.
+#[derive(Clone, Copy)]
+struct Started {
+    at: Instant,
+    position: u64,
+}
+
+impl Started {
+    fn check(&self, floor: &RateFloor, position: u64) -> Result<(), FetchError> {
+        floor.check(position.saturating_sub(self.position), self.at.elapsed())
+    }
+}
+
 /// Downloads until the writer holds the whole image.
 pub async fn fetch_into(
     client: &Client,
@@ -120,20 +176,35 @@ pub async fn fetch_into(
     let mut last_checkpoint = writer.position();
     let mut changes = None;
     let mut netlink_tried = false;
+    // The first attempt gets a whole stall timeout to start, on top of the
+    // time an outage may last.
+    let floor = RateFloor { min_rate: policy.min_rate, grace: policy.give_up_after + policy.stall_timeout };
+    let started = Started { at: Instant::now(), position: writer.position() };
     loop {
         if writer.position() == writer.size() {
             return Ok(stats);
         }
         let before = writer.position();
         stats.attempts += 1;
-        let result =
-            attempt(client, &uri, writer, policy, &mut stats, &mut last_checkpoint, &mut hooks).await;
+        let result = attempt(
+            client,
+            &uri,
+            writer,
+            policy,
+            &floor,
+            &started,
+            &mut stats,
+            &mut last_checkpoint,
+            &mut hooks,
+        )
+        .await;
         match result {
             Ok(()) => return Ok(stats),
             Err(Interrupted::Permanent(e)) => return Err(e),
             Err(Interrupted::Transient(why)) => {
                 // Keep what arrived: those bytes are never fetched again.
                 writer.write_pending()?;
+                started.check(&floor, writer.position())?;
                 if writer.position() > before {
                     fruitless = 0;
                     last_progress = Instant::now();
@@ -163,11 +234,14 @@ pub fn backoff(policy: &FetchPolicy, n: u32) -> Duration {
     crate::backoff::Backoff { base: policy.backoff_base, cap: policy.backoff_cap }.delay(n)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     client: &Client,
     uri: &hyper::Uri,
     writer: &mut SlotWriter,
     policy: &FetchPolicy,
+    floor: &RateFloor,
+    started: &Started,
     stats: &mut FetchStats,
     last_checkpoint: &mut u64,
     hooks: &mut FetchHooks<'_>,
@@ -246,6 +320,7 @@ async fn attempt(
             (hooks.on_checkpoint)(durable).map_err(|e| Interrupted::Permanent(FetchError::Checkpoint(e)))?;
             *last_checkpoint = durable;
         }
+        started.check(floor, writer.position()).map_err(Interrupted::Permanent)?;
         let elapsed = window_start.elapsed();
         if elapsed >= policy.rate_window {
             if policy.min_rate > 0 && window_bytes < policy.min_rate.saturating_mul(elapsed.as_secs().max(1))
@@ -303,6 +378,36 @@ fn check_content_range(headers: &hyper::HeaderMap, from: u64, size: u64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_floor_needs_the_minimum_rate_on_average_after_the_grace() {
+        let floor = RateFloor { min_rate: 1024, grace: Duration::from_secs(300) };
+        let s = Duration::from_secs;
+        // (received, elapsed, passes)
+        let table = [
+            (0, s(0), true),
+            (0, s(300), true),
+            (0, s(301), false),
+            (1024, s(301), true),
+            // A drip of 1 byte/s, every attempt "making progress".
+            (600, s(600), false),
+            (1024 * 300, s(600), true),
+            (1024 * 300 - 1, s(600), false),
+            (512, Duration::from_millis(300_500), true),
+            (511, Duration::from_millis(300_500), false),
+        ];
+        for (received, elapsed, passes) in table {
+            let result = floor.check(received, elapsed);
+            assert_eq!(result.is_ok(), passes, "{received} bytes after {elapsed:?}: {result:?}");
+            if let Err(e) = result {
+                assert_eq!(e.name(), "download-too-slow");
+            }
+        }
+        let none = RateFloor { min_rate: 0, grace: s(0) };
+        assert!(none.check(0, s(1 << 40)).is_ok(), "no minimum rate: no floor");
+        let huge = RateFloor { min_rate: u64::MAX, grace: s(0) };
+        assert!(huge.check(u64::MAX - 1, s(u64::MAX)).is_err(), "saturates, never wraps");
+    }
 
     #[test]
     fn a_content_length_that_overflows_the_offset_is_refused_not_wrapped() {

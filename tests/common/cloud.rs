@@ -748,6 +748,7 @@ fn conf_text(ca: &Path, cert: &Path, key: &Path, acl: &Path, persist: &Path) -> 
          # private temporary directory work without changes.\n\
          user root\n\
          per_listener_settings false\n\
+         {max_packet_size}\n\
          allow_anonymous false\n\
          acl_file {acl}\n\
          persistence true\n\
@@ -767,10 +768,22 @@ fn conf_text(ca: &Path, cert: &Path, key: &Path, acl: &Path, persist: &Path) -> 
          keyfile {key}\n\
          require_certificate true\n\
          use_identity_as_username true\n",
+        max_packet_size = shipped_setting("max_packet_size"),
         acl = acl.display(),
         persist = persist.display(),
         ca = ca.display(),
         cert = cert.display(),
         key = key.display(),
     )
+}
+
+/// A setting's line as packaging/mosquitto/mosquitto.conf ships it, so the
+/// test broker enforces the same limits as a deployed one.
+pub fn shipped_setting(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/mosquitto/mosquitto.conf");
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("{} sets no {name}", path.display()))
+        .to_string()
 }

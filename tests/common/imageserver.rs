@@ -156,11 +156,16 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
             g.log.len() - 1
         };
         let mut sent = 0usize;
-        let pace = match &fault {
-            Some(Fault::Throttle(rate)) => Some(Duration::from_secs_f64(64.0 * 1024.0 / *rate as f64)),
-            _ => None,
+        // A throttled body goes out in chunks of at most a second's worth,
+        // so a slow rate is a steady drip rather than one burst and a pause.
+        let (chunk_len, pace) = match &fault {
+            Some(Fault::Throttle(rate)) => {
+                let chunk = (*rate).clamp(1, 64 * 1024);
+                (chunk as usize, Some(Duration::from_secs_f64(chunk as f64 / *rate as f64)))
+            }
+            _ => (64 * 1024, None),
         };
-        for chunk in body[..send].chunks(64 * 1024) {
+        for chunk in body[..send].chunks(chunk_len) {
             if stream.write_all(chunk).is_err() {
                 break;
             }
