@@ -204,7 +204,6 @@ pub async fn fetch_into(
             Err(Interrupted::Transient(why)) => {
                 // Keep what arrived: those bytes are never fetched again.
                 writer.write_pending()?;
-                started.check(&floor, writer.position())?;
                 if writer.position() > before {
                     fruitless = 0;
                     last_progress = Instant::now();
@@ -216,6 +215,7 @@ pub async fn fetch_into(
                 if fruitless >= policy.max_attempts && last_progress.elapsed() >= policy.give_up_after {
                     return Err(FetchError::GaveUp { attempts: fruitless, last: why });
                 }
+                started.check(&floor, writer.position())?;
                 let wait = backoff(policy, fruitless);
                 (hooks.on_retry)(&why, wait);
                 // A network change (the link back up) ends the wait at once.
