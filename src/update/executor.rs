@@ -948,6 +948,35 @@ mod tests {
         assert!(steps.contains(&"reboot-pending") && steps.contains(&"committed"), "{steps:?}");
     }
 
+    /// A save that fails (here: a directory where the temp file goes, which
+    /// even root cannot write through) admits nothing: no acknowledgement,
+    /// and memory is what is on disk, for a job and for a refusal alike.
+    /// Once the save works, the same message is accepted.
+    #[tokio::test]
+    async fn an_admission_that_cannot_be_saved_is_not_acknowledged_and_leaves_no_job() {
+        let w = World::new("timeout_s = 20");
+        let mut ex = w.executor("A", "b1", w.source());
+        ex.start().await.unwrap();
+        let before = w.stored();
+        let blocker = w.dir.path().join(format!("state/.state.json.tmp{}", std::process::id()));
+        std::fs::create_dir(&blocker).unwrap();
+        for message in [w.message(), b"{not a message".to_vec()] {
+            let acked = std::cell::Cell::new(false);
+            let err = ex.admit(&message, Source::Local, || acked.set(true)).await.unwrap_err();
+            assert_eq!(err.name(), "state-io");
+            assert!(!acked.get(), "acknowledged without a save");
+            assert!(ex.job().is_none(), "a job only in memory: {:?}", ex.job());
+            assert_eq!(ex.state(), &before, "memory and disk disagree");
+            assert_eq!(w.stored(), before);
+        }
+        std::fs::remove_dir(&blocker).unwrap();
+        let acked = std::cell::Cell::new(false);
+        let admission = ex.admit(&w.message(), Source::Local, || acked.set(true)).await.unwrap();
+        assert_eq!(admission, Admission::Accepted { jti: "jti-executor-1".into(), version: 8 });
+        assert!(acked.get());
+        assert_eq!(w.stored().job.unwrap().phase, Phase::Accepted);
+    }
+
     /// The health timer on tokio's paused clock: a command that never ends
     /// is judged when the timer fires, 20 virtual seconds later.
     #[tokio::test(start_paused = true)]
