@@ -896,6 +896,7 @@ fn a_burst_of_a_thousand_messages_loses_nothing_and_the_valid_update_runs() {
     let burst = w.g.path().join("burst.txt");
     std::fs::write(&burst, lines).unwrap();
     let (mut sub, reports) = w.subscribe("fleet/acme-gateways/devices/gw-0042/progress");
+    let started = Instant::now();
     let out =
         w.mosquitto_pub(&["-t", "fleet/acme-gateways/devices/gw-0042/update", "-q", "1", "-l"], Some(&burst));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -908,6 +909,7 @@ fn a_burst_of_a_thousand_messages_loses_nothing_and_the_valid_update_runs() {
         }
         refused_reports >= count - 1
     });
+    eprintln!("burst: {count} messages answered and reported in {:?}", started.elapsed());
     let _ = sub.kill();
     let _ = sub.wait();
     let log = w.log();
