@@ -40,7 +40,7 @@ pub struct Image {
 impl Claims {
     /// Parses claims JSON; unknown claims are ignored so later versions can add fields.
     pub fn parse(bytes: &[u8]) -> Result<Self, VerifyError> {
-        super::envelope::parse_bounded(bytes).map_err(|e| VerifyError::Malformed(format!("claims: {e}")))
+        super::envelope::parse_bounded(bytes, "claims")
     }
 
     pub fn to_json(&self) -> Vec<u8> {
