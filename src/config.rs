@@ -607,7 +607,9 @@ impl Config {
                 file: file.clone(),
                 message,
             };
-            let pem = std::fs::read_to_string(file).map_err(|e| key_error(e.to_string()))?;
+            // Capped and by type: a FIFO does not hang, /dev/zero is not read.
+            let bytes = crate::fsutil::read_public_file(file).map_err(|e| key_error(e.to_string()))?;
+            let pem = String::from_utf8(bytes).map_err(|_| key_error("not a PEM text file".into()))?;
             let key = crate::trust::PublicKey::from_pem(&pem).map_err(|e| key_error(e.to_string()))?;
             keys.push((kid.clone(), key));
         }

@@ -139,6 +139,102 @@ pub fn read_capped(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Why a file was not read, by cause: each has a stable name callers report.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// A FIFO, device, socket or directory: reading one could block forever
+    /// or never end (`/dev/zero`), so it is refused before any read.
+    #[error("not-regular-file: only a regular file is read here")]
+    NotRegular,
+    #[error("file-too-large: larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    /// A private key others may read, refused as ssh refuses one.
+    #[error("key-permissions: mode {mode:04o} lets others read this private key; `chmod 600` it")]
+    KeyPermissions { mode: u32 },
+}
+
+impl ReadError {
+    /// The stable name (`not-regular-file`, `file-too-large`, `key-permissions`, `io`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Io(_) => "io",
+            Self::NotRegular => "not-regular-file",
+            Self::TooLarge { .. } => "file-too-large",
+            Self::KeyPermissions { .. } => "key-permissions",
+        }
+    }
+}
+
+/// Opens `path` for reading without ever blocking on it: `O_NONBLOCK` makes
+/// opening a FIFO with no writer return at once (and is ignored for the
+/// regular files that are read afterwards).
+pub fn open_nonblocking(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)
+}
+
+/// Reads all of an open regular file from offset 0, at most `limit` bytes.
+/// The type is checked on the open file (`fstat`), so nothing is read from
+/// a FIFO, a device or a socket, whoever opened it; `pread` keeps the read
+/// independent of the descriptor's offset (a caller may pass one it has read).
+pub fn read_regular_capped(file: &File, limit: usize) -> Result<Vec<u8>, ReadError> {
+    use std::os::unix::fs::FileExt;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    if meta.len() > limit as u64 {
+        return Err(ReadError::TooLarge { limit });
+    }
+    // One byte more than the limit tells a file that grew after the fstat.
+    let mut buf = vec![0u8; limit + 1];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if filled > limit {
+        return Err(ReadError::TooLarge { limit });
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+/// A regular file at `path`, at most `limit` bytes, opened without blocking.
+pub fn read_file_capped(path: &Path, limit: usize) -> Result<Vec<u8>, ReadError> {
+    read_regular_capped(&open_nonblocking(path)?, limit)
+}
+
+/// The largest private key file read (a PEM key with its chain is far less).
+pub const MAX_KEY_FILE_BYTES: usize = 64 * 1024;
+
+/// A private key file, refused when others can read it, as ssh refuses
+/// one: no bit for others, and none for the group either when the file is
+/// ours (a key shared with a service's group belongs to root, 0640).
+pub fn read_private_key(path: &Path) -> Result<Vec<u8>, ReadError> {
+    use std::os::unix::fs::MetadataExt;
+    let file = open_nonblocking(path)?;
+    let meta = file.metadata()?;
+    let mode = meta.mode() & 0o7777;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let ours = meta.uid() == unsafe { libc::geteuid() };
+    let forbidden = if ours { 0o077 } else { 0o007 };
+    if meta.file_type().is_file() && mode & forbidden != 0 {
+        return Err(ReadError::KeyPermissions { mode });
+    }
+    read_regular_capped(&file, MAX_KEY_FILE_BYTES)
+}
+
+/// A public key or certificate file: capped, regular files only.
+pub fn read_public_file(path: &Path) -> Result<Vec<u8>, ReadError> {
+    read_file_capped(path, MAX_KEY_FILE_BYTES)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +284,56 @@ mod tests {
         fs::write(&path, vec![b'x'; 11]).unwrap();
         assert!(read_capped(&path, 10).is_err());
         assert_eq!(read_capped(&path, 11).unwrap().len(), 11);
+    }
+
+    #[test]
+    fn a_fifo_and_a_device_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // No writer: a blocking open or read would hang this test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((read_file_capped(&path, 10).map(|_| ()), read_private_key(&path).map(|_| ())));
+        });
+        let (plain, key) =
+            rx.recv_timeout(std::time::Duration::from_secs(5)).expect("reading a FIFO blocked");
+        assert_eq!(plain.unwrap_err().name(), "not-regular-file");
+        assert_eq!(key.unwrap_err().name(), "not-regular-file");
+        // /dev/zero never ends: refused by type, not read until memory runs out.
+        assert_eq!(read_file_capped(Path::new("/dev/zero"), 10).unwrap_err().name(), "not-regular-file");
+        assert_eq!(read_public_file(dir.path()).unwrap_err().name(), "not-regular-file", "a directory");
+    }
+
+    #[test]
+    fn a_regular_file_is_read_from_its_start_up_to_the_cap() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        fs::write(&path, b"0123456789").unwrap();
+        let mut file = File::open(&path).unwrap();
+        let mut first = [0u8; 4];
+        file.read_exact(&mut first).unwrap();
+        assert_eq!(read_regular_capped(&file, 10).unwrap(), b"0123456789", "whatever the offset");
+        assert_eq!(read_regular_capped(&file, 9).unwrap_err().name(), "file-too-large");
+    }
+
+    #[test]
+    fn private_keys_others_can_read_are_refused_like_ssh_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        fs::write(&path, b"-----BEGIN PRIVATE KEY-----\n").unwrap();
+        for (mode, ok) in [(0o600, true), (0o400, true), (0o644, false), (0o604, false), (0o640, false)] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            match read_private_key(&path) {
+                Ok(bytes) => assert!(ok, "mode {mode:o} was accepted: {} bytes", bytes.len()),
+                Err(e) => {
+                    assert!(!ok, "mode {mode:o}: {e}");
+                    assert_eq!(e.name(), "key-permissions");
+                    assert!(e.to_string().starts_with("key-permissions:"), "{e}");
+                }
+            }
+        }
     }
 }

@@ -243,3 +243,95 @@ fn iat_in_the_future_or_after_exp_is_refused_and_a_month_old_iat_is_fine() {
     let (code, out) = d.verify(&old, false);
     assert_eq!((code, out.trim()), (0, "accepted: 2026.11.1 v8"));
 }
+
+/// A command that may hang is killed after `timeout`: (exit code, output), or
+/// None when it had not ended.
+fn run_for(cmd: &mut std::process::Command, timeout: std::time::Duration) -> Option<(i32, String)> {
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    Some((out.status.code().unwrap_or(-1), stdout(&out) + &stderr(&out)))
+}
+
+/// A trust key that is a FIFO no one writes, or `/dev/zero`, is refused at
+/// once by its type: no hang, no reading until memory runs out.
+#[test]
+fn trust_key_files_that_are_not_regular_files_are_refused_at_once() {
+    let d = Device::new();
+    let msg = d.cosigned("m", &[]);
+    let key = d.keys().join("fleet.pub.pem");
+    std::fs::remove_file(&key).unwrap();
+    nix::unistd::mkfifo(&key, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let verify = || {
+        let mut cmd = fleetd();
+        cmd.arg("verify").arg("--config").arg(d.config()).arg(&msg);
+        run_for(&mut cmd, std::time::Duration::from_secs(10))
+    };
+    let (code, out) = verify().expect("fleetd verify hung on a FIFO as a trust key");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not-regular-file"), "{out}");
+    std::fs::remove_file(&key).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &key).unwrap();
+    let (code, out) = verify().expect("fleetd verify read /dev/zero");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not-regular-file"), "{out}");
+}
+
+/// Like ssh, fleetctl refuses a signing key others can read, by name.
+#[test]
+fn a_signing_key_others_can_read_is_refused() {
+    let d = Device::new();
+    std::fs::set_permissions(d.key("fleet"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(fleetctl()
+        .args(["sign", "--kid", "fleet", "--key"])
+        .arg(d.key("fleet"))
+        .args(["--project", "p", "--hardware", "h", "--device", "d", "--url", "https://h/x", "--size", "1"])
+        .args(["--sha256", &"ab".repeat(32), "--name", "n", "--version", "8"]));
+    assert!(!out.status.success(), "signed with a world-readable key");
+    assert!(stderr(&out).contains("key-permissions"), "{}", stderr(&out));
+}
+
+/// `openssl ecparam -genkey -name prime256v1 -noout` writes SEC1
+/// (`BEGIN EC PRIVATE KEY`); fleetctl signs with it as with PKCS#8.
+#[test]
+fn a_sec1_key_from_openssl_signs() {
+    let d = Device::new();
+    let key = d.keys().join("sec1.key.pem");
+    let made = std::process::Command::new("openssl")
+        .args(["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out"])
+        .arg(&key)
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        assert!(std::env::var_os("CI").is_none(), "CI has openssl");
+        eprintln!("SKIP: no openssl");
+        return;
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(std::fs::read_to_string(&key).unwrap().contains("BEGIN EC PRIVATE KEY"));
+    ok(std::process::Command::new("openssl")
+        .args(["ec", "-pubout", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(d.keys().join("fleet.pub.pem")));
+    let one = d.path().join("sec1-signed.json");
+    ok(fleetctl()
+        .args(["sign", "--kid", "fleet", "--key"])
+        .arg(&key)
+        .args(["--project", "acme-gateways", "--hardware", "rpi4-gw", "--device", "gw-0042"])
+        .args(["--url", "https://updates.example.com/x.img", "--size", "1048576"])
+        .args(["--sha256", "c7be90c1253943c94f256c17c430305e300d117d8a70adaf749bf2488913b184"])
+        .args(["--name", "sec1", "--version", "8", "--out"])
+        .arg(&one));
+    let both = d.cosign(&one, "cosigner", "cosigner");
+    let (code, out) = d.verify(&both, false);
+    assert_eq!((code, out.trim()), (0, "accepted: sec1 v8"));
+}

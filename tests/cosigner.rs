@@ -321,3 +321,63 @@ fn raw_post(url: &str, body: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// A version that ends every later update (2^64 - 1), or one beyond what
+/// JSON tools represent exactly, is not signed; nor is an image URL
+/// without a host, which a device would accept and then fail to fetch
+/// after spending the message's jti.
+#[test]
+fn versions_past_the_bound_and_urls_without_a_host_are_not_signed() {
+    let d = Device::new();
+    let c = start_cosigner(&d, 600, 20);
+    register(&d, &c, "fs1");
+    for version in [u64::MAX.to_string(), (1u64 << 53).to_string()] {
+        let msg = d.sign(
+            &format!("v{version}"),
+            "fs1",
+            "server:fs1",
+            &["--valid-for", "3600", "--version", &version],
+        );
+        let err = request(&c, &msg).unwrap_err();
+        assert!(err.contains("(422)") && err.contains("version-out-of-range"), "{version}: {err}");
+    }
+    let msg = d.sign("nohost", "fs1", "server:fs1", &["--valid-for", "3600", "--url", "https://:443/x"]);
+    let err = request(&c, &msg).unwrap_err();
+    assert!(err.contains("(422)") && err.contains("url-scheme-rejected"), "{err}");
+    assert!(audit_lines(&c).is_empty(), "nothing was signed");
+    let largest = ((1u64 << 53) - 1).to_string();
+    let fine = d.sign("largest", "fs1", "server:fs1", &["--valid-for", "3600", "--version", &largest]);
+    request(&c, &fine).expect("the largest version allowed is signed");
+}
+
+/// Like ssh: a private key others can read is refused, by name, at start.
+#[test]
+fn the_service_refuses_a_key_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Device::new();
+    std::fs::set_permissions(d.key("cosigner"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = d.path().join("cosigner.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nkey = \"keys/cosigner.key.pem\"\nstate_dir = \"cosigner-state\"\nprojects = [\"acme-gateways\"]\n",
+    )
+    .unwrap();
+    let mut child = fleetctl()
+        .args(["cosigner", "serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the co-signer started with a world-readable key");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("key-permissions"), "{}", stderr(&out));
+}

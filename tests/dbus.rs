@@ -408,3 +408,245 @@ fn the_shipped_policy_lets_only_root_and_the_group_in() {
     assert_eq!(text.trim(), "s \"slot A marked good\"");
     drop(daemon);
 }
+
+/// A bus listener run as another user: `dbus-monitor` with a plain match
+/// rule on the daemon's object (no eavesdropping: what any user may ask
+/// for), its output in a file.
+struct Listener {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Listener {
+    fn start(address: &str, groups: &str, out: std::path::PathBuf) -> Listener {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534"]);
+        match groups {
+            "" => cmd.arg("--clear-groups"),
+            list => cmd.arg(format!("--groups={list}")),
+        };
+        let file = std::fs::File::create(&out).unwrap();
+        let child = cmd
+            .args(["stdbuf", "-oL", "dbus-monitor", "--address", address])
+            .arg(format!("type='signal',path='{PATH}'"))
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Listener { child, out }
+    }
+
+    fn seen(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 17, item 7. On the shipped policy: a member of `fleetd` cannot make
+/// the daemon read a file it cannot read itself (Install(s) is root's; the
+/// member passes an open file with InstallFd); a FIFO is refused without
+/// blocking; no refusal quotes what a file holds; and a user outside the
+/// group receives none of the daemon's signals.
+#[test]
+fn install_reads_only_what_the_caller_can_and_outsiders_see_nothing() {
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/dbus/org.fleetd.Daemon1.conf");
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    const GID: u32 = 64_990;
+    let Some(bus) = common::dbus::PrivateBus::system_like(dir.path(), &policy, "fleetd", GID) else {
+        assert!(
+            std::env::var_os("CI").is_none() || !is_root(),
+            "CI must run the policy test (root, dbus-daemon)"
+        );
+        eprintln!("SKIP: the policy test needs root (other users, a mount namespace) and dbus-daemon");
+        return;
+    };
+    let g = device();
+    let log = g.path().join("fleetd.log");
+    let daemon =
+        Daemon::start(&g.dev.config(), None, &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_str())], &log);
+    let member = GID.to_string();
+    let as_nobody = |groups: &str| {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534"]);
+        match groups {
+            "" => cmd.arg("--clear-groups"),
+            list => cmd.arg(format!("--groups={list}")),
+        };
+        cmd
+    };
+    // busctl as uid 65534, in the group or not.
+    let busctl = |groups: &str, args: &[&str]| {
+        let mut cmd = as_nobody(groups);
+        let out = cmd.arg("busctl").arg(format!("--address={}", bus.address)).args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", stdout(&out), stderr(&out)))
+    };
+    // InstallFd as uid 65534 in the group: this test binary again, running
+    // `install_fd_as_the_caller`, which opens `file` as that user.
+    let install_fd = |file: &Path| {
+        let mut cmd = as_nobody(&member);
+        cmd.arg(std::env::current_exe().unwrap())
+            .args(["--exact", "install_fd_as_the_caller", "--nocapture", "--test-threads=1"])
+            .env("FLEETD_TEST_BUS", &bus.address)
+            .env("FLEETD_TEST_MESSAGE", file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("InstallFd did not return (a daemon thread blocked?):\n{}", daemon.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = stdout(&out);
+        // The harness may print its test line first, on the same line.
+        let answer = text.lines().find_map(|l| l.split_once("answer: ").map(|(_, a)| a.to_string()));
+        answer.unwrap_or_else(|| panic!("no answer from the helper:\n{text}\n{}", stderr(&out)))
+    };
+    let get = ["get-property", NAME, PATH, NAME, "LastError"];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !busctl(&member, &get).0 {
+        assert!(Instant::now() < deadline, "the daemon never answered:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let inside = Listener::start(&bus.address, &member, dir.path().join("member-signals.txt"));
+    let outside = Listener::start(&bus.address, "", dir.path().join("outsider-signals.txt"));
+    // Both listen: a marker signal on the same path from another sender
+    // (root's busctl) reaches each; until it does, it is sent again.
+    let emit = |n: u32| {
+        let out = std::process::Command::new("busctl")
+            .arg(format!("--address={}", bus.address))
+            .args(["emit", PATH, "org.fleetd.Test", "Marker", "u"])
+            .arg(n.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "busctl emit: {}", stderr(&out));
+    };
+    let both_heard = |n: u32| [&inside, &outside].iter().all(|l| l.seen().contains(&format!("uint32 {n}")));
+    let mut marker = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while marker == 0 || !both_heard(marker) {
+        assert!(Instant::now() < deadline, "a listener never heard:\n{}\n{}", inside.seen(), outside.seen());
+        marker += 1;
+        emit(marker);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A file only root may read: the member must not get the daemon to read it.
+    const SECRET: &str = "TOPSECRET-api-token-9f8e7d";
+    let root_only = dir.path().join("root-only.json");
+    std::fs::write(&root_only, format!("{{\"payload\": \"x\", \"signatures\": \"{SECRET}\"}}")).unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = root_only.to_str().unwrap();
+    let (ok, text) = busctl(&member, &["call", NAME, PATH, NAME, "Install", "s", path]);
+    assert!(!ok, "a member made the daemon install from a root-only file: {text}");
+    assert!(!text.contains(SECRET), "the refusal quotes root's file: {text}");
+    assert!(text.contains("access-denied"), "{text}");
+    // A file that is not a message, which the member may read: refused,
+    // and nothing of it in the answer, the signals or LastError.
+    let readable = dir.path().join("readable.json");
+    std::fs::write(&readable, format!("{{\"payload\": 7, \"api_token\": \"{SECRET}\"}}")).unwrap();
+    std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = install_fd(&readable);
+    assert!(text.starts_with("org.fleetd.Daemon1.Error.Refused: malformed:"), "{text}");
+    assert!(!text.contains(SECRET), "{text}");
+    // A FIFO nobody writes is refused at once; again and again, so no
+    // daemon thread is left parked on it.
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for _ in 0..4 {
+        let text = install_fd(&fifo);
+        assert!(text.starts_with("org.fleetd.Daemon1.Error.Refused: not-regular-file:"), "{text}");
+    }
+    // /dev/zero: refused by its type, not read.
+    let text = install_fd(Path::new("/dev/zero"));
+    assert!(text.starts_with("org.fleetd.Daemon1.Error.Refused: not-regular-file:"), "{text}");
+    let (ok, last_error) = busctl(&member, &get);
+    assert!(ok && !last_error.contains(SECRET), "{last_error}");
+
+    // A real update, passed by the member as an open file, is installed.
+    let server = common::imageserver::ImageServer::start();
+    let image = image_bytes(1 << 20, 2);
+    let file = g.path().join("v2.img");
+    std::fs::write(&file, &image).unwrap();
+    let v2 = g.message("v2", &server.add("/v2.img", image), &file, 1000);
+    let shared = dir.path().join("v2.json");
+    std::fs::copy(&v2, &shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = install_fd(&shared);
+    assert!(text.starts_with("ok: accepted update"), "{text}\n{}", daemon.log());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !inside.seen().contains("reboot-pending") {
+        assert!(Instant::now() < deadline, "the member saw no reboot-pending:\n{}", inside.seen());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The member saw the refusals and the install; the outsider nothing
+    // of the daemon's, though it still hears others on the same path.
+    emit(marker + 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !both_heard(marker + 1) {
+        assert!(Instant::now() < deadline, "a listener stopped:\n{}\n{}", inside.seen(), outside.seen());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let member_saw = inside.seen();
+    assert!(member_saw.contains("member=Completed"), "{member_saw}");
+    assert!(member_saw.contains("member=PropertiesChanged"), "{member_saw}");
+    assert!(!member_saw.contains(SECRET), "{member_saw}");
+    let outsider_saw = outside.seen();
+    assert!(
+        !outsider_saw.contains("member=Completed") && !outsider_saw.contains("member=PropertiesChanged"),
+        "a user outside the group received the daemon's signals:\n{outsider_saw}"
+    );
+    drop(daemon);
+}
+
+/// Not a test on its own: `install_reads_only_what_the_caller_can_and_outsiders_see_nothing`
+/// runs this binary again as another user to call `InstallFd` with a file
+/// that user opened (busctl cannot pass a descriptor). Prints `answer: ok:
+/// <reply>` or `answer: <error name>: <text>`.
+#[test]
+fn install_fd_as_the_caller() {
+    let (Some(address), Some(file)) =
+        (std::env::var_os("FLEETD_TEST_BUS"), std::env::var_os("FLEETD_TEST_MESSAGE"))
+    else {
+        return;
+    };
+    // O_NONBLOCK: a FIFO opens without a writer.
+    let file = fleetd::fsutil::open_nonblocking(Path::new(&file)).expect("the caller opens the file");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let answer = rt.block_on(async {
+        let conn =
+            zbus::connection::Builder::address(address.to_str().unwrap()).unwrap().build().await.unwrap();
+        let proxy: zbus::Proxy<'_> = zbus::proxy::Builder::new(&conn)
+            .destination(NAME)
+            .unwrap()
+            .path(PATH)
+            .unwrap()
+            .interface(NAME)
+            .unwrap()
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .unwrap();
+        let fd = zbus::zvariant::Fd::from(std::os::fd::AsFd::as_fd(&file));
+        match proxy.call::<_, _, String>("InstallFd", &(fd,)).await {
+            Ok(reply) => format!("ok: {reply}"),
+            Err(zbus::Error::MethodError(name, text, _)) => format!("{name}: {}", text.unwrap_or_default()),
+            Err(other) => format!("error: {other}"),
+        }
+    });
+    println!("answer: {answer}");
+}

@@ -45,6 +45,16 @@ impl ClientError {
     }
 }
 
+/// An update message as the CLI hands it over.
+#[derive(Debug)]
+pub enum Message {
+    /// A regular file the caller opened: the daemon reads it through the
+    /// descriptor (`InstallFd`), so it sees only what the caller may read.
+    File(std::fs::File),
+    /// The bytes themselves (stdin, a pipe): `InstallMessage`.
+    Bytes(Vec<u8>),
+}
+
 /// The daemon on the bus.
 #[derive(Clone)]
 pub struct Daemon {
@@ -98,7 +108,7 @@ impl Daemon {
     /// `Completed`; `on_progress` gets each (percent, step) on the way.
     pub async fn install(
         &self,
-        message: Vec<u8>,
+        message: Message,
         mut on_progress: impl FnMut(i32, &str),
     ) -> Result<(i32, String), ClientError> {
         // Subscribed before the call: nothing the daemon emits is missed.
@@ -112,8 +122,14 @@ impl Daemon {
         let mut changes = properties.receive_properties_changed().await?;
         let dbus = zbus::fdo::DBusProxy::new(&self.conn).await?;
         let mut owner_changes = dbus.receive_name_owner_changed_with_args(&[(0, NAME)]).await?;
-        let accepted: String =
-            self.proxy.call("InstallMessage", &(message,)).await.map_err(ClientError::from_call)?;
+        let accepted: String = match message {
+            Message::File(file) => {
+                let fd = zbus::zvariant::Fd::from(std::os::fd::AsFd::as_fd(&file));
+                self.proxy.call("InstallFd", &(fd,)).await
+            }
+            Message::Bytes(bytes) => self.proxy.call("InstallMessage", &(bytes,)).await,
+        }
+        .map_err(ClientError::from_call)?;
         on_progress(0, &accepted);
         loop {
             tokio::select! {

@@ -31,6 +31,8 @@ pub enum BusError {
     NoJob(String),
     NotReady(String),
     NotConnected(String),
+    /// The caller may not do this (only root may name a path to read).
+    AccessDenied(String),
     Failed(String),
 }
 
@@ -46,6 +48,12 @@ impl From<CommandError> for BusError {
     }
 }
 
+/// How long reading a message passed by descriptor may take: a regular
+/// file on a FUSE or network filesystem the caller controls could stall.
+const MESSAGE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages read at once; a caller stalling reads holds at most these threads.
+const MESSAGE_READS_AT_ONCE: usize = 2;
+
 /// The worker's end, once it runs (after provisioning).
 #[derive(Clone)]
 struct Worker {
@@ -59,6 +67,8 @@ struct Shared {
     worker: Arc<Mutex<Option<Worker>>>,
     /// The event task's inbox (refused calls complete through it too).
     events: Arc<Mutex<Option<mpsc::UnboundedSender<Event>>>>,
+    /// Permits for reading a message from a file (see MESSAGE_READS_AT_ONCE).
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,7 +77,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn new(model: Model) -> Self {
-        Self { model: Arc::new(Mutex::new(model)), worker: Arc::default(), events: Arc::default() }
+        Self {
+            model: Arc::new(Mutex::new(model)),
+            worker: Arc::default(),
+            events: Arc::default(),
+            reads: Arc::new(tokio::sync::Semaphore::new(MESSAGE_READS_AT_ONCE)),
+        }
     }
 
     fn read<T>(&self, f: impl FnOnce(&Model) -> T) -> T {
@@ -189,7 +204,8 @@ impl Daemon1 {
             | BusError::Refused(t)
             | BusError::NoJob(t)
             | BusError::NotReady(t)
-            | BusError::NotConnected(t) => (model::RESULT_REFUSED, t.clone()),
+            | BusError::NotConnected(t)
+            | BusError::AccessDenied(t) => (model::RESULT_REFUSED, t.clone()),
             BusError::ZBus(e) => (model::RESULT_FAILED, e.to_string()),
         };
         if let Some(events) = lock(&self.shared.events).as_ref() {
@@ -249,15 +265,46 @@ impl Daemon1 {
             .map_err(|_| BusError::Failed("stopping: the daemon is shutting down".into()))
     }
 
-    /// Installs the update message in a file, like `rauc install`. The
-    /// daemon reads it: under the shipped unit its /tmp is private, so a
-    /// file in the caller's /tmp is not seen (`InstallMessage` takes the bytes).
-    async fn install(&self, message_path: String) -> Result<(), BusError> {
-        let message = match read_message(&message_path).await {
+    /// Installs the update message in a file, like `rauc install`: root
+    /// only. The daemon opens the path as root, so for anyone else it would
+    /// read files the caller cannot (`InstallFd` reads what the caller
+    /// opened). Under the shipped unit its /tmp is private, so a file in the
+    /// caller's /tmp is not seen.
+    async fn install(
+        &self,
+        message_path: String,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<(), BusError> {
+        let read = async {
+            caller_is_root(&header, conn).await?;
+            let path = std::path::PathBuf::from(message_path);
+            if !path.is_absolute() {
+                return Err(BusError::Refused("message-path: the path is not absolute".into()));
+            }
+            let file = crate::fsutil::open_nonblocking(&path)
+                .map_err(|e| BusError::Refused(format!("message-unreadable: {}: {e}", path.display())))?;
+            self.read_message(file).await
+        };
+        let message = match read.await {
             Ok(m) => m,
             Err(e) => return Err(self.refused(e)),
         };
         self.install_message(message).await.map(|_| ())
+    }
+
+    /// Installs the update message in the file the caller opened and
+    /// passes (`h`, like RAUC's bundle by descriptor): the daemon reads only
+    /// what the caller could read. A regular file only, from its start, at
+    /// most the message size limit; returns what became of it, as
+    /// `InstallMessage` does.
+    async fn install_fd(&self, message: zbus::zvariant::OwnedFd) -> Result<String, BusError> {
+        let file = std::fs::File::from(std::os::fd::OwnedFd::from(message));
+        let message = match self.read_message(file).await {
+            Ok(m) => m,
+            Err(e) => return Err(self.refused(e)),
+        };
+        self.install_message(message).await
     }
 
     /// Installs the update message given (what `fleetd install` sends);
@@ -318,17 +365,59 @@ impl Daemon1 {
     }
 }
 
-async fn read_message(path: &str) -> Result<Vec<u8>, BusError> {
-    let path = std::path::PathBuf::from(path);
-    if !path.is_absolute() {
-        return Err(BusError::Refused(format!("message-path: {} is not an absolute path", path.display())));
+/// Refuses a caller that is not root (asked of the bus, which knows the
+/// peer's uid from the socket, not from anything the caller says).
+async fn caller_is_root(header: &zbus::message::Header<'_>, conn: &zbus::Connection) -> Result<(), BusError> {
+    let denied = || {
+        BusError::AccessDenied(
+            "access-denied: Install reads a path as root and serves root only; pass the open file with InstallFd"
+                .into(),
+        )
+    };
+    let sender = header.sender().ok_or_else(denied)?;
+    let dbus = zbus::fdo::DBusProxy::new(conn).await.map_err(BusError::ZBus)?;
+    let uid = dbus
+        .get_connection_unix_user(zbus::names::BusName::Unique(sender.to_owned()))
+        .await
+        .map_err(|e| BusError::ZBus(e.into()))?;
+    if uid == 0 {
+        Ok(())
+    } else {
+        Err(denied())
     }
-    tokio::task::spawn_blocking(move || {
-        crate::fsutil::read_prefix(&path, crate::trust::MAX_MESSAGE_BYTES + 1)
-            .map_err(|e| BusError::Refused(format!("message-unreadable: {}: {e}", path.display())))
-    })
-    .await
-    .map_err(|e| BusError::Failed(e.to_string()))?
+}
+
+impl Daemon1 {
+    /// Reads a message from an open file without ever parking a thread
+    /// for good: regular files only (a FIFO, device or socket is refused
+    /// before any read), capped, within MESSAGE_READ_TIMEOUT, at most
+    /// MESSAGE_READS_AT_ONCE at a time. The refusal never quotes content.
+    async fn read_message(&self, file: std::fs::File) -> Result<Vec<u8>, BusError> {
+        use crate::fsutil::ReadError;
+        let permit = self
+            .shared
+            .reads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| BusError::Busy("busy: other messages are being read; try again".into()))?;
+        let limit = crate::trust::MAX_MESSAGE_BYTES;
+        let read = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            crate::fsutil::read_regular_capped(&file, limit)
+        });
+        match tokio::time::timeout(MESSAGE_READ_TIMEOUT, read).await {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(ReadError::TooLarge { limit }))) => {
+                Err(BusError::Refused(crate::trust::VerifyError::TooLarge { limit }.to_string()))
+            }
+            Ok(Ok(Err(e @ ReadError::NotRegular))) => Err(BusError::Refused(e.to_string())),
+            Ok(Ok(Err(e))) => Err(BusError::Refused(format!("message-unreadable: {e}"))),
+            Ok(Err(e)) => Err(BusError::Failed(e.to_string())),
+            Err(_) => Err(BusError::Refused(format!(
+                "message-unreadable: reading took longer than {MESSAGE_READ_TIMEOUT:?}"
+            ))),
+        }
+    }
 }
 
 /// The result codes of `Completed`, for clients.

@@ -92,6 +92,7 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
         peer_rate_limit_burst: 20,
         // The demo's image server is plain HTTP on loopback.
         allow_http: true,
+        max_version: crate::cosigner::DEFAULT_MAX_VERSION,
     };
     let mut registry = Registry::default();
     registry.register("fs1", &load_public_key(&keys.join("fs1.pub.pem"))?, crate::system_now(), false)?;

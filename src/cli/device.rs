@@ -2,7 +2,7 @@
 
 use super::{runtime, CliError};
 use crate::boot;
-use crate::bus::client::{ClientError, Daemon};
+use crate::bus::client::{ClientError, Daemon, Message};
 use crate::config::{self, Config};
 use crate::update::StateStore as Store;
 use crate::update::{Admission, Executor, Phase, Refusal, Report, Source};
@@ -91,11 +91,23 @@ where
 pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> ExitCode {
     let result = (|| -> Result<ExitCode, CliError> {
         let config = load_config(config_flag)?;
-        let input = crate::fsutil::read_prefix(file, crate::trust::MAX_MESSAGE_BYTES + 1)
-            .map_err(super::file_error(file))?;
-        if let Some(done) = install_via_daemon(&config, no_reboot, &input) {
-            return done;
-        }
+        let message = open_message(file)?;
+        let message = match install_via_daemon(&config, no_reboot, message) {
+            Ok(done) => return done,
+            Err(no_daemon) => no_daemon,
+        };
+        let input = match message {
+            Message::Bytes(bytes) => bytes,
+            Message::File(file_handle) => {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(&file_handle, crate::trust::MAX_MESSAGE_BYTES as u64 + 1),
+                    &mut bytes,
+                )
+                .map_err(super::file_error(file))?;
+                bytes
+            }
+        };
         let mut executor = open_executor(config)?;
         executor.no_reboot = no_reboot;
         executor.on_report(reporter());
@@ -124,52 +136,81 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
     })
 }
 
+/// The message to install: a regular file stays open (the daemon reads it
+/// through the descriptor); stdin or a pipe is read here, capped.
+fn open_message(file: &Path) -> Result<Message, CliError> {
+    let limit = crate::trust::MAX_MESSAGE_BYTES + 1;
+    if file == Path::new("-") {
+        return Ok(Message::Bytes(crate::fsutil::read_prefix(file, limit).map_err(super::file_error(file))?));
+    }
+    let opened = std::fs::File::open(file).map_err(super::file_error(file))?;
+    if opened.metadata().map_err(super::file_error(file))?.file_type().is_file() {
+        return Ok(Message::File(opened));
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(opened, limit as u64), &mut bytes)
+        .map_err(super::file_error(file))?;
+    Ok(Message::Bytes(bytes))
+}
+
 /// A running daemon takes the job (it holds the state lock); this follows
-/// its progress to `Completed`.
+/// its progress to `Completed`. `Err` gives the message back when no daemon
+/// runs.
 fn install_via_daemon(
     config: &Config,
     no_reboot: bool,
-    message: &[u8],
-) -> Option<Result<ExitCode, CliError>> {
-    let message = message.to_vec();
+    message: Message,
+) -> Result<Result<ExitCode, CliError>, Message> {
+    let mut unsent = Some(message);
     let tty = std::io::stderr().is_terminal();
-    via_daemon(config, |daemon| async move {
-        if no_reboot {
-            return Err(ClientError::Refused(
+    let answer = via_daemon(config, |daemon| {
+        let message = unsent.take();
+        async move {
+            // Taken once: the call is made at most once.
+            let message = message.ok_or(ClientError::Gone)?;
+            if no_reboot {
+                return Err(ClientError::Refused(
                 "no-reboot: the running daemon decides reboots ([update] reboot); stop it to use --no-reboot"
                     .into(),
             ));
+            }
+            eprintln!("the daemon takes the update (D-Bus)");
+            let mut last = (-1, String::new());
+            let (result, detail) = daemon
+                .install(message, |percent, step| {
+                    if (percent, step) == (last.0, last.1.as_str()) {
+                        return;
+                    }
+                    if tty {
+                        eprint!("\r\x1b[2K{percent:>3}% {step}");
+                    } else if step != last.1 || percent / 10 != last.0 / 10 {
+                        eprintln!("{percent:>3}% {step}");
+                    }
+                    last = (percent, step.to_string());
+                })
+                .await?;
+            if tty {
+                eprintln!();
+            }
+            Ok((result, detail))
         }
-        eprintln!("the daemon takes the update (D-Bus)");
-        let mut last = (-1, String::new());
-        let (result, detail) = daemon
-            .install(message, |percent, step| {
-                if (percent, step) == (last.0, last.1.as_str()) {
-                    return;
-                }
-                if tty {
-                    eprint!("\r\x1b[2K{percent:>3}% {step}");
-                } else if step != last.1 || percent / 10 != last.0 / 10 {
-                    eprintln!("{percent:>3}% {step}");
-                }
-                last = (percent, step.to_string());
-            })
-            .await?;
-        if tty {
-            eprintln!();
-        }
-        Ok((result, detail))
-    })
-    .map(|answer| {
-        let (result, detail) = answer?;
+    });
+    let Some(answer) = answer else {
+        // No daemon: the call never ran, so the message comes back unsent.
+        return match unsent {
+            Some(message) => Err(message),
+            None => Ok(Err(ClientError::Gone.into())),
+        };
+    };
+    Ok(answer.map(|(result, detail)| {
         if result == crate::bus::model::RESULT_OK {
             eprintln!("done: {detail}");
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         } else {
             eprintln!("failed: {detail}");
-            Ok(ExitCode::from(1))
+            ExitCode::from(1)
         }
-    })
+    }))
 }
 
 pub fn mark(config_flag: Option<&Path>, good: bool) -> ExitCode {

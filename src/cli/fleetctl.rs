@@ -245,14 +245,22 @@ pub fn keygen(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), CliError> {
     Ok((key_path, pub_path))
 }
 
+/// A private key file: refused when others may read it (as ssh does), PKCS#8 or SEC1.
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, CliError> {
-    let pem = std::fs::read_to_string(path).map_err(file_error(path))?;
+    let pem = read_key_text(path, fsutil::read_private_key(path))?;
     SigningKey::from_pem(&pem).map_err(|source| CliError::Key { path: path.to_path_buf(), source })
 }
 
 pub fn load_public_key(path: &Path) -> Result<PublicKey, CliError> {
-    let pem = std::fs::read_to_string(path).map_err(file_error(path))?;
+    let pem = read_key_text(path, fsutil::read_public_file(path))?;
     PublicKey::from_pem(&pem).map_err(|source| CliError::Key { path: path.to_path_buf(), source })
+}
+
+/// The text of a key file read by one of `fsutil`'s capped readers.
+pub fn read_key_text(path: &Path, read: Result<Vec<u8>, fsutil::ReadError>) -> Result<String, CliError> {
+    let bytes = read.map_err(|source| CliError::KeyFile { path: path.to_path_buf(), source })?;
+    String::from_utf8(bytes)
+        .map_err(|_| CliError::Key { path: path.to_path_buf(), source: trust::KeyError::BadBase64 })
 }
 
 /// Size and lowercase-hex SHA-256 of a file, streamed.

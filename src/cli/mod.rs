@@ -27,6 +27,9 @@ pub enum CliError {
     /// A key file is not a usable ES256 key.
     #[error("{path}: {source}")]
     Key { path: PathBuf, source: trust::KeyError },
+    /// A key file was refused before parsing (`key-permissions`, not a regular file, too large).
+    #[error("{path}: {source}")]
+    KeyFile { path: PathBuf, source: crate::fsutil::ReadError },
     /// A message file that does not parse.
     #[error("{path}: {source}")]
     Message { path: PathBuf, source: VerifyError },

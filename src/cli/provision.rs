@@ -194,7 +194,8 @@ async fn provision(args: &ProvisionArgs) -> Result<(), CliError> {
     let (cert_pem, key_pem) = match (&args.ca_cert, &args.ca_key, &args.csr_out, &args.cert, &args.key) {
         (Some(ca_cert), Some(ca_key), _, _, _) => {
             let csr = fetch_csr(&portal).await?;
-            (sign_csr(&csr, &device, &read(ca_cert)?, &read(ca_key)?, args.days)?, None)
+            let ca_key = super::fleetctl::read_key_text(ca_key, crate::fsutil::read_private_key(ca_key))?;
+            (sign_csr(&csr, &device, &read(ca_cert)?, &ca_key, args.days)?, None)
         }
         (_, _, Some(out), _, _) => {
             let csr = fetch_csr(&portal).await?;
@@ -205,7 +206,11 @@ async fn provision(args: &ProvisionArgs) -> Result<(), CliError> {
             );
             return Ok(());
         }
-        (_, _, _, Some(cert), key) => (read(cert)?, key.as_deref().map(read).transpose()?),
+        (_, _, _, Some(cert), key) => {
+            let key =
+                key.as_deref().map(|k| super::fleetctl::read_key_text(k, crate::fsutil::read_private_key(k)));
+            (read(cert)?, key.transpose()?)
+        }
         _ => unreachable!("checked above"),
     };
     let mut body = serde_json::json!({
@@ -277,7 +282,10 @@ async fn fetch_csr(portal: &Portal) -> Result<String, CliError> {
 /// a day ago (a device's clock may lag) for `days`.
 fn sign_csr(csr_pem: &str, device: &str, ca_cert: &str, ca_key: &str, days: u32) -> Result<String, CliError> {
     let signing = |e: rcgen::Error| CliError::Portal(format!("signing the CSR: {e}"));
-    let key = rcgen::KeyPair::from_pem(ca_key).map_err(signing)?;
+    // rcgen reads PKCS#8; `openssl ecparam -genkey` writes SEC1.
+    let ca_key = crate::trust::keys::private_key_pem_as_pkcs8(ca_key)
+        .map_err(|e| CliError::Portal(format!("the CA key: {e}")))?;
+    let key = rcgen::KeyPair::from_pem(&ca_key).map_err(signing)?;
     let issuer = rcgen::Issuer::from_ca_cert_pem(ca_cert, key).map_err(signing)?;
     let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(signing)?;
     // The CA signs only a certificate for the device it is talking to.
@@ -297,4 +305,44 @@ fn sign_csr(csr_pem: &str, device: &str, ca_cert: &str, ca_key: &str, days: u32)
 
 fn read(path: &Path) -> Result<String, CliError> {
     std::fs::read_to_string(path).map_err(file_error(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CA key as `openssl ecparam -genkey -name prime256v1 -noout`
+    /// writes it (SEC1, `BEGIN EC PRIVATE KEY`) signs the device's CSR.
+    #[test]
+    fn a_sec1_ca_key_from_openssl_signs_the_csr() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("ca.key");
+        let cert = dir.path().join("ca.pem");
+        let made = std::process::Command::new("openssl")
+            .args(["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out"])
+            .arg(&key)
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new("openssl")
+                .args(["req", "-x509", "-new", "-subj", "/CN=fleet CA", "-days", "2", "-key"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !made {
+            assert!(std::env::var_os("CI").is_none(), "CI has openssl");
+            eprintln!("SKIP: no openssl");
+            return;
+        }
+        let ca_key = std::fs::read_to_string(&key).unwrap();
+        assert!(ca_key.contains("BEGIN EC PRIVATE KEY"), "{ca_key}");
+        let device_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "gw-0042");
+        let csr = params.serialize_request(&device_key).unwrap().pem().unwrap();
+        let signed = sign_csr(&csr, "gw-0042", &std::fs::read_to_string(&cert).unwrap(), &ca_key, 30);
+        let pem = signed.expect("a SEC1 CA key signs");
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    }
 }

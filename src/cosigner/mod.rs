@@ -25,6 +25,9 @@ pub enum CosignerError {
     Corrupt { path: PathBuf, message: String },
     #[error("{path}: {source}")]
     Key { path: PathBuf, source: crate::trust::KeyError },
+    /// The key file is unsafe or unreadable (`key-permissions`, not a regular file, ...).
+    #[error("{path}: {source}")]
+    KeyFile { path: PathBuf, source: crate::fsutil::ReadError },
     #[error("server id {0:?} must be 1-128 characters of [A-Za-z0-9_-]")]
     BadServerId(String),
     #[error("server-revoked: {id:?} was revoked at {at}; pass --reinstate to register it again")]
@@ -44,7 +47,8 @@ pub struct CosignerConfig {
     /// The kid devices know this service's key by.
     #[serde(default = "default_kid")]
     pub kid: String,
-    /// The co-signer's private key (PKCS#8 PEM, 0600).
+    /// The co-signer's private key (PKCS#8 or SEC1 PEM, 0600: refused when
+    /// others may read it).
     pub key: PathBuf,
     /// Holds `registry.json` and `audit.jsonl`.
     pub state_dir: PathBuf,
@@ -68,8 +72,20 @@ pub struct CosignerConfig {
     /// Image URLs over plain http (the devices' `trust.allow_http`).
     #[serde(default)]
     pub allow_http: bool,
+    /// The largest `version` signed. A version is installed once and every
+    /// later one must exceed it, so a huge one (2^64 - 1) would end every
+    /// update of the devices that took it. The default, 2^53 - 1, is also
+    /// the largest integer JSON tools keep exactly.
+    #[serde(default = "default_max_version")]
+    pub max_version: u64,
 }
 
+/// 2^53 - 1 (JavaScript's `Number.MAX_SAFE_INTEGER`).
+pub const DEFAULT_MAX_VERSION: u64 = (1 << 53) - 1;
+
+fn default_max_version() -> u64 {
+    DEFAULT_MAX_VERSION
+}
 fn default_listen() -> String {
     "127.0.0.1:8700".into()
 }

@@ -25,6 +25,8 @@ pub enum CosignError {
     ProjectRefused(String),
     #[error("rate-limited: too many requests from {0:?}")]
     RateLimited(String),
+    #[error("version-out-of-range: version {version} is above this co-signer's max_version {max}")]
+    VersionOutOfRange { version: u64, max: u64 },
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -37,6 +39,7 @@ impl CosignError {
             Self::ServerRevoked(_) => "server-revoked",
             Self::ProjectRefused(_) => "project-refused",
             Self::RateLimited(_) => "rate-limited",
+            Self::VersionOutOfRange { .. } => "version-out-of-range",
             Self::Internal(_) => "internal",
         }
     }
@@ -58,6 +61,7 @@ impl CosignError {
                 StatusCode::FORBIDDEN
             }
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::VersionOutOfRange { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,8 +86,12 @@ pub struct App {
 
 impl App {
     pub fn new(config: CosignerConfig) -> Result<Self, super::CosignerError> {
-        let pem = std::fs::read_to_string(&config.key)
-            .map_err(|source| super::CosignerError::Io { path: config.key.clone(), source })?;
+        let pem = crate::fsutil::read_private_key(&config.key)
+            .map_err(|source| super::CosignerError::KeyFile { path: config.key.clone(), source })?;
+        let pem = String::from_utf8(pem).map_err(|_| super::CosignerError::Key {
+            path: config.key.clone(),
+            source: trust::KeyError::NotP256Private,
+        })?;
         let key = SigningKey::from_pem(&pem)
             .map_err(|source| super::CosignerError::Key { path: config.key.clone(), source })?;
         let limiter = Mutex::new(RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst));
@@ -133,6 +141,12 @@ impl App {
                 iat: claims.iat,
                 why: format!("more than {} s before the co-signer's clock ({now})", self.config.leeway_s),
             }));
+        }
+        if claims.version > self.config.max_version {
+            return Err(CosignError::VersionOutOfRange {
+                version: claims.version,
+                max: self.config.max_version,
+            });
         }
         // The same URL rules as the device: never sign what no device may fetch.
         trust::check_url(&claims.image.url, self.config.allow_http).map_err(CosignError::Message)?;

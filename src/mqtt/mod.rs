@@ -176,7 +176,9 @@ pub fn tls_config(ca_file: &Path, cert: &Path, key: &Path) -> Result<rustls::Cli
     if chain.is_empty() {
         return Err(MqttError::Tls(format!("{}: no certificate", cert.display())));
     }
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| named(key, &e))?;
+    // Refused when others may read it (`key-permissions`), as ssh does.
+    let pem = crate::fsutil::read_private_key(key).map_err(|e| named(key, &e))?;
+    let private_key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| named(key, &e))?;
     crate::http::ring_client_builder()
         .map_err(tls_error)?
         .with_root_certificates(roots)

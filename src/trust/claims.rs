@@ -40,7 +40,7 @@ pub struct Image {
 impl Claims {
     /// Parses claims JSON; unknown claims are ignored so later versions can add fields.
     pub fn parse(bytes: &[u8]) -> Result<Self, VerifyError> {
-        super::envelope::parse_bounded(bytes).map_err(|e| VerifyError::Malformed(format!("claims: {e}")))
+        super::envelope::parse_bounded(bytes, "claims")
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -90,8 +90,29 @@ pub fn check_url(url: &str, allow_http: bool) -> Result<(), VerifyError> {
         _ => return reject("only https is accepted"),
     }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.is_empty() || authority.contains('@') {
-        return reject("the URL needs a host and must not carry credentials");
+    if authority.contains('@') {
+        return reject("the URL must not carry credentials");
+    }
+    // host[:port] or [v6]:port. An empty host (`https://:443/x`) would pass
+    // here and fail only at the download, after the jti is spent.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((v6, "")) => (v6, None),
+            Some((v6, rest)) => (v6, Some(rest.strip_prefix(':').unwrap_or(rest))),
+            None => return reject("the IPv6 address has no closing bracket"),
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return reject("the URL needs a host");
+    }
+    if let Some(port) = port {
+        if !port.bytes().all(|b| b.is_ascii_digit()) || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return reject("the port must be a number from 1 to 65535");
+        }
     }
     if url.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b >= 0x80) {
         return reject("the URL contains whitespace, control or non-ASCII characters");

@@ -62,7 +62,7 @@ impl Envelope {
         // serde_json stops at 128 levels of nesting, so hostile depth is an
         // error, not a stack overflow.
         let value: serde_json::Value = serde_json::from_str(trimmed)
-            .map_err(|e| VerifyError::Malformed(format!("invalid JSON: {e}")))?;
+            .map_err(|e| VerifyError::Malformed(describe_json_error("message", &e, None)))?;
         if let Some(obj) = value.as_object() {
             if obj.contains_key("signature") || obj.contains_key("protected") {
                 return Err(VerifyError::Malformed(
@@ -73,7 +73,7 @@ impl Envelope {
         // Typed from the text, not the Value: a Value keeps only the last of
         // two `payload` (or `signatures`) members, the derive refuses both.
         drop(value);
-        serde_json::from_str(trimmed).map_err(|e| VerifyError::Malformed(format!("envelope: {e}")))
+        parse_typed(trimmed.as_bytes(), "envelope")
     }
 
     pub fn to_json(&self) -> String {
@@ -119,11 +119,124 @@ impl Envelope {
 
 /// Parses JSON into `T` with serde_json's depth limit applied to every value,
 /// including members `T` ignores (skipped values are otherwise unbounded),
-/// and with duplicate members of `T` refused.
-pub(crate) fn parse_bounded<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
-    serde_json::from_slice::<serde_json::Value>(bytes)?;
-    serde_json::from_slice(bytes)
+/// and with duplicate members of `T` refused. `what` names the part in the
+/// error, which says where and never quotes the input.
+pub(crate) fn parse_bounded<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, VerifyError> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .map_err(|e| VerifyError::Malformed(describe_json_error(what, &e, None)))?;
+    parse_typed(bytes, what)
 }
+
+fn parse_typed<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, VerifyError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| VerifyError::Malformed(describe_json_error(what, e.inner(), Some(e.path()))))?;
+    de.end().map_err(|e| VerifyError::Malformed(describe_json_error(what, &e, None)))?;
+    Ok(value)
+}
+
+/// An error about JSON that may be anything (a token, a key, a password
+/// file named by mistake): serde's own texts quote values and unknown
+/// member names, so the text here is built from the position, the kind of
+/// error, and the path through the schema's own field names only.
+fn describe_json_error(
+    what: &str,
+    e: &serde_json::Error,
+    path: Option<&serde_path_to_error::Path>,
+) -> String {
+    use serde_json::error::Category;
+    let at = format!("line {} column {}", e.line(), e.column());
+    match e.classify() {
+        Category::Eof => format!("{what}: the JSON ends early ({at})"),
+        Category::Syntax | Category::Io => format!("{what}: not valid JSON, or nested too deeply ({at})"),
+        Category::Data => {
+            let place =
+                path.map(schema_path).filter(|p| !p.is_empty()).unwrap_or_else(|| "the top level".into());
+            format!("{what}: {place} does not fit the format (a wrong type, or a missing, unknown or repeated member; {at})")
+        }
+    }
+}
+
+/// `target.hardware`, `signatures[1].protected`: member names the input
+/// chose are shown only when the format itself has a field of that name.
+fn schema_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let known = schema_field_names();
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } if known.contains(&key.as_str()) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Map { .. } | Segment::Enum { .. } | Segment::Unknown => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push('?');
+            }
+        }
+    }
+    if out.is_empty() {
+        out
+    } else {
+        format!("`{out}`")
+    }
+}
+
+/// Every field name of the message's types, asked of the types themselves
+/// (so a field added later is known without a list to keep).
+fn schema_field_names() -> Vec<&'static str> {
+    use super::claims::{Claims, Image, Target};
+    let mut names = Vec::new();
+    names.extend(fields_of::<Envelope>());
+    names.extend(fields_of::<Signature>());
+    names.extend(fields_of::<ProtectedHeader>());
+    names.extend(fields_of::<Claims>());
+    names.extend(fields_of::<Target>());
+    names.extend(fields_of::<Image>());
+    names
+}
+
+/// The field names a derived `Deserialize` for a struct asks for.
+fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    struct Introspect<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Introspect<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("fields taken"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Introspect(&mut fields));
+    fields
+}
+
+/// Registered JWS algorithm names (RFC 7518 and RFC 8037): shown in an
+/// `alg-rejected` error; any other value is not quoted.
+const JWS_ALGORITHMS: &[&str] = &[
+    "none", "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256",
+    "PS384", "PS512", "EdDSA", "ES256K",
+];
 
 fn check_header(sig: &Signature, payload: &str) -> Result<CheckedSignature, VerifyError> {
     if let Some(unprotected) = &sig.header {
@@ -137,12 +250,14 @@ fn check_header(sig: &Signature, payload: &str) -> Result<CheckedSignature, Veri
     }
     let raw = b64url_decode(&sig.protected)
         .ok_or_else(|| VerifyError::Malformed("protected header is not unpadded base64url".into()))?;
-    let header: ProtectedHeader =
-        parse_bounded(&raw).map_err(|e| VerifyError::Malformed(format!("protected header: {e}")))?;
+    let header: ProtectedHeader = parse_bounded(&raw, "protected header")?;
     match &header.alg {
         Some(serde_json::Value::String(alg)) if alg == "ES256" => {}
-        Some(serde_json::Value::String(alg)) => return Err(VerifyError::AlgRejected(alg.clone())),
-        Some(other) => return Err(VerifyError::AlgRejected(other.to_string())),
+        Some(serde_json::Value::String(alg)) if JWS_ALGORITHMS.contains(&alg.as_str()) => {
+            return Err(VerifyError::AlgRejected(alg.clone()))
+        }
+        Some(serde_json::Value::String(_)) => return Err(VerifyError::AlgRejected("<unregistered>".into())),
+        Some(_) => return Err(VerifyError::AlgRejected("<not a string>".into())),
         None => return Err(VerifyError::AlgRejected("<missing>".into())),
     }
     if header.crit.is_some() {

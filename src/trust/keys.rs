@@ -1,5 +1,8 @@
-//! ES256 keys: P-256 in PEM (SPKI public keys, PKCS#8 private keys), signing
-//! and verification in the JWS fixed-width `r || s` form. Only ES256 exists here.
+//! ES256 keys: P-256 in PEM (SPKI public keys; PKCS#8 or SEC1 private
+//! keys), signing and verification in the JWS fixed-width `r || s` form.
+//! Only ES256 exists here, and only low-S signatures: (r, s) and (r, n - s)
+//! both satisfy ECDSA, so accepting both would give one signature two
+//! encodings; we make and accept the one with s <= n/2.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -15,6 +18,22 @@ const P256_SPKI_PREFIX: [u8; 26] = [
 const P256_POINT_LEN: usize = 65;
 /// Fixed-width JWS ES256 signature: 32-byte r then 32-byte s.
 pub const ES256_SIGNATURE_LEN: usize = 64;
+/// P-256's group order n, big-endian.
+const P256_ORDER: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xbc,
+    0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+/// floor(n / 2): the largest `s` of a low-S signature.
+const P256_HALF_ORDER: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xde,
+    0x73, 0x7d, 0x56, 0xd3, 0x8b, 0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8,
+];
+
+/// Whether the 32-byte big-endian `s` is at most n/2 (equal-length byte
+/// strings compare as the numbers they encode).
+pub fn is_low_s(s: &[u8]) -> bool {
+    s.len() == 32 && s <= &P256_HALF_ORDER[..]
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
@@ -24,7 +43,7 @@ pub enum KeyError {
     BadBase64,
     #[error("not a P-256 public key (only ES256 keys are accepted)")]
     NotP256Public,
-    #[error("not a PKCS#8 P-256 private key (only ES256 keys are accepted; convert with `openssl pkcs8 -topk8 -nocrypt`)")]
+    #[error("not a P-256 private key in PKCS#8 (`BEGIN PRIVATE KEY`) or SEC1 (`BEGIN EC PRIVATE KEY`) PEM; only ES256 keys are accepted")]
     NotP256Private,
     #[error("signing failed")]
     SigningFailed,
@@ -69,7 +88,7 @@ impl PublicKey {
     /// Verifies a fixed-width `r || s` signature over `message`. Any other
     /// length (a DER signature, say) is simply invalid.
     pub fn verify(&self, message: &[u8], sig: &[u8]) -> bool {
-        if sig.len() != ES256_SIGNATURE_LEN {
+        if sig.len() != ES256_SIGNATURE_LEN || !is_low_s(&sig[32..]) {
             return false;
         }
         UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &self.point[..])
@@ -98,9 +117,10 @@ impl SigningKey {
         Self::from_pkcs8_der(doc.as_ref())
     }
 
+    /// A PKCS#8 (`BEGIN PRIVATE KEY`) or SEC1 (`BEGIN EC PRIVATE KEY`, as
+    /// `openssl ecparam -genkey` writes) P-256 key.
     pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
-        let der = pem_decode(pem, "PRIVATE KEY")?;
-        Self::from_pkcs8_der(&der)
+        Self::from_pkcs8_der(&private_key_pkcs8_der(pem)?)
     }
 
     pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, KeyError> {
@@ -120,10 +140,23 @@ impl SigningKey {
         PublicKey { point }
     }
 
-    /// Signs `message`, returning the 64-byte `r || s` form.
+    /// Signs `message`, returning the 64-byte `r || s` form with a low `s`
+    /// (ring may return either twin; n - s is the other).
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         let rng = SystemRandom::new();
-        self.pair.sign(&rng, message).map(|s| s.as_ref().to_vec()).map_err(|_| KeyError::SigningFailed)
+        let mut sig = self
+            .pair
+            .sign(&rng, message)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| KeyError::SigningFailed)?;
+        if sig.len() != ES256_SIGNATURE_LEN {
+            return Err(KeyError::SigningFailed);
+        }
+        if !is_low_s(&sig[32..]) {
+            let high: [u8; 32] = sig[32..].try_into().map_err(|_| KeyError::SigningFailed)?;
+            sig[32..].copy_from_slice(&order_minus(&high));
+        }
+        Ok(sig)
     }
 }
 
@@ -132,6 +165,104 @@ impl Drop for SigningKey {
         // Best effort: do not leave the PKCS#8 copy lying in freed memory.
         self.pkcs8.iter_mut().for_each(|b| *b = 0);
     }
+}
+
+/// n - s, for 0 < s < n (big-endian, 32 bytes).
+fn order_minus(s: &[u8; 32]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let mut borrow = 0u16;
+    for i in (0..32).rev() {
+        let subtrahend = u16::from(s[i]) + borrow;
+        let minuend = u16::from(P256_ORDER[i]);
+        if minuend >= subtrahend {
+            out[i] = (minuend - subtrahend) as u8;
+            borrow = 0;
+        } else {
+            out[i] = (minuend + 256 - subtrahend) as u8;
+            borrow = 1;
+        }
+    }
+    out
+}
+
+/// DER of AlgorithmIdentifier { id-ecPublicKey, prime256v1 }.
+const P256_ALGORITHM_ID: [u8; 21] = [
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce,
+    0x3d, 0x03, 0x01, 0x07,
+];
+/// DER of the prime256v1 OID, as SEC1's `[0] parameters` carries it.
+const P256_CURVE_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The PKCS#8 DER of a private key PEM, PKCS#8 or SEC1.
+fn private_key_pkcs8_der(pem: &str) -> Result<Vec<u8>, KeyError> {
+    match pem_decode(pem, "PRIVATE KEY") {
+        Ok(der) => Ok(der),
+        Err(KeyError::NotPem(_)) => pkcs8_from_sec1(&pem_decode(pem, "EC PRIVATE KEY")?),
+        Err(e) => Err(e),
+    }
+}
+
+/// A private key PEM as PKCS#8 PEM (what ring and rcgen read), from
+/// PKCS#8 or SEC1.
+pub fn private_key_pem_as_pkcs8(pem: &str) -> Result<String, KeyError> {
+    let der = private_key_pkcs8_der(pem)?;
+    // Checked here, so a caller gets this module's named error, not a parser's.
+    SigningKey::from_pkcs8_der(&der)?;
+    Ok(pem_encode(&der, "PRIVATE KEY"))
+}
+
+/// Wraps a SEC1 `ECPrivateKey` (RFC 5915) for P-256 as PKCS#8 (RFC 5958):
+/// SEQUENCE { INTEGER 0, AlgorithmIdentifier, OCTET STRING { ECPrivateKey } }.
+/// A key naming another curve is refused; ring checks the rest.
+fn pkcs8_from_sec1(sec1: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let (tag, mut body, rest) = der_tlv(sec1).ok_or(KeyError::NotP256Private)?;
+    if tag != 0x30 || !rest.is_empty() {
+        return Err(KeyError::NotP256Private);
+    }
+    // version 1, privateKey, then optional [0] parameters and [1] publicKey.
+    for _ in 0..2 {
+        body = der_tlv(body).ok_or(KeyError::NotP256Private)?.2;
+    }
+    while let Some((tag, content, rest)) = der_tlv(body) {
+        if tag == 0xa0 && content != P256_CURVE_OID {
+            return Err(KeyError::NotP256Private);
+        }
+        body = rest;
+    }
+    let mut inner = vec![0x02, 0x01, 0x00];
+    inner.extend_from_slice(&P256_ALGORITHM_ID);
+    inner.extend(der_wrap(0x04, sec1));
+    Ok(der_wrap(0x30, &inner))
+}
+
+/// (tag, content, rest) of the first DER TLV in `input`.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 2 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        rest = &rest[n..];
+        len
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// A DER TLV of `tag` around `content` (lengths up to 64 KiB).
+fn der_wrap(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    match content.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n if n < 0x100 => out.extend([0x81, n as u8]),
+        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(content);
+    out
 }
 
 pub fn pem_encode(der: &[u8], label: &str) -> String {
@@ -184,5 +315,43 @@ mod tests {
         let shown = format!("{key:?}");
         assert!(!shown.contains(&key.to_pem()[30..60]));
         assert!(shown.contains("redacted"));
+    }
+
+    /// What `openssl ecparam -genkey -name prime256v1 -noout` writes (SEC1).
+    const SEC1_P256: &str = "-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIE1VaTiATDWKUy/WH+iT7aOoc0NS5OgKJEbt9jvlxwAzoAoGCCqGSM49
+AwEHoUQDQgAEqAzFrtHlY6pKt8UeG3CPltwEBp7YjatsnwJrKgSxb6piOLIwMgTI
+NLVV+CMdK6SWJ+7Y6u0cVjOvsPL8vWRdlg==
+-----END EC PRIVATE KEY-----
+";
+    /// Its public key, from `openssl ec -pubout`.
+    const SEC1_P256_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEqAzFrtHlY6pKt8UeG3CPltwEBp7Y
+jatsnwJrKgSxb6piOLIwMgTINLVV+CMdK6SWJ+7Y6u0cVjOvsPL8vWRdlg==
+-----END PUBLIC KEY-----
+";
+    /// A P-384 key in SEC1: not ES256, refused.
+    const SEC1_P384: &str = "-----BEGIN EC PRIVATE KEY-----
+MIGkAgEBBDBemnEN20xOjTOqcinJIKShV7Z8hoPNAjlkrNUcgUDCfZWhuGc6JyyZ
+Yi77Gcto6JCgBwYFK4EEACKhZANiAATORmFnI06apVCY+cm7x9RyaVJM/hvU5k99
+NofNKeTPzxxKeUG3M5sksZMMtRxcLe6Ny2NAEuINc3KfF4BJ+KLhBo4+KscRocKo
+6PYhF5rLxXF2Goa3/r39lHqT0dYm9kw=
+-----END EC PRIVATE KEY-----
+";
+
+    #[test]
+    fn a_sec1_key_as_openssl_ecparam_writes_it_signs_like_its_pkcs8_form() {
+        let key = SigningKey::from_pem(SEC1_P256).expect("SEC1 P-256");
+        let public = PublicKey::from_pem(SEC1_P256_PUBLIC).unwrap();
+        assert_eq!(key.public_key().to_pem(), public.to_pem());
+        assert!(public.verify(b"m", &key.sign(b"m").unwrap()));
+        // Its PKCS#8 form is what rcgen and `to_pem` take.
+        let pkcs8 = private_key_pem_as_pkcs8(SEC1_P256).unwrap();
+        assert!(pkcs8.starts_with("-----BEGIN PRIVATE KEY-----"), "{}", &pkcs8[..30]);
+        assert_eq!(SigningKey::from_pem(&pkcs8).unwrap().public_key().to_pem(), public.to_pem());
+        assert_eq!(private_key_pem_as_pkcs8(&pkcs8).unwrap(), pkcs8, "PKCS#8 passes through");
+        assert_eq!(SigningKey::from_pem(SEC1_P384).unwrap_err(), KeyError::NotP256Private);
+        let junk = pem_encode(&[0x30, 0x03, 0x02, 0x01, 0x01], "EC PRIVATE KEY");
+        assert_eq!(SigningKey::from_pem(&junk).unwrap_err(), KeyError::NotP256Private);
     }
 }

@@ -72,6 +72,14 @@ impl Fixture {
         }
     }
 
+    /// Any payload, signed by both keys.
+    fn signed_payload(&self, payload: &[u8]) -> Envelope {
+        let mut e = Envelope::new(payload);
+        e.add_signature(&self.fleet, "fleet").unwrap();
+        e.add_signature(&self.cosigner, "cosigner").unwrap();
+        e
+    }
+
     fn claims_error(&self, claims: &Claims) -> String {
         self.error(self.signed(claims).to_json().as_bytes())
     }
@@ -539,5 +547,116 @@ fn arbitrary_bytes_never_panic() {
     }
     for input in [&b""[..], b"\xff\xfe", b"{}", b"null", b"[]", b"{\"payload\":1}"] {
         assert!(f.check(input).is_err());
+    }
+}
+
+/// Refusals reach `LastError`, D-Bus signals and the retained MQTT status:
+/// a file that is not a message (a token, a key) must not come back in them.
+#[test]
+fn errors_about_a_message_never_quote_its_content() {
+    let f = fixture();
+    const SECRET: &str = "TOPSECRET-api-token-9f8e7d";
+    let mut inputs: Vec<Vec<u8>> = vec![
+        format!("{{\"payload\": \"{SECRET}\", \"signatures\": \"{SECRET}\"}}").into_bytes(),
+        format!("{{\"{SECRET}\": 1}}").into_bytes(),
+        format!("{{\"payload\": 1, \"{SECRET}\": 2}}").into_bytes(),
+        format!("{{\"api_token\": \"{SECRET}\"}}").into_bytes(),
+        format!("{{\"payload\": \"x\", \"signatures\": [{{\"protected\": \"{SECRET}\"}}]}}").into_bytes(),
+        format!("[\"{SECRET}\"]").into_bytes(),
+        format!("{{\"payload\": \"{SECRET}").into_bytes(),
+    ];
+    // Signed claims of the wrong shape, and a protected header of the wrong shape.
+    for payload in [
+        claims_value_with("version", serde_json::json!(SECRET)),
+        claims_value_with("target", serde_json::json!({ "hardware": [SECRET] })),
+        claims_value_with("image", serde_json::json!({ SECRET: 1 })),
+        format!("{{\"token\": \"{SECRET}\"}}"),
+    ] {
+        inputs.push(f.signed_payload(payload.as_bytes()).to_json().into_bytes());
+    }
+    let payload = b64url_encode(&claims().to_json());
+    let header = format!("{{\"alg\": \"ES256\", \"kid\": [\"{SECRET}\"]}}");
+    let e =
+        Envelope { payload: payload.clone(), signatures: vec![raw_signature(&f.fleet, &header, &payload)] };
+    inputs.push(e.to_json().into_bytes());
+    let header = format!("{{\"alg\": {{\"{SECRET}\": 1}}, \"kid\": \"fleet\"}}");
+    let e =
+        Envelope { payload: payload.clone(), signatures: vec![raw_signature(&f.fleet, &header, &payload)] };
+    inputs.push(e.to_json().into_bytes());
+    for input in inputs {
+        let err = f.check(&input).expect_err("not a valid message");
+        let text = err.to_string();
+        assert!(!text.contains("TOPSECRET"), "{text}\n(for {})", String::from_utf8_lossy(&input));
+        assert!(text.starts_with(err.name()), "{text}");
+    }
+    // What it may say: where, and the schema's own field names.
+    let err = f
+        .check(
+            &f.signed_payload(claims_value_with("version", serde_json::json!(SECRET)).as_bytes())
+                .to_json()
+                .into_bytes(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("version"), "{err}");
+    assert!(err.to_string().contains("column"), "{err}");
+}
+
+/// ECDSA signatures come in pairs: (r, s) and (r, n - s) both verify. Only
+/// the low-S one is accepted, so a signature has one encoding (replay and
+/// audit records keyed on it cannot be split), and ours are always low-S.
+#[test]
+fn high_s_signatures_are_refused_and_ours_are_low_s() {
+    let f = fixture();
+    let mut e = f.signed(&claims());
+    let raw = b64url_decode(&e.signatures[0].signature).unwrap();
+    let mut twin = raw[..32].to_vec();
+    twin.extend(p256_order_minus(&raw[32..]));
+    let (low, high) = if raw[32..] <= P256_HALF_ORDER[..] { (raw, twin) } else { (twin, raw) };
+    e.signatures[0].signature = b64url_encode(&low);
+    assert_eq!(f.error(e.to_json().as_bytes()), "accepted");
+    e.signatures[0].signature = b64url_encode(&high);
+    assert_eq!(f.error(e.to_json().as_bytes()), "signature-invalid", "the high-S twin of a valid signature");
+    for _ in 0..32 {
+        for sig in &f.signed(&claims()).signatures {
+            let raw = b64url_decode(&sig.signature).unwrap();
+            assert!(raw[32..] <= P256_HALF_ORDER[..], "our signer made a high-S signature");
+        }
+    }
+}
+
+/// floor(n / 2) for P-256's group order n: the largest low `s`.
+const P256_HALF_ORDER: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xde,
+    0x73, 0x7d, 0x56, 0xd3, 0x8b, 0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8,
+];
+
+/// n - s for P-256's group order n (big-endian, 32 bytes).
+fn p256_order_minus(s: &[u8]) -> Vec<u8> {
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xbc,
+        0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+    ];
+    let mut out = vec![0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = i16::from(N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        out[i] = (d + 256 * borrow) as u8;
+    }
+    out
+}
+
+#[test]
+fn a_url_without_a_host_is_refused_before_the_jti_is_spent() {
+    let f = fixture();
+    for url in ["https://:443/x", "https://:/x", "https://[]/x", "https://h:port/x", "https://h:99999/x"] {
+        let mut c = claims();
+        c.image.url = url.into();
+        assert_eq!(f.claims_error(&c), "url-scheme-rejected", "{url}");
+    }
+    for url in ["https://h:443/x", "https://[::1]:8443/x", "https://10.0.0.1/x?a=b", "https://h"] {
+        let mut c = claims();
+        c.image.url = url.into();
+        assert_eq!(f.claims_error(&c), "accepted", "{url}");
     }
 }

@@ -10,7 +10,19 @@ import os
 import sys
 
 from jwcrypto import jwk, jws
-from jwcrypto.common import json_decode
+from jwcrypto.common import base64url_decode, base64url_encode, json_decode
+
+# P-256's group order. fleetd accepts only low-S ES256 signatures (one
+# encoding per signature); jwcrypto, like most signers, makes either.
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def low_s(signature_b64):
+    raw = base64url_decode(signature_b64)
+    r, s = raw[:32], int.from_bytes(raw[32:], "big")
+    if s > P256_N // 2:
+        s = P256_N - s
+    return base64url_encode(r + s.to_bytes(32, "big"))
 
 
 def make(directory, now):
@@ -44,8 +56,11 @@ def make(directory, now):
     token = jws.JWS(json.dumps(claims).encode())
     for kid, key in signers:
         token.add_signature(key, alg="ES256", protected=json.dumps({"alg": "ES256", "kid": kid}))
-    message = token.serialize()  # general JSON serialization with two signatures
-    assert "signatures" in json.loads(message)
+    message = json.loads(token.serialize())  # general JSON serialization with two signatures
+    assert "signatures" in message
+    for sig in message["signatures"]:
+        sig["signature"] = low_s(sig["signature"])
+    message = json.dumps(message)
     with open(os.path.join(directory, "py-message.json"), "w") as f:
         f.write(message)
 
