@@ -9,9 +9,12 @@
 //!   that holds the most (the oldest of those first), so a newcomer with
 //!   one connection gets in while an attacker holds many.
 //! - A connection is idle from its accept, and again after each answer,
-//!   until its next request has been read; idle longer than `idle_ms`, it
-//!   is closed. Only connections whose request is being answered are never
-//!   taken (that time is bounded by the handler, not by the client).
+//!   until its next request head has arrived; idle longer than `idle_ms`,
+//!   it is closed. Then it is reading that request's body, which the
+//!   handler bounds (and answers by name when the client is too slow).
+//!   Idle and reading connections may be taken; only connections whose
+//!   request is being answered never are (that time is bounded by the
+//!   handler, not by the client).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -70,11 +73,27 @@ pub enum Admission {
     Refused,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle { since: u64 },
+    Reading { since: u64 },
+    Answering,
+}
+
 #[derive(Debug, Clone)]
 struct Slot {
     source: Source,
-    /// `None` while a request is being answered.
-    idle_since: Option<u64>,
+    state: State,
+}
+
+impl Slot {
+    /// Since when the connection has waited for its client, if it does.
+    fn waiting_since(&self) -> Option<u64> {
+        match self.state {
+            State::Idle { since } | State::Reading { since } => Some(since),
+            State::Answering => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -125,33 +144,42 @@ impl Slots {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.open.insert(id, Slot { source, idle_since: Some(now_ms) });
+        self.open.insert(id, Slot { source, state: State::Idle { since: now_ms } });
         Admission::Admitted { id, replaced }
+    }
+
+    fn set(&mut self, id: SlotId, state: State) {
+        if let Some(slot) = self.open.get_mut(&id) {
+            slot.state = state;
+        }
+    }
+
+    /// A request head has arrived; its body is being read.
+    pub fn reading(&mut self, id: SlotId, now_ms: u64) {
+        self.set(id, State::Reading { since: now_ms });
     }
 
     /// Its request has been read in full and is being answered.
     pub fn busy(&mut self, id: SlotId) {
-        if let Some(slot) = self.open.get_mut(&id) {
-            slot.idle_since = None;
-        }
+        self.set(id, State::Answering);
     }
 
     /// Answered: waiting for the client again.
     pub fn idle(&mut self, id: SlotId, now_ms: u64) {
-        if let Some(slot) = self.open.get_mut(&id) {
-            slot.idle_since = Some(now_ms);
-        }
+        self.set(id, State::Idle { since: now_ms });
     }
 
     pub fn close(&mut self, id: SlotId) {
         self.open.remove(&id);
     }
 
-    /// When this connection is to be closed for idling: `None` while it is
-    /// busy or once it is gone.
+    /// When this connection is to be closed for idling: `None` while a
+    /// request is read or answered, or once it is gone.
     pub fn idle_deadline(&self, id: SlotId) -> Option<u64> {
-        let since = self.open.get(&id)?.idle_since?;
-        Some(since.saturating_add(self.policy.idle_ms))
+        match self.open.get(&id)?.state {
+            State::Idle { since } => Some(since.saturating_add(self.policy.idle_ms)),
+            State::Reading { .. } | State::Answering => None,
+        }
     }
 
     pub fn is_open(&self, id: SlotId) -> bool {
@@ -162,7 +190,7 @@ impl Slots {
         self.open
             .iter()
             .filter(|(_, s)| which(s))
-            .filter_map(|(id, s)| s.idle_since.map(|since| (since, *id)))
+            .filter_map(|(id, s)| s.waiting_since().map(|since| (since, *id)))
             .min()
             .map(|(_, id)| id)
     }
@@ -176,7 +204,9 @@ impl Slots {
         }
         self.open
             .iter()
-            .filter_map(|(id, s)| s.idle_since.map(|since| (std::cmp::Reverse(held[&s.source]), since, *id)))
+            .filter_map(|(id, s)| {
+                s.waiting_since().map(|since| (std::cmp::Reverse(held[&s.source]), since, *id))
+            })
             .min()
             .map(|(_, _, id)| id)
     }
@@ -273,6 +303,18 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_reading_a_slow_body_may_still_be_taken() {
+        let mut slots = Slots::new(POLICY);
+        let (slow, _) = admitted(slots.admit(src(66), 0));
+        slots.reading(slow, 1);
+        for t in 0..2 {
+            admitted(slots.admit(src(66), 2 + t));
+        }
+        let (_, replaced) = admitted(slots.admit(src(66), 10));
+        assert_eq!(replaced, Some(slow), "its oldest waiting connection");
+    }
+
+    #[test]
     fn busy_connections_are_never_taken_and_a_full_busy_table_refuses() {
         let mut slots = Slots::new(POLICY);
         for t in 0..6 {
@@ -298,6 +340,8 @@ mod tests {
         assert_eq!(slots.idle_deadline(id), None, "no deadline while answering");
         slots.idle(id, 5_000);
         assert_eq!(slots.idle_deadline(id), Some(6_000));
+        slots.reading(id, 5_500);
+        assert_eq!(slots.idle_deadline(id), None, "the handler bounds the body");
         slots.close(id);
         assert_eq!(slots.idle_deadline(id), None);
         assert!(slots.is_empty());

@@ -8,8 +8,10 @@
 //! - a connection the slots give away is closed at once;
 //! - every connection lives in this future's `JoinSet`, so none outlives it.
 //!
-//! The service marks a request as being answered (`SlotHandle::busy`) once
-//! it has read the body; until then the connection counts as idle.
+//! The service marks each request (`SlotHandle::request`): from then its
+//! body is read (bounded by the service), then it is answered
+//! (`InRequest::answering`); the connection is idle again when the guard
+//! drops.
 
 use crate::admission::{Admission, SlotId, SlotPolicy, Slots, Source};
 use std::collections::HashMap;
@@ -67,17 +69,26 @@ pub struct SlotHandle {
 }
 
 impl SlotHandle {
-    /// The request has been read: its connection is not given away while
-    /// it is answered. Idle again when the guard drops.
-    pub fn busy(&self) -> Busy {
-        lock(&self.table).slots.busy(self.id);
-        Busy(self.clone())
+    /// A request head has arrived: its body is read now, within the
+    /// service's own bound. Idle again when the guard drops.
+    pub fn request(&self) -> InRequest {
+        let mut table = lock(&self.table);
+        let now = table.now_ms();
+        table.slots.reading(self.id, now);
+        InRequest(self.clone())
     }
 }
 
-pub struct Busy(SlotHandle);
+pub struct InRequest(SlotHandle);
 
-impl Drop for Busy {
+impl InRequest {
+    /// Read in full: the connection is not given away while it is answered.
+    pub fn answering(&self) {
+        lock(&self.0.table).slots.busy(self.0.id);
+    }
+}
+
+impl Drop for InRequest {
     fn drop(&mut self) {
         let mut table = lock(&self.0.table);
         let now = table.now_ms();
@@ -173,7 +184,7 @@ async fn run_until_closed(
             match t.slots.idle_deadline(id) {
                 Some(deadline) if deadline <= now => return,
                 Some(deadline) => Duration::from_millis(deadline - now),
-                // Busy: the handler bounds it; look again later.
+                // Reading or answering: the handler bounds it; look again later.
                 None => idle,
             }
         };

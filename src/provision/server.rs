@@ -150,6 +150,7 @@ async fn answer(
     };
     let authorization = header(hyper::header::AUTHORIZATION);
     let host = header(hyper::header::HOST);
+    let in_request = conn.slot.request();
     let body =
         match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY_BYTES).collect())
             .await
@@ -158,10 +159,10 @@ async fn answer(
             Ok(Err(_)) => {
                 return to_hyper(Response::error(413, "malformed", "the body is too large or cut short"))
             }
-            Err(_) => return to_hyper(Response::error(408, "malformed", "the body took too long")),
+            Err(_) => return to_hyper(Response::error(408, "request-timeout", "the body took too long")),
         };
     // Read in full: from here the answer's time is ours, not the client's.
-    let _busy = conn.slot.busy();
+    in_request.answering();
     let mut random = [0u8; 16];
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random).is_err() {
         return to_hyper(Response::error(500, "no-randomness", "the system has no randomness"));
