@@ -4,6 +4,7 @@
 //! encoders) perform no IO; the binaries and the daemon wire them to disks and
 //! sockets. See `ARCHITECTURE.md` for the map.
 
+pub mod admission;
 pub mod backoff;
 pub mod boot;
 pub mod bus;
@@ -17,6 +18,7 @@ mod demo_broker;
 pub mod fixture;
 pub mod fsutil;
 pub mod http;
+pub mod http_server;
 pub mod logging;
 pub mod mqtt;
 pub mod net;
@@ -38,4 +40,12 @@ pub fn build_epoch() -> u64 {
 /// Seconds since the Unix epoch from the system clock (0 if it reads before 1970).
 pub fn system_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch from the system clock (0 before 1970).
+pub fn system_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }

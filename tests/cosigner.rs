@@ -66,12 +66,21 @@ fn request(c: &Cosigner, file: &Path) -> Result<PathBuf, String> {
     }
 }
 
-fn audit_lines(c: &Cosigner) -> Vec<serde_json::Value> {
+fn all_audit_lines(c: &Cosigner) -> Vec<serde_json::Value> {
     std::fs::read_to_string(&c.audit)
         .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// The signings in the audit log.
+fn audit_lines(c: &Cosigner) -> Vec<serde_json::Value> {
+    all_audit_lines(c).into_iter().filter(|l| l["outcome"] == "signed").collect()
+}
+
+fn refusal_lines(c: &Cosigner) -> Vec<serde_json::Value> {
+    all_audit_lines(c).into_iter().filter(|l| l["outcome"] == "refused").collect()
 }
 
 #[test]
@@ -106,7 +115,7 @@ fn register_sign_cosign_verify_then_revoke() {
     let again = d.sign("m2", "fs1", "server:fs1", &["--valid-for", "3600"]);
     let err = request(&c, &again).unwrap_err();
     assert!(err.contains("(403)") && err.contains("revoked"), "{err}");
-    assert_eq!(audit_lines(&c).len(), 1, "nothing new in the audit log");
+    assert_eq!(audit_lines(&c).len(), 1, "no new signing in the audit log");
 }
 
 #[test]
@@ -284,6 +293,12 @@ fn restart_cosigner(d: &Device, config: &Path) -> Cosigner {
 }
 
 fn restart_cosigner_with(d: &Device, config: &Path, trace: Option<&Path>) -> Cosigner {
+    spawn_cosigner(d, config, trace, None)
+}
+
+/// `open_files`: the service's file limit (the distributions' default
+/// soft limit is 1,024).
+fn spawn_cosigner(d: &Device, config: &Path, trace: Option<&Path>, open_files: Option<u64>) -> Cosigner {
     let mut cmd = match trace {
         Some(trace) => {
             let mut c = std::process::Command::new("strace");
@@ -294,6 +309,19 @@ fn restart_cosigner_with(d: &Device, config: &Path, trace: Option<&Path>) -> Cos
         }
         None => fleetctl(),
     };
+    if let Some(limit) = open_files {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+        unsafe {
+            cmd.pre_exec(move || {
+                let l = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child =
         cmd.args(["cosigner", "serve", "--config"]).arg(config).stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
@@ -380,4 +408,187 @@ fn the_service_refuses_a_key_others_can_read() {
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("key-permissions"), "{}", stderr(&out));
+}
+
+/// A POST from `source` with a bound on the answer: `Err` when none came.
+fn post_from(source: [u8; 4], url: &str, body: &str, wait: Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = connect_from(source.into(), addr.parse().map_err(std::io::Error::other)?)?;
+    s.set_read_timeout(Some(wait))?;
+    write!(
+        s,
+        "POST /v1/cosign HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn status_of(answer: &str) -> &str {
+    answer.split(' ').nth(1).unwrap_or("")
+}
+
+use std::time::{Duration, Instant};
+
+/// Issue 17, item 6: a request that stops half-way is cut (408 for a body,
+/// closed for a head) within the service's own bounds, and 1,200 idle
+/// connections from six addresses, more than the service's file limit,
+/// keep a fleet server at another address out for none of its requests.
+#[test]
+fn slow_requests_are_cut_and_idle_connections_keep_nobody_out() {
+    let d = Device::new();
+    let config = d.path().join("cosigner.toml");
+    drop(start_cosigner(&d, 600, 20));
+    let c = spawn_cosigner(&d, &config, None, Some(1024));
+    register(&d, &c, "fs1");
+    let addr: std::net::SocketAddr = c.url.trim_start_matches("http://").parse().unwrap();
+    let limits = fleetd::cosigner::LIMITS;
+    let body_bound = fleetd::cosigner::BODY_TIMEOUT;
+
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut half_body = connect_from([127, 0, 0, 5].into(), addr).unwrap();
+    write!(half_body, "POST /v1/cosign HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"payload\"")
+        .unwrap();
+    let mut half_head = connect_from([127, 0, 0, 6].into(), addr).unwrap();
+    write!(half_head, "POST /v1/cosign HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+
+    // The flood of idle connections.
+    let mut idle = Vec::new();
+    for source in 0..6u8 {
+        for _ in 0..200 {
+            if let Ok(s) = connect_from([127, 0, 3, 10 + source].into(), addr) {
+                idle.push(s);
+            }
+        }
+    }
+    let msg = d.sign("m", "fs1", "server:fs1", &["--valid-for", "3600"]);
+    let body = std::fs::read_to_string(&msg).unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        answers.push(
+            post_from([127, 0, 0, 1], &c.url, &body, limits.idle() + body_bound)
+                .map(|a| status_of(&a).to_string()),
+        );
+    }
+    eprintln!("{} idle connections open; the fleet server's answers: {answers:?}", idle.len());
+    assert!(answers.iter().all(|a| matches!(a.as_deref(), Ok("200"))), "{answers:?}");
+
+    // The half-sent requests end within their bounds (both start at the
+    // accept; the margin is for a loaded machine).
+    let margin = Duration::from_secs(3);
+    half_body.set_read_timeout(Some(body_bound + margin)).unwrap();
+    let mut answer = String::new();
+    let read = half_body.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{read:?} after {:?}: {answer:?}", started.elapsed());
+    assert!(answer.contains("request-timeout"), "{answer}");
+    half_head.set_read_timeout(Some(limits.header_read.max(limits.idle()) + margin)).unwrap();
+    let mut rest = Vec::new();
+    let read = half_head.read_to_end(&mut rest);
+    assert!(read.is_ok(), "the half-sent head is closed: {read:?} after {:?}", started.elapsed());
+    assert!(started.elapsed() < limits.header_read.max(body_bound) + margin);
+    let refused = refusal_lines(&c);
+    assert!(refused.iter().any(|l| l["error"] == "request-timeout" && l["peer"].as_str().unwrap().starts_with("127.0.0.5:")), "{refused:?}");
+}
+
+/// Issue 17, item 10: refusals reach the audit log with the peer's
+/// address, a revoked server's attempts included; signings carry the peer
+/// too.
+#[test]
+fn refusals_are_audited_with_the_peer_and_a_revoked_servers_attempts_too() {
+    let d = Device::new();
+    let c = start_cosigner(&d, 600, 20);
+    register(&d, &c, "fs1");
+    let msg = d.sign("m", "fs1", "server:fs1", &["--valid-for", "3600"]);
+    request(&c, &msg).expect("co-signed");
+    let signed = audit_lines(&c);
+    assert_eq!(signed.len(), 1);
+    assert!(signed[0]["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{signed:?}");
+
+    ok(fleetctl().args(["cosigner", "revoke", "--config"]).arg(&c.config).arg("fs1"));
+    let again = d.sign("m2", "fs1", "server:fs1", &["--valid-for", "3600"]);
+    let answer =
+        post_from([127, 0, 0, 7], &c.url, &std::fs::read_to_string(&again).unwrap(), Duration::from_secs(10))
+            .unwrap();
+    assert_eq!(status_of(&answer), "403", "{answer}");
+    ok(fleetctl().args(["keygen", "--out"]).arg(d.keys()).args(["--name", "stranger"]));
+    let unknown = d.sign("u", "stranger", "server:stranger", &["--valid-for", "3600"]);
+    let answer = post_from(
+        [127, 0, 0, 8],
+        &c.url,
+        &std::fs::read_to_string(&unknown).unwrap(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(status_of(&answer), "403", "{answer}");
+    let answer = post_from([127, 0, 0, 9], &c.url, "{not json", Duration::from_secs(10)).unwrap();
+    assert_eq!(status_of(&answer), "400", "{answer}");
+
+    let refused = refusal_lines(&c);
+    let find = |error: &str| {
+        refused
+            .iter()
+            .find(|l| l["error"] == error)
+            .unwrap_or_else(|| panic!("no {error} in {refused:?}"))
+            .clone()
+    };
+    let revoked = find("server-revoked");
+    assert!(revoked["peer"].as_str().unwrap().starts_with("127.0.0.7:"), "{revoked}");
+    assert_eq!((&revoked["server"], &revoked["verified"]), (&"fs1".into(), &false.into()), "{revoked}");
+    let unknown = find("server-unknown");
+    assert!(unknown["peer"].as_str().unwrap().starts_with("127.0.0.8:"), "{unknown}");
+    assert_eq!(unknown["server"], "stranger");
+    assert!(find("malformed")["peer"].as_str().unwrap().starts_with("127.0.0.9:"));
+    assert_eq!(audit_lines(&c).len(), 1, "still one signing");
+}
+
+/// Issue 17, item 10: strangers from more addresses than the per-peer map
+/// holds cannot take a fleet server's admission. The server's bucket has
+/// refilled (the old limiter then forgot it and refused it as a newcomer).
+#[test]
+fn a_flood_from_many_addresses_does_not_lock_out_a_fleet_server() {
+    let d = Device::new();
+    let config = d.path().join("cosigner.toml");
+    drop(start_cosigner(&d, 600, 20));
+    // One token per 20 s and no burst: each stranger's bucket stays empty
+    // for the whole flood.
+    let per_minute = 3;
+    let text = std::fs::read_to_string(&config).unwrap()
+        + &format!("peer_rate_limit_per_minute = {per_minute}\npeer_rate_limit_burst = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let c = restart_cosigner(&d, &config);
+    register(&d, &c, "fs1");
+    let msg = d.sign("m", "fs1", "server:fs1", &["--valid-for", "3600"]);
+    let body = std::fs::read_to_string(&msg).unwrap();
+    let first = post_from([127, 0, 0, 1], &c.url, &body, Duration::from_secs(10)).unwrap();
+    assert_eq!(status_of(&first), "200", "{first}");
+    // Until the server's own bucket is full again.
+    std::thread::sleep(Duration::from_secs(60 / per_minute) + Duration::from_millis(500));
+
+    let strangers = fleetd::cosigner::MAX_PEER_BUCKETS + 256;
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..8usize)
+        .map(|t| {
+            let (url, refused) = (c.url.clone(), refused.clone());
+            std::thread::spawn(move || {
+                for i in (t..strangers).step_by(8) {
+                    let source = [127, 1, (i / 250) as u8, (i % 250) as u8 + 1];
+                    if let Ok(answer) = post_from(source, &url, "{}", Duration::from_secs(10)) {
+                        if status_of(&answer) == "429" {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{strangers} strangers in {:?}: {refused} refused", started.elapsed());
+    assert!(refused > 0, "the strangers' map filled up (else this test shows nothing)");
+    let answer = post_from([127, 0, 0, 1], &c.url, &body, Duration::from_secs(10)).unwrap();
+    assert_eq!(status_of(&answer), "200", "the fleet server is admitted: {answer}");
 }

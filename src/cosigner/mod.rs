@@ -7,9 +7,9 @@ mod ratelimit;
 mod registry;
 mod service;
 
-pub use ratelimit::RateLimiter;
+pub use ratelimit::{PeerGate, RateLimiter, MAX_BUCKETS as MAX_PEER_BUCKETS};
 pub use registry::{Registry, ServerEntry};
-pub use service::{serve, App, CosignError};
+pub use service::{serve, App, CosignError, BODY_TIMEOUT, LIMITS, REFUSALS_AUDITED_PER_MINUTE};
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,8 @@
-//! A token bucket per key: per fleet server, and per peer address.
+//! A token bucket per key: per fleet server, and per source address
+//! (`PeerGate`).
 
-use std::collections::HashMap;
+use crate::admission::Source;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 #[derive(Debug)]
@@ -41,7 +43,55 @@ impl RateLimiter {
 /// Keys are peer addresses too: a bounded map, pruned of buckets that have
 /// refilled (forgetting those changes nobody's allowance); when every bucket
 /// is still spending, a new key is refused.
-const MAX_BUCKETS: usize = 4096;
+pub const MAX_BUCKETS: usize = 4096;
+
+/// Sources remembered as having authenticated (fleet servers' addresses).
+pub const MAX_KNOWN_SOURCES: usize = 256;
+
+/// The first gate, before any signature is checked: a bucket per source.
+/// Strangers share one bounded map that anyone with many addresses can
+/// fill; a source that has made a request a registered server signed gets
+/// its bucket in another map, which only authenticated requests enter, so
+/// no flood of strangers can take a fleet server's admission away.
+#[derive(Debug)]
+pub struct PeerGate {
+    strangers: RateLimiter,
+    known: RateLimiter,
+    /// When each known source last authenticated (the oldest goes first).
+    known_sources: BTreeMap<Source, Instant>,
+}
+
+impl PeerGate {
+    pub fn new(per_minute: u32, burst: u32) -> Self {
+        Self {
+            strangers: RateLimiter::new(per_minute, burst),
+            known: RateLimiter::new(per_minute, burst),
+            known_sources: BTreeMap::new(),
+        }
+    }
+
+    /// Takes one token for a request from `source`.
+    pub fn admit(&mut self, source: Source, now: Instant) -> bool {
+        let key = source.to_string();
+        if self.known_sources.contains_key(&source) {
+            self.known.allow(&key, now)
+        } else {
+            self.strangers.allow(&key, now)
+        }
+    }
+
+    /// `source` sent a request a registered server signed.
+    pub fn authenticated(&mut self, source: Source, now: Instant) {
+        if !self.known_sources.contains_key(&source) && self.known_sources.len() >= MAX_KNOWN_SOURCES {
+            let oldest = self.known_sources.iter().min_by_key(|(_, at)| **at).map(|(s, _)| *s);
+            if let Some(oldest) = oldest {
+                self.known_sources.remove(&oldest);
+                self.known.buckets.remove(&oldest.to_string());
+            }
+        }
+        self.known_sources.insert(source, now);
+    }
+}
 
 impl RateLimiter {
     fn forget_full(&mut self, now: Instant) {
@@ -66,6 +116,40 @@ mod tests {
         assert!(rl.allow("b", t0), "buckets are per server");
         assert!(!rl.allow("a", t0 + Duration::from_millis(500)));
         assert!(rl.allow("a", t0 + Duration::from_millis(1600)), "one token per second");
+    }
+
+    fn src(i: u32) -> Source {
+        Source::of(std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+    }
+
+    /// The attack: strangers from more addresses than the map holds
+    /// cannot take admission from a fleet server's address that has
+    /// authenticated, even once its bucket has refilled.
+    #[test]
+    fn strangers_filling_the_map_leave_known_sources_alone() {
+        let mut gate = PeerGate::new(60, 2);
+        let t0 = Instant::now();
+        let server = src(1);
+        assert!(gate.admit(server, t0));
+        gate.authenticated(server, t0);
+        let later = t0 + Duration::from_secs(5);
+        let strangers = (100..100 + 2 * MAX_BUCKETS as u32).filter(|i| gate.admit(src(*i), later)).count();
+        assert_eq!(strangers, MAX_BUCKETS, "the strangers' map is full");
+        assert!(!gate.admit(src(1_000_000), later), "a new stranger waits");
+        assert!(gate.admit(server, later) && gate.admit(server, later), "the server keeps its burst");
+        assert!(!gate.admit(server, later), "and its rate");
+    }
+
+    #[test]
+    fn known_sources_stay_bounded_oldest_first() {
+        let mut gate = PeerGate::new(60, 2);
+        let t0 = Instant::now();
+        for i in 0..=MAX_KNOWN_SOURCES as u32 {
+            gate.authenticated(src(i), t0 + Duration::from_millis(u64::from(i)));
+        }
+        assert_eq!(gate.known_sources.len(), MAX_KNOWN_SOURCES);
+        assert!(!gate.known_sources.contains_key(&src(0)));
+        assert!(gate.known_sources.contains_key(&src(MAX_KNOWN_SOURCES as u32)));
     }
 
     #[test]

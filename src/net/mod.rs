@@ -80,6 +80,11 @@ impl Backend {
         }
     }
 
+    /// Whether this backend can join a Wi-Fi network (`none` cannot).
+    pub fn joins_wifi(&self) -> bool {
+        !matches!(self, Self::None)
+    }
+
     /// Whether a network the device already knows is up: then provisioning
     /// never raises an access point over it.
     pub async fn known_network_active(&mut self) -> Result<bool, NetError> {

@@ -28,6 +28,17 @@ pub enum AuthError {
     Wrong,
 }
 
+impl AuthError {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Missing => "pop-required",
+            Self::Malformed(_) => "pop-malformed",
+            Self::Nonce => "pop-nonce",
+            Self::Wrong => "pop-wrong",
+        }
+    }
+}
+
 /// The bytes the MAC covers.
 pub fn signed_bytes(method: &str, path: &str, nonce: &str, body: &[u8]) -> Vec<u8> {
     let digest = ring::digest::digest(&ring::digest::SHA256, body);
@@ -59,39 +70,85 @@ pub fn parse_authorization(header: Option<&str>) -> Result<(String, Vec<u8>), Au
     Ok((nonce, mac))
 }
 
-/// Nonces issued by the device: each accepted once, within `ttl_ms`.
-#[derive(Debug, Clone)]
+/// Nonces that cost the device nothing to issue: each carries the time it
+/// was issued and a MAC under a key that lives only in this process, so a
+/// nonce is checked without being stored, and a flood of `/api/v1/info`
+/// evicts nobody's. Only nonces that authenticated a request are kept
+/// (until they expire), to refuse replays; an attacker cannot add to that
+/// set without the PoP. (A nonce spent on a wrong MAC is not kept: anyone
+/// can have fresh nonces, so a retry with the same one gains nothing, and
+/// the guard counts each wrong proof.)
 pub struct Nonces {
+    key: hmac::Key,
     ttl_ms: u64,
+    /// Authenticated requests kept at once, at most: beyond that (only the
+    /// PoP's holder can get there) a nonce is refused until one expires.
     capacity: usize,
-    issued: BTreeMap<String, u64>,
+    spent: BTreeMap<String, u64>,
 }
 
+impl std::fmt::Debug for Nonces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nonces").field("ttl_ms", &self.ttl_ms).field("spent", &self.spent.len()).finish()
+    }
+}
+
+const NONCE_TIME_BYTES: usize = 8;
+const NONCE_RANDOM_BYTES: usize = 8;
+const NONCE_BODY_BYTES: usize = NONCE_TIME_BYTES + NONCE_RANDOM_BYTES;
+const NONCE_LABEL: &[u8] = b"fleetd-portal-nonce\n";
+
 impl Nonces {
-    pub fn new(ttl_ms: u64, capacity: usize) -> Self {
-        Self { ttl_ms, capacity, issued: BTreeMap::new() }
+    /// `secret`: fresh random bytes for each portal (never stored).
+    pub fn new(secret: [u8; 32], ttl_ms: u64, capacity: usize) -> Self {
+        Self { key: hmac::Key::new(hmac::HMAC_SHA256, &secret), ttl_ms, capacity, spent: BTreeMap::new() }
     }
 
-    /// A new nonce from 16 random bytes; the oldest is dropped when full.
-    pub fn issue(&mut self, random: [u8; 16], now_ms: u64) -> String {
-        self.issued.retain(|_, at| now_ms.saturating_sub(*at) < self.ttl_ms);
-        while self.issued.len() >= self.capacity {
-            let oldest = self.issued.iter().min_by_key(|(_, at)| **at).map(|(n, _)| n.clone());
-            match oldest {
-                Some(n) => self.issued.remove(&n),
-                None => break,
-            };
-        }
-        let nonce = crate::trust::b64url_encode(&random);
-        self.issued.insert(nonce.clone(), now_ms);
-        nonce
+    fn tag(&self, body: &[u8]) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(NONCE_LABEL);
+        ctx.update(body);
+        ctx.sign()
     }
 
-    fn take(&mut self, nonce: &str, now_ms: u64) -> bool {
-        match self.issued.remove(nonce) {
-            Some(at) => now_ms.saturating_sub(at) < self.ttl_ms,
-            None => false,
+    /// A new nonce: the time, 8 random bytes, and their MAC.
+    pub fn issue(&self, random: [u8; 16], now_ms: u64) -> String {
+        let mut bytes = Vec::with_capacity(NONCE_BODY_BYTES + 32);
+        bytes.extend_from_slice(&now_ms.to_be_bytes());
+        bytes.extend_from_slice(&random[..NONCE_RANDOM_BYTES]);
+        let tag = self.tag(&bytes);
+        bytes.extend_from_slice(tag.as_ref());
+        crate::trust::b64url_encode(&bytes)
+    }
+
+    /// Issued here, not expired, not spent.
+    fn usable(&self, nonce: &str, now_ms: u64) -> bool {
+        let Some(bytes) = crate::trust::b64url_decode(nonce) else { return false };
+        if bytes.len() <= NONCE_BODY_BYTES {
+            return false;
         }
+        let (body, tag) = bytes.split_at(NONCE_BODY_BYTES);
+        let mut ctx_input = Vec::with_capacity(NONCE_LABEL.len() + body.len());
+        ctx_input.extend_from_slice(NONCE_LABEL);
+        ctx_input.extend_from_slice(body);
+        if hmac::verify(&self.key, &ctx_input, tag).is_err() {
+            return false;
+        }
+        let mut time = [0u8; NONCE_TIME_BYTES];
+        time.copy_from_slice(&body[..NONCE_TIME_BYTES]);
+        let issued = u64::from_be_bytes(time);
+        issued <= now_ms && now_ms - issued < self.ttl_ms && !self.spent.contains_key(nonce)
+    }
+
+    /// Keeps an authenticating nonce until it expires.
+    fn spend(&mut self, nonce: &str, now_ms: u64) -> bool {
+        let ttl = self.ttl_ms;
+        self.spent.retain(|_, at| now_ms.saturating_sub(*at) < ttl);
+        if self.spent.len() >= self.capacity {
+            return false;
+        }
+        self.spent.insert(nonce.to_string(), now_ms);
+        true
     }
 }
 
@@ -124,9 +181,8 @@ pub fn verify_response(
     hmac::verify(key, &response_bytes(nonce, status, body), &mac).map_err(|_| AuthError::Wrong)
 }
 
-/// Checks a request; on success, the nonce it used (for the answer's MAC).
-/// The nonce is spent whatever the outcome, so a wrong MAC cannot be
-/// retried with the same nonce.
+/// Checks a request; on success, the nonce it used (for the answer's MAC),
+/// now spent.
 pub fn verify(
     key: &hmac::Key,
     nonces: &mut Nonces,
@@ -137,10 +193,13 @@ pub fn verify(
     now_ms: u64,
 ) -> Result<String, AuthError> {
     let (nonce, mac) = parse_authorization(header)?;
-    if !nonces.take(&nonce, now_ms) {
+    if !nonces.usable(&nonce, now_ms) {
         return Err(AuthError::Nonce);
     }
     hmac::verify(key, &signed_bytes(method, path, &nonce, body), &mac).map_err(|_| AuthError::Wrong)?;
+    if !nonces.spend(&nonce, now_ms) {
+        return Err(AuthError::Nonce);
+    }
     Ok(nonce)
 }
 
@@ -176,9 +235,13 @@ mod tests {
         assert!(verify_response(&key(7), "n1", 200, b"", None).is_err());
     }
 
+    fn nonces() -> Nonces {
+        Nonces::new([3; 32], 60_000, 8)
+    }
+
     #[test]
     fn a_request_signed_with_the_pop_passes_once() {
-        let mut nonces = Nonces::new(60_000, 8);
+        let mut nonces = nonces();
         let nonce = nonces.issue([1; 16], 0);
         let header = authorization(&key(7), "POST", "/api/v1/provision", &nonce, b"{}");
         assert_eq!(
@@ -194,7 +257,7 @@ mod tests {
 
     #[test]
     fn wrong_pop_altered_body_or_path_and_stale_nonces_are_refused() {
-        let mut nonces = Nonces::new(60_000, 8);
+        let mut nonces = nonces();
         let check = |nonces: &mut Nonces, signer: u8, body: &[u8], path: &str, at: u64| {
             let nonce = nonces.issue([signer; 16], 0);
             let header = authorization(&key(signer), "POST", "/api/v1/provision", &nonce, b"{}");
@@ -209,7 +272,7 @@ mod tests {
 
     #[test]
     fn headers_are_parsed_strictly() {
-        let mut nonces = Nonces::new(60_000, 8);
+        let mut nonces = nonces();
         for bad in [
             None,
             Some("Bearer x"),
@@ -224,14 +287,70 @@ mod tests {
         assert!(matches!(parse_authorization(Some(twice)), Err(AuthError::Malformed(_))));
     }
 
+    /// The issue's flood: unauthenticated requests for nonces take nothing
+    /// from anyone, and only authenticated requests are remembered.
     #[test]
-    fn the_nonce_store_stays_bounded() {
-        let mut nonces = Nonces::new(60_000, 4);
-        let first = nonces.issue([0; 16], 0);
-        for i in 1..10u8 {
-            nonces.issue([i; 16], u64::from(i));
+    fn a_flood_of_nonces_evicts_nobody_and_spent_nonces_stay_bounded() {
+        let mut nonces = nonces();
+        let installer = nonces.issue([1; 16], 0);
+        for i in 0..100_000u64 {
+            let _ = nonces.issue([(i % 251) as u8; 16], i / 100);
         }
-        assert!(nonces.issued.len() <= 4);
-        assert!(!nonces.take(&first, 20), "the oldest was dropped");
+        let header = authorization(&key(7), "GET", "/api/v1/csr", &installer, b"");
+        assert_eq!(
+            verify(&key(7), &mut nonces, Some(&header), "GET", "/api/v1/csr", b"", 1_000),
+            Ok(installer)
+        );
+        assert_eq!(nonces.spent.len(), 1);
+        // Wrong MACs are not kept.
+        for i in 0..100u8 {
+            let n = nonces.issue([i; 16], 1_000);
+            let header = authorization(&key(8), "GET", "/api/v1/csr", &n, b"");
+            assert_eq!(
+                verify(&key(7), &mut nonces, Some(&header), "GET", "/api/v1/csr", b"", 1_000),
+                Err(AuthError::Wrong)
+            );
+        }
+        assert_eq!(nonces.spent.len(), 1);
+        // Past the capacity (8 good requests within the TTL) a nonce waits.
+        for i in 0..7u8 {
+            let n = nonces.issue([i; 16], 2_000);
+            let header = authorization(&key(7), "GET", "/", &n, b"");
+            assert!(verify(&key(7), &mut nonces, Some(&header), "GET", "/", b"", 2_000).is_ok());
+        }
+        let n = nonces.issue([9; 16], 2_000);
+        let header = authorization(&key(7), "GET", "/", &n, b"");
+        assert_eq!(
+            verify(&key(7), &mut nonces, Some(&header), "GET", "/", b"", 2_000),
+            Err(AuthError::Nonce)
+        );
+        assert_eq!(
+            verify(&key(7), &mut nonces, Some(&header), "GET", "/", b"", 61_000),
+            Ok(n),
+            "expired ones go"
+        );
+        assert!(nonces.spent.len() <= 8);
+    }
+
+    #[test]
+    fn nonces_from_elsewhere_or_the_future_are_refused() {
+        let mut nonces = nonces();
+        let other = Nonces::new([4; 32], 60_000, 8).issue([1; 16], 0);
+        let future = nonces.issue([1; 16], 5_000);
+        for (nonce, why) in [
+            (other.as_str(), "another portal's (or a restarted one's)"),
+            (future.as_str(), "issued after now"),
+            ("AAAAAAAAAAAAAAAAAAAAAA", "made up"),
+            ("", "empty"),
+        ] {
+            let header = format!("{SCHEME} nonce={nonce}, mac=AAAA");
+            assert_eq!(
+                verify(&key(7), &mut nonces, Some(&header), "GET", "/", b"", 1_000),
+                Err(AuthError::Nonce),
+                "{why}"
+            );
+        }
+        assert_eq!(AuthError::Nonce.name(), "pop-nonce");
+        assert!(AuthError::Wrong.to_string().starts_with(AuthError::Wrong.name()));
     }
 }

@@ -3,9 +3,10 @@
 //! ends when the device is provisioned; a failed join brings the access
 //! point back with the reason shown at `/api/v1/info`.
 
+use super::guard::{Guard, GuardPolicy};
 use super::portal::{Facts, Portal, Progress};
 use super::server::{self, Accepted, Clock, SharedPortal, ToPhase};
-use super::store::{load_or_create_pop, ProvisionStore, Provisioned, StoreError};
+use super::store::{load_or_create_pop, GuardFile, ProvisionStore, Provisioned, StoreError};
 use crate::config::Config;
 use crate::net::{AccessPoint, Backend, NetError};
 pub use crate::status::NetworkStatus;
@@ -128,13 +129,35 @@ pub async fn run(
         device_id: config.device.id.clone(),
         hardware: config.device.hardware.clone(),
         portal_url: portal_url.clone(),
+        addresses: [Some(listen.ip()), ap_address]
+            .into_iter()
+            .flatten()
+            .filter(|a| !a.is_unspecified())
+            .collect(),
+        joins_wifi: phase.backend.joins_wifi(),
     };
-    let mut portal = Portal::new(facts, &pop, device_key, progress);
+    // Wrong proofs counted before a restart still count.
+    let guard_file = Arc::new(GuardFile::new(&config.device.state_dir));
+    let (guard, clock_ms) = match guard_file.load(crate::system_now_ms()) {
+        Ok(Some((state, resume_at))) => (Guard::restore(GuardPolicy::default(), &state), resume_at),
+        Ok(None) => (Guard::new(GuardPolicy::default()), 0),
+        Err(e) => {
+            log(&format!("provisioning: {e}; counting wrong proofs afresh"));
+            (Guard::new(GuardPolicy::default()), 0)
+        }
+    };
+    let mut nonce_secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret).map_err(|_| {
+        PhaseError::Net(NetError::Backend("the system has no randomness for the portal's nonces".into()))
+    })?;
+    let mut portal = Portal::new(facts, &pop, device_key, progress, nonce_secret, guard);
     portal.set_networks(networks);
     let portal: SharedPortal = Arc::new(Mutex::new(portal));
     let (accepted_tx, mut accepted) = mpsc::channel::<ToPhase>(1);
     let floor = clock_floor.max(crate::build_epoch());
-    let server = tokio::spawn(server::serve(listener, portal.clone(), accepted_tx, Clock::new(floor), log));
+    let clock = Clock::resume(floor, clock_ms);
+    let persist = server::Persist { guard: guard_file };
+    let server = tokio::spawn(server::serve(listener, portal.clone(), accepted_tx, clock, log, persist));
     let _server = AbortOnDrop(server);
     let mode = match (ap_address, known_network) {
         (Some(_), _) => "access-point",

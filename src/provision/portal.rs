@@ -7,12 +7,19 @@
 //! Routes (interfaces.md): `/` (the page), `/api/v1/info`, `networks`,
 //! `csr`, `provision`, and the operating systems' captive-portal probes,
 //! which redirect to the page so phones open it by themselves.
+//!
+//! The `Host` header must name the portal's own address (DNS rebinding
+//! would bring another site's name): with any other, the API is refused
+//! (`host-refused`) and everything else redirects to the portal, which is
+//! exactly what a captive probe for another site's name needs.
 
 use super::auth::{self, AuthError, Nonces};
-use super::guard::{Guard, GuardPolicy, LockedOut};
+use super::guard::{Guard, GuardState, LockedOut};
 use super::identity::{self, CheckedIdentity, DeviceKey};
 use super::request::ProvisionRequest;
+use crate::admission::Source;
 use serde::Serialize;
+use std::net::IpAddr;
 
 pub use crate::net::Network;
 
@@ -59,8 +66,13 @@ pub struct Request<'a> {
     pub method: &'a str,
     /// Without the query string.
     pub path: &'a str,
+    pub host: Option<&'a str>,
     pub authorization: Option<&'a str>,
     pub body: &'a [u8],
+    /// The client's address (the guard counts wrong proofs per source).
+    pub peer: IpAddr,
+    /// The address the client reached.
+    pub local: IpAddr,
 }
 
 /// What the caller does with a request.
@@ -69,6 +81,9 @@ pub enum Handled {
     Reply {
         response: Response,
         log: Option<String>,
+        /// A wrong proof was counted: persist `Portal::guard_state` before
+        /// answering, so a restart does not forget it.
+        guard_changed: bool,
     },
     /// Checked in full: the caller stores it (atomically), then answers
     /// with `Portal::stored` or `Portal::store_failed`.
@@ -82,15 +97,12 @@ pub enum Handled {
     /// point briefly (a radio in AP mode cannot scan) and raise it again.
     /// `busy` is the answer instead when a rescan or a provisioning is
     /// already queued.
-    Rescan {
-        response: Response,
-        busy: Response,
-    },
+    Rescan { response: Response, busy: Response },
 }
 
 impl Handled {
     fn reply(response: Response) -> Self {
-        Self::Reply { response, log: None }
+        Self::Reply { response, log: None, guard_changed: false }
     }
 }
 
@@ -99,11 +111,19 @@ pub struct Facts {
     pub hardware: String,
     /// Where phones are sent by the probes: `http://ADDR[:PORT]/`.
     pub portal_url: String,
+    /// The portal's own addresses (the listen address, the access
+    /// point's): a `Host` naming one of these, or the address the
+    /// connection reached, is the portal's.
+    pub addresses: Vec<IpAddr>,
+    /// Whether the network backend can join a Wi-Fi (backend `none`
+    /// cannot: a request carrying one is refused at once).
+    pub joins_wifi: bool,
 }
 
-/// A nonce is good for two minutes; at most 64 are outstanding.
-const NONCE_TTL_MS: u64 = 120_000;
-const NONCE_CAPACITY: usize = 64;
+/// A nonce is good for two minutes.
+pub const NONCE_TTL_MS: u64 = 120_000;
+/// Authenticated requests remembered at once (to refuse replays).
+const SPENT_NONCES: usize = 256;
 
 pub struct Portal {
     facts: Facts,
@@ -119,13 +139,21 @@ pub struct Portal {
 }
 
 impl Portal {
-    pub fn new(facts: Facts, pop: &super::pop::Pop, device_key: DeviceKey, progress: Progress) -> Self {
+    /// `nonce_secret`: fresh random bytes; `guard`: as restored from disk.
+    pub fn new(
+        facts: Facts,
+        pop: &super::pop::Pop,
+        device_key: DeviceKey,
+        progress: Progress,
+        nonce_secret: [u8; 32],
+        guard: Guard,
+    ) -> Self {
         Self {
             key: pop.request_key(&facts.device_id),
             facts,
             device_key,
-            nonces: Nonces::new(NONCE_TTL_MS, NONCE_CAPACITY),
-            guard: Guard::new(GuardPolicy::default()),
+            nonces: Nonces::new(nonce_secret, NONCE_TTL_MS, SPENT_NONCES),
+            guard,
             networks: Vec::new(),
             progress,
             in_flight: false,
@@ -154,9 +182,34 @@ impl Portal {
         &self.progress
     }
 
+    /// What a restart must not forget of the wrong proofs.
+    pub fn guard_state(&self, now_ms: u64) -> GuardState {
+        self.guard.state(now_ms)
+    }
+
+    /// Whether `Host` names this portal. DNS rebinding reaches this address
+    /// under another site's name; a name is never one of ours (the portal
+    /// has none: the probes' redirect and the captive API use the address).
+    fn host_is_ours(&self, request: &Request) -> bool {
+        let Some(ip) = request.host.and_then(host_address) else { return false };
+        ip == request.local.to_canonical() || self.facts.addresses.iter().any(|a| a.to_canonical() == ip)
+    }
+
     /// `now_ms` is monotonic (lock-outs, nonces); `unix_now` is wall-clock
     /// seconds, already raised to the clock floor (certificate validity).
     pub fn handle(&mut self, request: &Request, now_ms: u64, unix_now: u64, random: [u8; 16]) -> Handled {
+        if !self.host_is_ours(request) {
+            return match (request.method, request.path) {
+                (_, path) if path.starts_with("/api/") => Handled::reply(Response::error(
+                    421,
+                    "host-refused",
+                    "the Host header names another site; the portal answers only at its own address",
+                )),
+                // A captive probe for another site's name: to the portal.
+                ("GET", _) | ("HEAD", _) => Handled::reply(Response::redirect(self.facts.portal_url.clone())),
+                _ => Handled::reply(Response::error(405, "method-not-allowed", "only GET and the API")),
+            };
+        }
         match (request.method, request.path) {
             ("GET", "/") | ("GET", "/index.html") => Handled::reply(self.page()),
             ("GET", "/api/v1/info") => Handled::reply(self.info(now_ms, random)),
@@ -190,7 +243,7 @@ impl Portal {
         }
     }
 
-    fn info(&mut self, now_ms: u64, random: [u8; 16]) -> Response {
+    fn info(&self, now_ms: u64, random: [u8; 16]) -> Response {
         let nonce = self.nonces.issue(random, now_ms);
         Response::json(
             200,
@@ -208,7 +261,8 @@ impl Portal {
     }
 
     fn authenticated(&mut self, request: &Request, now_ms: u64, unix_now: u64) -> Handled {
-        if let Err(LockedOut { retry_after_ms }) = self.guard.check(now_ms) {
+        let source = Source::of(request.peer);
+        if let Err(LockedOut { retry_after_ms }) = self.guard.check(source, now_ms) {
             let mut response = Response::error(
                 429,
                 "locked-out",
@@ -233,19 +287,21 @@ impl Portal {
             Ok(nonce) => nonce,
             Err(e) => {
                 let mut log = None;
-                if e == AuthError::Wrong {
-                    if let Some(lockout) = self.guard.failed(now_ms) {
+                let guard_changed = e == AuthError::Wrong;
+                if guard_changed {
+                    if let Some(lockout) = self.guard.failed(source, now_ms) {
                         log = Some(format!(
-                        "provisioning: locked-out: too many wrong proofs of possession; the API is locked for {} s",
-                        lockout.retry_after_ms / 1000
-                    ));
+                            "provisioning: locked-out: too many wrong proofs of possession from {source}; \
+                             it is locked for {} s",
+                            lockout.retry_after_ms / 1000
+                        ));
                     }
                 }
-                let name = e.to_string().split(':').next().unwrap_or("pop").to_string();
-                return Handled::Reply { response: Response::error(401, &name, &e.to_string()), log };
+                let response = Response::error(401, e.name(), &e.to_string());
+                return Handled::Reply { response, log, guard_changed };
             }
         };
-        self.guard.succeeded();
+        self.guard.succeeded(source);
         let mut handled = match (request.method, request.path) {
             ("GET", "/api/v1/networks") => Handled::reply(Response::json(200, &self.networks)),
             ("GET", "/api/v1/csr") => match self.device_key.csr_pem(&self.facts.device_id) {
@@ -293,6 +349,17 @@ impl Portal {
             Ok(r) => r,
             Err(e) => return Handled::reply(Response::error(400, e.name(), &e.to_string())),
         };
+        if let (Some(wifi), false) = (&request.wifi, self.facts.joins_wifi) {
+            return Handled::reply(Response::error(
+                400,
+                "wifi-unsupported",
+                &format!(
+                    "this device has no Wi-Fi backend (backend none) to join {:?} with; \
+                     provision it without a Wi-Fi network",
+                    wifi.ssid
+                ),
+            ));
+        }
         let checked = identity::check(
             &self.facts.device_id,
             &request.identity.cert_pem,
@@ -331,6 +398,26 @@ impl Portal {
     }
 }
 
+/// The address a `Host` header names (`10.42.0.1`, `10.42.0.1:8080`,
+/// `[fe80::1]:80`), canonical; `None` for a name.
+fn host_address(host: &str) -> Option<IpAddr> {
+    let host = host.trim();
+    let ip = if let Some(rest) = host.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.starts_with(':')) {
+            return None;
+        }
+        ip.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)?
+    } else {
+        let address = match host.rsplit_once(':') {
+            Some((address, port)) if port.bytes().all(|b| b.is_ascii_digit()) => address,
+            _ => host,
+        };
+        address.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)?
+    };
+    Some(ip.to_canonical())
+}
+
 fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -340,28 +427,53 @@ const PAGE: &str = include_str!("page.html");
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provision::guard::GuardPolicy;
     use crate::provision::pop::{Pop, POP_BYTES};
 
-    fn portal() -> (Portal, Pop) {
+    const PORTAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 42, 0, 1));
+    const PHONE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 42, 0, 23));
+    const NEIGHBOUR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 42, 0, 66));
+
+    fn portal_with(joins_wifi: bool) -> (Portal, Pop) {
         let pop = Pop::from_bytes([9; POP_BYTES]);
         let facts = Facts {
             device_id: "gw-1".into(),
             hardware: "rpi4".into(),
             portal_url: "http://10.42.0.1/".into(),
+            addresses: vec![PORTAL],
+            joins_wifi,
         };
         let progress = Progress { state: "provisioning".into(), provisioned: false, last_error: None };
-        (Portal::new(facts, &pop, DeviceKey::generate().unwrap(), progress), pop)
+        let guard = Guard::new(GuardPolicy::default());
+        (Portal::new(facts, &pop, DeviceKey::generate().unwrap(), progress, [5; 32], guard), pop)
+    }
+
+    fn portal() -> (Portal, Pop) {
+        portal_with(true)
     }
 
     fn get<'a>(path: &'a str, authorization: Option<&'a str>) -> Request<'a> {
-        Request { method: "GET", path, authorization, body: b"" }
+        Request {
+            method: "GET",
+            path,
+            host: Some("10.42.0.1"),
+            authorization,
+            body: b"",
+            peer: PHONE,
+            local: PORTAL,
+        }
     }
 
     fn reply(handled: Handled) -> (Response, Option<String>) {
         match handled {
-            Handled::Reply { response, log } => (response, log),
+            Handled::Reply { response, log, .. } => (response, log),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    fn error_name(response: &Response) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+        v["error"].as_str().unwrap_or_default().to_string()
     }
 
     fn nonce(portal: &mut Portal, now: u64) -> String {
@@ -371,9 +483,21 @@ mod tests {
     }
 
     fn signed(portal: &mut Portal, pop: &Pop, method: &str, path: &str, body: &[u8], now: u64) -> Response {
+        signed_from(portal, pop, PHONE, method, path, body, now)
+    }
+
+    fn signed_from(
+        portal: &mut Portal,
+        pop: &Pop,
+        peer: IpAddr,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        now: u64,
+    ) -> Response {
         let n = nonce(portal, now);
         let header = auth::authorization(&pop.request_key("gw-1"), method, path, &n, body);
-        let request = Request { method, path, authorization: Some(&header), body };
+        let request = Request { method, path, authorization: Some(&header), body, peer, ..get(path, None) };
         reply(portal.handle(&request, now, 0, [1; 16])).0
     }
 
@@ -400,43 +524,114 @@ mod tests {
         assert_eq!(String::from_utf8(r.body).unwrap(), r#"[{"ssid":"home","signal":70,"security":"wpa2"}]"#);
         let r = signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 2);
         assert!(String::from_utf8(r.body).unwrap().contains("BEGIN CERTIFICATE REQUEST"));
-        let (r, _) = reply(p.handle(
-            &Request { method: "POST", path: "/api/v1/rescan", authorization: None, body: b"" },
-            3,
-            0,
-            [0; 16],
-        ));
+        let (r, _) =
+            reply(p.handle(&Request { method: "POST", ..get("/api/v1/rescan", None) }, 3, 0, [0; 16]));
         assert_eq!(r.status, 401, "a rescan needs the PoP too");
         let n = nonce(&mut p, 4);
         let header = auth::authorization(&pop.request_key("gw-1"), "POST", "/api/v1/rescan", &n, b"");
-        let rescan =
-            Request { method: "POST", path: "/api/v1/rescan", authorization: Some(&header), body: b"" };
+        let rescan = Request { method: "POST", ..get("/api/v1/rescan", Some(&header)) };
         assert!(
             matches!(p.handle(&rescan, 4, 0, [5; 16]), Handled::Rescan { response, .. } if response.status == 202)
         );
     }
 
     #[test]
-    fn wrong_proofs_lock_the_api_and_the_lockout_is_logged_once() {
-        let (mut p, _) = portal();
+    fn wrong_proofs_lock_their_source_and_the_lockout_is_logged_once() {
+        let (mut p, pop) = portal();
         let wrong = Pop::from_bytes([8; POP_BYTES]);
         let mut statuses = std::collections::BTreeMap::new();
-        let mut logs = Vec::new();
+        let (mut logs, mut persisted) = (Vec::new(), 0);
         for i in 0..1000u64 {
             let n = nonce(&mut p, i);
             let header = auth::authorization(&wrong.request_key("gw-1"), "GET", "/api/v1/csr", &n, b"");
-            let (r, log) = reply(p.handle(&get("/api/v1/csr", Some(&header)), i, 0, [2; 16]));
-            *statuses.entry(r.status).or_insert(0) += 1;
+            let request = Request { peer: NEIGHBOUR, ..get("/api/v1/csr", Some(&header)) };
+            let Handled::Reply { response, log, guard_changed } = p.handle(&request, i, 0, [2; 16]) else {
+                panic!("a reply")
+            };
+            *statuses.entry(response.status).or_insert(0) += 1;
             logs.extend(log);
+            persisted += usize::from(guard_changed);
         }
         assert_eq!(statuses.get(&401), Some(&5), "{statuses:?}");
         assert_eq!(statuses.get(&429), Some(&995));
+        assert_eq!(persisted, 5, "each counted wrong proof is to be persisted");
         assert_eq!(logs.len(), 1);
-        assert!(logs[0].contains("locked-out"));
-        // The right PoP is refused too while locked: the lock is on the API.
-        let (_, pop) = (0, Pop::from_bytes([9; POP_BYTES]));
-        assert_eq!(signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 1000).status, 429);
-        assert_eq!(signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 31_000).status, 200);
+        assert!(logs[0].contains("locked-out") && logs[0].contains("10.42.0.66"), "{}", logs[0]);
+        // The right PoP from the locked address waits too; from the
+        // installer's address it is checked.
+        assert_eq!(signed_from(&mut p, &pop, NEIGHBOUR, "GET", "/api/v1/csr", b"", 1000).status, 429);
+        assert_eq!(signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 1001).status, 200);
+        assert_eq!(signed_from(&mut p, &pop, NEIGHBOUR, "GET", "/api/v1/csr", b"", 31_000).status, 200);
+        let state = p.guard_state(31_000);
+        assert!(state.sources.is_empty(), "a success forgets its source: {state:?}");
+        assert_eq!(state.global_spent, 5);
+    }
+
+    /// A page on another site whose name was rebound to the portal's
+    /// address (the browser sends that site's name) reaches no API; probes
+    /// for other sites' names get the redirect that opens the portal.
+    #[test]
+    fn a_foreign_host_gets_no_api_and_probes_are_redirected() {
+        let (mut p, pop) = portal();
+        for host in
+            [Some("rebind.attacker.example"), Some("rebind.attacker.example:80"), Some("10.0.0.9"), None]
+        {
+            for (method, path) in
+                [("GET", "/api/v1/info"), ("GET", "/api/v1/csr"), ("POST", "/api/v1/provision")]
+            {
+                let (r, _) = reply(p.handle(&Request { method, host, ..get(path, None) }, 0, 0, [0; 16]));
+                assert_eq!((r.status, error_name(&r).as_str()), (421, "host-refused"), "{host:?} {path}");
+            }
+            let (page, _) = reply(p.handle(&Request { host, ..get("/", None) }, 0, 0, [0; 16]));
+            assert_eq!(page.status, 302, "{host:?}: the page only at the portal's own address");
+        }
+        for (host, probe) in [
+            ("connectivitycheck.gstatic.com", "/generate_204"),
+            ("captive.apple.com", "/hotspot-detect.html"),
+            ("www.msftconnecttest.com", "/connecttest.txt"),
+            ("detectportal.firefox.com", "/canonical.html"),
+        ] {
+            let (r, _) = reply(p.handle(&Request { host: Some(host), ..get(probe, None) }, 0, 0, [0; 16]));
+            assert_eq!(r.status, 302, "{host}{probe}");
+            assert!(r.headers.contains(&("Location", "http://10.42.0.1/".into())), "{host}{probe}");
+        }
+        // The portal's own address, with a port, or the one the connection
+        // reached (a wildcard listener) are the portal's.
+        for (host, local) in
+            [("10.42.0.1", PORTAL), ("10.42.0.1:80", PORTAL), ("192.168.7.2:8080", [192, 168, 7, 2].into())]
+        {
+            let (r, _) = reply(p.handle(
+                &Request { host: Some(host), local, ..get("/api/v1/info", None) },
+                0,
+                0,
+                [0; 16],
+            ));
+            assert_eq!(r.status, 200, "{host}");
+        }
+        let v6: IpAddr = "fe80::1".parse().unwrap();
+        let (r, _) = reply(p.handle(
+            &Request { host: Some("[fe80::1]:80"), local: v6, ..get("/api/v1/info", None) },
+            0,
+            0,
+            [0; 16],
+        ));
+        assert_eq!(r.status, 200);
+        assert_eq!(signed(&mut p, &pop, "GET", "/api/v1/csr", b"", 1).status, 200);
+    }
+
+    #[test]
+    fn without_a_wifi_backend_a_request_with_wifi_is_refused_at_once() {
+        let (mut p, pop) = portal_with(false);
+        let body = serde_json::json!({
+            "wifi": {"ssid": "home-net", "psk": "correct horse"},
+            "mqtt": {"host": "broker", "ca_pem": "-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n"},
+            "identity": {"cert_pem": "-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----\n"},
+        })
+        .to_string();
+        let r = signed(&mut p, &pop, "POST", "/api/v1/provision", body.as_bytes(), 0);
+        assert_eq!((r.status, error_name(&r).as_str()), (400, "wifi-unsupported"));
+        assert!(String::from_utf8(r.body).unwrap().contains("home-net"));
+        assert!(!p.in_flight, "nothing is in flight");
     }
 
     /// A request in flight (stored, the Wi-Fi being joined) holds single
@@ -470,12 +665,8 @@ mod tests {
         let post = |p: &mut Portal, at: u64| {
             let n = nonce(p, at);
             let header = auth::authorization(&key, "POST", "/api/v1/provision", &n, body.as_bytes());
-            let request = Request {
-                method: "POST",
-                path: "/api/v1/provision",
-                authorization: Some(&header),
-                body: body.as_bytes(),
-            };
+            let request =
+                Request { method: "POST", body: body.as_bytes(), ..get("/api/v1/provision", Some(&header)) };
             p.handle(&request, at, 1_800_000_000, [4; 16])
         };
         assert!(matches!(post(&mut p, 1), Handled::Provision { .. }));

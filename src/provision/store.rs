@@ -14,6 +14,7 @@
 //! so a power cut leaves either the old provisioning or none. The device is
 //! provisioned once that file says the network is up (or none was asked).
 
+use super::guard::GuardState;
 use super::identity::{CheckedIdentity, DeviceKey, IdentityError};
 use super::pop::Pop;
 use super::request::ProvisionRequest;
@@ -196,6 +197,60 @@ impl ProvisionStore {
     }
 }
 
+/// The portal's guard on disk (`state_dir/portal-guard.json`): the wrong
+/// proofs counted, so a restart does not hand out fresh attempts. Written
+/// atomically after each wrong proof, before it is answered.
+pub struct GuardFile {
+    path: PathBuf,
+    /// Held while a state is read and written (the server's writers).
+    pub writing: std::sync::Mutex<()>,
+}
+
+pub const GUARD_FILE: &str = "portal-guard.json";
+/// 1,024 sources at ~150 bytes each, with room.
+const GUARD_FILE_MAX_BYTES: usize = 512 * 1024;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedGuard {
+    /// The wall clock when saved, to tell how long the portal was down.
+    saved_at_unix_ms: u64,
+    guard: GuardState,
+}
+
+impl GuardFile {
+    pub fn new(state_dir: &Path) -> Self {
+        Self { path: state_dir.join(GUARD_FILE), writing: std::sync::Mutex::new(()) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved guard, and the portal clock to resume at: the saved clock
+    /// plus the wall-clock time since, which counts as none if the clock
+    /// went back (a lock-out then lasts longer, never shorter).
+    pub fn load(&self, unix_now_ms: u64) -> Result<Option<(GuardState, u64)>, StoreError> {
+        let bytes = match fsutil::read_capped(&self.path, GUARD_FILE_MAX_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&self.path)(e)),
+        };
+        let saved: SavedGuard = serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt { path: self.path.clone(), message: e.to_string() })?;
+        let down_for = unix_now_ms.saturating_sub(saved.saved_at_unix_ms);
+        let resume_at = saved.guard.clock_ms.saturating_add(down_for);
+        Ok(Some((saved.guard, resume_at)))
+    }
+
+    pub fn save(&self, guard: &GuardState, unix_now_ms: u64) -> Result<(), StoreError> {
+        let saved = SavedGuard { saved_at_unix_ms: unix_now_ms, guard: guard.clone() };
+        let bytes = serde_json::to_vec(&saved)
+            .map_err(|e| StoreError::Corrupt { path: self.path.clone(), message: e.to_string() })?;
+        fsutil::atomic_write(&self.path, &bytes, 0o600).map_err(io_error(&self.path))
+    }
+}
+
 /// The proof of possession from `pop_file`: written at manufacturing, or
 /// made here on first start (0600).
 pub fn load_or_create_pop(path: &Path) -> Result<Pop, StoreError> {
@@ -241,6 +296,26 @@ mod tests {
         assert_eq!(load_or_create_pop(&path).unwrap(), pop);
         std::fs::write(&path, "not a code\n").unwrap();
         assert!(load_or_create_pop(&path).unwrap_err().to_string().contains("pop-malformed"));
+    }
+
+    #[test]
+    fn the_guard_file_round_trips_and_resumes_its_clock_never_backwards() {
+        use crate::provision::guard::{Guard, GuardPolicy};
+        let dir = tempfile::tempdir().unwrap();
+        let file = GuardFile::new(dir.path());
+        assert!(file.load(0).unwrap().is_none());
+        let mut guard = Guard::new(GuardPolicy::default());
+        let neighbour = crate::admission::Source::of([10, 42, 0, 66].into());
+        let _ = guard.failed(neighbour, 500);
+        let state = guard.state(1_000);
+        file.save(&state, 1_700_000_000_000).unwrap();
+        assert_eq!(mode(file.path()), 0o600);
+        let (back, resume) = file.load(1_700_000_004_000).unwrap().unwrap();
+        assert_eq!((back, resume), (state.clone(), 5_000), "down for 4 s");
+        let (_, resume) = file.load(1_600_000_000_000).unwrap().unwrap();
+        assert_eq!(resume, 1_000, "a clock that went back counts as no time");
+        std::fs::write(file.path(), b"{not json").unwrap();
+        assert!(matches!(file.load(0), Err(StoreError::Corrupt { .. })));
     }
 
     #[test]

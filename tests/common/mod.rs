@@ -170,25 +170,130 @@ impl Device {
 /// with the proof-of-possession `key` (a fresh nonce from /api/v1/info):
 /// the status and the body.
 pub fn portal_call(addr: &str, method: &str, path: &str, key: Option<&ring::hmac::Key>) -> (u16, String) {
-    let authorization = key.map(|key| {
-        let (_, info) = portal_call(addr, "GET", "/api/v1/info", None);
-        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
-        let nonce = info["nonce"].as_str().unwrap().to_string();
-        fleetd::provision::auth::authorization(key, method, path, &nonce, b"")
-    });
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let client = PortalClient::new(addr);
+    match key {
+        Some(key) => client.signed(key, method, path, &client.nonce().unwrap()),
+        None => client.call(method, path, None),
+    }
+    .unwrap()
+}
+
+/// A client of the portal from a chosen loopback address (all of
+/// 127.0.0.0/8 is loopback: to the server, another party on its network),
+/// sending a chosen `Host`. Errors instead of panics, for counting attempts
+/// that a server under attack drops.
+#[derive(Clone)]
+pub struct PortalClient {
+    pub source: std::net::Ipv4Addr,
+    pub addr: String,
+    pub host: String,
+}
+
+impl PortalClient {
+    pub fn new(addr: &str) -> Self {
+        Self { source: std::net::Ipv4Addr::LOCALHOST, addr: addr.to_string(), host: addr.to_string() }
+    }
+
+    pub fn from(self, source: [u8; 4]) -> Self {
+        Self { source: source.into(), ..self }
+    }
+
+    pub fn with_host(self, host: &str) -> Self {
+        Self { host: host.to_string(), ..self }
+    }
+
+    pub fn connect(&self) -> std::io::Result<std::net::TcpStream> {
+        connect_from(self.source, self.addr.parse().map_err(std::io::Error::other)?)
+    }
+
+    /// `(status, body)`; status 0 when the connection closed before an answer.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        authorization: Option<String>,
+    ) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = self.connect()?;
+        // Bounded by the portal's own idle bound: it answers or closes by then.
+        stream.set_read_timeout(Some(fleetd::provision::server::LIMITS.idle() * 2))?;
+        let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n",
+            self.host
+        )?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let response = String::from_utf8_lossy(&response);
+        let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// A nonce from /api/v1/info.
+    pub fn nonce(&self) -> std::io::Result<String> {
+        let (status, info) = self.call("GET", "/api/v1/info", None)?;
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
+        info["nonce"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| std::io::Error::other(format!("no nonce ({status}): {info}")))
+    }
+
+    pub fn signed(
+        &self,
+        key: &ring::hmac::Key,
+        method: &str,
+        path: &str,
+        nonce: &str,
+    ) -> std::io::Result<(u16, String)> {
+        self.call(method, path, Some(fleetd::provision::auth::authorization(key, method, path, nonce, b"")))
+    }
+}
+
+/// A TCP connection to `to` from `source` (bound before connecting).
+pub fn connect_from(
+    source: std::net::Ipv4Addr,
+    to: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(to) = to else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let check = |rc: libc::c_int| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) };
+    // SAFETY: a new socket, owned by the OwnedFd at once; the addresses
+    // are valid sockaddr_in values that outlive the calls.
+    unsafe {
+        let fd = check(libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0))?;
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let from = sockaddr(std::net::SocketAddrV4::new(source, 0));
+        check(libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&from as *const libc::sockaddr_in).cast(),
+            len,
+        ))?;
+        let to = sockaddr(to);
+        check(libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&to as *const libc::sockaddr_in).cast(),
+            len,
+        ))?;
+        Ok(std::net::TcpStream::from(fd))
+    }
+}
+
+/// A port free on loopback now (for a portal that must keep its address
+/// across a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn is_root() -> bool {
