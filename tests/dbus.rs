@@ -341,25 +341,35 @@ async fn properties_progress_completed_mark_good_and_cancel() {
     assert!(!daemon.log().contains("panicked"), "{}", daemon.log());
 }
 
-/// The shipped policy on a bus with the system bus's defaults: root owns
-/// the name; a member of `fleetd` reads and calls; anyone else is refused
-/// reads, calls and the name.
-#[test]
-fn the_shipped_policy_lets_only_root_and_the_group_in() {
+/// The group the policy tests give the shipped policy's `fleetd`.
+const GID: u32 = 64_990;
+
+/// A private bus with the system bus's defaults and the shipped policy, in
+/// `dir`; `None` (after saying why) where the test cannot run, which CI
+/// as root never allows.
+fn shipped_policy_bus(dir: &tempfile::TempDir) -> Option<common::dbus::PrivateBus> {
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/dbus/org.fleetd.Daemon1.conf");
-    let dir = tempfile::tempdir().unwrap();
     // The bus's socket must be reachable by the unprivileged clients.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    const GID: u32 = 64_990;
-    let Some(bus) = common::dbus::PrivateBus::system_like(dir.path(), &policy, "fleetd", GID) else {
+    let bus = common::dbus::PrivateBus::system_like(dir.path(), &policy, "fleetd", GID);
+    if bus.is_none() {
         assert!(
             std::env::var_os("CI").is_none() || !is_root(),
             "CI must run the policy test (root, dbus-daemon)"
         );
         eprintln!("SKIP: the policy test needs root (other users, a mount namespace) and dbus-daemon");
-        return;
-    };
+    }
+    bus
+}
+
+/// The shipped policy on a bus with the system bus's defaults: root owns
+/// the name; a member of `fleetd` reads and calls; anyone else is refused
+/// reads, calls and the name.
+#[test]
+fn the_shipped_policy_lets_only_root_and_the_group_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bus) = shipped_policy_bus(&dir) else { return };
     let g = device();
     let log = g.path().join("fleetd.log");
     let daemon =
@@ -455,19 +465,9 @@ impl Drop for Listener {
 /// group receives none of the daemon's signals.
 #[test]
 fn install_reads_only_what_the_caller_can_and_outsiders_see_nothing() {
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/dbus/org.fleetd.Daemon1.conf");
     let dir = tempfile::tempdir().unwrap();
+    let Some(bus) = shipped_policy_bus(&dir) else { return };
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    const GID: u32 = 64_990;
-    let Some(bus) = common::dbus::PrivateBus::system_like(dir.path(), &policy, "fleetd", GID) else {
-        assert!(
-            std::env::var_os("CI").is_none() || !is_root(),
-            "CI must run the policy test (root, dbus-daemon)"
-        );
-        eprintln!("SKIP: the policy test needs root (other users, a mount namespace) and dbus-daemon");
-        return;
-    };
     let g = device();
     let log = g.path().join("fleetd.log");
     let daemon =
