@@ -237,13 +237,12 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
     publish(broker.port(), &topic, &forged).await?;
     let error = fleet
         .wait_for("the refusal of the forged message", |kind, v| {
-            if kind != "status" {
-                return Ok(None);
-            }
-            if v["job"]["jti"] == evil.jti.as_str() || v["installed_version"] != 8 {
+            if kind == "status" && (v["job"]["jti"] == evil.jti.as_str() || v["installed_version"] != 8) {
                 return Err(demo_failed("the device accepted a message with a single signature".into()));
             }
-            Ok(v["last_error"].as_str().map(str::to_string))
+            // Every refusal is reported to the fleet on the progress topic.
+            let refused = kind == "progress" && v["step"] == "refused";
+            Ok(v["detail"].as_str().filter(|_| refused).map(str::to_string))
         })
         .await?;
     if !error.starts_with("signature-missing") {
