@@ -357,8 +357,11 @@ fn default_leeway() -> u64 {
     60
 }
 fn default_max_validity() -> u64 {
-    crate::trust::DEFAULT_MAX_VALIDITY_S
+    DEFAULT_MAX_VALIDITY_S
 }
+
+/// The longest validity window a message may claim, unless `trust.max_validity_s` says otherwise.
+pub const DEFAULT_MAX_VALIDITY_S: u64 = 7 * 24 * 3600;
 fn default_booted_slot() -> String {
     "auto".into()
 }
@@ -597,35 +600,6 @@ impl Config {
             .unwrap_or_else(|| self.device.state_dir.join("pop"))
     }
 
-    /// Loads the trust policy: reads every public key and the slot sizes.
-    pub fn policy(&self) -> Result<crate::trust::Policy, ConfigError> {
-        let mut keys = Vec::new();
-        for (kid, file) in &self.trust.keys {
-            let key_error = |message: String| ConfigError::KeyFile {
-                path: self.source.clone(),
-                key: format!("trust.keys.{kid}"),
-                file: file.clone(),
-                message,
-            };
-            // Capped and by type: a FIFO does not hang, /dev/zero is not read.
-            let bytes = crate::fsutil::read_public_file(file).map_err(|e| key_error(e.to_string()))?;
-            let pem = String::from_utf8(bytes).map_err(|_| key_error("not a PEM text file".into()))?;
-            let key = crate::trust::PublicKey::from_pem(&pem).map_err(|e| key_error(e.to_string()))?;
-            keys.push((kid.clone(), key));
-        }
-        Ok(crate::trust::Policy {
-            keys,
-            project: self.device.project.clone(),
-            hardware: self.device.hardware.clone(),
-            device_id: self.device.id.clone(),
-            groups: self.device.groups.clone(),
-            leeway_s: self.trust.leeway_s,
-            max_validity_s: self.trust.max_validity_s,
-            allow_http: self.trust.allow_http,
-            max_image_size: self.smallest_slot_size(),
-        })
-    }
-
     /// The smallest size among slots whose size is configured or readable.
     pub fn smallest_slot_size(&self) -> Option<u64> {
         self.slots.values().filter_map(slot_size).min()
@@ -736,13 +710,6 @@ mod tests {
         assert!(e.contains("`provision.listen`") && e.contains("ADDR:PORT"), "{e}");
         let e = error_of(&format!("{}\n[provision]\nbackend = \"wext\"\n", good()));
         assert!(e.contains("`provision.backend`"), "{e}");
-    }
-
-    #[test]
-    fn missing_key_file_is_named() {
-        let c = parse(&good()).unwrap();
-        let e = c.policy().unwrap_err().to_string();
-        assert!(e.contains("`trust.keys.cosigner`") && e.contains("cosigner.pub.pem"), "{e}");
     }
 
     // The shared device configuration parses as documented.

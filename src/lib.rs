@@ -15,6 +15,7 @@ pub mod cosigner;
 pub mod daemon;
 #[cfg(any(feature = "fleet", test))]
 mod demo_broker;
+pub mod der;
 pub mod fixture;
 pub mod fsutil;
 pub mod http;
@@ -22,12 +23,14 @@ pub mod http_server;
 pub mod logging;
 pub mod mqtt;
 pub mod net;
+pub mod policy;
 pub mod provision;
 pub mod status;
 pub mod store;
 pub mod sys;
 pub mod trust;
 pub mod update;
+pub mod wifi;
 
 /// The daemon's own version, reported in status documents.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -9,7 +9,7 @@
 //! (committed, rolled back). A refused `Install` call gets one too.
 
 use crate::status::StatusDoc;
-use crate::update::Report;
+use crate::update::report::Report;
 
 /// `Completed`'s result codes.
 pub const RESULT_OK: i32 = 0;

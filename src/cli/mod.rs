@@ -221,7 +221,7 @@ fn verify_command(config: Option<&Path>, json: bool, file: &Path) -> ExitCode {
 /// Loads config, keys and state, then verifies. `Err` is a usage or config problem (exit 2).
 fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, CliError> {
     let config = Config::load(config_path)?;
-    let policy = config.policy()?;
+    let policy = crate::policy::load(&config)?;
     let state = Store::read(&config.device.state_dir)?;
     // One byte past the cap is enough to know the message is too large.
     let input = crate::fsutil::read_prefix(file, trust::MAX_MESSAGE_BYTES + 1).map_err(file_error(file))?;

@@ -11,17 +11,7 @@ pub mod hostapd;
 pub mod networkmanager;
 pub mod wpa_ctrl;
 
-use serde::Serialize;
-
-/// A network seen by the scan made before the access point came up.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Network {
-    pub ssid: String,
-    /// 0-100.
-    pub signal: u8,
-    /// "open", "wpa2", "wpa3", …
-    pub security: String,
-}
+pub use crate::wifi::Network;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NetError {

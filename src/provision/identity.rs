@@ -143,7 +143,7 @@ pub fn check(
     leaf.verify_signature(webpki::ring::ECDSA_P256_SHA256, proof, &signature)
         .map_err(|_| IdentityError::Mismatch(whose))?;
 
-    match crate::mqtt::certificate_common_name(&chain[0]) {
+    match crate::der::certificate_common_name(&chain[0]) {
         Some(cn) if cn == device_id => {}
         found => {
             return Err(IdentityError::CommonName {
@@ -201,17 +201,17 @@ fn signer(key_pem: &str) -> Result<Box<dyn rustls::sign::Signer>, IdentityError>
 
 /// The certificate's notAfter, from a small DER walk (webpki keeps it private).
 fn not_after(der: &[u8]) -> Option<u64> {
-    let (_, certificate, _) = crate::mqtt::der_tlv(der)?;
-    let (_, mut tbs, _) = crate::mqtt::der_tlv(certificate)?;
+    let (_, certificate, _) = crate::der::tlv(der)?;
+    let (_, mut tbs, _) = crate::der::tlv(certificate)?;
     if tbs.first() == Some(&0xa0) {
-        tbs = crate::mqtt::der_tlv(tbs)?.2;
+        tbs = crate::der::tlv(tbs)?.2;
     }
     for _ in 0..3 {
-        tbs = crate::mqtt::der_tlv(tbs)?.2; // serial, signature, issuer
+        tbs = crate::der::tlv(tbs)?.2; // serial, signature, issuer
     }
-    let (_, validity, _) = crate::mqtt::der_tlv(tbs)?;
-    let (_, rest) = crate::mqtt::der_tlv(validity).map(|(t, _, r)| (t, r))?;
-    let (tag, time, _) = crate::mqtt::der_tlv(rest)?;
+    let (_, validity, _) = crate::der::tlv(tbs)?;
+    let (_, rest) = crate::der::tlv(validity).map(|(t, _, r)| (t, r))?;
+    let (tag, time, _) = crate::der::tlv(rest)?;
     asn1_time(tag, time)
 }
 

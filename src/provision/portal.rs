@@ -21,7 +21,7 @@ use crate::admission::Source;
 use serde::Serialize;
 use std::net::IpAddr;
 
-pub use crate::net::Network;
+pub use crate::wifi::Network;
 
 /// Where provisioning stands, as `/api/v1/info` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

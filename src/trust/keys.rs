@@ -215,15 +215,15 @@ pub fn private_key_pem_as_pkcs8(pem: &str) -> Result<String, KeyError> {
 /// SEQUENCE { INTEGER 0, AlgorithmIdentifier, OCTET STRING { ECPrivateKey } }.
 /// A key naming another curve is refused; ring checks the rest.
 fn pkcs8_from_sec1(sec1: &[u8]) -> Result<Vec<u8>, KeyError> {
-    let (tag, mut body, rest) = der_tlv(sec1).ok_or(KeyError::NotP256Private)?;
+    let (tag, mut body, rest) = crate::der::tlv(sec1).ok_or(KeyError::NotP256Private)?;
     if tag != 0x30 || !rest.is_empty() {
         return Err(KeyError::NotP256Private);
     }
     // version 1, privateKey, then optional [0] parameters and [1] publicKey.
     for _ in 0..2 {
-        body = der_tlv(body).ok_or(KeyError::NotP256Private)?.2;
+        body = crate::der::tlv(body).ok_or(KeyError::NotP256Private)?.2;
     }
-    while let Some((tag, content, rest)) = der_tlv(body) {
+    while let Some((tag, content, rest)) = crate::der::tlv(body) {
         if tag == 0xa0 && content != P256_CURVE_OID {
             return Err(KeyError::NotP256Private);
         }
@@ -233,24 +233,6 @@ fn pkcs8_from_sec1(sec1: &[u8]) -> Result<Vec<u8>, KeyError> {
     inner.extend_from_slice(&P256_ALGORITHM_ID);
     inner.extend(der_wrap(0x04, sec1));
     Ok(der_wrap(0x30, &inner))
-}
-
-/// (tag, content, rest) of the first DER TLV in `input`.
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 2 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        rest = &rest[n..];
-        len
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
 /// A DER TLV of `tag` around `content` (lengths up to 64 KiB).

@@ -6,7 +6,7 @@ use super::keys::PublicKey;
 use super::VerifyError;
 use std::collections::BTreeMap;
 
-pub const DEFAULT_MAX_VALIDITY_S: u64 = 7 * 24 * 3600;
+pub use crate::config::DEFAULT_MAX_VALIDITY_S;
 
 /// What the device trusts and who it is. Built from the configuration.
 #[derive(Debug, Clone)]

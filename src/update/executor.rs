@@ -65,17 +65,7 @@ pub enum Admission {
     Continued,
 }
 
-/// What the executor tells its front end (CLI progress, MQTT reports).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Report {
-    /// A new phase or an event: the status `state` name and a sentence,
-    /// and the job's jti and version when there is one (journal fields).
-    Step { state: &'static str, detail: String, job: Option<(String, u64)> },
-    /// Download progress, at most once per percent.
-    Progress { jti: String, version: u64, done: u64, total: u64 },
-    /// The status document, after every persisted change.
-    Status(Box<crate::status::StatusDoc>),
-}
+pub use super::report::Report;
 
 pub type Reporter = Box<dyn FnMut(&Report) + Send>;
 
@@ -143,7 +133,7 @@ impl Executor {
         booted: String,
         boot_id: String,
     ) -> Result<Self, ExecError> {
-        let policy = config.policy().map_err(|e| e.to_string());
+        let policy = crate::policy::load(&config).map_err(|e| e.to_string());
         let facts = Facts {
             booted,
             boot_id,

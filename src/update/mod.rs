@@ -8,6 +8,7 @@ pub mod agent;
 pub mod engine;
 pub mod executor;
 pub mod fetch;
+pub mod report;
 pub mod slot_writer;
 pub mod state;
 mod status_doc;
