@@ -80,17 +80,7 @@ impl Client {
                 sink.lock().unwrap().push(signal);
             }
         });
-        let proxy = zbus::proxy::Builder::new(&conn)
-            .destination(NAME)
-            .unwrap()
-            .path(PATH)
-            .unwrap()
-            .interface(NAME)
-            .unwrap()
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .unwrap();
+        let proxy = daemon_proxy(&conn).await;
         Client { conn, proxy, signals }
     }
 
@@ -339,6 +329,21 @@ async fn properties_progress_completed_mark_good_and_cancel() {
     }
     daemon.stop();
     assert!(!daemon.log().contains("panicked"), "{}", daemon.log());
+}
+
+/// fleetd's object on `conn`, with no property cache (each read asks).
+async fn daemon_proxy(conn: &zbus::Connection) -> zbus::Proxy<'static> {
+    zbus::proxy::Builder::new(conn)
+        .destination(NAME)
+        .unwrap()
+        .path(PATH)
+        .unwrap()
+        .interface(NAME)
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
 }
 
 /// The group the policy tests give the shipped policy's `fleetd`.
@@ -630,17 +635,7 @@ fn install_fd_as_the_caller() {
     let answer = rt.block_on(async {
         let conn =
             zbus::connection::Builder::address(address.to_str().unwrap()).unwrap().build().await.unwrap();
-        let proxy: zbus::Proxy<'_> = zbus::proxy::Builder::new(&conn)
-            .destination(NAME)
-            .unwrap()
-            .path(PATH)
-            .unwrap()
-            .interface(NAME)
-            .unwrap()
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .unwrap();
+        let proxy = daemon_proxy(&conn).await;
         let fd = zbus::zvariant::Fd::from(std::os::fd::AsFd::as_fd(&file));
         match proxy.call::<_, _, String>("InstallFd", &(fd,)).await {
             Ok(reply) => format!("ok: {reply}"),

@@ -80,6 +80,11 @@ pub struct Model {
     job: Option<String>,
     /// The last (jti, ending) `Completed` was sent for: never twice.
     completed_for: Option<(String, &'static str)>,
+    /// An ending's `Completed`, held until the status report saved with it
+    /// arrives (the step comes first), so a client that reads the
+    /// properties on `Completed` sees the ending's slots, not the last ones.
+    /// The next step releases it too, should no report come.
+    pending: Option<(i32, String)>,
 }
 
 impl Model {
@@ -92,7 +97,7 @@ impl Model {
             None => (0, "idle".to_string()),
         };
         let completed_for = doc.job.as_ref().and_then(|j| ending(&j.step).map(|e| (j.jti.clone(), e.0)));
-        Self { doc, progress, connected: false, job, completed_for }
+        Self { doc, progress, connected: false, job, completed_for, pending: None }
     }
 
     pub fn last_error(&self) -> String {
@@ -133,7 +138,10 @@ impl Model {
             Event::Connected(up) => self.connected = *up,
             Event::Provisioning(p) => self.doc.apply_provisioning(p),
             Event::Completed(result, detail) => completed = Some((*result, detail.clone())),
-            Event::Report(Report::Status(doc)) => self.doc = (**doc).clone(),
+            Event::Report(Report::Status(doc)) => {
+                self.doc = (**doc).clone();
+                completed = self.pending.take();
+            }
             Event::Report(Report::Progress { jti, done, total, .. }) => {
                 self.follow(jti);
                 let percent = (done.saturating_mul(DOWNLOAD_SHARE) / (*total).max(1)).min(DOWNLOAD_SHARE);
@@ -143,6 +151,7 @@ impl Model {
                 self.progress = (percent, "downloading".into());
             }
             Event::Report(Report::Step { state, detail, job }) => {
+                completed = self.pending.take();
                 if let Some((jti, _)) = job {
                     self.follow(jti);
                     let percent = percent_of_state(state, 0).max(match *state {
@@ -157,7 +166,7 @@ impl Model {
                             let cancelled = detail.ends_with(crate::update::agent::CANCELLED);
                             let code =
                                 if code == RESULT_FAILED && cancelled { RESULT_CANCELLED } else { code };
-                            completed = Some((code, detail.clone()));
+                            self.pending = Some((code, detail.clone()));
                         }
                     }
                 }
@@ -266,6 +275,18 @@ mod tests {
         Event::Report(Report::Step { state, detail: detail.into(), job: Some(("j1".into(), 2)) })
     }
 
+    /// The status report the executor sends after the step (it saves).
+    fn saved(state: &str) -> Event {
+        Event::Report(Report::Status(Box::new(doc(state))))
+    }
+
+    /// An ending step and the report saved with it: the `Completed` of both.
+    fn end(m: &mut Model, state: &'static str, detail: &str) -> Option<(i32, String)> {
+        let at_step = m.apply(&step(state, detail)).completed;
+        assert_eq!(at_step, None, "Completed before the ending is saved");
+        m.apply(&saved(state)).completed
+    }
+
     fn bytes(done: u64) -> Event {
         Event::Report(Report::Progress { jti: "j1".into(), version: 2, done, total: 1000 })
     }
@@ -286,10 +307,11 @@ mod tests {
             if changes.properties.contains(&Property::Progress) {
                 seen.push(m.progress.clone());
             }
+            assert_eq!(changes.completed, None, "not before the report saved with it");
             if event != step("reboot-pending", "slot B is primary for a trial boot") {
                 assert!(m.progress.0 < 100, "{:?} after {event:?}", m.progress);
-                assert_eq!(changes.completed, None);
             } else {
+                let changes = m.apply(&saved("reboot-pending"));
                 assert_eq!(changes.completed, Some((RESULT_OK, "slot B is primary for a trial boot".into())));
             }
         }
@@ -302,14 +324,22 @@ mod tests {
     fn completed_fires_once_per_ending() {
         let mut m = Model::new(doc("idle"));
         m.apply(&step("downloading", "accepted"));
-        assert!(m.apply(&step("reboot-pending", "switched")).completed.is_some());
+        assert!(end(&mut m, "reboot-pending", "switched").is_some());
         // "rebooting into the new slot" is another step in the same phase.
         assert_eq!(m.apply(&step("reboot-pending", "rebooting")).completed, None);
         assert_eq!(m.apply(&step("testing", "checking health")).completed, None);
-        assert_eq!(
-            m.apply(&step("committed", "committed v2")).completed,
-            Some((RESULT_OK, "committed v2".into()))
-        );
+        assert_eq!(end(&mut m, "committed", "committed v2"), Some((RESULT_OK, "committed v2".into())));
+    }
+
+    /// Should the report never come (a save that failed), the next step
+    /// still lets the ending's `Completed` out.
+    #[test]
+    fn an_ending_without_its_report_completes_at_the_next_step() {
+        let mut m = Model::new(doc("idle"));
+        m.apply(&step("downloading", "accepted"));
+        assert_eq!(m.apply(&step("failed", "failed: state-io")).completed, None);
+        let next = m.apply(&step("failed", "cannot record the failure"));
+        assert_eq!(next.completed, Some((RESULT_FAILED, "failed: state-io".into())));
     }
 
     #[test]
@@ -317,21 +347,15 @@ mod tests {
         let mut m = Model::new(doc("idle"));
         m.apply(&step("downloading", "accepted"));
         m.apply(&bytes(300));
-        let c = m.apply(&step("failed", &format!("failed: {}", crate::update::agent::CANCELLED)));
-        assert_eq!(c.completed.map(|c| c.0), Some(RESULT_CANCELLED));
+        let c = end(&mut m, "failed", &format!("failed: {}", crate::update::agent::CANCELLED));
+        assert_eq!(c.map(|c| c.0), Some(RESULT_CANCELLED));
         assert_eq!(m.progress, (27, "failed".into()), "a failure keeps how far it got");
 
         let mut m = Model::new(doc("idle"));
         m.apply(&step("downloading", "accepted"));
-        assert_eq!(
-            m.apply(&step("failed", "failed: hash-mismatch")).completed.map(|c| c.0),
-            Some(RESULT_FAILED)
-        );
+        assert_eq!(end(&mut m, "failed", "failed: hash-mismatch").map(|c| c.0), Some(RESULT_FAILED));
         let mut m = Model::new(doc("testing"));
-        assert_eq!(
-            m.apply(&step("rolled-back", "rolled back")).completed.map(|c| c.0),
-            Some(RESULT_ROLLED_BACK)
-        );
+        assert_eq!(end(&mut m, "rolled-back", "rolled back").map(|c| c.0), Some(RESULT_ROLLED_BACK));
         assert_eq!(
             m.apply(&Event::Completed(RESULT_REFUSED, "busy: x".into())).completed,
             Some((RESULT_REFUSED, "busy: x".into()))
@@ -352,7 +376,7 @@ mod tests {
         let mut m = Model::new(d);
         assert_eq!(m.progress, (100, "reboot-pending".into()));
         assert_eq!(m.apply(&step("reboot-pending", "reboot needed")).completed, None);
-        assert!(m.apply(&step("committed", "committed")).completed.is_some());
+        assert!(end(&mut m, "committed", "committed").is_some());
     }
 
     #[test]
