@@ -360,8 +360,7 @@ fn default_max_validity() -> u64 {
     DEFAULT_MAX_VALIDITY_S
 }
 
-/// The longest validity window a message may claim, unless `trust.max_validity_s` says otherwise.
-pub const DEFAULT_MAX_VALIDITY_S: u64 = 7 * 24 * 3600;
+pub use crate::trust::DEFAULT_MAX_VALIDITY_S;
 fn default_booted_slot() -> String {
     "auto".into()
 }
@@ -640,7 +639,7 @@ mod tests {
 
     /// The documented example device, on U-Boot with real partitions.
     fn good() -> String {
-        crate::fixture::DeviceConfig {
+        fleetd_fixture::DeviceConfig {
             trust: "leeway_s = 30".into(),
             keys: vec![
                 ("fleet".into(), "keys/fleet.pub.pem".into()),
@@ -716,7 +715,7 @@ mod tests {
     #[test]
     fn the_default_parses_as_the_documented_example() {
         let config = Config::parse(
-            &crate::fixture::DeviceConfig::default().to_toml(),
+            &fleetd_fixture::DeviceConfig::default().to_toml(),
             std::path::Path::new("/etc/fleetd/fleetd.toml"),
         )
         .unwrap();
@@ -728,13 +727,13 @@ mod tests {
 
     #[test]
     fn every_table_is_written_when_given() {
-        let text = crate::fixture::DeviceConfig {
+        let text = fleetd_fixture::DeviceConfig {
             trust: "allow_http = true".into(),
             mqtt: Some("host = \"h\"\nport = 1\nca_file = \"ca.pem\"".into()),
             update: Some("reboot = \"none\"".into()),
             health: Some("timeout_s = 5".into()),
             slots: vec![("A".into(), "a".into(), Some(2)), ("B".into(), "b".into(), Some(3))],
-            ..crate::fixture::DeviceConfig::default()
+            ..fleetd_fixture::DeviceConfig::default()
         }
         .to_toml();
         let config = Config::parse(&text, std::path::Path::new("/f.toml")).unwrap();

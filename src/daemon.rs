@@ -180,11 +180,7 @@ async fn connected(
         Some(tls) => {
             mqtt::options(&config.device.id, &broker.host, broker.port, tls, broker.keep_alive_s, will)
         }
-        #[cfg(feature = "fleet")]
         None => mqtt::plain_options_for_demo(&config.device.id, &broker.host, broker.port, will),
-        // Plain MQTT exists only for the demo; a device build has no demo.
-        #[cfg(not(feature = "fleet"))]
-        None => return Err(DaemonError::NoMqtt),
     };
     let aws_jobs = match broker.profile {
         crate::config::MqttProfile::AwsIotJobs => Some(mqtt::aws::AwsJobs::new(&config.device.id)),

@@ -79,7 +79,6 @@ where
 }
 
 /// POSTs a JSON body and returns the status and the (capped) response body.
-#[cfg(feature = "fleet")]
 pub async fn post_json(
     url: &str,
     body: String,

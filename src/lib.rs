@@ -4,19 +4,13 @@
 //! encoders) perform no IO; the binaries and the daemon wire them to disks and
 //! sockets. See `ARCHITECTURE.md` for the map.
 
-pub mod admission;
-pub mod backoff;
+pub use fleetd_core::{admission, backoff, der, status, trust, wifi};
+
 pub mod boot;
 pub mod bus;
 pub mod cli;
 pub mod config;
-#[cfg(feature = "fleet")]
-pub mod cosigner;
 pub mod daemon;
-#[cfg(any(feature = "fleet", test))]
-mod demo_broker;
-pub mod der;
-pub mod fixture;
 pub mod fsutil;
 pub mod http;
 pub mod http_server;
@@ -25,20 +19,11 @@ pub mod mqtt;
 pub mod net;
 pub mod policy;
 pub mod provision;
-pub mod status;
 pub mod store;
 pub mod sys;
-pub mod trust;
 pub mod update;
-pub mod wifi;
 
-/// The daemon's own version, reported in status documents.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// When this binary was built (seconds since the epoch): the lowest clock floor.
-pub fn build_epoch() -> u64 {
-    env!("FLEETD_BUILD_EPOCH").parse().unwrap_or(0)
-}
+pub use fleetd_core::{build_epoch, VERSION};
 
 /// Seconds since the Unix epoch from the system clock (0 if it reads before 1970).
 pub fn system_now() -> u64 {

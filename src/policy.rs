@@ -42,7 +42,7 @@ mod tests {
     /// A key file that is not there is named by its key and its path.
     #[test]
     fn missing_key_file_is_named() {
-        let text = crate::fixture::DeviceConfig {
+        let text = fleetd_fixture::DeviceConfig {
             trust: "leeway_s = 30".into(),
             keys: vec![
                 ("fleet".into(), "keys/fleet.pub.pem".into()),

@@ -5,7 +5,7 @@
 //! bus policy (who may own and call) is `packaging/dbus/`.
 
 pub mod client;
-pub mod model;
+pub use fleetd_core::bus::model;
 pub mod service;
 
 pub const NAME: &str = "org.fleetd.Daemon1";

@@ -1,16 +1,10 @@
-//! Command-line front ends. `fleetd` (device side) lives here; `fleetctl`
-//! (fleet side) in `fleetctl.rs`; the guided demo in `demo.rs`.
+//! `fleetd`'s command line (the device side). `fleetctl` and the guided
+//! demo are the fleet side's (crates/fleetctl); `fleetd demo` runs it.
 
 // A command's error is built once, at its end, and printed: its size costs nothing.
 #![allow(clippy::result_large_err)]
 
-#[cfg(feature = "fleet")]
-mod demo;
 mod device;
-#[cfg(feature = "fleet")]
-pub mod fleetctl;
-#[cfg(feature = "fleet")]
-mod provision;
 
 use crate::config::{self, Config};
 use crate::trust::{self, VerifyError};
@@ -59,22 +53,8 @@ pub enum CliError {
     Http(#[from] crate::http::HttpError),
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
-    #[cfg(feature = "fleet")]
-    #[error(transparent)]
-    Fleet(#[from] crate::mqtt::fleet::FleetError),
-    #[cfg(feature = "fleet")]
-    #[error(transparent)]
-    Cosigner(#[from] crate::cosigner::CosignerError),
-    #[error("co-signer refused ({status}): {detail}")]
-    CosignerRefused { status: u16, detail: String },
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
-    /// The device's portal refused or failed (`fleetctl provision`).
-    #[error("{0}")]
-    Portal(String),
-    /// The guided demo went off its script (a step timed out, a check failed).
-    #[error("demo: {0}")]
-    Demo(String),
 }
 
 /// `.map_err(file_error(path))`: an IO error about `path`.
@@ -162,7 +142,7 @@ enum FleetdCommand {
         once: bool,
     },
     /// Show the whole flow on this machine with embedded defaults: no root, no setup.
-    #[cfg(feature = "fleet")]
+    /// Runs `fleetctl demo` (the fleet side), found next to this binary or on PATH.
     Demo,
 }
 
@@ -178,9 +158,23 @@ pub fn fleetd_main() -> ExitCode {
         FleetdCommand::Status { config, json, pop } => device::status(config.as_deref(), json, pop),
         FleetdCommand::Reset { config, factory: _ } => device::reset_factory(config.as_deref()),
         FleetdCommand::Run { config, once } => device::run(config.as_deref(), once),
-        #[cfg(feature = "fleet")]
-        FleetdCommand::Demo => demo::run(),
+        FleetdCommand::Demo => demo_command(),
     }
+}
+
+/// The demo runs the fleet side, which the device binary does not carry:
+/// like `git foo` running `git-foo`, `fleetd demo` runs `fleetctl demo`.
+fn demo_command() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("fleetctl")));
+    let fleetctl = beside.filter(|path| path.is_file()).unwrap_or_else(|| PathBuf::from("fleetctl"));
+    let error = std::process::Command::new(&fleetctl).arg("demo").exec();
+    eprintln!(
+        "fleetd demo: cannot run {} ({error}): the demo needs fleetctl, the fleet side; \
+         `cargo build --release` at the project's root builds both",
+        fleetctl.display()
+    );
+    ExitCode::from(2)
 }
 
 /// The outcome of `fleetd verify`, for printing.

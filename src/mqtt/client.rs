@@ -498,7 +498,8 @@ mod tests {
     /// others do), the refusal is reported by topic and the rest subscribed.
     #[tokio::test]
     async fn a_subscription_refused_in_the_suback_is_reported() {
-        let addr = crate::demo_broker::start_denying(vec!["fleet/acme/groups/secret/".into()]).await.unwrap();
+        let addr =
+            fleetd_fixture::broker::start_denying(vec!["fleet/acme/groups/secret/".into()]).await.unwrap();
         let topics = Topics::native("acme", "gw-1", &["pilot".into(), "secret".into()]);
         let options = super::super::plain_options_for_demo("gw-1", &addr.ip().to_string(), addr.port(), None);
         let setup = ClientSetup {

@@ -5,10 +5,8 @@
 //! rumqttc does not resubscribe after a reconnect, does not back off, and
 //! caps packets at 10 KiB by default; `client.rs` handles all three.
 
-pub mod aws;
+pub use fleetd_core::mqtt::aws;
 mod client;
-#[cfg(feature = "fleet")]
-pub mod fleet;
 mod limiter;
 
 pub use client::{
@@ -181,10 +179,9 @@ pub fn options(
     options
 }
 
-#[cfg(any(feature = "fleet", test))]
-/// Plain TCP on loopback, for `fleetd demo` only: a device's configuration
-/// has no way to turn TLS off.
-pub(crate) fn plain_options_for_demo(
+/// Plain TCP on loopback, for `fleetd demo` only (through `daemon::run_until`):
+/// a device's configuration has no way to turn TLS off.
+pub fn plain_options_for_demo(
     client_id: &str,
     host: &str,
     port: u16,

@@ -13,12 +13,7 @@
 //! The edges: `server` (hyper), `store` (atomic files, keys 0600) and
 //! `phase` (the daemon's provisioning phase, over a `net::Backend`).
 
-pub mod auth;
-pub mod guard;
-pub mod identity;
+pub use fleetd_core::provision::{auth, guard, identity, pop, portal, request};
 pub mod phase;
-pub mod pop;
-pub mod portal;
-pub mod request;
 pub mod server;
 pub mod store;

@@ -830,7 +830,7 @@ mod tests {
             for slot in ["slot-a.img", "slot-b.img"] {
                 std::fs::File::create(dir.path().join(slot)).unwrap().set_len(1 << 20).unwrap();
             }
-            let config = crate::fixture::DeviceConfig {
+            let config = fleetd_fixture::DeviceConfig {
                 trust: "allow_http = true".into(),
                 boot: "backend = \"grub\"\ngrubenv = \"grubenv\"\nbooted_slot = \"A\"".into(),
                 update: Some(

@@ -4,13 +4,10 @@
 //! carries the agent's actions out, through `fetch` (HTTP with resume) and
 //! `slot_writer` (hash, compare, write, fsync).
 
-pub mod agent;
-pub mod engine;
+pub use fleetd_core::update::{agent, engine, report, state};
 pub mod executor;
 pub mod fetch;
-pub mod report;
 pub mod slot_writer;
-pub mod state;
 mod status_doc;
 
 pub use agent::{Agent, Refusal, Source};

@@ -25,9 +25,9 @@ inherit cargo cargo-update-recipe-crates systemd useradd
 
 require ${BPN}-crates.inc
 
-# The device build: fleetd alone, without the fleet side (co-signer,
-# publish/watch, fleetctl, the demo).
-CARGO_BUILD_FLAGS:append = " --no-default-features --bin fleetd"
+# The device build: the fleetd package alone. The fleet side (co-signer,
+# publish/watch, fleetctl, the demo) is another crate of the workspace.
+CARGO_BUILD_FLAGS:append = " -p fleetd --bin fleetd"
 
 # The provisioning backends: NetworkManager (default) or hostapd with
 # wpa_supplicant and a DHCP server. Both are chosen at run time by

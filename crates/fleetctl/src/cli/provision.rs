@@ -1,0 +1,347 @@
+//! `fleetctl provision`: what a phone app does at the device's portal.
+//! Each call proves the PoP with an HMAC over the request (provision/auth.rs),
+//! so the code itself never crosses the network.
+
+use super::{file_error, runtime, CliError};
+use bytes::Bytes;
+use clap::Args;
+use fleetd::provision::auth;
+use fleetd::provision::pop::Pop;
+use http_body_util::{BodyExt, Full, Limited};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ProvisionArgs {
+    /// The portal, e.g. http://192.168.4.1/ (NetworkManager's hotspot: http://10.42.0.1/).
+    #[arg(long)]
+    url: String,
+    /// The proof-of-possession code from the device's label (or
+    /// $FLEETCTL_POP, which keeps it out of the process list).
+    #[arg(long, env = "FLEETCTL_POP", hide_env_values = true)]
+    pop: String,
+    /// The Wi-Fi for the device to join (leave out for a wired device).
+    #[arg(long, requires = "psk")]
+    ssid: Option<String>,
+    /// The Wi-Fi passphrase (or $FLEETCTL_PSK).
+    #[arg(long, requires = "ssid", env = "FLEETCTL_PSK", hide_env_values = true)]
+    psk: Option<String>,
+    /// The MQTT broker, HOST or HOST:PORT (default port 8883).
+    #[arg(long)]
+    broker: String,
+    /// The broker's CA certificate (PEM); the device's certificate must chain to it.
+    #[arg(long)]
+    broker_ca: PathBuf,
+    /// Sign the device's CSR with this CA (the device makes its key).
+    #[arg(long, requires = "ca_key", conflicts_with_all = ["csr_out", "cert"])]
+    ca_cert: Option<PathBuf>,
+    /// That CA's private key (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Days the signed certificate is valid.
+    #[arg(long, default_value_t = 3650)]
+    days: u32,
+    /// Save the device's CSR here for an external CA, and stop.
+    #[arg(long, conflicts_with = "cert")]
+    csr_out: Option<PathBuf>,
+    /// The certificate (for the device's CSR key, or for --key).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// A key made elsewhere, for --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// How long to wait for the device to report the outcome (longer than
+    /// fleetd's 60 s bound on joining the Wi-Fi).
+    #[arg(long, default_value_t = 90)]
+    wait_s: u64,
+}
+
+/// 0 provisioned, 1 refused or failed, 2 usage.
+pub fn command(args: &ProvisionArgs) -> ExitCode {
+    match runtime().and_then(|rt| rt.block_on(provision(args))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ CliError::Usage(_)) => {
+            eprintln!("fleetctl provision: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("fleetctl provision: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+struct Portal {
+    base: String,
+    pop: Pop,
+    client: fleetd::http::HttpsClient<Full<Bytes>>,
+}
+
+/// An answer from the portal: status and JSON body.
+struct Answer {
+    status: u16,
+    body: serde_json::Value,
+}
+
+impl Answer {
+    fn refusal(&self) -> CliError {
+        let name = self.body["error"].as_str().unwrap_or("refused");
+        let detail = self.body["detail"].as_str().unwrap_or("");
+        CliError::Portal(format!("refused ({}): {name}: {detail}", self.status))
+    }
+}
+
+/// One call to the portal, answer included; a portal that went away with
+/// its access point must not hold the command up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Portal {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer, CliError> {
+        tokio::time::timeout(CALL_TIMEOUT, self.call_once(method, path, body)).await.map_err(|_| {
+            CliError::Portal(format!("{}{path}: no answer within {} s", self.base, CALL_TIMEOUT.as_secs()))
+        })?
+    }
+
+    /// Authenticated calls (all but info) prove the PoP, and their
+    /// successful answers must carry the device's MAC: a CSR or an
+    /// "accepted" from anything else is refused.
+    async fn call_once(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer, CliError> {
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let mut request = hyper::Request::builder().method(method).uri(format!("{}{path}", self.base));
+        let mut signed = None;
+        if path != "/api/v1/info" {
+            let info = Box::pin(self.call_once("GET", "/api/v1/info", None)).await?;
+            let nonce = info.body["nonce"].as_str().unwrap_or_default().to_string();
+            let device = info.body["device"].as_str().unwrap_or_default().to_string();
+            let key = self.pop.request_key(&device);
+            request =
+                request.header("Authorization", auth::authorization(&key, method, path, &nonce, &bytes));
+            signed = Some((key, nonce));
+        }
+        let request = request
+            .header("Content-Type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| CliError::Usage(format!("--url: {e}")))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| CliError::Portal(format!("{}{path}: {e}", self.base)))?;
+        let status = response.status().as_u16();
+        let mac =
+            response.headers().get(auth::RESPONSE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let bytes = Limited::new(response.into_body(), 256 * 1024)
+            .collect()
+            .await
+            .map_err(|e| CliError::Portal(format!("{}{path}: {e}", self.base)))?
+            .to_bytes();
+        if let (Some((key, nonce)), true) = (&signed, (200..300).contains(&status)) {
+            auth::verify_response(key, nonce, status, &bytes, mac.as_deref()).map_err(|e| {
+                CliError::Portal(format!(
+                    "{}{path}: the answer is not from the device that holds this code ({e}); refusing it",
+                    self.base
+                ))
+            })?;
+        }
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Ok(Answer { status, body })
+    }
+}
+
+async fn provision(args: &ProvisionArgs) -> Result<(), CliError> {
+    let pop = Pop::parse(&args.pop).map_err(|e| CliError::Usage(format!("--pop: {e}")))?;
+    let (host, port) = match args.broker.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
+            let port = p.parse().map_err(|_| CliError::Usage(format!("--broker: bad port {p:?}")))?;
+            (h.trim_matches(['[', ']']).to_string(), port)
+        }
+        _ => (args.broker.clone(), 8883u16),
+    };
+    if args.ca_cert.is_none() && args.csr_out.is_none() && args.cert.is_none() {
+        return Err(CliError::Usage(
+            "one identity choice: --ca-cert/--ca-key, --csr-out, --cert, or --cert with --key".into(),
+        ));
+    }
+    let broker_ca = read(&args.broker_ca)?;
+    let base = args.url.trim_end_matches('/').to_string();
+    let tls = fleetd::http::plain_tls_config()?;
+    let portal = Portal { base, pop, client: fleetd::http::client(tls) };
+
+    let info = portal.call("GET", "/api/v1/info", None).await?;
+    let device = info.body["device"].as_str().unwrap_or_default().to_string();
+    if info.body["provisioned"] == true {
+        return Err(CliError::Portal(format!(
+            "{device} is provisioned already (reset it with `fleetd reset --factory`)"
+        )));
+    }
+    println!(
+        "device {device} ({}), fleetd {}",
+        info.body["hardware"].as_str().unwrap_or("?"),
+        info.body["fleetd_version"].as_str().unwrap_or("?")
+    );
+
+    let (cert_pem, key_pem) = match (&args.ca_cert, &args.ca_key, &args.csr_out, &args.cert, &args.key) {
+        (Some(ca_cert), Some(ca_key), _, _, _) => {
+            let csr = fetch_csr(&portal).await?;
+            let ca_key = super::read_key_text(ca_key, fleetd::fsutil::read_private_key(ca_key))?;
+            (sign_csr(&csr, &device, &read(ca_cert)?, &ca_key, args.days)?, None)
+        }
+        (_, _, Some(out), _, _) => {
+            let csr = fetch_csr(&portal).await?;
+            fleetd::fsutil::atomic_write(out, csr.as_bytes(), 0o644).map_err(file_error(out))?;
+            println!(
+                "wrote the CSR of {device} to {}; have it signed, then run again with --cert",
+                out.display()
+            );
+            return Ok(());
+        }
+        (_, _, _, Some(cert), key) => {
+            let key = key.as_deref().map(|k| super::read_key_text(k, fleetd::fsutil::read_private_key(k)));
+            (read(cert)?, key.transpose()?)
+        }
+        _ => unreachable!("checked above"),
+    };
+    let mut body = serde_json::json!({
+        "mqtt": {"host": host, "port": port, "ca_pem": broker_ca},
+        "identity": {"cert_pem": cert_pem},
+    });
+    if let Some(key) = key_pem {
+        body["identity"]["key_pem"] = key.into();
+    }
+    if let (Some(ssid), Some(psk)) = (&args.ssid, &args.psk) {
+        body["wifi"] = serde_json::json!({"ssid": ssid, "psk": psk});
+    }
+    let answer = portal.call("POST", "/api/v1/provision", Some(&body)).await?;
+    if answer.status != 200 {
+        return Err(answer.refusal());
+    }
+    println!("accepted: {}", answer.body["next"].as_str().unwrap_or("provisioning"));
+    wait_for_outcome(&portal, args.ssid.as_deref(), Duration::from_secs(args.wait_s)).await
+}
+
+/// Polls `/api/v1/info` until the device says it is provisioned, or shows
+/// why the join failed (its access point is back). A device that left its
+/// access point for the Wi-Fi and never came back has not failed.
+async fn wait_for_outcome(portal: &Portal, ssid: Option<&str>, wait: Duration) -> Result<(), CliError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut left = false;
+    while tokio::time::Instant::now() < deadline {
+        match portal.call("GET", "/api/v1/info", None).await {
+            Ok(info) if info.body["provisioned"] == true => {
+                println!("provisioned");
+                return Ok(());
+            }
+            Ok(info) if info.body["state"] == "provisioning" && !info.body["last_error"].is_null() => {
+                return Err(CliError::Portal(format!(
+                    "the device could not join: {}",
+                    info.body["last_error"].as_str().unwrap_or("?")
+                )));
+            }
+            Ok(_) => {}
+            Err(_) => left = true,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    match (left, ssid) {
+        (true, Some(ssid)) => {
+            println!("provisioned: the device left its access point to join {ssid:?} and has not come back with an error");
+            Ok(())
+        }
+        (true, None) => {
+            println!("provisioned: the portal closed");
+            Ok(())
+        }
+        (false, _) => Err(CliError::Portal(format!("no outcome within {} s", wait.as_secs()))),
+    }
+}
+
+async fn fetch_csr(portal: &Portal) -> Result<String, CliError> {
+    let answer = portal.call("GET", "/api/v1/csr", None).await?;
+    if answer.status != 200 {
+        return Err(answer.refusal());
+    }
+    answer.body["csr_pem"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| CliError::Portal("the CSR answer holds no csr_pem".into()))
+}
+
+/// Signs the device's CSR as a client certificate for `device`, valid from
+/// a day ago (a device's clock may lag) for `days`.
+fn sign_csr(csr_pem: &str, device: &str, ca_cert: &str, ca_key: &str, days: u32) -> Result<String, CliError> {
+    let signing = |e: rcgen::Error| CliError::Portal(format!("signing the CSR: {e}"));
+    // rcgen reads PKCS#8; `openssl ecparam -genkey` writes SEC1.
+    let ca_key = fleetd::trust::keys::private_key_pem_as_pkcs8(ca_key)
+        .map_err(|e| CliError::Portal(format!("the CA key: {e}")))?;
+    let key = rcgen::KeyPair::from_pem(&ca_key).map_err(signing)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(ca_cert, key).map_err(signing)?;
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(signing)?;
+    // The CA signs only a certificate for the device it is talking to.
+    let cn = csr.params.distinguished_name.get(&rcgen::DnType::CommonName);
+    if !matches!(cn, Some(rcgen::DnValue::Utf8String(cn)) if cn == device) {
+        return Err(CliError::Portal(format!(
+            "the CSR is not for {device} (its CN is {cn:?}); not signing it"
+        )));
+    }
+    let now = time::OffsetDateTime::now_utc();
+    csr.params.not_before = now - time::Duration::days(1);
+    csr.params.not_after = now + time::Duration::days(i64::from(days));
+    csr.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    csr.params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    Ok(csr.signed_by(&issuer).map_err(signing)?.pem())
+}
+
+fn read(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(file_error(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CA key as `openssl ecparam -genkey -name prime256v1 -noout`
+    /// writes it (SEC1, `BEGIN EC PRIVATE KEY`) signs the device's CSR.
+    #[test]
+    fn a_sec1_ca_key_from_openssl_signs_the_csr() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("ca.key");
+        let cert = dir.path().join("ca.pem");
+        let made = std::process::Command::new("openssl")
+            .args(["ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out"])
+            .arg(&key)
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new("openssl")
+                .args(["req", "-x509", "-new", "-subj", "/CN=fleet CA", "-days", "2", "-key"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !made {
+            assert!(std::env::var_os("CI").is_none(), "CI has openssl");
+            eprintln!("SKIP: no openssl");
+            return;
+        }
+        let ca_key = std::fs::read_to_string(&key).unwrap();
+        assert!(ca_key.contains("BEGIN EC PRIVATE KEY"), "{ca_key}");
+        let device_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "gw-0042");
+        let csr = params.serialize_request(&device_key).unwrap().pem().unwrap();
+        let signed = sign_csr(&csr, "gw-0042", &std::fs::read_to_string(&cert).unwrap(), &ca_key, 30);
+        let pem = signed.expect("a SEC1 CA key signs");
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    }
+}

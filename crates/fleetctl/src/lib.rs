@@ -1,0 +1,11 @@
+//! fleetd's fleet side: keys and signing (`cli`), the co-signer service
+//! (`cosigner`), publishing to and watching devices (`publish`),
+//! provisioning a device through its portal, and the guided demo.
+//!
+//! Architecture invariant: the device build never depends on this crate;
+//! it depends on the device's library (`fleetd`) for the message format,
+//! the transports and, in the demo, the daemon itself.
+
+pub mod cli;
+pub mod cosigner;
+pub mod publish;
