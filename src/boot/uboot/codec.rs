@@ -177,3 +177,143 @@ pub fn next_flags(current: u8) -> u8 {
 pub(super) fn corrupt(detail: String) -> BootError {
     BootError::Corrupt { backend: BACKEND, detail }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::uboot::tests::{raw_block, vars, SIZE};
+
+    #[test]
+    fn crc32_matches_the_ieee_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+        assert_eq!(crc32(&[0u8; 32]), 0x190A_55AD);
+    }
+
+    #[test]
+    fn single_copy_layout_is_crc_then_data_padded_with_zeros() {
+        let block = encode_block(&vars(&[("b", "xy"), ("a", "1")]), 32, None).unwrap();
+        let mut data = b"a=1\0b=xy\0\0".to_vec();
+        data.resize(28, 0);
+        assert_eq!(block.len(), 32);
+        assert_eq!(&block[..4], &crc32(&data).to_le_bytes());
+        assert_eq!(&block[4..], &data[..]);
+    }
+
+    #[test]
+    fn redundant_layout_has_the_flags_byte_after_the_crc() {
+        let block = encode_block(&vars(&[("a", "1")]), 32, Some(7)).unwrap();
+        let mut data = b"a=1\0\0".to_vec();
+        data.resize(27, 0);
+        assert_eq!(&block[..4], &crc32(&data).to_le_bytes());
+        assert_eq!(block[4], 7);
+        assert_eq!(&block[5..], &data[..]);
+    }
+
+    #[test]
+    fn codec_round_trips_any_bytes_in_values() {
+        let mut original =
+            vars(&[("bootcmd", "run distro_bootcmd; echo a=b"), ("BOOT_ORDER", "A B"), ("empty", "")]);
+        original.insert(b"binary".to_vec(), vec![0xff, 0x01, b'=', 0x80]);
+        for flags in [None, Some(0), Some(0xff)] {
+            let block = encode_block(&original, SIZE, flags).unwrap();
+            let decoded = decode_block(&block, flags.is_some()).unwrap();
+            assert_eq!(decoded, Block { flags, vars: original.clone() });
+        }
+        let empty = encode_block(&Vars::new(), SIZE, None).unwrap();
+        assert_eq!(decode_block(&empty, false).unwrap().vars, Vars::new());
+    }
+
+    #[test]
+    fn a_wrong_crc_is_corrupt() {
+        let mut block = encode_block(&vars(&[("a", "1")]), SIZE, None).unwrap();
+        block[SIZE - 1] ^= 0x80; // padding is covered too
+        let err = decode_block(&block, false).unwrap_err();
+        assert_eq!(err.name(), "boot-env-corrupt");
+        assert!(err.to_string().contains("CRC mismatch"), "{err}");
+    }
+
+    #[test]
+    fn decode_skips_entries_without_a_name_and_keeps_the_last_duplicate() {
+        let block = raw_block(b"a=1\0junk\0=x\0a=2\0b=\0\0c=ignored\0", 64, None);
+        let decoded = decode_block(&block, false).unwrap();
+        assert_eq!(decoded.vars, vars(&[("a", "2"), ("b", "")]));
+    }
+
+    #[test]
+    fn decode_accepts_a_list_that_ends_at_the_end_of_the_copy() {
+        let data = b"a=1\0bb=22\0";
+        let block = raw_block(data, 4 + data.len(), None);
+        assert_eq!(decode_block(&block, false).unwrap().vars, vars(&[("a", "1"), ("bb", "22")]));
+    }
+
+    #[test]
+    fn an_unterminated_list_or_a_short_block_is_corrupt() {
+        let block = raw_block(b"a=1\0bcdefgh", 4 + 11, None);
+        let err = decode_block(&block, false).unwrap_err();
+        assert!(err.to_string().contains("NUL-terminated"), "{err}");
+        for short in [&[][..], &[1, 2, 3], &[1, 2, 3, 4]] {
+            assert!(decode_block(short, true).is_err());
+        }
+        assert!(decode_block(&[0, 0, 0, 0], false).is_err(), "CRC of nothing is 0");
+    }
+
+    #[test]
+    fn decoding_garbage_never_panics() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000 {
+            let len = (next() % 80) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| (next() % 4) as u8 * 0x3d).collect();
+            if round % 2 == 0 && bytes.len() > 5 {
+                // Fix the CRC so the variable parser sees the garbage too.
+                let crc = crc32(&bytes[5..]).to_le_bytes();
+                bytes[..4].copy_from_slice(&crc);
+                let _ = decode_block(&bytes, true);
+                let crc = crc32(&bytes[4..]).to_le_bytes();
+                bytes[..4].copy_from_slice(&crc);
+            }
+            let _ = decode_block(&bytes, false);
+            let _ = decode_block(&bytes, true);
+        }
+    }
+
+    #[test]
+    fn encode_refuses_what_cannot_be_stored() {
+        let err = encode_block(&vars(&[("a", &"x".repeat(SIZE))]), SIZE, None).unwrap_err();
+        assert_eq!(err.name(), "boot-config");
+        for (name, value) in [("", "v"), ("a=b", "v"), ("a\0", "v"), ("a", "v\0")] {
+            let err = encode_block(&vars(&[(name, value)]), SIZE, None).unwrap_err();
+            assert_eq!(err.name(), "boot-config", "{name:?}={value:?}");
+        }
+        // Exactly full: the variable, its NUL and the terminator.
+        let fits = vars(&[("a", &"x".repeat(SIZE - 4 - 4))]);
+        assert!(encode_block(&fits, SIZE, None).is_ok());
+        assert!(encode_block(&fits, SIZE, Some(0)).is_err());
+    }
+
+    #[test]
+    fn the_higher_counter_is_current_and_zero_follows_ff() {
+        for (flags0, flags1, current) in [
+            (0, 0, 0),
+            (5, 5, 0),
+            (1, 0, 0),
+            (0, 1, 1),
+            (5, 6, 1),
+            (0xfe, 0xff, 1),
+            (0xff, 0, 1),
+            (0, 0xff, 0),
+            (0xff, 1, 0),
+            (0x80, 0, 0),
+        ] {
+            assert_eq!(current_copy(flags0, flags1), current, "{flags0:#x} {flags1:#x}");
+        }
+        assert_eq!(next_flags(0), 1);
+        assert_eq!(next_flags(0xff), 0);
+    }
+}

@@ -126,3 +126,85 @@ pub(super) fn parse_digits(digits: &str, radix: u32) -> Option<u64> {
     }
     u64::from_str_radix(digits, radix).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_single_and_redundant() {
+        let single = parse_fw_env_config("/dev/mmcblk0 0x400000 0x4000\n").unwrap();
+        assert!(!single.redundant());
+        assert_eq!(
+            single.copies,
+            vec![EnvCopy {
+                device: "/dev/mmcblk0".into(),
+                offset: 0x40_0000,
+                env_size: 0x4000,
+                sector_size: None,
+                sectors: None,
+            }]
+        );
+        let text = "# eMMC, two copies\n\n  # indented comment\n\
+                    /dev/mmcblk0\t0x3F0000 0x10000 0x10000 1 # first\n\
+                    /dev/mmcblk0 4194304 10000\n";
+        let redundant = parse_fw_env_config(text).unwrap();
+        assert!(redundant.redundant());
+        assert_eq!(redundant.env_size(), 0x10000);
+        assert_eq!(redundant.copies[0].sector_size, Some(0x10000));
+        assert_eq!(redundant.copies[0].sectors, Some(1));
+        assert_eq!(redundant.copies[1].offset, 4_194_304);
+    }
+
+    #[test]
+    fn config_numbers_read_as_fw_printenv_reads_them() {
+        let copy = |line: &str| parse_fw_env_config(line).unwrap().copies[0].clone();
+        // OFFSET: strtoll base 0.
+        assert_eq!(copy("/f 0 0x100").offset, 0);
+        assert_eq!(copy("/f 0x20 0x100").offset, 0x20);
+        assert_eq!(copy("/f 0X20 0x100").offset, 0x20);
+        assert_eq!(copy("/f 020 0x100").offset, 0o20);
+        assert_eq!(copy("/f 20 0x100").offset, 20);
+        // Sizes: always hex.
+        assert_eq!(copy("/f 0 100").env_size, 0x100);
+        assert_eq!(copy("/f 0 2000 1000 2").sector_size, Some(0x1000));
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let text = include_str!("../../../packaging/boot/uboot/fw_env.config.example");
+        let config = parse_fw_env_config(text).unwrap();
+        assert!(config.redundant());
+        assert_eq!(config.env_size(), 0x4000);
+        assert_eq!(config.copies[1].offset, 0x3F_C000);
+    }
+
+    #[test]
+    fn config_errors_name_the_line() {
+        for (text, line, why) in [
+            ("/f 0\n", 1, "expected DEVICE OFFSET ENVSIZE"),
+            ("# c\n/f 0 0x100\n/f zz 0x100\n", 3, "bad OFFSET"),
+            ("/f -1 0x100\n", 1, "bad OFFSET"),
+            ("/f 0 0x1g0\n", 1, "bad ENVSIZE"),
+            ("/f 0 +100\n", 1, "bad ENVSIZE"),
+            ("/f 0 0x4\n", 1, "outside"),
+            ("/f 0 0x100 0x100 1 0 9\n", 1, "more fields"),
+            ("/f 0 0x100 0x100 x\n", 1, "bad NUMSECTORS"),
+            ("rel/f 0 0x100\n", 1, "absolute"),
+            ("/dev/mtd1 0 0x100\n", 1, "MTD"),
+            ("/dev/ubi0:env 0 0x100\n", 1, "MTD"),
+            ("/f 0 0x100\n/g 0 0x200\n", 2, "same ENVSIZE"),
+            ("/f 0 0x100\n/f 0x80 0x100\n", 2, "overlap"),
+            ("/f 0 0x100\n/g 0 0x100\n/h 0 0x100\n", 3, "more than two"),
+        ] {
+            let err = parse_fw_env_config(text).unwrap_err();
+            let message = err.to_string();
+            assert_eq!(err.name(), "boot-config");
+            assert!(message.contains(&format!("line {line}:")), "{text:?}: {message}");
+            assert!(message.contains(why), "{text:?}: {message}");
+        }
+        assert!(parse_fw_env_config("# nothing\n\n").is_err());
+        // Adjacent copies in one file are fine.
+        assert!(parse_fw_env_config("/f 0 0x100\n/f 0x100 0x100\n").is_ok());
+    }
+}

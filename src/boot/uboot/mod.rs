@@ -315,22 +315,21 @@ impl BootControl for UbootEnv {
     }
 }
 
+/// Shared by the tests of this folder (codec.rs, fw_env.rs, storage.rs).
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::fs;
-    use std::os::unix::fs::MetadataExt;
-    use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 
-    const SIZE: usize = 0x100;
+    pub(super) const SIZE: usize = 0x100;
 
-    fn vars(pairs: &[(&str, &str)]) -> Vars {
+    pub(super) fn vars(pairs: &[(&str, &str)]) -> Vars {
         pairs.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()
     }
 
     /// A copy around arbitrary `data`, with a correct CRC.
-    fn raw_block(data: &[u8], size: usize, flags: Option<u8>) -> Vec<u8> {
+    pub(super) fn raw_block(data: &[u8], size: usize, flags: Option<u8>) -> Vec<u8> {
         let mut data = data.to_vec();
         data.resize(size - header_len(flags.is_some()), 0);
         let mut block = crc32(&data).to_le_bytes().to_vec();
@@ -340,14 +339,14 @@ mod tests {
     }
 
     /// A temp dir with an env file and its fw_env.config.
-    struct Fixture {
-        dir: tempfile::TempDir,
-        config: PathBuf,
-        env: PathBuf,
+    pub(super) struct Fixture {
+        pub(super) dir: tempfile::TempDir,
+        pub(super) config: PathBuf,
+        pub(super) env: PathBuf,
     }
 
     impl Fixture {
-        fn new(redundant: bool) -> Self {
+        pub(super) fn new(redundant: bool) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let env = dir.path().join("uboot.env");
             let config = dir.path().join("fw_env.config");
@@ -360,349 +359,24 @@ mod tests {
             Self { dir, config, env }
         }
 
-        fn storage(&self) -> EnvStorage {
+        pub(super) fn storage(&self) -> EnvStorage {
             EnvStorage::open(&self.config).unwrap()
         }
 
-        fn flags(&self) -> (u8, u8) {
+        pub(super) fn flags(&self) -> (u8, u8) {
             let bytes = fs::read(&self.env).unwrap();
             (bytes[CRC_LEN], bytes[SIZE + CRC_LEN])
         }
 
-        fn flip_byte(&self, at: usize) {
+        pub(super) fn flip_byte(&self, at: usize) {
             let mut bytes = fs::read(&self.env).unwrap();
             bytes[at] ^= 0x01;
             fs::write(&self.env, bytes).unwrap();
         }
 
-        fn uboot(&self) -> UbootEnv {
+        pub(super) fn uboot(&self) -> UbootEnv {
             UbootEnv::open(&self.config, &["A".into(), "B".into()], 3).unwrap()
         }
-    }
-
-    #[test]
-    fn crc32_matches_the_ieee_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
-        assert_eq!(crc32(&[0u8; 32]), 0x190A_55AD);
-    }
-
-    #[test]
-    fn single_copy_layout_is_crc_then_data_padded_with_zeros() {
-        let block = encode_block(&vars(&[("b", "xy"), ("a", "1")]), 32, None).unwrap();
-        let mut data = b"a=1\0b=xy\0\0".to_vec();
-        data.resize(28, 0);
-        assert_eq!(block.len(), 32);
-        assert_eq!(&block[..4], &crc32(&data).to_le_bytes());
-        assert_eq!(&block[4..], &data[..]);
-    }
-
-    #[test]
-    fn redundant_layout_has_the_flags_byte_after_the_crc() {
-        let block = encode_block(&vars(&[("a", "1")]), 32, Some(7)).unwrap();
-        let mut data = b"a=1\0\0".to_vec();
-        data.resize(27, 0);
-        assert_eq!(&block[..4], &crc32(&data).to_le_bytes());
-        assert_eq!(block[4], 7);
-        assert_eq!(&block[5..], &data[..]);
-    }
-
-    #[test]
-    fn codec_round_trips_any_bytes_in_values() {
-        let mut original =
-            vars(&[("bootcmd", "run distro_bootcmd; echo a=b"), ("BOOT_ORDER", "A B"), ("empty", "")]);
-        original.insert(b"binary".to_vec(), vec![0xff, 0x01, b'=', 0x80]);
-        for flags in [None, Some(0), Some(0xff)] {
-            let block = encode_block(&original, SIZE, flags).unwrap();
-            let decoded = decode_block(&block, flags.is_some()).unwrap();
-            assert_eq!(decoded, Block { flags, vars: original.clone() });
-        }
-        let empty = encode_block(&Vars::new(), SIZE, None).unwrap();
-        assert_eq!(decode_block(&empty, false).unwrap().vars, Vars::new());
-    }
-
-    #[test]
-    fn a_wrong_crc_is_corrupt() {
-        let mut block = encode_block(&vars(&[("a", "1")]), SIZE, None).unwrap();
-        block[SIZE - 1] ^= 0x80; // padding is covered too
-        let err = decode_block(&block, false).unwrap_err();
-        assert_eq!(err.name(), "boot-env-corrupt");
-        assert!(err.to_string().contains("CRC mismatch"), "{err}");
-    }
-
-    #[test]
-    fn decode_skips_entries_without_a_name_and_keeps_the_last_duplicate() {
-        let block = raw_block(b"a=1\0junk\0=x\0a=2\0b=\0\0c=ignored\0", 64, None);
-        let decoded = decode_block(&block, false).unwrap();
-        assert_eq!(decoded.vars, vars(&[("a", "2"), ("b", "")]));
-    }
-
-    #[test]
-    fn decode_accepts_a_list_that_ends_at_the_end_of_the_copy() {
-        let data = b"a=1\0bb=22\0";
-        let block = raw_block(data, 4 + data.len(), None);
-        assert_eq!(decode_block(&block, false).unwrap().vars, vars(&[("a", "1"), ("bb", "22")]));
-    }
-
-    #[test]
-    fn an_unterminated_list_or_a_short_block_is_corrupt() {
-        let block = raw_block(b"a=1\0bcdefgh", 4 + 11, None);
-        let err = decode_block(&block, false).unwrap_err();
-        assert!(err.to_string().contains("NUL-terminated"), "{err}");
-        for short in [&[][..], &[1, 2, 3], &[1, 2, 3, 4]] {
-            assert!(decode_block(short, true).is_err());
-        }
-        assert!(decode_block(&[0, 0, 0, 0], false).is_err(), "CRC of nothing is 0");
-    }
-
-    #[test]
-    fn decoding_garbage_never_panics() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        for round in 0..20_000 {
-            let len = (next() % 80) as usize;
-            let mut bytes: Vec<u8> = (0..len).map(|_| (next() % 4) as u8 * 0x3d).collect();
-            if round % 2 == 0 && bytes.len() > 5 {
-                // Fix the CRC so the variable parser sees the garbage too.
-                let crc = crc32(&bytes[5..]).to_le_bytes();
-                bytes[..4].copy_from_slice(&crc);
-                let _ = decode_block(&bytes, true);
-                let crc = crc32(&bytes[4..]).to_le_bytes();
-                bytes[..4].copy_from_slice(&crc);
-            }
-            let _ = decode_block(&bytes, false);
-            let _ = decode_block(&bytes, true);
-        }
-    }
-
-    #[test]
-    fn encode_refuses_what_cannot_be_stored() {
-        let err = encode_block(&vars(&[("a", &"x".repeat(SIZE))]), SIZE, None).unwrap_err();
-        assert_eq!(err.name(), "boot-config");
-        for (name, value) in [("", "v"), ("a=b", "v"), ("a\0", "v"), ("a", "v\0")] {
-            let err = encode_block(&vars(&[(name, value)]), SIZE, None).unwrap_err();
-            assert_eq!(err.name(), "boot-config", "{name:?}={value:?}");
-        }
-        // Exactly full: the variable, its NUL and the terminator.
-        let fits = vars(&[("a", &"x".repeat(SIZE - 4 - 4))]);
-        assert!(encode_block(&fits, SIZE, None).is_ok());
-        assert!(encode_block(&fits, SIZE, Some(0)).is_err());
-    }
-
-    #[test]
-    fn the_higher_counter_is_current_and_zero_follows_ff() {
-        for (flags0, flags1, current) in [
-            (0, 0, 0),
-            (5, 5, 0),
-            (1, 0, 0),
-            (0, 1, 1),
-            (5, 6, 1),
-            (0xfe, 0xff, 1),
-            (0xff, 0, 1),
-            (0, 0xff, 0),
-            (0xff, 1, 0),
-            (0x80, 0, 0),
-        ] {
-            assert_eq!(current_copy(flags0, flags1), current, "{flags0:#x} {flags1:#x}");
-        }
-        assert_eq!(next_flags(0), 1);
-        assert_eq!(next_flags(0xff), 0);
-    }
-
-    #[test]
-    fn config_single_and_redundant() {
-        let single = parse_fw_env_config("/dev/mmcblk0 0x400000 0x4000\n").unwrap();
-        assert!(!single.redundant());
-        assert_eq!(
-            single.copies,
-            vec![EnvCopy {
-                device: "/dev/mmcblk0".into(),
-                offset: 0x40_0000,
-                env_size: 0x4000,
-                sector_size: None,
-                sectors: None,
-            }]
-        );
-        let text = "# eMMC, two copies\n\n  # indented comment\n\
-                    /dev/mmcblk0\t0x3F0000 0x10000 0x10000 1 # first\n\
-                    /dev/mmcblk0 4194304 10000\n";
-        let redundant = parse_fw_env_config(text).unwrap();
-        assert!(redundant.redundant());
-        assert_eq!(redundant.env_size(), 0x10000);
-        assert_eq!(redundant.copies[0].sector_size, Some(0x10000));
-        assert_eq!(redundant.copies[0].sectors, Some(1));
-        assert_eq!(redundant.copies[1].offset, 4_194_304);
-    }
-
-    #[test]
-    fn config_numbers_read_as_fw_printenv_reads_them() {
-        let copy = |line: &str| parse_fw_env_config(line).unwrap().copies[0].clone();
-        // OFFSET: strtoll base 0.
-        assert_eq!(copy("/f 0 0x100").offset, 0);
-        assert_eq!(copy("/f 0x20 0x100").offset, 0x20);
-        assert_eq!(copy("/f 0X20 0x100").offset, 0x20);
-        assert_eq!(copy("/f 020 0x100").offset, 0o20);
-        assert_eq!(copy("/f 20 0x100").offset, 20);
-        // Sizes: always hex.
-        assert_eq!(copy("/f 0 100").env_size, 0x100);
-        assert_eq!(copy("/f 0 2000 1000 2").sector_size, Some(0x1000));
-    }
-
-    #[test]
-    fn the_shipped_example_config_parses() {
-        let text = include_str!("../../../packaging/boot/uboot/fw_env.config.example");
-        let config = parse_fw_env_config(text).unwrap();
-        assert!(config.redundant());
-        assert_eq!(config.env_size(), 0x4000);
-        assert_eq!(config.copies[1].offset, 0x3F_C000);
-    }
-
-    #[test]
-    fn config_errors_name_the_line() {
-        for (text, line, why) in [
-            ("/f 0\n", 1, "expected DEVICE OFFSET ENVSIZE"),
-            ("# c\n/f 0 0x100\n/f zz 0x100\n", 3, "bad OFFSET"),
-            ("/f -1 0x100\n", 1, "bad OFFSET"),
-            ("/f 0 0x1g0\n", 1, "bad ENVSIZE"),
-            ("/f 0 +100\n", 1, "bad ENVSIZE"),
-            ("/f 0 0x4\n", 1, "outside"),
-            ("/f 0 0x100 0x100 1 0 9\n", 1, "more fields"),
-            ("/f 0 0x100 0x100 x\n", 1, "bad NUMSECTORS"),
-            ("rel/f 0 0x100\n", 1, "absolute"),
-            ("/dev/mtd1 0 0x100\n", 1, "MTD"),
-            ("/dev/ubi0:env 0 0x100\n", 1, "MTD"),
-            ("/f 0 0x100\n/g 0 0x200\n", 2, "same ENVSIZE"),
-            ("/f 0 0x100\n/f 0x80 0x100\n", 2, "overlap"),
-            ("/f 0 0x100\n/g 0 0x100\n/h 0 0x100\n", 3, "more than two"),
-        ] {
-            let err = parse_fw_env_config(text).unwrap_err();
-            let message = err.to_string();
-            assert_eq!(err.name(), "boot-config");
-            assert!(message.contains(&format!("line {line}:")), "{text:?}: {message}");
-            assert!(message.contains(why), "{text:?}: {message}");
-        }
-        assert!(parse_fw_env_config("# nothing\n\n").is_err());
-        // Adjacent copies in one file are fine.
-        assert!(parse_fw_env_config("/f 0 0x100\n/f 0x100 0x100\n").is_ok());
-    }
-
-    #[test]
-    fn redundant_writes_alternate_copies_with_the_next_counter() {
-        let fx = Fixture::new(true);
-        let storage = fx.storage();
-        storage.initialize(&vars(&[("n", "0")])).unwrap();
-        assert_eq!(fx.flags(), (1, 0));
-        let loaded = storage.load().unwrap();
-        assert_eq!((loaded.copy, loaded.flags), (0, Some(1)));
-        storage.store_after(&loaded, &vars(&[("n", "1")])).unwrap();
-        assert_eq!(fx.flags(), (1, 2));
-        let loaded = storage.load().unwrap();
-        assert_eq!((loaded.copy, &loaded.vars), (1, &vars(&[("n", "1")])));
-        storage.store_after(&loaded, &vars(&[("n", "2")])).unwrap();
-        assert_eq!(fx.flags(), (3, 2));
-        assert_eq!(storage.load().unwrap().vars, vars(&[("n", "2")]));
-    }
-
-    #[test]
-    fn a_corrupt_newest_copy_falls_back_to_the_older_one() {
-        let fx = Fixture::new(true);
-        let storage = fx.storage();
-        storage.initialize(&vars(&[("n", "old")])).unwrap();
-        let loaded = storage.load().unwrap();
-        storage.store_after(&loaded, &vars(&[("n", "new")])).unwrap();
-        assert_eq!(fx.flags(), (1, 2));
-        fx.flip_byte(SIZE + 5); // copy 1, the newest: a torn write
-        let loaded = storage.load().unwrap();
-        assert_eq!((loaded.copy, loaded.flags), (0, Some(1)));
-        assert_eq!(loaded.vars, vars(&[("n", "old")]));
-        // The next write replaces the broken copy, newer than the survivor.
-        storage.store_after(&loaded, &vars(&[("n", "again")])).unwrap();
-        assert_eq!(fx.flags(), (1, 2));
-        assert_eq!(storage.load().unwrap().vars, vars(&[("n", "again")]));
-    }
-
-    #[test]
-    fn the_counter_wraps_from_ff_to_zero() {
-        let fx = Fixture::new(true);
-        let mut bytes = raw_block(b"n=ff\0\0", SIZE, Some(0xff));
-        bytes.extend(raw_block(b"n=zero\0\0", SIZE, Some(0)));
-        fs::write(&fx.env, bytes).unwrap();
-        let storage = fx.storage();
-        let loaded = storage.load().unwrap();
-        assert_eq!((loaded.copy, loaded.vars.clone()), (1, vars(&[("n", "zero")])));
-        storage.store_after(&loaded, &vars(&[("n", "one")])).unwrap();
-        assert_eq!(fx.flags(), (1, 0));
-        assert_eq!(storage.load().unwrap().vars, vars(&[("n", "one")]));
-    }
-
-    #[test]
-    fn no_valid_copy_is_corrupt_and_names_each_copy() {
-        let fx = Fixture::new(true);
-        let err = fx.storage().load().unwrap_err();
-        let message = err.to_string();
-        assert_eq!(err.name(), "boot-env-corrupt");
-        assert!(message.contains("copy 0") && message.contains("copy 1"), "{message}");
-        // A file too short for the second copy: that copy is invalid, not an error.
-        fs::write(&fx.env, raw_block(b"a=1\0\0", SIZE, Some(4))).unwrap();
-        let loaded = fx.storage().load().unwrap();
-        assert_eq!((loaded.copy, loaded.vars), (0, vars(&[("a", "1")])));
-    }
-
-    #[test]
-    fn a_single_copy_that_is_the_whole_file_is_replaced_atomically() {
-        let fx = Fixture::new(false);
-        let storage = fx.storage();
-        storage.initialize(&vars(&[("a", "1")])).unwrap();
-        fs::set_permissions(&fx.env, fs::Permissions::from_mode(0o640)).unwrap();
-        let before = fs::metadata(&fx.env).unwrap();
-        let loaded = storage.load().unwrap();
-        storage.store_after(&loaded, &vars(&[("a", "2")])).unwrap();
-        let after = fs::metadata(&fx.env).unwrap();
-        assert_ne!(before.ino(), after.ino(), "renamed into place");
-        assert_eq!(after.permissions().mode() & 0o777, 0o640);
-        assert_eq!(after.len(), SIZE as u64);
-        assert_eq!(storage.load().unwrap().vars, vars(&[("a", "2")]));
-        let leftovers = fs::read_dir(fx.dir.path()).unwrap().count();
-        assert_eq!(leftovers, 2, "env and config only");
-    }
-
-    #[test]
-    fn a_single_copy_inside_a_larger_file_is_written_in_place() {
-        let fx = Fixture::new(false);
-        fs::write(&fx.config, format!("{} 0x40 {SIZE:#x}\n", fx.env.display())).unwrap();
-        fs::write(&fx.env, vec![0xaa; 0x40 + SIZE + 0x10]).unwrap();
-        let storage = fx.storage();
-        storage.initialize(&vars(&[("a", "1")])).unwrap();
-        let before = fs::metadata(&fx.env).unwrap();
-        let loaded = storage.load().unwrap();
-        storage.store_after(&loaded, &vars(&[("a", "2")])).unwrap();
-        let after = fs::metadata(&fx.env).unwrap();
-        assert_eq!(before.ino(), after.ino());
-        let bytes = fs::read(&fx.env).unwrap();
-        assert_eq!(&bytes[..0x40], &[0xaa; 0x40][..], "before the copy untouched");
-        assert_eq!(&bytes[0x40 + SIZE..], &[0xaa; 0x10][..], "after it too");
-        assert_eq!(storage.load().unwrap().vars, vars(&[("a", "2")]));
-    }
-
-    #[test]
-    fn a_single_copy_that_can_only_be_written_in_place_is_refused_unless_opted_in() {
-        let fx = Fixture::new(false);
-        fs::write(&fx.config, format!("{} 0x40 {SIZE:#x}\n", fx.env.display())).unwrap();
-        fs::write(&fx.env, vec![0xaa; 0x40 + SIZE + 0x10]).unwrap();
-        fx.storage().initialize(&vars(&[("a", "1")])).unwrap();
-        let slots = ["A".to_string(), "B".to_string()];
-        let err = UbootEnv::open(&fx.config, &slots, 3).unwrap_err();
-        assert_eq!(err.name(), "boot-config");
-        assert!(err.to_string().contains("uboot_single_copy_in_place"), "{err}");
-        assert!(UbootEnv::open_with(&fx.config, &slots, 3, true).is_ok());
-        // The whole-file single copy (replaced by rename) needs no opt-in.
-        let whole = Fixture::new(false);
-        assert!(UbootEnv::open(&whole.config, &slots, 3).is_ok());
     }
 
     // --- BootControl ---

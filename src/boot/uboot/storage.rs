@@ -173,3 +173,125 @@ pub fn initialize(env_config: &Path, vars: &[(&str, &str)]) -> Result<(), BootEr
         vars.iter().map(|(name, value)| (name.as_bytes().to_vec(), value.as_bytes().to_vec())).collect();
     storage.initialize(&vars)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::boot::uboot::tests::{raw_block, vars, Fixture, SIZE};
+    use crate::boot::uboot::UbootEnv;
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn redundant_writes_alternate_copies_with_the_next_counter() {
+        let fx = Fixture::new(true);
+        let storage = fx.storage();
+        storage.initialize(&vars(&[("n", "0")])).unwrap();
+        assert_eq!(fx.flags(), (1, 0));
+        let loaded = storage.load().unwrap();
+        assert_eq!((loaded.copy, loaded.flags), (0, Some(1)));
+        storage.store_after(&loaded, &vars(&[("n", "1")])).unwrap();
+        assert_eq!(fx.flags(), (1, 2));
+        let loaded = storage.load().unwrap();
+        assert_eq!((loaded.copy, &loaded.vars), (1, &vars(&[("n", "1")])));
+        storage.store_after(&loaded, &vars(&[("n", "2")])).unwrap();
+        assert_eq!(fx.flags(), (3, 2));
+        assert_eq!(storage.load().unwrap().vars, vars(&[("n", "2")]));
+    }
+
+    #[test]
+    fn a_corrupt_newest_copy_falls_back_to_the_older_one() {
+        let fx = Fixture::new(true);
+        let storage = fx.storage();
+        storage.initialize(&vars(&[("n", "old")])).unwrap();
+        let loaded = storage.load().unwrap();
+        storage.store_after(&loaded, &vars(&[("n", "new")])).unwrap();
+        assert_eq!(fx.flags(), (1, 2));
+        fx.flip_byte(SIZE + 5); // copy 1, the newest: a torn write
+        let loaded = storage.load().unwrap();
+        assert_eq!((loaded.copy, loaded.flags), (0, Some(1)));
+        assert_eq!(loaded.vars, vars(&[("n", "old")]));
+        // The next write replaces the broken copy, newer than the survivor.
+        storage.store_after(&loaded, &vars(&[("n", "again")])).unwrap();
+        assert_eq!(fx.flags(), (1, 2));
+        assert_eq!(storage.load().unwrap().vars, vars(&[("n", "again")]));
+    }
+
+    #[test]
+    fn the_counter_wraps_from_ff_to_zero() {
+        let fx = Fixture::new(true);
+        let mut bytes = raw_block(b"n=ff\0\0", SIZE, Some(0xff));
+        bytes.extend(raw_block(b"n=zero\0\0", SIZE, Some(0)));
+        fs::write(&fx.env, bytes).unwrap();
+        let storage = fx.storage();
+        let loaded = storage.load().unwrap();
+        assert_eq!((loaded.copy, loaded.vars.clone()), (1, vars(&[("n", "zero")])));
+        storage.store_after(&loaded, &vars(&[("n", "one")])).unwrap();
+        assert_eq!(fx.flags(), (1, 0));
+        assert_eq!(storage.load().unwrap().vars, vars(&[("n", "one")]));
+    }
+
+    #[test]
+    fn no_valid_copy_is_corrupt_and_names_each_copy() {
+        let fx = Fixture::new(true);
+        let err = fx.storage().load().unwrap_err();
+        let message = err.to_string();
+        assert_eq!(err.name(), "boot-env-corrupt");
+        assert!(message.contains("copy 0") && message.contains("copy 1"), "{message}");
+        // A file too short for the second copy: that copy is invalid, not an error.
+        fs::write(&fx.env, raw_block(b"a=1\0\0", SIZE, Some(4))).unwrap();
+        let loaded = fx.storage().load().unwrap();
+        assert_eq!((loaded.copy, loaded.vars), (0, vars(&[("a", "1")])));
+    }
+
+    #[test]
+    fn a_single_copy_that_is_the_whole_file_is_replaced_atomically() {
+        let fx = Fixture::new(false);
+        let storage = fx.storage();
+        storage.initialize(&vars(&[("a", "1")])).unwrap();
+        fs::set_permissions(&fx.env, fs::Permissions::from_mode(0o640)).unwrap();
+        let before = fs::metadata(&fx.env).unwrap();
+        let loaded = storage.load().unwrap();
+        storage.store_after(&loaded, &vars(&[("a", "2")])).unwrap();
+        let after = fs::metadata(&fx.env).unwrap();
+        assert_ne!(before.ino(), after.ino(), "renamed into place");
+        assert_eq!(after.permissions().mode() & 0o777, 0o640);
+        assert_eq!(after.len(), SIZE as u64);
+        assert_eq!(storage.load().unwrap().vars, vars(&[("a", "2")]));
+        let leftovers = fs::read_dir(fx.dir.path()).unwrap().count();
+        assert_eq!(leftovers, 2, "env and config only");
+    }
+
+    #[test]
+    fn a_single_copy_inside_a_larger_file_is_written_in_place() {
+        let fx = Fixture::new(false);
+        fs::write(&fx.config, format!("{} 0x40 {SIZE:#x}\n", fx.env.display())).unwrap();
+        fs::write(&fx.env, vec![0xaa; 0x40 + SIZE + 0x10]).unwrap();
+        let storage = fx.storage();
+        storage.initialize(&vars(&[("a", "1")])).unwrap();
+        let before = fs::metadata(&fx.env).unwrap();
+        let loaded = storage.load().unwrap();
+        storage.store_after(&loaded, &vars(&[("a", "2")])).unwrap();
+        let after = fs::metadata(&fx.env).unwrap();
+        assert_eq!(before.ino(), after.ino());
+        let bytes = fs::read(&fx.env).unwrap();
+        assert_eq!(&bytes[..0x40], &[0xaa; 0x40][..], "before the copy untouched");
+        assert_eq!(&bytes[0x40 + SIZE..], &[0xaa; 0x10][..], "after it too");
+        assert_eq!(storage.load().unwrap().vars, vars(&[("a", "2")]));
+    }
+
+    #[test]
+    fn a_single_copy_that_can_only_be_written_in_place_is_refused_unless_opted_in() {
+        let fx = Fixture::new(false);
+        fs::write(&fx.config, format!("{} 0x40 {SIZE:#x}\n", fx.env.display())).unwrap();
+        fs::write(&fx.env, vec![0xaa; 0x40 + SIZE + 0x10]).unwrap();
+        fx.storage().initialize(&vars(&[("a", "1")])).unwrap();
+        let slots = ["A".to_string(), "B".to_string()];
+        let err = UbootEnv::open(&fx.config, &slots, 3).unwrap_err();
+        assert_eq!(err.name(), "boot-config");
+        assert!(err.to_string().contains("uboot_single_copy_in_place"), "{err}");
+        assert!(UbootEnv::open_with(&fx.config, &slots, 3, true).is_ok());
+        // The whole-file single copy (replaced by rename) needs no opt-in.
+        let whole = Fixture::new(false);
+        assert!(UbootEnv::open(&whole.config, &slots, 3).is_ok());
+    }
+}
