@@ -65,6 +65,9 @@ pub fn plain_tls_config() -> Result<rustls::ClientConfig, HttpError> {
     Ok(ring_client_builder()?.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth())
 }
 
+/// The most a connection buffers from the socket at once.
+pub const MAX_READ_BUFFER: usize = 64 << 10;
+
 pub fn client<B>(tls: rustls::ClientConfig) -> HttpsClient<B>
 where
     B: hyper::body::Body + Send + 'static,
@@ -75,7 +78,9 @@ where
         .https_or_http()
         .enable_http1()
         .build();
-    Client::builder(TokioExecutor::new()).build(connector)
+    // hyper's read buffer grows to 400 KiB on a fast stream; 64 KiB reads
+    // keep the install's memory down at no measurable cost in speed.
+    Client::builder(TokioExecutor::new()).http1_max_buf_size(MAX_READ_BUFFER).build(connector)
 }
 
 /// POSTs a JSON body and returns the status and the (capped) response body.
