@@ -16,6 +16,7 @@ pub mod daemon;
 #[cfg(any(feature = "fleet", test))]
 mod demo_broker;
 pub mod der;
+mod error_name;
 pub mod fixture;
 pub mod fsutil;
 pub mod http;

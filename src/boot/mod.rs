@@ -35,35 +35,30 @@ impl SlotState {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BootError {
-    /// Reading or writing the environment's storage failed.
-    #[error("{backend}: boot-env-io: {path}: {source}")]
-    Io { backend: &'static str, path: PathBuf, source: std::io::Error },
-    /// No valid copy of the environment (bad CRC, wrong size, garbage).
-    #[error("{backend}: boot-env-corrupt: {detail}")]
-    Corrupt { backend: &'static str, detail: String },
-    /// The backend's own configuration (fw_env.config, slot mapping) is wrong.
-    #[error("{backend}: boot-config: {detail}")]
-    Config { backend: &'static str, detail: String },
-    /// A slot name the backend does not know.
-    #[error("{backend}: unknown-slot: {slot:?}")]
-    UnknownSlot { backend: &'static str, slot: String },
-    /// An external command (custom script) failed or printed something unexpected.
-    #[error("{backend}: boot-command: {detail}")]
-    Command { backend: &'static str, detail: String },
-}
-
-impl BootError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Io { .. } => "boot-env-io",
-            Self::Corrupt { .. } => "boot-env-corrupt",
-            Self::Config { .. } => "boot-config",
-            Self::UnknownSlot { .. } => "unknown-slot",
-            Self::Command { .. } => "boot-command",
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum BootError {
+        /// Reading or writing the environment's storage failed.
+        #[name = "boot-env-io"]
+        #[error("{backend}: {name}: {path}: {source}")]
+        Io { backend: &'static str, path: PathBuf, source: std::io::Error },
+        /// No valid copy of the environment (bad CRC, wrong size, garbage).
+        #[name = "boot-env-corrupt"]
+        #[error("{backend}: {name}: {detail}")]
+        Corrupt { backend: &'static str, detail: String },
+        /// The backend's own configuration (fw_env.config, slot mapping) is wrong.
+        #[name = "boot-config"]
+        #[error("{backend}: {name}: {detail}")]
+        Config { backend: &'static str, detail: String },
+        /// A slot name the backend does not know.
+        #[name = "unknown-slot"]
+        #[error("{backend}: {name}: {slot:?}")]
+        UnknownSlot { backend: &'static str, slot: String },
+        /// An external command (custom script) failed or printed something unexpected.
+        #[name = "boot-command"]
+        #[error("{backend}: {name}: {detail}")]
+        Command { backend: &'static str, detail: String },
     }
 }
 

@@ -136,43 +136,38 @@ pub enum Action {
     PhaseChanged,
 }
 
-/// Why a message was not run. Each has a stable name (`name()`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("busy: update {jti} (v{version}) is in progress")]
-    Busy { jti: String, version: u64 },
-    #[error("{0}")]
-    Verify(VerifyError),
-    #[error(
-        "reboot-required: slot {booted} is running but was given up; reboot into the good slot before the next update"
-    )]
-    RebootRequired { booted: String },
-    #[error("target-is-booted: slot {0} is the running slot or is mounted; refusing to write it")]
-    TargetIsBooted(String),
-    #[error("image-too-large: {size} bytes do not fit slot {slot} ({slot_size} bytes)")]
-    SlotTooSmall { slot: String, size: u64, slot_size: u64 },
-    #[error("no-slot: no slot other than the booted {0}")]
-    NoSlot(String),
-    /// The device is resuming a stored job at start.
-    #[error("busy: the device is resuming an update")]
-    Resuming,
-    /// The trust keys could not be loaded: no message can be verified.
-    #[error("{0}")]
-    TrustConfig(String),
-}
-
-impl Refusal {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Busy { .. } => "busy",
-            Self::Verify(e) => e.name(),
-            Self::RebootRequired { .. } => "reboot-required",
-            Self::TargetIsBooted(_) => "target-is-booted",
-            Self::SlotTooSmall { .. } => "image-too-large",
-            Self::NoSlot(_) => "no-slot",
-            Self::Resuming => "busy",
-            Self::TrustConfig(_) => "config",
-        }
+crate::error_name::named_error! {
+    /// Why a message was not run. Each has a stable name (`name()`).
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum Refusal {
+        #[name = "busy"]
+        #[error("{name}: update {jti} (v{version}) is in progress")]
+        Busy { jti: String, version: u64 },
+        #[name(of 0)]
+        #[error("{0}")]
+        Verify(VerifyError),
+        #[name = "reboot-required"]
+        #[error(
+            "{name}: slot {booted} is running but was given up; reboot into the good slot before the next update"
+        )]
+        RebootRequired { booted: String },
+        #[name = "target-is-booted"]
+        #[error("{name}: slot {0} is the running slot or is mounted; refusing to write it")]
+        TargetIsBooted(String),
+        #[name = "image-too-large"]
+        #[error("{name}: {size} bytes do not fit slot {slot} ({slot_size} bytes)")]
+        SlotTooSmall { slot: String, size: u64, slot_size: u64 },
+        #[name = "no-slot"]
+        #[error("{name}: no slot other than the booted {0}")]
+        NoSlot(String),
+        /// The device is resuming a stored job at start.
+        #[name = "busy"]
+        #[error("{name}: the device is resuming an update")]
+        Resuming,
+        /// The trust keys could not be loaded: no message can be verified.
+        #[name(hidden = "config")]
+        #[error("{0}")]
+        TrustConfig(String),
     }
 }
 

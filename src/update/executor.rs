@@ -18,18 +18,13 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    /// Nothing can be recorded when the store itself fails.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl ExecError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Store(e) => e.name(),
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    pub enum ExecError {
+        /// Nothing can be recorded when the store itself fails.
+        #[name(of 0)]
+        #[error(transparent)]
+        Store(#[from] StoreError),
     }
 }
 
@@ -719,23 +714,18 @@ pub enum MarkError {
     Boot(#[from] crate::boot::BootError),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Boot(#[from] crate::boot::BootError),
-    #[error(transparent)]
-    Exec(#[from] ExecError),
-}
-
-impl OpenError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Store(e) => e.name(),
-            Self::Boot(e) => e.name(),
-            Self::Exec(e) => e.name(),
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    pub enum OpenError {
+        #[name(of 0)]
+        #[error(transparent)]
+        Store(#[from] StoreError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Boot(#[from] crate::boot::BootError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Exec(#[from] ExecError),
     }
 }
 
