@@ -276,11 +276,10 @@ fn log_client_event(event: &ClientEvent) {
         ),
         ClientEvent::Disconnected { error, retry_in } => {
             notify::status(&format!("disconnected ({error}); reconnecting"));
-            let text = error.to_string();
             logging::event(
                 Priority::Warning,
                 &format!("{error}; reconnecting in {} ms", retry_in.as_millis()),
-                &[(logging::ERROR, text.split(':').next().unwrap_or("mqtt"))],
+                &[(logging::ERROR, error.name())],
             )
         }
     }
@@ -320,10 +319,10 @@ fn worker_main(
                 done: *done,
                 total: *total,
             }),
-            Report::Step { state, detail, job } => {
+            Report::Step { state, detail, failure, job } => {
                 notify::status(&format!("{state}: {detail}"));
-                logging::step(state, detail, job.as_ref());
-                Outbound::Progress(Progress::Step { state: state.to_string(), detail: detail.clone() })
+                logging::step(*state, detail, failure.as_ref(), job.as_ref());
+                Outbound::Progress(Progress::Step { state: *state, detail: detail.clone() })
             }
         };
         let _ = reports.send(outbound);

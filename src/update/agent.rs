@@ -14,7 +14,7 @@
 //! target choice, slot size), the end of a job (`State::finish_job`), and
 //! the health check's timer.
 
-use super::engine::{self, Event, Job, Phase};
+use super::engine::{self, Event, Failure, Job, Phase};
 use super::State;
 use crate::trust::{Claims, Policy, VerifyError};
 use std::time::Duration;
@@ -272,7 +272,7 @@ impl Agent {
                 if !self.job().is_some_and(|j| cancellable(j, &self.facts.booted)) {
                     return Vec::new();
                 }
-                self.job_event(Event::ActionFailed { error: CANCELLED.into() }, now)
+                self.job_event(Event::ActionFailed { error: Failure::cancelled() }, now)
             }
             Input::HealthCommandDone { ok, detail } => {
                 if self.health != Some(HealthWait::Command) {
@@ -505,9 +505,6 @@ pub struct BusyView {
     pub in_trial: bool,
 }
 
-/// The error a cancelled job ends with.
-pub const CANCELLED: &str = "cancelled: given up by request before its trial boot";
-
 /// Until the target boots, a job can be given up: the target is (or is
 /// made) bad, the running slot stays primary. In its trial, `MarkBad` does that.
 pub fn cancellable(job: &Job, booted: &str) -> bool {
@@ -537,6 +534,7 @@ mod tests {
     use super::Action::*;
     use super::*;
     use crate::trust::{Envelope, Image, SigningKey, Target, CLAIMS_TYPE, DEFAULT_MAX_VALIDITY_S};
+    use crate::update::engine::Rollback;
 
     const NOW: u64 = 1_900_000_000;
 
@@ -615,7 +613,7 @@ mod tests {
     }
 
     /// Cancel gives a job up in each phase before its trial boot: the
-    /// target is (or stays) bad, the job ends failed with CANCELLED; in the
+    /// target is (or stays) bad, the job ends failed with `Failure::cancelled`; in the
     /// trial, and with no job, it changes nothing.
     #[test]
     fn cancel_before_the_trial_boot_only() {
@@ -639,7 +637,7 @@ mod tests {
             let actions = before.handle(Input::Cancel, NOW);
             assert_eq!(actions.contains(&MarkTargetBad), gives_up_target, "{actions:?}");
             assert!(actions.contains(&Persist), "{actions:?}");
-            assert_eq!(phase(&before), Phase::Failed { error: CANCELLED.into() });
+            assert_eq!(phase(&before), Phase::Failed { error: Failure::cancelled() });
             assert!(!before.busy_view().cancellable);
         }
         // Booted into B: the trial, where MarkBad (a verdict) is the way.
@@ -735,7 +733,9 @@ mod tests {
         let _ = slow.handle(Input::TimerFired(Timer::Health), NOW);
         assert_eq!(
             phase(&slow),
-            Phase::RolledBack { reason: "health-check-failed: timed out after 20 s".into() }
+            Phase::RolledBack {
+                reason: Rollback::Unhealthy("health-check-failed: timed out after 20 s".into())
+            }
         );
         let mut by_hand = agent(&k, "B", "b2", a.state().clone());
         assert_eq!(
@@ -763,7 +763,9 @@ mod tests {
         let _ = never.handle(Input::TimerFired(Timer::Health), NOW);
         assert_eq!(
             phase(&never),
-            Phase::RolledBack { reason: "health-check-failed: mqtt-not-connected within 20 s".into() }
+            Phase::RolledBack {
+                reason: Rollback::Unhealthy("health-check-failed: mqtt-not-connected within 20 s".into())
+            }
         );
 
         // A side effect that failed after the end joins the last error.
@@ -780,7 +782,10 @@ mod tests {
         let _ = cut.handle(msg(m.clone(), broker()), NOW);
         let _ = cut.handle(Input::Job(Event::SlotInvalidated), NOW);
         assert_eq!(
-            cut.handle(Input::Job(Event::ActionFailed { error: "download-failed: x".into() }), NOW),
+            cut.handle(
+                Input::Job(Event::ActionFailed { error: Failure::named("download-failed", "x") }),
+                NOW
+            ),
             vec![PhaseChanged, Persist]
         );
         assert_eq!(cut.state().last_error.as_deref(), Some("download-failed: x"));

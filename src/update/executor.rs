@@ -5,12 +5,13 @@
 //! `fleetd demo` all go through it.
 
 use super::agent::{Action, Agent, BootFacts, BusyView, Facts, Input, Refusal, Source, Timer};
-use super::engine::{Event, Job, Phase};
+use super::engine::{Event, Failure, Job, Phase};
 use super::fetch::{FetchError, FetchHooks, FetchPolicy, FetchStats};
 use super::slot_writer::{SlotWriter, DEFAULT_BLOCK};
 use super::{State, StateStore};
 use crate::boot::{BootControl, SlotState};
 use crate::config::{Config, RebootMethod};
+use crate::status::UpdateState;
 use crate::store::StoreError;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -28,23 +29,38 @@ crate::error_name::named_error! {
     }
 }
 
-/// Why an action failed; its text (`name: detail`) becomes the job's error.
-#[derive(Debug, thiserror::Error)]
-pub enum ActionError {
-    #[error(transparent)]
-    Boot(#[from] crate::boot::BootError),
-    #[error(transparent)]
-    Write(#[from] super::slot_writer::WriteError),
-    #[error(transparent)]
-    Fetch(#[from] FetchError),
-    #[error("target-is-booted: slot {0} is the running slot or is mounted; refusing to write it")]
-    TargetIsBooted(String),
-    #[error("no-slot: slot {0:?} of the stored job is not in the configuration")]
-    NoSlot(String),
-    #[error("reboot-failed: {0}")]
-    RebootFailed(String),
-    #[error("no-job: nothing to carry out")]
-    NoJob,
+crate::error_name::named_error! {
+    /// Why an action failed; its name and text become the job's `Failure`.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ActionError {
+        #[name(of 0)]
+        #[error(transparent)]
+        Boot(#[from] crate::boot::BootError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Write(#[from] super::slot_writer::WriteError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Fetch(#[from] FetchError),
+        #[name = "target-is-booted"]
+        #[error("{name}: slot {0} is the running slot or is mounted; refusing to write it")]
+        TargetIsBooted(String),
+        #[name = "no-slot"]
+        #[error("{name}: slot {0:?} of the stored job is not in the configuration")]
+        NoSlot(String),
+        #[name = "reboot-failed"]
+        #[error("{name}: {0}")]
+        RebootFailed(String),
+        #[name = "no-job"]
+        #[error("{name}: nothing to carry out")]
+        NoJob,
+    }
+}
+
+impl From<&ActionError> for Failure {
+    fn from(error: &ActionError) -> Self {
+        Failure::new(error.name(), error.to_string())
+    }
 }
 
 /// What became of a message.
@@ -339,7 +355,7 @@ impl Executor {
     }
 
     /// Gives the job up before its trial boot (`agent::cancellable`): it
-    /// ends failed with `agent::CANCELLED`, its target bad. `Ok(Err(why))`
+    /// ends failed with `Failure::cancelled`, its target bad. `Ok(Err(why))`
     /// when there is nothing to cancel.
     pub async fn cancel(&mut self) -> Result<Result<String, String>, ExecError> {
         self.abandon_plan();
@@ -459,7 +475,7 @@ impl Executor {
             }
             Err(error) => {
                 self.abandon_plan();
-                self.inputs.push_back(Input::Job(Event::ActionFailed { error: error.to_string() }));
+                self.inputs.push_back(Input::Job(Event::ActionFailed { error: Failure::from(&error) }));
             }
         }
         Ok(())
@@ -525,8 +541,9 @@ impl Executor {
         };
         let mut on_retry = |why: &str, wait: Duration| {
             (reporter.borrow_mut())(&Report::Step {
-                state: "downloading",
+                state: UpdateState::Downloading,
                 detail: format!("download interrupted ({why}); retrying in {} ms", wait.as_millis()),
+                failure: None,
                 job: Some((job.jti.clone(), job.version)),
             });
         };
@@ -540,11 +557,12 @@ impl Executor {
         // A checkpoint's persisted state is the agent's: report it now.
         self.report_status();
         (self.reporter)(&Report::Step {
-            state: "installing",
+            state: UpdateState::Installing,
             detail: format!(
                 "image verified (sha256 ok); {} bytes written, {} unchanged bytes skipped",
                 stats.written, stats.skipped
             ),
+            failure: None,
             job: Some((job.jti.clone(), job.version)),
         });
         Ok(())
@@ -671,9 +689,9 @@ impl Executor {
     }
 
     fn report_step(&mut self, detail: String) {
-        let state = self.job().map(|j| j.phase.status_name()).unwrap_or("idle");
+        let state = self.job().map(|j| j.phase.status_name()).unwrap_or(UpdateState::Idle);
         let job = self.job().map(|j| (j.jti.clone(), j.version));
-        (self.reporter)(&Report::Step { state, detail, job });
+        (self.reporter)(&Report::Step { state, detail, failure: None, job });
     }
 
     fn report_phase(&mut self) {
@@ -689,8 +707,12 @@ impl Executor {
             Phase::Failed { error } => format!("failed: {error}"),
         };
         let state = job.phase.status_name();
+        let failure = match &job.phase {
+            Phase::Failed { error } => Some(error.clone()),
+            _ => None,
+        };
         let job = Some((job.jti.clone(), job.version));
-        (self.reporter)(&Report::Step { state, detail, job });
+        (self.reporter)(&Report::Step { state, detail, failure, job });
     }
 }
 
@@ -734,6 +756,7 @@ mod tests {
     use super::*;
     use crate::boot::BootError;
     use crate::trust::{Envelope, SigningKey};
+    use crate::update::engine::Rollback;
     use std::sync::{Arc, Mutex};
 
     /// A boot environment in memory: each slot's state and the primary.
@@ -915,7 +938,7 @@ mod tests {
         after_reboot.start().await.unwrap();
         let state = w.stored();
         assert_eq!((state.installed_version, state.job.unwrap().phase), (8, Phase::Committed));
-        let steps: Vec<&'static str> = w
+        let steps: Vec<UpdateState> = w
             .reports
             .lock()
             .unwrap()
@@ -925,7 +948,10 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert!(steps.contains(&"reboot-pending") && steps.contains(&"committed"), "{steps:?}");
+        assert!(
+            steps.contains(&UpdateState::RebootPending) && steps.contains(&UpdateState::Committed),
+            "{steps:?}"
+        );
     }
 
     /// A save that fails (here: a directory where the temp file goes, which
@@ -975,7 +1001,9 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(20), "judged exactly at the timer");
         assert_eq!(
             trial.job().unwrap().phase,
-            Phase::RolledBack { reason: "health-check-failed: timed out after 20 s".into() }
+            Phase::RolledBack {
+                reason: Rollback::Unhealthy("health-check-failed: timed out after 20 s".into())
+            }
         );
         assert_eq!(w.boot.env.lock().unwrap()["B"], SlotState::Bad);
     }
@@ -996,7 +1024,9 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(30));
         assert_eq!(
             trial.job().unwrap().phase,
-            Phase::RolledBack { reason: "health-check-failed: mqtt-not-connected within 30 s".into() }
+            Phase::RolledBack {
+                reason: Rollback::Unhealthy("health-check-failed: mqtt-not-connected within 30 s".into())
+            }
         );
     }
 
@@ -1009,7 +1039,8 @@ mod tests {
         ex.run().await.unwrap();
         let phase = ex.job().unwrap().phase.clone();
         assert!(
-            matches!(&phase, Phase::Failed { error } if error.starts_with("download-failed")),
+            matches!(&phase, Phase::Failed { error }
+                if error.name == "download-failed" && error.text.starts_with("download-failed: ")),
             "{phase:?}"
         );
         assert_eq!(w.boot.env.lock().unwrap()["B"], SlotState::Bad);
