@@ -63,6 +63,14 @@ impl From<&ActionError> for Failure {
     }
 }
 
+/// What became of a cancel: the sentence for the caller either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancel {
+    Done(String),
+    /// Nothing to cancel (`no-job`), or too late (`cancel-too-late`).
+    Refused(String),
+}
+
 /// What became of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
@@ -355,12 +363,11 @@ impl Executor {
     }
 
     /// Gives the job up before its trial boot (`agent::cancellable`): it
-    /// ends failed with `Failure::cancelled`, its target bad. `Ok(Err(why))`
-    /// when there is nothing to cancel.
-    pub async fn cancel(&mut self) -> Result<Result<String, String>, ExecError> {
+    /// ends failed with `Failure::cancelled`, its target bad.
+    pub async fn cancel(&mut self) -> Result<Cancel, ExecError> {
         self.abandon_plan();
         let Some(job) = self.job().cloned() else {
-            return Ok(Err("no-job: nothing to cancel".into()));
+            return Ok(Cancel::Refused("no-job: nothing to cancel".into()));
         };
         let actions = self.agent.handle(Input::Cancel, crate::system_now());
         if actions.is_empty() {
@@ -374,11 +381,11 @@ impl Executor {
             } else {
                 format!("cancel-too-late: slot {} is on trial; MarkBad gives it up", job.target_slot)
             };
-            return Ok(Err(why));
+            return Ok(Cancel::Refused(why));
         }
         self.queue.extend(actions);
         self.run().await?;
-        Ok(Ok(format!("cancelled {} v{}", job.name, job.version)))
+        Ok(Cancel::Done(format!("cancelled {} v{}", job.name, job.version)))
     }
 
     /// Drops what is left of a plan whose `run` was stopped at an await
