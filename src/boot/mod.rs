@@ -120,26 +120,12 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
     use crate::config::BootBackend;
     let slots: Vec<String> = config.slots.keys().cloned().collect();
     let boot = &config.boot;
-    let missing = |backend: &'static str, key: &str| BootError::Config {
-        backend,
-        detail: format!("boot.{key} is required"),
-    };
-    Ok(match boot.backend {
-        BootBackend::Uboot => {
-            let env_config = boot.env_config.clone().unwrap_or_else(|| PathBuf::from("/etc/fw_env.config"));
-            Box::new(uboot::UbootEnv::open_with(
-                &env_config,
-                &slots,
-                boot.attempts,
-                boot.uboot_single_copy_in_place,
-            )?)
+    Ok(match &boot.backend {
+        BootBackend::Uboot { env_config, single_copy_in_place } => {
+            Box::new(uboot::UbootEnv::open_with(env_config, &slots, boot.attempts, *single_copy_in_place)?)
         }
-        BootBackend::Grub => {
-            let path = boot.grubenv.clone().ok_or_else(|| missing("grub", "grubenv"))?;
-            Box::new(grub::GrubEnv::new(path, &slots)?)
-        }
-        BootBackend::RpiTryboot => {
-            let path = boot.autoboot_txt.clone().ok_or_else(|| missing("rpi-tryboot", "autoboot_txt"))?;
+        BootBackend::Grub { grubenv } => Box::new(grub::GrubEnv::new(grubenv.clone(), &slots)?),
+        BootBackend::RpiTryboot { autoboot_txt, partition_file } => {
             let mut partitions = Vec::new();
             for (name, slot) in &config.slots {
                 let number =
@@ -154,12 +140,9 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
                     })?;
                 partitions.push((name.clone(), number));
             }
-            Box::new(tryboot::RpiTryboot::new(path, partitions, boot.tryboot_partition_file.clone())?)
+            Box::new(tryboot::RpiTryboot::new(autoboot_txt.clone(), partitions, partition_file.clone())?)
         }
-        BootBackend::Script => {
-            let path = boot.script.clone().ok_or_else(|| missing("script", "script"))?;
-            Box::new(script::ScriptBoot::new(path, &slots)?)
-        }
+        BootBackend::Script { script } => Box::new(script::ScriptBoot::new(script.clone(), &slots)?),
     })
 }
 
