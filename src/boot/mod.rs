@@ -7,6 +7,7 @@
 
 pub mod grub;
 pub mod script;
+pub mod slot;
 pub mod tryboot;
 pub mod uboot;
 

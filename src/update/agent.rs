@@ -16,6 +16,7 @@
 
 use super::engine::{self, Event, Failure, Job, Phase};
 use super::State;
+use crate::boot::slot::Pair;
 use crate::trust::{Claims, Policy, VerifyError};
 use std::time::Duration;
 
@@ -24,8 +25,8 @@ use std::time::Duration;
 pub struct Facts {
     pub booted: String,
     pub boot_id: String,
-    /// Slot name → size in bytes, where known.
-    pub slots: Vec<(String, Option<u64>)>,
+    /// The two slots, each with its size in bytes where known.
+    pub slots: Pair<Option<u64>>,
     pub leeway_s: u64,
     /// A health command is configured.
     pub health_command: bool,
@@ -218,7 +219,7 @@ impl Agent {
 
     /// The slot an update would write: the one not booted.
     pub fn target_slot(&self) -> Option<&str> {
-        self.facts.slots.iter().map(|(name, _)| name.as_str()).find(|s| *s != self.facts.booted)
+        self.facts.slots.other(&self.facts.booted).map(|(slot, _)| slot.as_str())
     }
 
     /// The running slot holds a download that has not reached `Written`:
@@ -421,7 +422,7 @@ impl Agent {
         if boot.target_in_use {
             return Err(Refusal::TargetIsBooted(target.to_string()));
         }
-        let slot_size = self.facts.slots.iter().find(|(name, _)| name == target).and_then(|(_, size)| *size);
+        let slot_size = self.facts.slots.get(target).copied().flatten();
         if let Some(slot_size) = slot_size {
             if claims.image.size > slot_size {
                 return Err(Refusal::SlotTooSmall {
@@ -533,6 +534,7 @@ impl BusyView {
 mod tests {
     use super::Action::*;
     use super::*;
+    use crate::boot::slot::Slot;
     use crate::trust::{Envelope, Image, SigningKey, Target, CLAIMS_TYPE, DEFAULT_MAX_VALIDITY_S};
     use crate::update::engine::Rollback;
 
@@ -565,7 +567,7 @@ mod tests {
         Facts {
             booted: booted.into(),
             boot_id: boot_id.into(),
-            slots: vec![("A".into(), Some(1000)), ("B".into(), Some(1000))],
+            slots: Pair::new(vec![(Slot::new("A"), Some(1000)), (Slot::new("B"), Some(1000))]).unwrap(),
             leeway_s: 60,
             health_command: true,
             health_needs_connection: false,

@@ -9,6 +9,7 @@ use super::engine::{Event, Failure, Job, Phase};
 use super::fetch::{FetchError, FetchHooks, FetchPolicy, FetchStats};
 use super::slot_writer::{SlotWriter, DEFAULT_BLOCK};
 use super::{State, StateStore};
+use crate::boot::slot::{Pair, Slot};
 use crate::boot::{BootControl, SlotState};
 use crate::config::{Config, RebootMethod};
 use crate::status::UpdateState;
@@ -26,6 +27,11 @@ crate::error_name::named_error! {
         #[name(of 0)]
         #[error(transparent)]
         Store(#[from] StoreError),
+        /// The configuration's slots are not an A/B pair (its checks
+        /// refuse such a file first).
+        #[name = "config"]
+        #[error("{name}: slots: {0}")]
+        Slots(String),
     }
 }
 
@@ -156,11 +162,14 @@ impl Executor {
         let facts = Facts {
             booted,
             boot_id,
-            slots: config
-                .slots
-                .iter()
-                .map(|(name, slot)| (name.clone(), crate::config::slot_size(slot)))
-                .collect(),
+            slots: Pair::new(
+                config
+                    .slots
+                    .iter()
+                    .map(|(name, slot)| (Slot::new(name), crate::config::slot_size(slot)))
+                    .collect(),
+            )
+            .map_err(ExecError::Slots)?,
             leeway_s: config.trust.leeway_s,
             health_command: config.health.command.is_some(),
             health_needs_connection: false,
