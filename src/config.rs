@@ -80,41 +80,112 @@ pub struct Slot {
     pub boot_partition: Option<u32>,
 }
 
+/// `[boot]`: the keys every backend shares, and the backend with its own
+/// keys, checked once at load. The TOML is one flat table with
+/// `backend = "..."` (`BootKeys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boot {
+    pub backend: BootBackend,
+    pub booted_slot: String,
+    pub attempts: u32,
+    /// Changes at every boot; tells a reboot from a daemon restart.
+    pub boot_id_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootBackend {
+    Uboot {
+        env_config: PathBuf,
+        /// Accept a single-copy U-Boot environment that can only be written
+        /// in place (inside a block device): not crash-safe, so never the default.
+        single_copy_in_place: bool,
+    },
+    Grub {
+        grubenv: PathBuf,
+    },
+    RpiTryboot {
+        autoboot_txt: PathBuf,
+        /// Where the Pi firmware says which partition it booted.
+        partition_file: PathBuf,
+    },
+    Script {
+        script: PathBuf,
+    },
+}
+
+impl BootBackend {
+    /// The name `backend = "..."` gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Uboot { .. } => "uboot",
+            Self::Grub { .. } => "grub",
+            Self::RpiTryboot { .. } => "rpi-tryboot",
+            Self::Script { .. } => "script",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum BootBackend {
+enum BackendName {
     Uboot,
     Grub,
     RpiTryboot,
     Script,
 }
 
+impl<'de> Deserialize<'de> for Boot {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let keys = BootKeys::deserialize(deserializer)?;
+        let required = |value: Option<PathBuf>, key: &str| {
+            value.ok_or_else(|| {
+                serde::de::Error::custom(format!("`boot.{key}` is required by this boot.backend"))
+            })
+        };
+        let backend = match keys.backend {
+            BackendName::Uboot => BootBackend::Uboot {
+                env_config: keys.env_config.unwrap_or_else(|| PathBuf::from("/etc/fw_env.config")),
+                single_copy_in_place: keys.uboot_single_copy_in_place,
+            },
+            BackendName::Grub => BootBackend::Grub { grubenv: required(keys.grubenv, "grubenv")? },
+            BackendName::RpiTryboot => BootBackend::RpiTryboot {
+                autoboot_txt: required(keys.autoboot_txt, "autoboot_txt")?,
+                partition_file: keys.tryboot_partition_file,
+            },
+            BackendName::Script => BootBackend::Script { script: required(keys.script, "script")? },
+        };
+        Ok(Self {
+            backend,
+            booted_slot: keys.booted_slot,
+            attempts: keys.attempts,
+            boot_id_file: keys.boot_id_file,
+        })
+    }
+}
+
+/// `[boot]` as written: every backend's keys in one table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Boot {
-    pub backend: BootBackend,
+struct BootKeys {
+    backend: BackendName,
     #[serde(default = "default_booted_slot")]
-    pub booted_slot: String,
+    booted_slot: String,
     #[serde(default = "default_attempts")]
-    pub attempts: u32,
+    attempts: u32,
     #[serde(default)]
-    pub env_config: Option<PathBuf>,
-    /// Accept a single-copy U-Boot environment that can only be written in
-    /// place (inside a block device): not crash-safe, so never the default.
+    env_config: Option<PathBuf>,
     #[serde(default)]
-    pub uboot_single_copy_in_place: bool,
+    uboot_single_copy_in_place: bool,
     #[serde(default)]
-    pub grubenv: Option<PathBuf>,
+    grubenv: Option<PathBuf>,
     #[serde(default)]
-    pub autoboot_txt: Option<PathBuf>,
+    autoboot_txt: Option<PathBuf>,
     #[serde(default)]
-    pub script: Option<PathBuf>,
-    /// Changes at every boot; tells a reboot from a daemon restart.
+    script: Option<PathBuf>,
     #[serde(default = "default_boot_id_file")]
-    pub boot_id_file: PathBuf,
-    /// Where the Pi firmware says which partition it booted (tryboot).
+    boot_id_file: PathBuf,
     #[serde(default = "default_tryboot_partition_file")]
-    pub tryboot_partition_file: PathBuf,
+    tryboot_partition_file: PathBuf,
 }
 
 fn default_boot_id_file() -> PathBuf {
@@ -430,20 +501,18 @@ impl Config {
         };
         fix(&mut self.device.state_dir);
         fix(&mut self.boot.boot_id_file);
-        fix(&mut self.boot.tryboot_partition_file);
+        match &mut self.boot.backend {
+            BootBackend::Uboot { env_config: path, .. }
+            | BootBackend::Grub { grubenv: path }
+            | BootBackend::Script { script: path } => fix(path),
+            BootBackend::RpiTryboot { autoboot_txt, partition_file } => {
+                fix(autoboot_txt);
+                fix(partition_file);
+            }
+        }
         self.trust.keys.values_mut().for_each(fix);
         self.slots.values_mut().for_each(|s| fix(&mut s.device));
-        for p in [
-            &mut self.boot.env_config,
-            &mut self.boot.grubenv,
-            &mut self.boot.autoboot_txt,
-            &mut self.boot.script,
-            &mut self.health.command,
-            &mut self.update.ca_file,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for p in [&mut self.health.command, &mut self.update.ca_file].into_iter().flatten() {
             fix(p);
         }
         if let Some(p) = &mut self.provision {
@@ -509,15 +578,6 @@ impl Config {
         // test (decimal): both agree only on single digits.
         if !(1..=9).contains(&self.boot.attempts) {
             return Err(self.invalid("boot.attempts", "must be between 1 and 9"));
-        }
-        let needed = match self.boot.backend {
-            BootBackend::Grub => self.boot.grubenv.as_ref().map(|_| ()).ok_or("boot.grubenv"),
-            BootBackend::Script => self.boot.script.as_ref().map(|_| ()).ok_or("boot.script"),
-            BootBackend::RpiTryboot => self.boot.autoboot_txt.as_ref().map(|_| ()).ok_or("boot.autoboot_txt"),
-            BootBackend::Uboot => Ok(()),
-        };
-        if let Err(key) = needed {
-            return Err(self.invalid(key, "required by this boot.backend"));
         }
         if self.update.checkpoint_mib == 0 || self.update.stall_timeout_s == 0 || self.update.retries == 0 {
             return Err(
@@ -667,9 +727,46 @@ mod tests {
         assert!(!c.trust.allow_http);
         assert_eq!(c.device.state_dir, PathBuf::from("/etc/fleetd/state"));
         assert_eq!(c.trust.keys["fleet"], PathBuf::from("/etc/fleetd/keys/fleet.pub.pem"));
-        assert_eq!(c.boot.backend, BootBackend::Uboot);
+        let env_config = PathBuf::from("/etc/fw_env.config");
+        assert_eq!(c.boot.backend, BootBackend::Uboot { env_config, single_copy_in_place: false });
         assert_eq!(c.boot.attempts, 3);
         assert_eq!(c.update.reboot, RebootMethod::Systemd);
+    }
+
+    /// Each backend's keys become its variant, paths resolved; a key no
+    /// backend knows is still refused by name.
+    #[test]
+    fn each_boot_backend_is_checked_at_load() {
+        let with = |boot: &str| parse(&good().replace("backend = \"uboot\"", boot)).map(|c| c.boot.backend);
+        let path = |p: &str| PathBuf::from("/etc/fleetd").join(p);
+        assert_eq!(
+            with("backend = \"grub\"\ngrubenv = \"grubenv\"").unwrap(),
+            BootBackend::Grub { grubenv: path("grubenv") }
+        );
+        assert_eq!(
+            with("backend = \"rpi-tryboot\"\nautoboot_txt = \"autoboot.txt\"").unwrap(),
+            BootBackend::RpiTryboot {
+                autoboot_txt: path("autoboot.txt"),
+                partition_file: "/proc/device-tree/chosen/bootloader/partition".into()
+            }
+        );
+        assert_eq!(
+            with("backend = \"script\"\nscript = \"boot.sh\"").unwrap(),
+            BootBackend::Script { script: path("boot.sh") }
+        );
+        assert_eq!(
+            with("backend = \"uboot\"\nenv_config = \"fw_env.config\"\nuboot_single_copy_in_place = true")
+                .unwrap(),
+            BootBackend::Uboot { env_config: path("fw_env.config"), single_copy_in_place: true }
+        );
+        for (boot, key) in
+            [("backend = \"script\"", "`boot.script`"), ("backend = \"rpi-tryboot\"", "`boot.autoboot_txt`")]
+        {
+            let e = with(boot).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("required"), "{e}");
+        }
+        let e = with("backend = \"grub\"\ngrubenvv = \"grubenv\"").unwrap_err().to_string();
+        assert!(e.contains("`boot.grubenvv`") && e.contains("unknown field"), "{e}");
     }
 
     fn error_of(text: &str) -> String {
@@ -698,6 +795,10 @@ mod tests {
 
         let e = error_of(&good().replace("backend = \"uboot\"", "backend = \"grub\""));
         assert!(e.contains("`boot.grubenv`"), "{e}");
+        assert_eq!(
+            e,
+            "/etc/fleetd/fleetd.toml: key `boot`: `boot.grubenv` is required by this boot.backend (line 20)"
+        );
 
         let e = error_of(&good().replace("[device]", "[devise]"));
         assert!(e.contains("devise"), "{e}");

@@ -64,14 +64,18 @@ pub fn run(
             provisioned = provision_if_needed(&config, clock_floor, &sink) => provisioned?,
             _ = &mut shutdown => return Ok(()),
         };
-        let Some(provisioned) = provisioned else {
-            // The access point timed out: nothing to connect to until a restart.
-            notify::status("unprovisioned: the access point timed out; restart fleetd to provision");
-            shutdown.await;
-            return Ok(());
+        let record = match &provisioned {
+            ProvisionOutcome::ByHand => None,
+            ProvisionOutcome::Done(record) => Some(record),
+            ProvisionOutcome::TimedOut => {
+                // Nothing to connect to until a restart.
+                notify::status("unprovisioned: the access point timed out; restart fleetd to provision");
+                shutdown.await;
+                return Ok(());
+            }
         };
         let broker = config
-            .broker(provisioned.as_ref().map(|p| (p.broker_host.as_str(), p.broker_port)))
+            .broker(record.map(|p| (p.broker_host.as_str(), p.broker_port)))
             .ok_or(DaemonError::NoMqtt)?;
         executor.set_provisioning(crate::provision::phase::facts(&config));
         crate::bus::send(&sink, BusEvent::Report(Report::Status(Box::new(executor.status_doc()))));
@@ -123,28 +127,36 @@ fn wedge_for_tests() {
     });
 }
 
-/// `Ok(Some(None))`: nothing to provision; `Ok(Some(Some(record)))`: the
-/// provisioning to connect with; `Ok(None)`: the access point timed out.
+/// Where provisioning left the device.
+enum ProvisionOutcome {
+    /// No `[provision]` section: configured by hand.
+    ByHand,
+    /// The provisioning to connect with.
+    Done(Provisioned),
+    /// The access point timed out.
+    TimedOut,
+}
+
 async fn provision_if_needed(
     config: &Config,
     clock_floor: u64,
     sink: &crate::bus::Sink,
-) -> Result<Option<Option<Provisioned>>, DaemonError> {
-    let Some(settings) = &config.provision else { return Ok(Some(None)) };
+) -> Result<ProvisionOutcome, DaemonError> {
+    let Some(settings) = &config.provision else { return Ok(ProvisionOutcome::ByHand) };
     let store = ProvisionStore::new(&config.device.state_dir);
     if let Some(record) = store.load().map_err(PhaseError::from)? {
         if record.complete() {
-            return Ok(Some(Some(record)));
+            return Ok(ProvisionOutcome::Done(record));
         }
     }
     let client_dir = crate::net::client_dir(&config.device.state_dir);
     let backend = crate::net::Backend::from_config(settings, &client_dir).await.map_err(PhaseError::from)?;
     let on_status = || crate::bus::send(sink, BusEvent::Provisioning(crate::provision::phase::facts(config)));
     match crate::provision::phase::run(config, backend, clock_floor, &on_status).await {
-        Ok(record) => Ok(Some(Some(record))),
+        Ok(record) => Ok(ProvisionOutcome::Done(record)),
         Err(e @ PhaseError::Timeout(_)) => {
             crate::logging::log(&format!("provisioning: {e}"));
-            Ok(None)
+            Ok(ProvisionOutcome::TimedOut)
         }
         Err(e) => Err(e.into()),
     }
@@ -272,11 +284,10 @@ fn log_client_event(event: &ClientEvent) {
         ),
         ClientEvent::Disconnected { error, retry_in } => {
             notify::status(&format!("disconnected ({error}); reconnecting"));
-            let text = error.to_string();
             logging::event(
                 Priority::Warning,
                 &format!("{error}; reconnecting in {} ms", retry_in.as_millis()),
-                &[(logging::ERROR, text.split(':').next().unwrap_or("mqtt"))],
+                &[(logging::ERROR, error.name())],
             )
         }
     }
@@ -316,17 +327,17 @@ fn worker_main(
                 done: *done,
                 total: *total,
             }),
-            Report::Step { state, detail, job } => {
+            Report::Step { state, detail, failure, job } => {
                 notify::status(&format!("{state}: {detail}"));
-                logging::step(state, detail, job.as_ref());
-                Outbound::Progress(Progress::Step { state: state.to_string(), detail: detail.clone() })
+                logging::step(*state, detail, failure.as_ref(), job.as_ref());
+                Outbound::Progress(Progress::Step { state: *state, detail: detail.clone() })
             }
         };
         let _ = reports.send(outbound);
     }));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        if !run_job(&mut executor, &mut ch, true).await {
+        if !run_job(&mut executor, &mut ch, Entry::Start).await {
             return;
         }
         executor.report_status();
@@ -374,7 +385,7 @@ fn worker_main(
                 }
                 Work::Call(request) => answer_call(&mut executor, request, &ch.sink).await,
             };
-            if has_job && !run_job(&mut executor, &mut ch, false).await {
+            if has_job && !run_job(&mut executor, &mut ch, Entry::Run).await {
                 break;
             }
             executor.report_status();
@@ -383,20 +394,20 @@ fn worker_main(
     Ok(())
 }
 
-/// Runs the job (or, with `starting`, the process's start: confirm the
-/// booted slot, resume the stored job) while answering what arrives.
+/// How the executor is entered: the process's start (confirm the booted
+/// slot, resume the stored job), an admitted job, or what is left of a job
+/// after an interrupting call.
+enum Entry {
+    Start,
+    Run,
+    Resume,
+}
+
+/// Runs the job from `entry` while answering what arrives.
 /// A call that must act on the job (a verdict in its trial, a cancel)
 /// stops it at an await point, is carried out, and what is left of the
 /// job resumes from its persisted state. `false` when shutdown came.
-async fn run_job(executor: &mut Executor, ch: &mut Channels, starting: bool) -> bool {
-    /// How the executor is entered: the process's start, an admitted job,
-    /// or what is left of a job after an interrupting call.
-    enum Entry {
-        Start,
-        Run,
-        Resume,
-    }
-    let mut entry = if starting { Entry::Start } else { Entry::Run };
+async fn run_job(executor: &mut Executor, ch: &mut Channels, mut entry: Entry) -> bool {
     loop {
         let busy = executor.busy_view();
         let ended = match std::mem::replace(&mut entry, Entry::Resume) {
@@ -483,8 +494,8 @@ async fn answer_call(executor: &mut Executor, request: Request, sink: &crate::bu
         }
         Command::Cancel => {
             let answer = match executor.cancel().await {
-                Ok(Ok(done)) => Ok(done),
-                Ok(Err(why)) => Err(CommandError::NoJob(why)),
+                Ok(crate::update::Cancel::Done(done)) => Ok(done),
+                Ok(crate::update::Cancel::Refused(why)) => Err(CommandError::NoJob(why)),
                 Err(e) => Err(CommandError::Failed(e.to_string())),
             };
             (answer, false)

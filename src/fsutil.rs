@@ -139,31 +139,25 @@ pub fn read_capped(path: &Path, limit: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Why a file was not read, by cause: each has a stable name callers report.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    /// A FIFO, device, socket or directory: reading one could block forever
-    /// or never end (`/dev/zero`), so it is refused before any read.
-    #[error("not-regular-file: only a regular file is read here")]
-    NotRegular,
-    #[error("file-too-large: larger than {limit} bytes")]
-    TooLarge { limit: usize },
-    /// A private key others may read, refused as ssh refuses one.
-    #[error("key-permissions: mode {mode:04o} lets others read this private key; `chmod 600` it")]
-    KeyPermissions { mode: u32 },
-}
-
-impl ReadError {
-    /// The stable name (`not-regular-file`, `file-too-large`, `key-permissions`, `io`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Io(_) => "io",
-            Self::NotRegular => "not-regular-file",
-            Self::TooLarge { .. } => "file-too-large",
-            Self::KeyPermissions { .. } => "key-permissions",
-        }
+crate::error_name::named_error! {
+    /// Why a file was not read, by cause: each has a stable name callers report.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ReadError {
+        #[name(hidden = "io")]
+        #[error("{0}")]
+        Io(#[from] io::Error),
+        /// A FIFO, device, socket or directory: reading one could block forever
+        /// or never end (`/dev/zero`), so it is refused before any read.
+        #[name = "not-regular-file"]
+        #[error("{name}: only a regular file is read here")]
+        NotRegular,
+        #[name = "file-too-large"]
+        #[error("{name}: larger than {limit} bytes")]
+        TooLarge { limit: usize },
+        /// A private key others may read, refused as ssh refuses one.
+        #[name = "key-permissions"]
+        #[error("{name}: mode {mode:04o} lets others read this private key; `chmod 600` it")]
+        KeyPermissions { mode: u32 },
     }
 }
 

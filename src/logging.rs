@@ -9,6 +9,8 @@
 //! no `log` facade, and a socket path a test can point at a stand-in
 //! (`$FLEETD_JOURNAL_SOCKET`).
 
+use crate::status::UpdateState;
+use fleetd_core::update::engine::Failure;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -90,17 +92,18 @@ pub fn to_journal() -> bool {
 }
 
 /// A job's step, with the fields `journalctl FLEETD_JOB=…` finds; a failed
-/// or rolled-back step carries its reason as `FLEETD_ERROR`.
-pub fn step(state: &str, detail: &str, job: Option<&(String, u64)>) {
+/// or rolled-back step carries its reason as `FLEETD_ERROR`: the failure's
+/// text, else the step's sentence.
+pub fn step(state: UpdateState, detail: &str, failure: Option<&Failure>, job: Option<&(String, u64)>) {
     let version = job.map(|j| j.1.to_string()).unwrap_or_default();
-    let mut fields = vec![(STEP, state)];
+    let mut fields = vec![(STEP, state.as_str())];
     if let Some((jti, _)) = job {
         fields.push((JOB, jti.as_str()));
         fields.push((VERSION, version.as_str()));
     }
-    let failed = matches!(state, "failed" | "rolled-back");
+    let failed = state.is_failure();
     if failed {
-        fields.push((ERROR, detail.strip_prefix("failed: ").unwrap_or(detail)));
+        fields.push((ERROR, failure.map_or(detail, |f| f.text.as_str())));
     }
     let priority = if failed { Priority::Error } else { Priority::Notice };
     event(priority, &format!("{state}: {detail}"), &fields);

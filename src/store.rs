@@ -11,24 +11,19 @@ use std::path::{Path, PathBuf};
 pub const STATE_FILE: &str = "state.json";
 const MAX_STATE_BYTES: usize = 4 * 1024 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("state-io: {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("state-corrupt: {path}: {message}")]
-    Corrupt { path: PathBuf, message: String },
-    /// Another mutating fleetd (daemon, install, mark-*) owns the state.
-    #[error("busy: {0}")]
-    Busy(String),
-}
-
-impl StoreError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Io { .. } => "state-io",
-            Self::Corrupt { .. } => "state-corrupt",
-            Self::Busy(_) => "busy",
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    pub enum StoreError {
+        #[name = "state-io"]
+        #[error("{name}: {path}: {source}")]
+        Io { path: PathBuf, source: std::io::Error },
+        #[name = "state-corrupt"]
+        #[error("{name}: {path}: {message}")]
+        Corrupt { path: PathBuf, message: String },
+        /// Another mutating fleetd (daemon, install, mark-*) owns the state.
+        #[name = "busy"]
+        #[error("{name}: {0}")]
+        Busy(String),
     }
 }
 

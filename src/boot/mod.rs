@@ -7,6 +7,7 @@
 
 pub mod grub;
 pub mod script;
+pub use fleetd_core::boot::slot;
 pub mod tryboot;
 pub mod uboot;
 
@@ -35,35 +36,30 @@ impl SlotState {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BootError {
-    /// Reading or writing the environment's storage failed.
-    #[error("{backend}: boot-env-io: {path}: {source}")]
-    Io { backend: &'static str, path: PathBuf, source: std::io::Error },
-    /// No valid copy of the environment (bad CRC, wrong size, garbage).
-    #[error("{backend}: boot-env-corrupt: {detail}")]
-    Corrupt { backend: &'static str, detail: String },
-    /// The backend's own configuration (fw_env.config, slot mapping) is wrong.
-    #[error("{backend}: boot-config: {detail}")]
-    Config { backend: &'static str, detail: String },
-    /// A slot name the backend does not know.
-    #[error("{backend}: unknown-slot: {slot:?}")]
-    UnknownSlot { backend: &'static str, slot: String },
-    /// An external command (custom script) failed or printed something unexpected.
-    #[error("{backend}: boot-command: {detail}")]
-    Command { backend: &'static str, detail: String },
-}
-
-impl BootError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Io { .. } => "boot-env-io",
-            Self::Corrupt { .. } => "boot-env-corrupt",
-            Self::Config { .. } => "boot-config",
-            Self::UnknownSlot { .. } => "unknown-slot",
-            Self::Command { .. } => "boot-command",
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum BootError {
+        /// Reading or writing the environment's storage failed.
+        #[name = "boot-env-io"]
+        #[error("{backend}: {name}: {path}: {source}")]
+        Io { backend: &'static str, path: PathBuf, source: std::io::Error },
+        /// No valid copy of the environment (bad CRC, wrong size, garbage).
+        #[name = "boot-env-corrupt"]
+        #[error("{backend}: {name}: {detail}")]
+        Corrupt { backend: &'static str, detail: String },
+        /// The backend's own configuration (fw_env.config, slot mapping) is wrong.
+        #[name = "boot-config"]
+        #[error("{backend}: {name}: {detail}")]
+        Config { backend: &'static str, detail: String },
+        /// A slot name the backend does not know.
+        #[name = "unknown-slot"]
+        #[error("{backend}: {name}: {slot:?}")]
+        UnknownSlot { backend: &'static str, slot: String },
+        /// An external command (custom script) failed or printed something unexpected.
+        #[name = "boot-command"]
+        #[error("{backend}: {name}: {detail}")]
+        Command { backend: &'static str, detail: String },
     }
 }
 
@@ -125,26 +121,12 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
     use crate::config::BootBackend;
     let slots: Vec<String> = config.slots.keys().cloned().collect();
     let boot = &config.boot;
-    let missing = |backend: &'static str, key: &str| BootError::Config {
-        backend,
-        detail: format!("boot.{key} is required"),
-    };
-    Ok(match boot.backend {
-        BootBackend::Uboot => {
-            let env_config = boot.env_config.clone().unwrap_or_else(|| PathBuf::from("/etc/fw_env.config"));
-            Box::new(uboot::UbootEnv::open_with(
-                &env_config,
-                &slots,
-                boot.attempts,
-                boot.uboot_single_copy_in_place,
-            )?)
+    Ok(match &boot.backend {
+        BootBackend::Uboot { env_config, single_copy_in_place } => {
+            Box::new(uboot::UbootEnv::open_with(env_config, &slots, boot.attempts, *single_copy_in_place)?)
         }
-        BootBackend::Grub => {
-            let path = boot.grubenv.clone().ok_or_else(|| missing("grub", "grubenv"))?;
-            Box::new(grub::GrubEnv::new(path, &slots)?)
-        }
-        BootBackend::RpiTryboot => {
-            let path = boot.autoboot_txt.clone().ok_or_else(|| missing("rpi-tryboot", "autoboot_txt"))?;
+        BootBackend::Grub { grubenv } => Box::new(grub::GrubEnv::new(grubenv.clone(), &slots)?),
+        BootBackend::RpiTryboot { autoboot_txt, partition_file } => {
             let mut partitions = Vec::new();
             for (name, slot) in &config.slots {
                 let number =
@@ -159,12 +141,9 @@ pub fn from_config(config: &crate::config::Config) -> Result<Box<dyn BootControl
                     })?;
                 partitions.push((name.clone(), number));
             }
-            Box::new(tryboot::RpiTryboot::new(path, partitions, boot.tryboot_partition_file.clone())?)
+            Box::new(tryboot::RpiTryboot::new(autoboot_txt.clone(), partitions, partition_file.clone())?)
         }
-        BootBackend::Script => {
-            let path = boot.script.clone().ok_or_else(|| missing("script", "script"))?;
-            Box::new(script::ScriptBoot::new(path, &slots)?)
-        }
+        BootBackend::Script { script } => Box::new(script::ScriptBoot::new(script.clone(), &slots)?),
     })
 }
 

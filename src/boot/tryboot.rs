@@ -22,6 +22,7 @@
 //! [`Autoboot`] is the codec (no IO); [`RpiTryboot`] reads the files and
 //! rewrites `autoboot.txt` atomically.
 
+use super::slot::{Pair, Slot};
 use super::{BootControl, BootError, SlotState};
 use crate::fsutil;
 use std::io;
@@ -190,7 +191,7 @@ fn io_error(path: &Path, source: io::Error) -> BootError {
 pub struct RpiTryboot {
     autoboot_txt: PathBuf,
     /// Slot name → boot partition number; exactly two.
-    partitions: Vec<(String, u32)>,
+    partitions: Pair<u32>,
     booted_partition_file: PathBuf,
     writes: std::cell::Cell<u32>,
 }
@@ -205,13 +206,13 @@ impl RpiTryboot {
         booted_partition_file: PathBuf,
     ) -> Result<Self, BootError> {
         let config = |detail: String| BootError::Config { backend: BACKEND, detail };
-        let [(a, pa), (b, pb)] = partitions.as_slice() else {
+        let [(_, pa), (_, pb)] = partitions.as_slice() else {
             return Err(config(format!("tryboot needs exactly two slots, got {}", partitions.len())));
         };
-        if a.is_empty() || b.is_empty() || a == b {
-            return Err(config(format!("slot names {a:?} and {b:?}")));
-        }
-        if pa == pb || *pa == 0 || *pb == 0 {
+        let (pa, pb) = (*pa, *pb);
+        let partitions = partitions.into_iter().map(|(name, p)| (Slot::new(name), p)).collect();
+        let partitions = Pair::new(partitions).map_err(config)?;
+        if pa == pb || pa == 0 || pb == 0 {
             return Err(config(format!("slots need distinct non-zero boot partitions, got {pa} and {pb}")));
         }
         Ok(Self { autoboot_txt, partitions, booted_partition_file, writes: Default::default() })
@@ -243,19 +244,18 @@ impl RpiTryboot {
 
     fn partition_of(&self, slot: &str) -> Result<u32, BootError> {
         self.partitions
-            .iter()
-            .find(|(name, _)| name == slot)
-            .map(|(_, partition)| *partition)
+            .get(slot)
+            .copied()
             .ok_or_else(|| BootError::UnknownSlot { backend: BACKEND, slot: slot.to_string() })
     }
 
     fn slot_of(&self, partition: u32) -> Option<&str> {
-        self.partitions.iter().find(|(_, p)| *p == partition).map(|(name, _)| name.as_str())
+        self.partitions.find(|p| *p == partition).map(Slot::as_str)
     }
 
     /// The partition of the slot that is not `slot`.
     fn other_partition(&self, slot: &str) -> u32 {
-        self.partitions.iter().find(|(name, _)| name != slot).map_or(0, |(_, partition)| *partition)
+        self.partitions.other(slot).map_or(0, |(_, partition)| *partition)
     }
 
     /// Read, change, and store in one write; no write if nothing changed.

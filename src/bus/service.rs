@@ -161,7 +161,7 @@ async fn emit(
 fn value_of(m: &Model, p: Property) -> Value<'static> {
     match p {
         Property::State => Value::from(m.doc.state.clone()),
-        Property::Progress => Value::from((m.progress.0, m.progress.1.clone())),
+        Property::Progress => Value::from((m.progress.0, m.progress.1.as_str())),
         Property::LastError => Value::from(m.last_error()),
         Property::BootedSlot => Value::from(m.booted_slot()),
         Property::PrimarySlot => Value::from(m.primary_slot()),
@@ -330,7 +330,7 @@ impl Daemon1 {
     /// (percent, step); 100 only once the install is done.
     #[zbus(property)]
     async fn progress(&self) -> (i32, String) {
-        self.property(|m| m.progress.clone())
+        self.property(|m| (m.progress.0, m.progress.1.to_string()))
     }
 
     #[zbus(property)]

@@ -25,8 +25,8 @@ fn reporter() -> crate::update::Reporter {
     Box::new(move |report: &Report| match report {
         // Under systemd (a boot-time `fleetd run --once`, say) steps go to
         // the journal with their fields.
-        Report::Step { state, detail, job } if crate::logging::to_journal() => {
-            crate::logging::step(state, detail, job.as_ref());
+        Report::Step { state, detail, failure, job } if crate::logging::to_journal() => {
+            crate::logging::step(*state, detail, failure.as_ref(), job.as_ref());
         }
         Report::Step { state, detail, .. } => {
             if tty {

@@ -50,8 +50,8 @@ pub enum Outbound {
 pub enum Progress {
     /// Bytes of the image received.
     Download { jti: String, version: u64, done: u64, total: u64 },
-    /// A new step of the job (the status `state` name) or an event in it.
-    Step { state: String, detail: String },
+    /// A new step of the job (the status `state`) or an event in it.
+    Step { state: crate::status::UpdateState, detail: String },
     /// A second delivery of a message already handled: not run again, but
     /// shown to the fleet (a replay or a redelivery is never silent).
     Duplicate { jti: String },
@@ -64,7 +64,7 @@ impl Progress {
     fn step(&self) -> &str {
         match self {
             Self::Download { .. } => "downloading",
-            Self::Step { state, .. } => state,
+            Self::Step { state, .. } => state.as_str(),
             Self::Duplicate { .. } => "duplicate",
             Self::Refused { .. } => "refused",
         }
@@ -102,7 +102,26 @@ pub enum ClientEvent {
     Connected { session_present: bool },
     Subscribed { topics: Vec<String> },
     SubscriptionRefused { topic: String },
-    Disconnected { error: String, retry_in: Duration },
+    Disconnected { error: Lost, retry_in: Duration },
+}
+
+crate::error_name::named_error! {
+    /// Why the connection was lost, with TLS problems named as such.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum Lost {
+        #[name = "mqtt-tls"]
+        #[error("{name}: {0}")]
+        Tls(String),
+        #[name = "mqtt-refused"]
+        #[error("{name}: {0}")]
+        Refused(String),
+        #[name = "mqtt-io"]
+        #[error("{name}: {0}")]
+        Io(String),
+        #[name = "mqtt"]
+        #[error("{name}: {0}")]
+        Other(String),
+    }
 }
 
 pub struct ClientSetup {
@@ -392,7 +411,7 @@ enum Polled {
     Event(Event),
     /// The connection failed; the next attempt comes after `retry_in`.
     Lost {
-        error: String,
+        error: Lost,
         retry_in: Duration,
     },
 }
@@ -436,21 +455,22 @@ async fn poll_forever(mut eventloop: EventLoop, backoff: Backoff, events: mpsc::
     }
 }
 
-/// A connection error in words, with TLS problems named as such.
-fn describe(e: &rumqttc::ConnectionError) -> String {
+/// A connection error by cause.
+fn describe(e: &rumqttc::ConnectionError) -> Lost {
     use rumqttc::ConnectionError as E;
     let text = e.to_string();
     let lower = text.to_lowercase();
     // A refused client certificate shows up as a TLS alert wrapped in an IO
-    // or protocol error, depending on when it arrives.
+    // or protocol error, depending on when it arrives (rumqttc's text: the
+    // alert is not typed where it surfaces).
     if lower.contains("alert") || lower.contains("certificate") {
-        return format!("mqtt-tls: {text}");
+        return Lost::Tls(text);
     }
     match e {
-        E::Tls(t) => format!("mqtt-tls: {t}"),
-        E::ConnectionRefused(code) => format!("mqtt-refused: {code:?}"),
-        E::Io(io) => format!("mqtt-io: {io}"),
-        other => format!("mqtt: {other}"),
+        E::Tls(t) => Lost::Tls(t.to_string()),
+        E::ConnectionRefused(code) => Lost::Refused(format!("{code:?}")),
+        E::Io(io) => Lost::Io(io.to_string()),
+        other => Lost::Other(other.to_string()),
     }
 }
 
@@ -483,7 +503,7 @@ fn write_connection_file(path: &std::path::Path, event: &ClientEvent) {
             "connected": true, "since": crate::system_now(), "session_present": session_present, "error": null,
         }),
         ClientEvent::Disconnected { error, retry_in } => serde_json::json!({
-            "connected": false, "since": crate::system_now(), "error": error, "retry_in_ms": retry_in.as_millis() as u64,
+            "connected": false, "since": crate::system_now(), "error": error.to_string(), "retry_in_ms": retry_in.as_millis() as u64,
         }),
         _ => return,
     };

@@ -5,12 +5,14 @@
 //! `fleetd demo` all go through it.
 
 use super::agent::{Action, Agent, BootFacts, BusyView, Facts, Input, Refusal, Source, Timer};
-use super::engine::{Event, Job, Phase};
+use super::engine::{Event, Failure, Job, Phase};
 use super::fetch::{FetchError, FetchHooks, FetchPolicy, FetchStats};
 use super::slot_writer::{SlotWriter, DEFAULT_BLOCK};
 use super::{State, StateStore};
+use crate::boot::slot::{Pair, Slot};
 use crate::boot::{BootControl, SlotState};
 use crate::config::{Config, RebootMethod};
+use crate::status::UpdateState;
 use crate::store::StoreError;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -18,38 +20,61 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    /// Nothing can be recorded when the store itself fails.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl ExecError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Store(e) => e.name(),
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    pub enum ExecError {
+        /// Nothing can be recorded when the store itself fails.
+        #[name(of 0)]
+        #[error(transparent)]
+        Store(#[from] StoreError),
+        /// The configuration's slots are not an A/B pair (its checks
+        /// refuse such a file first).
+        #[name = "config"]
+        #[error("{name}: slots: {0}")]
+        Slots(String),
     }
 }
 
-/// Why an action failed; its text (`name: detail`) becomes the job's error.
-#[derive(Debug, thiserror::Error)]
-pub enum ActionError {
-    #[error(transparent)]
-    Boot(#[from] crate::boot::BootError),
-    #[error(transparent)]
-    Write(#[from] super::slot_writer::WriteError),
-    #[error(transparent)]
-    Fetch(#[from] FetchError),
-    #[error("target-is-booted: slot {0} is the running slot or is mounted; refusing to write it")]
-    TargetIsBooted(String),
-    #[error("no-slot: slot {0:?} of the stored job is not in the configuration")]
-    NoSlot(String),
-    #[error("reboot-failed: {0}")]
-    RebootFailed(String),
-    #[error("no-job: nothing to carry out")]
-    NoJob,
+crate::error_name::named_error! {
+    /// Why an action failed; its name and text become the job's `Failure`.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ActionError {
+        #[name(of 0)]
+        #[error(transparent)]
+        Boot(#[from] crate::boot::BootError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Write(#[from] super::slot_writer::WriteError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Fetch(#[from] FetchError),
+        #[name = "target-is-booted"]
+        #[error("{name}: slot {0} is the running slot or is mounted; refusing to write it")]
+        TargetIsBooted(String),
+        #[name = "no-slot"]
+        #[error("{name}: slot {0:?} of the stored job is not in the configuration")]
+        NoSlot(String),
+        #[name = "reboot-failed"]
+        #[error("{name}: {0}")]
+        RebootFailed(String),
+        #[name = "no-job"]
+        #[error("{name}: nothing to carry out")]
+        NoJob,
+    }
+}
+
+impl From<&ActionError> for Failure {
+    fn from(error: &ActionError) -> Self {
+        Failure::new(error.name(), error.to_string())
+    }
+}
+
+/// What became of a cancel: the sentence for the caller either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancel {
+    Done(String),
+    /// Nothing to cancel (`no-job`), or too late (`cancel-too-late`).
+    Refused(String),
 }
 
 /// What became of a message.
@@ -137,11 +162,14 @@ impl Executor {
         let facts = Facts {
             booted,
             boot_id,
-            slots: config
-                .slots
-                .iter()
-                .map(|(name, slot)| (name.clone(), crate::config::slot_size(slot)))
-                .collect(),
+            slots: Pair::new(
+                config
+                    .slots
+                    .iter()
+                    .map(|(name, slot)| (Slot::new(name), crate::config::slot_size(slot)))
+                    .collect(),
+            )
+            .map_err(ExecError::Slots)?,
             leeway_s: config.trust.leeway_s,
             health_command: config.health.command.is_some(),
             health_needs_connection: false,
@@ -344,12 +372,11 @@ impl Executor {
     }
 
     /// Gives the job up before its trial boot (`agent::cancellable`): it
-    /// ends failed with `agent::CANCELLED`, its target bad. `Ok(Err(why))`
-    /// when there is nothing to cancel.
-    pub async fn cancel(&mut self) -> Result<Result<String, String>, ExecError> {
+    /// ends failed with `Failure::cancelled`, its target bad.
+    pub async fn cancel(&mut self) -> Result<Cancel, ExecError> {
         self.abandon_plan();
         let Some(job) = self.job().cloned() else {
-            return Ok(Err("no-job: nothing to cancel".into()));
+            return Ok(Cancel::Refused("no-job: nothing to cancel".into()));
         };
         let actions = self.agent.handle(Input::Cancel, crate::system_now());
         if actions.is_empty() {
@@ -363,11 +390,11 @@ impl Executor {
             } else {
                 format!("cancel-too-late: slot {} is on trial; MarkBad gives it up", job.target_slot)
             };
-            return Ok(Err(why));
+            return Ok(Cancel::Refused(why));
         }
         self.queue.extend(actions);
         self.run().await?;
-        Ok(Ok(format!("cancelled {} v{}", job.name, job.version)))
+        Ok(Cancel::Done(format!("cancelled {} v{}", job.name, job.version)))
     }
 
     /// Drops what is left of a plan whose `run` was stopped at an await
@@ -464,7 +491,7 @@ impl Executor {
             }
             Err(error) => {
                 self.abandon_plan();
-                self.inputs.push_back(Input::Job(Event::ActionFailed { error: error.to_string() }));
+                self.inputs.push_back(Input::Job(Event::ActionFailed { error: Failure::from(&error) }));
             }
         }
         Ok(())
@@ -530,8 +557,9 @@ impl Executor {
         };
         let mut on_retry = |why: &str, wait: Duration| {
             (reporter.borrow_mut())(&Report::Step {
-                state: "downloading",
+                state: UpdateState::Downloading,
                 detail: format!("download interrupted ({why}); retrying in {} ms", wait.as_millis()),
+                failure: None,
                 job: Some((job.jti.clone(), job.version)),
             });
         };
@@ -545,11 +573,12 @@ impl Executor {
         // A checkpoint's persisted state is the agent's: report it now.
         self.report_status();
         (self.reporter)(&Report::Step {
-            state: "installing",
+            state: UpdateState::Installing,
             detail: format!(
                 "image verified (sha256 ok); {} bytes written, {} unchanged bytes skipped",
                 stats.written, stats.skipped
             ),
+            failure: None,
             job: Some((job.jti.clone(), job.version)),
         });
         Ok(())
@@ -676,9 +705,9 @@ impl Executor {
     }
 
     fn report_step(&mut self, detail: String) {
-        let state = self.job().map(|j| j.phase.status_name()).unwrap_or("idle");
+        let state = self.job().map(|j| j.phase.status_name()).unwrap_or(UpdateState::Idle);
         let job = self.job().map(|j| (j.jti.clone(), j.version));
-        (self.reporter)(&Report::Step { state, detail, job });
+        (self.reporter)(&Report::Step { state, detail, failure: None, job });
     }
 
     fn report_phase(&mut self) {
@@ -694,8 +723,12 @@ impl Executor {
             Phase::Failed { error } => format!("failed: {error}"),
         };
         let state = job.phase.status_name();
+        let failure = match &job.phase {
+            Phase::Failed { error } => Some(error.clone()),
+            _ => None,
+        };
         let job = Some((job.jti.clone(), job.version));
-        (self.reporter)(&Report::Step { state, detail, job });
+        (self.reporter)(&Report::Step { state, detail, failure, job });
     }
 }
 
@@ -719,23 +752,18 @@ pub enum MarkError {
     Boot(#[from] crate::boot::BootError),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Boot(#[from] crate::boot::BootError),
-    #[error(transparent)]
-    Exec(#[from] ExecError),
-}
-
-impl OpenError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Store(e) => e.name(),
-            Self::Boot(e) => e.name(),
-            Self::Exec(e) => e.name(),
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    pub enum OpenError {
+        #[name(of 0)]
+        #[error(transparent)]
+        Store(#[from] StoreError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Boot(#[from] crate::boot::BootError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Exec(#[from] ExecError),
     }
 }
 
@@ -744,6 +772,7 @@ mod tests {
     use super::*;
     use crate::boot::BootError;
     use crate::trust::{Envelope, SigningKey};
+    use crate::update::engine::Rollback;
     use std::sync::{Arc, Mutex};
 
     /// A boot environment in memory: each slot's state and the primary.
@@ -925,7 +954,7 @@ mod tests {
         after_reboot.start().await.unwrap();
         let state = w.stored();
         assert_eq!((state.installed_version, state.job.unwrap().phase), (8, Phase::Committed));
-        let steps: Vec<&'static str> = w
+        let steps: Vec<UpdateState> = w
             .reports
             .lock()
             .unwrap()
@@ -935,7 +964,10 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert!(steps.contains(&"reboot-pending") && steps.contains(&"committed"), "{steps:?}");
+        assert!(
+            steps.contains(&UpdateState::RebootPending) && steps.contains(&UpdateState::Committed),
+            "{steps:?}"
+        );
     }
 
     /// A save that fails (here: a directory where the temp file goes, which
@@ -985,7 +1017,9 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(20), "judged exactly at the timer");
         assert_eq!(
             trial.job().unwrap().phase,
-            Phase::RolledBack { reason: "health-check-failed: timed out after 20 s".into() }
+            Phase::RolledBack {
+                reason: Rollback::Unhealthy("health-check-failed: timed out after 20 s".into())
+            }
         );
         assert_eq!(w.boot.env.lock().unwrap()["B"], SlotState::Bad);
     }
@@ -1006,7 +1040,9 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(30));
         assert_eq!(
             trial.job().unwrap().phase,
-            Phase::RolledBack { reason: "health-check-failed: mqtt-not-connected within 30 s".into() }
+            Phase::RolledBack {
+                reason: Rollback::Unhealthy("health-check-failed: mqtt-not-connected within 30 s".into())
+            }
         );
     }
 
@@ -1019,7 +1055,8 @@ mod tests {
         ex.run().await.unwrap();
         let phase = ex.job().unwrap().phase.clone();
         assert!(
-            matches!(&phase, Phase::Failed { error } if error.starts_with("download-failed")),
+            matches!(&phase, Phase::Failed { error }
+                if error.name == "download-failed" && error.text.starts_with("download-failed: ")),
             "{phase:?}"
         );
         assert_eq!(w.boot.env.lock().unwrap()["B"], SlotState::Bad);

@@ -51,39 +51,34 @@ impl Default for FetchPolicy {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    #[error(transparent)]
-    Write(#[from] WriteError),
-    #[error("download-refused: HTTP {status} from {url}")]
-    Refused { status: u16, url: String },
-    #[error("download-failed: {attempts} attempts without progress; last: {last}")]
-    GaveUp { attempts: u32, last: String },
-    #[error(
-        "download-too-slow: {received} bytes in {elapsed_s} s, below the floor of {min_rate} bytes/s after a grace of {grace_s} s"
-    )]
-    TooSlow { received: u64, elapsed_s: u64, min_rate: u64, grace_s: u64 },
-    #[error("bad-url: {0}")]
-    BadUrl(String),
-    /// The job's durable offset could not be saved.
-    #[error("checkpoint: {0}")]
-    Checkpoint(#[from] crate::store::StoreError),
-    /// The TLS setup (the CA file) for an https image failed.
-    #[error(transparent)]
-    Tls(crate::http::HttpError),
-}
-
-impl FetchError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Write(e) => e.name(),
-            Self::Refused { .. } => "download-refused",
-            Self::GaveUp { .. } => "download-failed",
-            Self::TooSlow { .. } => "download-too-slow",
-            Self::BadUrl(_) => "bad-url",
-            Self::Checkpoint(_) => "checkpoint",
-            Self::Tls(_) => "tls-config",
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    pub enum FetchError {
+        #[name(of 0)]
+        #[error(transparent)]
+        Write(#[from] WriteError),
+        #[name = "download-refused"]
+        #[error("{name}: HTTP {status} from {url}")]
+        Refused { status: u16, url: String },
+        #[name = "download-failed"]
+        #[error("{name}: {attempts} attempts without progress; last: {last}")]
+        GaveUp { attempts: u32, last: String },
+        #[name = "download-too-slow"]
+        #[error(
+            "{name}: {received} bytes in {elapsed_s} s, below the floor of {min_rate} bytes/s after a grace of {grace_s} s"
+        )]
+        TooSlow { received: u64, elapsed_s: u64, min_rate: u64, grace_s: u64 },
+        #[name = "bad-url"]
+        #[error("{name}: {0}")]
+        BadUrl(String),
+        /// The job's durable offset could not be saved.
+        #[name = "checkpoint"]
+        #[error("{name}: {0}")]
+        Checkpoint(#[from] crate::store::StoreError),
+        /// The TLS setup (the CA file) for an https image failed.
+        #[name(hidden = "tls-config")]
+        #[error(transparent)]
+        Tls(crate::http::HttpError),
     }
 }
 

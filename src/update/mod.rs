@@ -12,7 +12,7 @@ mod status_doc;
 
 pub use agent::{Agent, Refusal, Source};
 pub use engine::{Event, Job, Phase};
-pub use executor::{open, Admission, ExecError, Executor, MarkError, OpenError, Report, Reporter};
+pub use executor::{open, Admission, Cancel, ExecError, Executor, MarkError, OpenError, Report, Reporter};
 pub use state::{HistoryEntry, State, HISTORY_LEN};
 pub use status_doc::status_doc;
 

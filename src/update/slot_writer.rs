@@ -12,40 +12,35 @@ use std::path::{Path, PathBuf};
 /// pipeline's buffers stay at 1 MiB (an install peaks under 8 MiB RSS).
 pub const DEFAULT_BLOCK: usize = 256 << 10;
 
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error("slot-open: {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
-    /// The kernel refused an exclusive open: the device is mounted, or held
-    /// by device-mapper (dm-verity), a RAID, or another exclusive opener.
-    #[error("target-is-booted: {path} is in use (mounted or held); refusing to write it")]
-    InUse { path: PathBuf },
-    #[error("image-too-large: {size} bytes do not fit the {slot_size} bytes of slot {path}")]
-    SlotTooSmall { path: PathBuf, size: u64, slot_size: u64 },
-    #[error("disk-full: {path}: no space left while writing at offset {offset}")]
-    DiskFull { path: PathBuf, offset: u64 },
-    #[error("slot-io: {path} at offset {offset}: {source}")]
-    Io { path: PathBuf, offset: u64, source: std::io::Error },
-    #[error("image-larger-than-claimed: more than the signed {size} bytes arrived")]
-    TooManyBytes { size: u64 },
-    #[error("image-truncated: {got} of {size} bytes")]
-    Truncated { got: u64, size: u64 },
-    #[error("hash-mismatch: the image hashes to {got}, the message says {want}")]
-    HashMismatch { got: String, want: String },
-}
-
-impl WriteError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Open { .. } => "slot-open",
-            Self::InUse { .. } => "target-is-booted",
-            Self::SlotTooSmall { .. } => "image-too-large",
-            Self::DiskFull { .. } => "disk-full",
-            Self::Io { .. } => "slot-io",
-            Self::TooManyBytes { .. } => "image-larger-than-claimed",
-            Self::Truncated { .. } => "image-truncated",
-            Self::HashMismatch { .. } => "hash-mismatch",
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, thiserror::Error)]
+    pub enum WriteError {
+        #[name = "slot-open"]
+        #[error("{name}: {path}: {source}")]
+        Open { path: PathBuf, source: std::io::Error },
+        /// The kernel refused an exclusive open: the device is mounted, or held
+        /// by device-mapper (dm-verity), a RAID, or another exclusive opener.
+        #[name = "target-is-booted"]
+        #[error("{name}: {path} is in use (mounted or held); refusing to write it")]
+        InUse { path: PathBuf },
+        #[name = "image-too-large"]
+        #[error("{name}: {size} bytes do not fit the {slot_size} bytes of slot {path}")]
+        SlotTooSmall { path: PathBuf, size: u64, slot_size: u64 },
+        #[name = "disk-full"]
+        #[error("{name}: {path}: no space left while writing at offset {offset}")]
+        DiskFull { path: PathBuf, offset: u64 },
+        #[name = "slot-io"]
+        #[error("{name}: {path} at offset {offset}: {source}")]
+        Io { path: PathBuf, offset: u64, source: std::io::Error },
+        #[name = "image-larger-than-claimed"]
+        #[error("{name}: more than the signed {size} bytes arrived")]
+        TooManyBytes { size: u64 },
+        #[name = "image-truncated"]
+        #[error("{name}: {got} of {size} bytes")]
+        Truncated { got: u64, size: u64 },
+        #[name = "hash-mismatch"]
+        #[error("{name}: the image hashes to {got}, the message says {want}")]
+        HashMismatch { got: String, want: String },
     }
 }
 

@@ -47,10 +47,15 @@ pub fn status_doc(
         version: j.version,
         name: j.name.clone(),
         target_slot: j.target_slot.clone(),
-        step: j.phase.status_name().to_string(),
+        step: j.phase.status_name(),
         progress: (j.written.saturating_mul(100) / j.size.max(1)).min(100) as u8,
     });
-    let state_name = state.job.as_ref().map(|j| j.phase.status_name()).unwrap_or("idle").to_string();
+    let state_name = state
+        .job
+        .as_ref()
+        .map(|j| j.phase.status_name())
+        .unwrap_or(crate::status::UpdateState::Idle)
+        .to_string();
     StatusDoc {
         device: config.device.id.clone(),
         fleetd_version: crate::VERSION.to_string(),

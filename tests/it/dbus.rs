@@ -498,7 +498,8 @@ fn install_reads_only_what_the_caller_can_and_outsiders_see_nothing() {
     let install_fd = |file: &Path| {
         let mut cmd = as_nobody(&member);
         cmd.arg(std::env::current_exe().unwrap())
-            .args(["--exact", "install_fd_as_the_caller", "--nocapture", "--test-threads=1"])
+            .args(["--exact", &crate::common::test_name(module_path!(), "install_fd_as_the_caller")])
+            .args(["--nocapture", "--test-threads=1"])
             .env("FLEETD_TEST_BUS", &bus.address)
             .env("FLEETD_TEST_MESSAGE", file)
             .stdout(std::process::Stdio::piped())

@@ -59,9 +59,7 @@ fn tier(name: &str, backend: Backend) {
         eprintln!("SKIP: the real-radio tier runs from scripts/test-system");
         return;
     }
-    // The test's full name in this binary: `system_wifi::<name>`.
-    let module = module_path!().split_once("::").map_or(module_path!(), |(_crate, path)| path);
-    on_host(&format!("{module}::{name}"));
+    on_host(&crate::common::test_name(module_path!(), name));
 }
 
 // ---------------------------------------------------------------- host side

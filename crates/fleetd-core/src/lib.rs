@@ -16,6 +16,7 @@
 pub mod admission;
 pub mod backoff;
 pub mod der;
+pub mod error_name;
 pub mod status;
 pub mod trust;
 pub mod wifi;
@@ -32,6 +33,11 @@ pub mod update {
     pub use engine::{Event, Job, Phase};
     pub use report::Report;
     pub use state::{HistoryEntry, State, HISTORY_LEN};
+}
+
+pub mod boot {
+    //! The two A/B slots, by name.
+    pub mod slot;
 }
 
 pub mod bus {

@@ -59,8 +59,49 @@ pub struct JobStatus {
     pub version: u64,
     pub name: String,
     pub target_slot: String,
-    pub step: String,
+    pub step: UpdateState,
     pub progress: u8,
+}
+
+/// An update's state, as the status document, the MQTT reports and D-Bus
+/// name it (`idle`, `downloading`, ..., `rolled-back`, `failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateState {
+    Idle,
+    Downloading,
+    Installing,
+    RebootPending,
+    Testing,
+    Committed,
+    RolledBack,
+    Failed,
+}
+
+impl UpdateState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Downloading => "downloading",
+            Self::Installing => "installing",
+            Self::RebootPending => "reboot-pending",
+            Self::Testing => "testing",
+            Self::Committed => "committed",
+            Self::RolledBack => "rolled-back",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// A job that ended badly: its reason is an error.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::RolledBack | Self::Failed)
+    }
+}
+
+impl std::fmt::Display for UpdateState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What provisioning left, for the status document (plain data; the
@@ -133,5 +174,21 @@ impl StatusDoc {
         }
         line("last error", self.last_error.clone().unwrap_or_else(|| "none".into()));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpdateState;
+
+    /// `as_str` (logs, D-Bus) and serde (the documents) say the same.
+    #[test]
+    fn an_update_state_has_one_name() {
+        use UpdateState::*;
+        for state in [Idle, Downloading, Installing, RebootPending, Testing, Committed, RolledBack, Failed] {
+            let json = serde_json::to_value(state).unwrap();
+            assert_eq!(json, state.as_str(), "{state:?}");
+            assert_eq!(serde_json::from_value::<UpdateState>(json).unwrap(), state);
+        }
     }
 }

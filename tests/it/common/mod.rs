@@ -54,6 +54,13 @@ pub fn fleetctl_bin() -> PathBuf {
     binary(option_env!("CARGO_BIN_EXE_fleetctl"), option_env!("CARGO_BIN_EXE_fleetd"), "fleetctl")
 }
 
+/// A test's full name in this binary, for running it again (`--exact`):
+/// `test_name(module_path!(), "x")` in tests/it/dbus.rs is `dbus::x`.
+pub fn test_name(module_path: &str, test: &str) -> String {
+    let module = module_path.split_once("::").map_or(module_path, |(_crate, path)| path);
+    format!("{module}::{test}")
+}
+
 pub fn fleetd() -> Command {
     let mut cmd = Command::new(fleetd_bin());
     SYSTEMD_ENV.iter().for_each(|v| {

@@ -35,41 +35,38 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Refusals written to the audit log per minute, at most (burst as many).
 pub const REFUSALS_AUDITED_PER_MINUTE: u32 = 60;
 
-/// Why a co-signing request was refused; each maps to one HTTP status.
-#[derive(Debug, thiserror::Error)]
-pub enum CosignError {
-    #[error("{0}")]
-    Message(VerifyError),
-    #[error("server-unknown: {0:?} is not registered")]
-    ServerUnknown(String),
-    #[error("server-revoked: {0:?} was revoked")]
-    ServerRevoked(String),
-    #[error("project-refused: this co-signer does not sign for {0:?}")]
-    ProjectRefused(String),
-    #[error("rate-limited: too many requests from {0:?}")]
-    RateLimited(String),
-    #[error("version-out-of-range: version {version} is above this co-signer's max_version {max}")]
-    VersionOutOfRange { version: u64, max: u64 },
-    #[error("request-timeout: the request body did not arrive within {} s", BODY_TIMEOUT.as_secs())]
-    Timeout,
-    #[error("internal: {0}")]
-    Internal(String),
+fleetd::error_name::named_error! {
+    /// Why a co-signing request was refused; each maps to one HTTP status.
+    #[derive(Debug, thiserror::Error)]
+    pub enum CosignError {
+        #[name(of 0)]
+        #[error("{0}")]
+        Message(VerifyError),
+        #[name = "server-unknown"]
+        #[error("{name}: {0:?} is not registered")]
+        ServerUnknown(String),
+        #[name = "server-revoked"]
+        #[error("{name}: {0:?} was revoked")]
+        ServerRevoked(String),
+        #[name = "project-refused"]
+        #[error("{name}: this co-signer does not sign for {0:?}")]
+        ProjectRefused(String),
+        #[name = "rate-limited"]
+        #[error("{name}: too many requests from {0:?}")]
+        RateLimited(String),
+        #[name = "version-out-of-range"]
+        #[error("{name}: version {version} is above this co-signer's max_version {max}")]
+        VersionOutOfRange { version: u64, max: u64 },
+        #[name = "request-timeout"]
+        #[error("{name}: the request body did not arrive within {} s", BODY_TIMEOUT.as_secs())]
+        Timeout,
+        #[name = "internal"]
+        #[error("{name}: {0}")]
+        Internal(String),
+    }
 }
 
 impl CosignError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Message(e) => e.name(),
-            Self::ServerUnknown(_) => "server-unknown",
-            Self::ServerRevoked(_) => "server-revoked",
-            Self::ProjectRefused(_) => "project-refused",
-            Self::RateLimited(_) => "rate-limited",
-            Self::VersionOutOfRange { .. } => "version-out-of-range",
-            Self::Timeout => "request-timeout",
-            Self::Internal(_) => "internal",
-        }
-    }
-
     fn status(&self) -> StatusCode {
         match self {
             Self::Message(VerifyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -8,7 +8,7 @@
 //! (0 at reboot-pending, or a failure) and, after the reboot, the trial
 //! (committed, rolled back). A refused `Install` call gets one too.
 
-use crate::status::StatusDoc;
+use crate::status::{StatusDoc, UpdateState};
 use crate::update::report::Report;
 
 /// `Completed`'s result codes.
@@ -74,12 +74,12 @@ pub struct Changes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
     pub doc: StatusDoc,
-    pub progress: (i32, String),
+    pub progress: (i32, UpdateState),
     pub connected: bool,
     /// The job whose progress is shown.
     job: Option<String>,
     /// The last (jti, ending) `Completed` was sent for: never twice.
-    completed_for: Option<(String, &'static str)>,
+    completed_for: Option<(String, UpdateState)>,
     /// An ending's `Completed`, held until the status report saved with it
     /// arrives (the step comes first), so a client that reads the
     /// properties on `Completed` sees the ending's slots, not the last ones.
@@ -93,10 +93,10 @@ impl Model {
     pub fn new(doc: StatusDoc) -> Self {
         let job = doc.job.as_ref().map(|j| j.jti.clone());
         let progress = match &doc.job {
-            Some(j) => (percent_of_state(&j.step, j.progress), j.step.clone()),
-            None => (0, "idle".to_string()),
+            Some(j) => (percent_of_state(j.step, j.progress), j.step),
+            None => (0, UpdateState::Idle),
         };
-        let completed_for = doc.job.as_ref().and_then(|j| ending(&j.step).map(|e| (j.jti.clone(), e.0)));
+        let completed_for = doc.job.as_ref().and_then(|j| ending(j.step).map(|_| (j.jti.clone(), j.step)));
         Self { doc, progress, connected: false, job, completed_for, pending: None }
     }
 
@@ -146,24 +146,30 @@ impl Model {
                 self.follow(jti);
                 let percent = (done.saturating_mul(DOWNLOAD_SHARE) / (*total).max(1)).min(DOWNLOAD_SHARE);
                 // Resuming re-hashes from the start: never go backwards.
-                let percent =
-                    (percent as i32).max(if self.progress.1 == "downloading" { self.progress.0 } else { 0 });
-                self.progress = (percent, "downloading".into());
+                let percent = (percent as i32).max(if self.progress.1 == UpdateState::Downloading {
+                    self.progress.0
+                } else {
+                    0
+                });
+                self.progress = (percent, UpdateState::Downloading);
             }
-            Event::Report(Report::Step { state, detail, job }) => {
+            Event::Report(Report::Step { state, detail, failure, job }) => {
                 completed = self.pending.take();
+                let state = *state;
                 if let Some((jti, _)) = job {
                     self.follow(jti);
-                    let percent = percent_of_state(state, 0).max(match *state {
-                        "downloading" | "failed" | "rolled-back" => self.progress.0,
+                    let percent = percent_of_state(state, 0).max(match state {
+                        UpdateState::Downloading | UpdateState::Failed | UpdateState::RolledBack => {
+                            self.progress.0
+                        }
                         _ => 0,
                     });
-                    self.progress = (percent, state.to_string());
-                    if let Some((name, code)) = ending(state) {
-                        let key = (jti.clone(), name);
+                    self.progress = (percent, state);
+                    if let Some(code) = ending(state) {
+                        let key = (jti.clone(), state);
                         if self.completed_for.as_ref() != Some(&key) {
                             self.completed_for = Some(key);
-                            let cancelled = detail.ends_with(crate::update::agent::CANCELLED);
+                            let cancelled = failure.as_ref().is_some_and(|f| f.is_cancel());
                             let code =
                                 if code == RESULT_FAILED && cancelled { RESULT_CANCELLED } else { code };
                             self.pending = Some((code, detail.clone()));
@@ -196,7 +202,7 @@ impl Model {
     fn follow(&mut self, jti: &str) {
         if self.job.as_deref() != Some(jti) {
             self.job = Some(jti.to_string());
-            self.progress = (0, "downloading".into());
+            self.progress = (0, UpdateState::Downloading);
         }
     }
 
@@ -220,24 +226,23 @@ pub struct SlotFacts {
 
 /// Progress of a step; `download_percent` (0–100) of the bytes for
 /// `downloading`.
-fn percent_of_state(state: &str, download_percent: u8) -> i32 {
+fn percent_of_state(state: UpdateState, download_percent: u8) -> i32 {
     match state {
-        "downloading" => (u64::from(download_percent.min(100)) * DOWNLOAD_SHARE / 100) as i32,
-        "installing" => VERIFIED_PERCENT,
-        "reboot-pending" | "testing" | "committed" => 100,
-        _ => 0,
+        UpdateState::Downloading => (u64::from(download_percent.min(100)) * DOWNLOAD_SHARE / 100) as i32,
+        UpdateState::Installing => VERIFIED_PERCENT,
+        UpdateState::RebootPending | UpdateState::Testing | UpdateState::Committed => 100,
+        UpdateState::Idle | UpdateState::RolledBack | UpdateState::Failed => 0,
     }
 }
 
-/// The steps that end something, with the name `Completed` is kept by and
+/// The steps that end something (`Completed` is kept by the step), with
 /// the result.
-fn ending(state: &str) -> Option<(&'static str, i32)> {
+fn ending(state: UpdateState) -> Option<i32> {
     match state {
-        "reboot-pending" => Some(("reboot-pending", RESULT_OK)),
-        "committed" => Some(("committed", RESULT_OK)),
-        "rolled-back" => Some(("rolled-back", RESULT_ROLLED_BACK)),
-        "failed" => Some(("failed", RESULT_FAILED)),
-        _ => None,
+        UpdateState::RebootPending | UpdateState::Committed => Some(RESULT_OK),
+        UpdateState::RolledBack => Some(RESULT_ROLLED_BACK),
+        UpdateState::Failed => Some(RESULT_FAILED),
+        UpdateState::Idle | UpdateState::Downloading | UpdateState::Installing | UpdateState::Testing => None,
     }
 }
 
@@ -245,6 +250,12 @@ fn ending(state: &str) -> Option<(&'static str, i32)> {
 mod tests {
     use super::*;
     use crate::status::{JobStatus, SlotStatus};
+    use crate::update::engine::Failure;
+
+    /// A state by its name, as the documents carry it.
+    fn st(name: &str) -> UpdateState {
+        serde_json::from_value(serde_json::Value::from(name)).unwrap()
+    }
 
     fn doc(state: &str) -> StatusDoc {
         StatusDoc {
@@ -271,8 +282,24 @@ mod tests {
         }
     }
 
-    fn step(state: &'static str, detail: &str) -> Event {
-        Event::Report(Report::Step { state, detail: detail.into(), job: Some(("j1".into(), 2)) })
+    fn step(state: &str, detail: &str) -> Event {
+        Event::Report(Report::Step {
+            state: st(state),
+            detail: detail.into(),
+            failure: None,
+            job: Some(("j1".into(), 2)),
+        })
+    }
+
+    /// A `failed` step as the executor reports it.
+    fn failed(failure: Failure) -> Event {
+        let detail = format!("failed: {}", failure.text);
+        Event::Report(Report::Step {
+            state: UpdateState::Failed,
+            detail,
+            failure: Some(failure),
+            job: Some(("j1".into(), 2)),
+        })
     }
 
     /// The status report the executor sends after the step (it saves).
@@ -281,8 +308,12 @@ mod tests {
     }
 
     /// An ending step and the report saved with it: the `Completed` of both.
-    fn end(m: &mut Model, state: &'static str, detail: &str) -> Option<(i32, String)> {
-        let at_step = m.apply(&step(state, detail)).completed;
+    fn end(m: &mut Model, state: &str, detail: &str) -> Option<(i32, String)> {
+        end_with(m, step(state, detail), state)
+    }
+
+    fn end_with(m: &mut Model, step: Event, state: &str) -> Option<(i32, String)> {
+        let at_step = m.apply(&step).completed;
         assert_eq!(at_step, None, "Completed before the ending is saved");
         m.apply(&saved(state)).completed
     }
@@ -305,7 +336,7 @@ mod tests {
         ] {
             let changes = m.apply(&event);
             if changes.properties.contains(&Property::Progress) {
-                seen.push(m.progress.clone());
+                seen.push(m.progress);
             }
             assert_eq!(changes.completed, None, "not before the report saved with it");
             if event != step("reboot-pending", "slot B is primary for a trial boot") {
@@ -347,13 +378,14 @@ mod tests {
         let mut m = Model::new(doc("idle"));
         m.apply(&step("downloading", "accepted"));
         m.apply(&bytes(300));
-        let c = end(&mut m, "failed", &format!("failed: {}", crate::update::agent::CANCELLED));
+        let c = end_with(&mut m, failed(Failure::cancelled()), "failed");
         assert_eq!(c.map(|c| c.0), Some(RESULT_CANCELLED));
-        assert_eq!(m.progress, (27, "failed".into()), "a failure keeps how far it got");
+        assert_eq!(m.progress, (27, UpdateState::Failed), "a failure keeps how far it got");
 
         let mut m = Model::new(doc("idle"));
         m.apply(&step("downloading", "accepted"));
-        assert_eq!(end(&mut m, "failed", "failed: hash-mismatch").map(|c| c.0), Some(RESULT_FAILED));
+        let c = end_with(&mut m, failed(Failure::named("hash-mismatch", "x")), "failed");
+        assert_eq!(c, Some((RESULT_FAILED, "failed: hash-mismatch: x".into())));
         let mut m = Model::new(doc("testing"));
         assert_eq!(end(&mut m, "rolled-back", "rolled back").map(|c| c.0), Some(RESULT_ROLLED_BACK));
         assert_eq!(
@@ -370,11 +402,11 @@ mod tests {
             version: 2,
             name: "v2".into(),
             target_slot: "B".into(),
-            step: "reboot-pending".into(),
+            step: UpdateState::RebootPending,
             progress: 100,
         });
         let mut m = Model::new(d);
-        assert_eq!(m.progress, (100, "reboot-pending".into()));
+        assert_eq!(m.progress, (100, UpdateState::RebootPending));
         assert_eq!(m.apply(&step("reboot-pending", "reboot needed")).completed, None);
         assert!(end(&mut m, "committed", "committed").is_some());
     }
@@ -385,12 +417,13 @@ mod tests {
         m.apply(&step("downloading", "accepted"));
         m.apply(&bytes(1000));
         let other = Event::Report(Report::Step {
-            state: "downloading",
+            state: UpdateState::Downloading,
             detail: "accepted".into(),
+            failure: None,
             job: Some(("j2".into(), 3)),
         });
         m.apply(&other);
-        assert_eq!(m.progress, (0, "downloading".into()));
+        assert_eq!(m.progress, (0, UpdateState::Downloading));
 
         let mut next = doc("idle");
         next.installed_version = 3;

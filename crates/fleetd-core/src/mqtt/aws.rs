@@ -6,6 +6,8 @@
 //! progress}`), then SUCCEEDED, FAILED or REJECTED with a reason. A final
 //! report is repeated until AWS accepts it.
 
+use crate::status::UpdateState;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 pub type Publish = (String, Vec<u8>);
@@ -153,12 +155,17 @@ impl AwsJobs {
             return Vec::new();
         }
         let reason = doc.get("last_error").and_then(Value::as_str).unwrap_or("").to_string();
-        match doc.get("state").and_then(Value::as_str) {
-            Some("committed") => self.finish(&job_id, "SUCCEEDED", json!({ "step": "committed" })),
-            Some("rolled-back") | Some("failed") => {
+        let state = doc.get("state").and_then(Value::as_str);
+        // The document's state, typed; `provisioning` and the like are not an update's.
+        let update = doc.get("state").and_then(|s| UpdateState::deserialize(s).ok());
+        match (update, state) {
+            (Some(UpdateState::Committed), _) => {
+                self.finish(&job_id, "SUCCEEDED", json!({ "step": UpdateState::Committed }))
+            }
+            (Some(UpdateState::RolledBack | UpdateState::Failed), _) => {
                 self.finish(&job_id, "FAILED", json!({ "reason": reason }))
             }
-            Some(step) if self.last_in_progress.is_none() => self.on_progress(step, None),
+            (_, Some(step)) if self.last_in_progress.is_none() => self.on_progress(step, None),
             _ => Vec::new(),
         }
     }

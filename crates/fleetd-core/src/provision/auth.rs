@@ -16,26 +16,21 @@ use std::collections::BTreeMap;
 
 pub const SCHEME: &str = "FLEETD-POP";
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    #[error("pop-required: no {SCHEME} authorization")]
-    Missing,
-    #[error("pop-malformed: {0}")]
-    Malformed(String),
-    #[error("pop-nonce: the nonce is unknown, used or expired; ask /api/v1/info for a new one")]
-    Nonce,
-    #[error("pop-wrong: the proof of possession does not match")]
-    Wrong,
-}
-
-impl AuthError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Missing => "pop-required",
-            Self::Malformed(_) => "pop-malformed",
-            Self::Nonce => "pop-nonce",
-            Self::Wrong => "pop-wrong",
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum AuthError {
+        #[name = "pop-required"]
+        #[error("{name}: no {SCHEME} authorization")]
+        Missing,
+        #[name = "pop-malformed"]
+        #[error("{name}: {0}")]
+        Malformed(String),
+        #[name = "pop-nonce"]
+        #[error("{name}: the nonce is unknown, used or expired; ask /api/v1/info for a new one")]
+        Nonce,
+        #[name = "pop-wrong"]
+        #[error("{name}: the proof of possession does not match")]
+        Wrong,
     }
 }
 

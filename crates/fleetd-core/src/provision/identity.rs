@@ -6,41 +6,36 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::SignatureScheme;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IdentityError {
-    #[error("pem-invalid: {0} holds no certificate")]
-    NoCertificate(&'static str),
-    #[error("key-invalid: {0}")]
-    Key(String),
-    #[error("csr-missing: the certificate is for the device's own key, but the device has made none; GET /api/v1/csr first")]
-    NoDeviceKey,
-    #[error("cert-key-mismatch: the certificate is not for {0}")]
-    Mismatch(&'static str),
-    #[error("cert-cn-mismatch: the certificate's CN is {found:?}, the device id is {expected:?}")]
-    CommonName { found: String, expected: String },
-    #[error("cert-expired: the certificate is not valid after {0}")]
-    Expired(u64),
-    #[error("cert-not-yet-valid: the certificate is valid from {0} only")]
-    NotYetValid(u64),
-    #[error("cert-untrusted: the certificate does not chain to the broker CA given (mqtt.ca_pem)")]
-    Untrusted,
-    #[error("cert-invalid: {0}")]
-    Invalid(String),
-}
-
-impl IdentityError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::NoCertificate(_) => "pem-invalid",
-            Self::Key(_) => "key-invalid",
-            Self::NoDeviceKey => "csr-missing",
-            Self::Mismatch(_) => "cert-key-mismatch",
-            Self::CommonName { .. } => "cert-cn-mismatch",
-            Self::Expired(_) => "cert-expired",
-            Self::NotYetValid(_) => "cert-not-yet-valid",
-            Self::Untrusted => "cert-untrusted",
-            Self::Invalid(_) => "cert-invalid",
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum IdentityError {
+        #[name = "pem-invalid"]
+        #[error("{name}: {0} holds no certificate")]
+        NoCertificate(&'static str),
+        #[name = "key-invalid"]
+        #[error("{name}: {0}")]
+        Key(String),
+        #[name = "csr-missing"]
+        #[error("{name}: the certificate is for the device's own key, but the device has made none; GET /api/v1/csr first")]
+        NoDeviceKey,
+        #[name = "cert-key-mismatch"]
+        #[error("{name}: the certificate is not for {0}")]
+        Mismatch(&'static str),
+        #[name = "cert-cn-mismatch"]
+        #[error("{name}: the certificate's CN is {found:?}, the device id is {expected:?}")]
+        CommonName { found: String, expected: String },
+        #[name = "cert-expired"]
+        #[error("{name}: the certificate is not valid after {0}")]
+        Expired(u64),
+        #[name = "cert-not-yet-valid"]
+        #[error("{name}: the certificate is valid from {0} only")]
+        NotYetValid(u64),
+        #[name = "cert-untrusted"]
+        #[error("{name}: the certificate does not chain to the broker CA given (mqtt.ca_pem)")]
+        Untrusted,
+        #[name = "cert-invalid"]
+        #[error("{name}: {0}")]
+        Invalid(String),
     }
 }
 

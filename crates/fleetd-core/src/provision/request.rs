@@ -57,31 +57,27 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RequestError {
-    #[error("malformed: {0}")]
-    Malformed(String),
-    #[error("ssid-invalid: an SSID is 1 to 32 bytes")]
-    Ssid,
-    #[error("psk-invalid: a WPA2 passphrase is 8 to 63 printable ASCII characters (or 64 hex digits)")]
-    Psk,
-    #[error("broker-invalid: {0:?} is not a host name or an IP address")]
-    BrokerHost(String),
-    #[error("broker-invalid: port 0")]
-    BrokerPort,
-    #[error("pem-invalid: {0} is not PEM")]
-    Pem(&'static str),
-}
-
-impl RequestError {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Malformed(_) => "malformed",
-            Self::Ssid => "ssid-invalid",
-            Self::Psk => "psk-invalid",
-            Self::BrokerHost(_) | Self::BrokerPort => "broker-invalid",
-            Self::Pem(_) => "pem-invalid",
-        }
+crate::error_name::named_error! {
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum RequestError {
+        #[name = "malformed"]
+        #[error("{name}: {0}")]
+        Malformed(String),
+        #[name = "ssid-invalid"]
+        #[error("{name}: an SSID is 1 to 32 bytes")]
+        Ssid,
+        #[name = "psk-invalid"]
+        #[error("{name}: a WPA2 passphrase is 8 to 63 printable ASCII characters (or 64 hex digits)")]
+        Psk,
+        #[name = "broker-invalid"]
+        #[error("{name}: {0:?} is not a host name or an IP address")]
+        BrokerHost(String),
+        #[name = "broker-invalid"]
+        #[error("{name}: port 0")]
+        BrokerPort,
+        #[name = "pem-invalid"]
+        #[error("{name}: {0} is not PEM")]
+        Pem(&'static str),
     }
 }
 

@@ -18,78 +18,72 @@ pub use verify::{
     check_validity_window, verify_signatures, Policy, TrustState, Verified, DEFAULT_MAX_VALIDITY_S,
 };
 
-/// Why a message was refused. `name()` is the stable name from the wire-format
-/// document; it reaches the log, the status report and the CLI unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum VerifyError {
-    #[error("message-too-large: more than {limit} bytes")]
-    TooLarge { limit: usize },
-    #[error("malformed: {0}")]
-    Malformed(String),
-    #[error("alg-rejected: {0:?} (only ES256 is accepted)")]
-    AlgRejected(String),
-    #[error("header-rejected: {0}")]
-    HeaderRejected(String),
-    #[error("kid-unknown: {0:?}")]
-    KidUnknown(String),
-    #[error("kid-duplicate: {0:?} signs twice")]
-    KidDuplicate(String),
-    #[error("signature-missing: no signature by required key {0:?}")]
-    SignatureMissing(String),
-    #[error("signature-invalid: signature by {0:?} does not verify")]
-    SignatureInvalid(String),
-    #[error("wrong-type: typ is {0:?}, expected \"fleetd.update.v1\"")]
-    WrongType(String),
-    #[error("expired: exp {exp} + leeway is not after now {now}")]
-    Expired { exp: u64, now: u64 },
-    #[error("not-yet-valid: nbf {nbf} - leeway is after now {now}")]
-    NotYetValid { nbf: u64, now: u64 },
-    #[error("iat-invalid: iat {iat} is {why}")]
-    IatInvalid { iat: u64, why: String },
-    #[error("validity-too-long: {seconds} s between nbf and exp, at most {max} s allowed")]
-    ValidityTooLong { seconds: u64, max: u64 },
-    #[error("replayed: jti {0:?} was already accepted")]
-    Replayed(String),
-    #[error("version-not-newer: version {offered} is not greater than installed {installed}")]
-    VersionNotNewer { offered: u64, installed: u64 },
-    #[error("wrong-project: message is for {got:?}, device is in {want:?}")]
-    WrongProject { got: String, want: String },
-    #[error("wrong-hardware: message is for {got:?}, device is {want:?}")]
-    WrongHardware { got: String, want: String },
-    #[error("not-targeted: device {0:?} and its groups are not among the targets")]
-    NotTargeted(String),
-    #[error("image-too-large: {size} bytes does not fit the {slot} bytes of the smallest slot")]
-    ImageTooLarge { size: u64, slot: u64 },
-    #[error("url-scheme-rejected: {0}")]
-    UrlSchemeRejected(String),
-}
-
-impl VerifyError {
-    /// The stable error name (`signature-invalid`, `expired`, ...).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::TooLarge { .. } => "message-too-large",
-            Self::Malformed(_) => "malformed",
-            Self::AlgRejected(_) => "alg-rejected",
-            Self::HeaderRejected(_) => "header-rejected",
-            Self::KidUnknown(_) => "kid-unknown",
-            Self::KidDuplicate(_) => "kid-duplicate",
-            Self::SignatureMissing(_) => "signature-missing",
-            Self::SignatureInvalid(_) => "signature-invalid",
-            Self::WrongType(_) => "wrong-type",
-            Self::Expired { .. } => "expired",
-            Self::NotYetValid { .. } => "not-yet-valid",
-            Self::IatInvalid { .. } => "iat-invalid",
-            Self::ValidityTooLong { .. } => "validity-too-long",
-            Self::Replayed(_) => "replayed",
-            Self::VersionNotNewer { .. } => "version-not-newer",
-            Self::WrongProject { .. } => "wrong-project",
-            Self::WrongHardware { .. } => "wrong-hardware",
-            Self::NotTargeted(_) => "not-targeted",
-            Self::ImageTooLarge { .. } => "image-too-large",
-            Self::UrlSchemeRejected(_) => "url-scheme-rejected",
-        }
+crate::error_name::named_error! {
+    /// Why a message was refused. `name()` is the stable name from the wire-format
+    /// document; it reaches the log, the status report and the CLI unchanged.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum VerifyError {
+        #[name = "message-too-large"]
+        #[error("{name}: more than {limit} bytes")]
+        TooLarge { limit: usize },
+        #[name = "malformed"]
+        #[error("{name}: {0}")]
+        Malformed(String),
+        #[name = "alg-rejected"]
+        #[error("{name}: {0:?} (only ES256 is accepted)")]
+        AlgRejected(String),
+        #[name = "header-rejected"]
+        #[error("{name}: {0}")]
+        HeaderRejected(String),
+        #[name = "kid-unknown"]
+        #[error("{name}: {0:?}")]
+        KidUnknown(String),
+        #[name = "kid-duplicate"]
+        #[error("{name}: {0:?} signs twice")]
+        KidDuplicate(String),
+        #[name = "signature-missing"]
+        #[error("{name}: no signature by required key {0:?}")]
+        SignatureMissing(String),
+        #[name = "signature-invalid"]
+        #[error("{name}: signature by {0:?} does not verify")]
+        SignatureInvalid(String),
+        #[name = "wrong-type"]
+        #[error("{name}: typ is {0:?}, expected \"fleetd.update.v1\"")]
+        WrongType(String),
+        #[name = "expired"]
+        #[error("{name}: exp {exp} + leeway is not after now {now}")]
+        Expired { exp: u64, now: u64 },
+        #[name = "not-yet-valid"]
+        #[error("{name}: nbf {nbf} - leeway is after now {now}")]
+        NotYetValid { nbf: u64, now: u64 },
+        #[name = "iat-invalid"]
+        #[error("{name}: iat {iat} is {why}")]
+        IatInvalid { iat: u64, why: String },
+        #[name = "validity-too-long"]
+        #[error("{name}: {seconds} s between nbf and exp, at most {max} s allowed")]
+        ValidityTooLong { seconds: u64, max: u64 },
+        #[name = "replayed"]
+        #[error("{name}: jti {0:?} was already accepted")]
+        Replayed(String),
+        #[name = "version-not-newer"]
+        #[error("{name}: version {offered} is not greater than installed {installed}")]
+        VersionNotNewer { offered: u64, installed: u64 },
+        #[name = "wrong-project"]
+        #[error("{name}: message is for {got:?}, device is in {want:?}")]
+        WrongProject { got: String, want: String },
+        #[name = "wrong-hardware"]
+        #[error("{name}: message is for {got:?}, device is {want:?}")]
+        WrongHardware { got: String, want: String },
+        #[name = "not-targeted"]
+        #[error("{name}: device {0:?} and its groups are not among the targets")]
+        NotTargeted(String),
+        #[name = "image-too-large"]
+        #[error("{name}: {size} bytes does not fit the {slot} bytes of the smallest slot")]
+        ImageTooLarge { size: u64, slot: u64 },
+        #[name = "url-scheme-rejected"]
+        #[error("{name}: {0}")]
+        UrlSchemeRejected(String),
     }
 }
 

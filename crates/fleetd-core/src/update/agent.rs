@@ -14,8 +14,9 @@
 //! target choice, slot size), the end of a job (`State::finish_job`), and
 //! the health check's timer.
 
-use super::engine::{self, Event, Job, Phase};
+use super::engine::{self, Event, Failure, Job, Phase};
 use super::State;
+use crate::boot::slot::Pair;
 use crate::trust::{Claims, Policy, VerifyError};
 use std::time::Duration;
 
@@ -24,8 +25,8 @@ use std::time::Duration;
 pub struct Facts {
     pub booted: String,
     pub boot_id: String,
-    /// Slot name → size in bytes, where known.
-    pub slots: Vec<(String, Option<u64>)>,
+    /// The two slots, each with its size in bytes where known.
+    pub slots: Pair<Option<u64>>,
     pub leeway_s: u64,
     /// A health command is configured.
     pub health_command: bool,
@@ -136,43 +137,38 @@ pub enum Action {
     PhaseChanged,
 }
 
-/// Why a message was not run. Each has a stable name (`name()`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("busy: update {jti} (v{version}) is in progress")]
-    Busy { jti: String, version: u64 },
-    #[error("{0}")]
-    Verify(VerifyError),
-    #[error(
-        "reboot-required: slot {booted} is running but was given up; reboot into the good slot before the next update"
-    )]
-    RebootRequired { booted: String },
-    #[error("target-is-booted: slot {0} is the running slot or is mounted; refusing to write it")]
-    TargetIsBooted(String),
-    #[error("image-too-large: {size} bytes do not fit slot {slot} ({slot_size} bytes)")]
-    SlotTooSmall { slot: String, size: u64, slot_size: u64 },
-    #[error("no-slot: no slot other than the booted {0}")]
-    NoSlot(String),
-    /// The device is resuming a stored job at start.
-    #[error("busy: the device is resuming an update")]
-    Resuming,
-    /// The trust keys could not be loaded: no message can be verified.
-    #[error("{0}")]
-    TrustConfig(String),
-}
-
-impl Refusal {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Busy { .. } => "busy",
-            Self::Verify(e) => e.name(),
-            Self::RebootRequired { .. } => "reboot-required",
-            Self::TargetIsBooted(_) => "target-is-booted",
-            Self::SlotTooSmall { .. } => "image-too-large",
-            Self::NoSlot(_) => "no-slot",
-            Self::Resuming => "busy",
-            Self::TrustConfig(_) => "config",
-        }
+crate::error_name::named_error! {
+    /// Why a message was not run. Each has a stable name (`name()`).
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum Refusal {
+        #[name = "busy"]
+        #[error("{name}: update {jti} (v{version}) is in progress")]
+        Busy { jti: String, version: u64 },
+        #[name(of 0)]
+        #[error("{0}")]
+        Verify(VerifyError),
+        #[name = "reboot-required"]
+        #[error(
+            "{name}: slot {booted} is running but was given up; reboot into the good slot before the next update"
+        )]
+        RebootRequired { booted: String },
+        #[name = "target-is-booted"]
+        #[error("{name}: slot {0} is the running slot or is mounted; refusing to write it")]
+        TargetIsBooted(String),
+        #[name = "image-too-large"]
+        #[error("{name}: {size} bytes do not fit slot {slot} ({slot_size} bytes)")]
+        SlotTooSmall { slot: String, size: u64, slot_size: u64 },
+        #[name = "no-slot"]
+        #[error("{name}: no slot other than the booted {0}")]
+        NoSlot(String),
+        /// The device is resuming a stored job at start.
+        #[name = "busy"]
+        #[error("{name}: the device is resuming an update")]
+        Resuming,
+        /// The trust keys could not be loaded: no message can be verified.
+        #[name(hidden = "config")]
+        #[error("{0}")]
+        TrustConfig(String),
     }
 }
 
@@ -223,7 +219,7 @@ impl Agent {
 
     /// The slot an update would write: the one not booted.
     pub fn target_slot(&self) -> Option<&str> {
-        self.facts.slots.iter().map(|(name, _)| name.as_str()).find(|s| *s != self.facts.booted)
+        self.facts.slots.other(&self.facts.booted).map(|(slot, _)| slot.as_str())
     }
 
     /// The running slot holds a download that has not reached `Written`:
@@ -277,7 +273,7 @@ impl Agent {
                 if !self.job().is_some_and(|j| cancellable(j, &self.facts.booted)) {
                     return Vec::new();
                 }
-                self.job_event(Event::ActionFailed { error: CANCELLED.into() }, now)
+                self.job_event(Event::ActionFailed { error: Failure::cancelled() }, now)
             }
             Input::HealthCommandDone { ok, detail } => {
                 if self.health != Some(HealthWait::Command) {
@@ -426,7 +422,7 @@ impl Agent {
         if boot.target_in_use {
             return Err(Refusal::TargetIsBooted(target.to_string()));
         }
-        let slot_size = self.facts.slots.iter().find(|(name, _)| name == target).and_then(|(_, size)| *size);
+        let slot_size = self.facts.slots.get(target).copied().flatten();
         if let Some(slot_size) = slot_size {
             if claims.image.size > slot_size {
                 return Err(Refusal::SlotTooSmall {
@@ -510,9 +506,6 @@ pub struct BusyView {
     pub in_trial: bool,
 }
 
-/// The error a cancelled job ends with.
-pub const CANCELLED: &str = "cancelled: given up by request before its trial boot";
-
 /// Until the target boots, a job can be given up: the target is (or is
 /// made) bad, the running slot stays primary. In its trial, `MarkBad` does that.
 pub fn cancellable(job: &Job, booted: &str) -> bool {
@@ -541,7 +534,9 @@ impl BusyView {
 mod tests {
     use super::Action::*;
     use super::*;
+    use crate::boot::slot::Slot;
     use crate::trust::{Envelope, Image, SigningKey, Target, CLAIMS_TYPE, DEFAULT_MAX_VALIDITY_S};
+    use crate::update::engine::Rollback;
 
     const NOW: u64 = 1_900_000_000;
 
@@ -572,7 +567,7 @@ mod tests {
         Facts {
             booted: booted.into(),
             boot_id: boot_id.into(),
-            slots: vec![("A".into(), Some(1000)), ("B".into(), Some(1000))],
+            slots: Pair::new(vec![(Slot::new("A"), Some(1000)), (Slot::new("B"), Some(1000))]).unwrap(),
             leeway_s: 60,
             health_command: true,
             health_needs_connection: false,
@@ -620,7 +615,7 @@ mod tests {
     }
 
     /// Cancel gives a job up in each phase before its trial boot: the
-    /// target is (or stays) bad, the job ends failed with CANCELLED; in the
+    /// target is (or stays) bad, the job ends failed with `Failure::cancelled`; in the
     /// trial, and with no job, it changes nothing.
     #[test]
     fn cancel_before_the_trial_boot_only() {
@@ -644,7 +639,7 @@ mod tests {
             let actions = before.handle(Input::Cancel, NOW);
             assert_eq!(actions.contains(&MarkTargetBad), gives_up_target, "{actions:?}");
             assert!(actions.contains(&Persist), "{actions:?}");
-            assert_eq!(phase(&before), Phase::Failed { error: CANCELLED.into() });
+            assert_eq!(phase(&before), Phase::Failed { error: Failure::cancelled() });
             assert!(!before.busy_view().cancellable);
         }
         // Booted into B: the trial, where MarkBad (a verdict) is the way.
@@ -740,7 +735,9 @@ mod tests {
         let _ = slow.handle(Input::TimerFired(Timer::Health), NOW);
         assert_eq!(
             phase(&slow),
-            Phase::RolledBack { reason: "health-check-failed: timed out after 20 s".into() }
+            Phase::RolledBack {
+                reason: Rollback::Unhealthy("health-check-failed: timed out after 20 s".into())
+            }
         );
         let mut by_hand = agent(&k, "B", "b2", a.state().clone());
         assert_eq!(
@@ -768,7 +765,9 @@ mod tests {
         let _ = never.handle(Input::TimerFired(Timer::Health), NOW);
         assert_eq!(
             phase(&never),
-            Phase::RolledBack { reason: "health-check-failed: mqtt-not-connected within 20 s".into() }
+            Phase::RolledBack {
+                reason: Rollback::Unhealthy("health-check-failed: mqtt-not-connected within 20 s".into())
+            }
         );
 
         // A side effect that failed after the end joins the last error.
@@ -785,7 +784,10 @@ mod tests {
         let _ = cut.handle(msg(m.clone(), broker()), NOW);
         let _ = cut.handle(Input::Job(Event::SlotInvalidated), NOW);
         assert_eq!(
-            cut.handle(Input::Job(Event::ActionFailed { error: "download-failed: x".into() }), NOW),
+            cut.handle(
+                Input::Job(Event::ActionFailed { error: Failure::named("download-failed", "x") }),
+                NOW
+            ),
             vec![PhaseChanged, Persist]
         );
         assert_eq!(cut.state().last_error.as_deref(), Some("download-failed: x"));

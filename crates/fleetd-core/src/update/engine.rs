@@ -10,6 +10,7 @@
 //!   reboot → booted into target: persist Testing → health check →
 //!   mark good → persist Committed.
 
+use crate::status::UpdateState;
 use serde::{Deserialize, Serialize};
 
 /// One update, from acceptance to its end. Persisted in `state.json`.
@@ -51,11 +52,97 @@ pub enum Phase {
     Committed,
     /// The old slot runs again: the bootloader fell back, or the health check failed.
     RolledBack {
-        reason: String,
+        reason: Rollback,
     },
     Failed {
-        error: String,
+        #[serde(flatten)]
+        error: Failure,
     },
+}
+
+/// Why a job failed: its error's stable name and whole text, kept typed
+/// from the error to the reports (`state.json` keeps the text as `error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Empty in a state saved before names were kept.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(rename = "error")]
+    pub text: String,
+}
+
+const CANCELLED: &str = "cancelled";
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Failure {
+    /// `text` is the error's whole text (`name: detail`, or more).
+    pub fn new(name: &str, text: String) -> Self {
+        Self { name: name.to_string(), text }
+    }
+
+    /// `name: detail`.
+    pub fn named(name: &str, detail: &str) -> Self {
+        Self::new(name, format!("{name}: {detail}"))
+    }
+
+    /// A job given up by request before its trial boot.
+    pub fn cancelled() -> Self {
+        Self::named(CANCELLED, "given up by request before its trial boot")
+    }
+
+    pub fn is_cancel(&self) -> bool {
+        self.name == CANCELLED
+    }
+}
+
+/// Why a trial ended with the old slot running. Stored as the text it
+/// always was: `rolled-back`, or `health-check-failed: <detail>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Rollback {
+    /// A new boot, and the old slot runs: the bootloader fell back.
+    FellBack,
+    /// The health check failed; the whole text.
+    Unhealthy(String),
+}
+
+const FELL_BACK: &str = "rolled-back";
+
+impl Rollback {
+    pub fn unhealthy(detail: &str) -> Self {
+        Self::Unhealthy(format!("health-check-failed: {detail}"))
+    }
+}
+
+impl std::fmt::Display for Rollback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::FellBack => f.write_str(FELL_BACK),
+            Self::Unhealthy(text) => f.write_str(text),
+        }
+    }
+}
+
+impl From<String> for Rollback {
+    /// The stored tag, as a unit variant's: one exact word, nothing parsed.
+    fn from(text: String) -> Self {
+        if text == FELL_BACK {
+            Self::FellBack
+        } else {
+            Self::Unhealthy(text)
+        }
+    }
+}
+
+impl From<Rollback> for String {
+    fn from(reason: Rollback) -> Self {
+        reason.to_string()
+    }
 }
 
 impl Phase {
@@ -64,15 +151,15 @@ impl Phase {
     }
 
     /// The status document's `state` for this phase.
-    pub fn status_name(&self) -> &'static str {
+    pub fn status_name(&self) -> UpdateState {
         match self {
-            Self::Accepted | Self::Downloading => "downloading",
-            Self::Written => "installing",
-            Self::RebootPending { .. } => "reboot-pending",
-            Self::Testing { .. } => "testing",
-            Self::Committed => "committed",
-            Self::RolledBack { .. } => "rolled-back",
-            Self::Failed { .. } => "failed",
+            Self::Accepted | Self::Downloading => UpdateState::Downloading,
+            Self::Written => UpdateState::Installing,
+            Self::RebootPending { .. } => UpdateState::RebootPending,
+            Self::Testing { .. } => UpdateState::Testing,
+            Self::Committed => UpdateState::Committed,
+            Self::RolledBack { .. } => UpdateState::RolledBack,
+            Self::Failed { .. } => UpdateState::Failed,
         }
     }
 }
@@ -107,9 +194,9 @@ pub enum Event {
         booted: String,
         healthy: bool,
     },
-    /// An action failed for good (after its own retries): `error` is `name: detail`.
+    /// An action failed for good (after its own retries).
     ActionFailed {
-        error: String,
+        error: Failure,
     },
 }
 
@@ -137,10 +224,10 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unexpected-event: {event} in phase {phase}")]
+#[error("unexpected-event: {event:?} in phase {phase:?}")]
 pub struct UnexpectedEvent {
-    pub phase: String,
-    pub event: String,
+    pub phase: Phase,
+    pub event: Event,
 }
 
 pub type Step = (Job, Vec<Action>);
@@ -150,11 +237,10 @@ pub type Step = (Job, Vec<Action>);
 pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
     use Action::*;
     let with = |phase: Phase| Job { phase, ..job.clone() };
-    let event_text = format!("{event:?}");
-    let unexpected = || UnexpectedEvent { phase: format!("{:?}", job.phase), event: event_text.clone() };
+    let unexpected = |event: Event| UnexpectedEvent { phase: job.phase.clone(), event };
     if let Event::ActionFailed { error } = &event {
         if job.phase.is_terminal() {
-            return Err(unexpected());
+            return Err(unexpected(event.clone()));
         }
         let failed = with(Phase::Failed { error: error.clone() });
         // Once the target may have been switched, give it up explicitly.
@@ -170,7 +256,8 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
         (Phase::Accepted | Phase::Downloading, Event::Started { booted, .. })
             if booted == job.target_slot =>
         {
-            let (failed, mut actions) = fail(job, "target-is-booted: the slot being written is running");
+            let (failed, mut actions) =
+                fail(job, Failure::named("target-is-booted", "the slot being written is running"));
             actions.insert(0, MarkTargetBad);
             (failed, actions)
         }
@@ -203,10 +290,7 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
                 (with(Phase::Testing { boot_id }), vec![Persist, RunHealthCheck])
             } else if *switched_in != boot_id {
                 // A new boot, yet the old slot runs: the bootloader fell back.
-                (
-                    with(Phase::RolledBack { reason: "rolled-back".into() }),
-                    vec![MarkTargetBad, Finish, Persist],
-                )
+                (with(Phase::RolledBack { reason: Rollback::FellBack }), vec![MarkTargetBad, Finish, Persist])
             } else {
                 // Same boot: the daemon restarted before the reboot happened.
                 (job.clone(), vec![Reboot])
@@ -216,10 +300,7 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
             if booted == job.target_slot {
                 (with(Phase::Testing { boot_id }), vec![Persist, RunHealthCheck])
             } else {
-                (
-                    with(Phase::RolledBack { reason: "rolled-back".into() }),
-                    vec![MarkTargetBad, Finish, Persist],
-                )
+                (with(Phase::RolledBack { reason: Rollback::FellBack }), vec![MarkTargetBad, Finish, Persist])
             }
         }
         (Phase::Testing { .. }, Event::HealthChecked { healthy, detail }) => verdict(job, healthy, &detail),
@@ -232,7 +313,7 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
             verdict(job, healthy, detail)
         }
         (phase, Event::Started { .. }) if phase.is_terminal() => (job.clone(), vec![]),
-        _ => return Err(unexpected()),
+        (_, event) => return Err(unexpected(event)),
     })
 }
 
@@ -245,10 +326,7 @@ fn verdict(job: &Job, healthy: bool, detail: &str) -> Step {
         )
     } else {
         (
-            Job {
-                phase: Phase::RolledBack { reason: format!("health-check-failed: {detail}") },
-                ..job.clone()
-            },
+            Job { phase: Phase::RolledBack { reason: Rollback::unhealthy(detail) }, ..job.clone() },
             vec![Action::MarkTargetBad, Action::Finish, Action::Persist, Action::Reboot],
         )
     }
@@ -261,11 +339,8 @@ pub fn may_confirm_booted(job: Option<&Job>, booted: &str) -> bool {
     !job.is_some_and(|j| !j.phase.is_terminal() && j.target_slot == booted)
 }
 
-fn fail(job: &Job, error: &str) -> Step {
-    (
-        Job { phase: Phase::Failed { error: error.to_string() }, ..job.clone() },
-        vec![Action::Finish, Action::Persist],
-    )
+fn fail(job: &Job, error: Failure) -> Step {
+    (Job { phase: Phase::Failed { error }, ..job.clone() }, vec![Action::Finish, Action::Persist])
 }
 
 #[cfg(test)]
@@ -302,7 +377,7 @@ mod tests {
     }
 
     fn rolled_back() -> Phase {
-        Phase::RolledBack { reason: "rolled-back".into() }
+        Phase::RolledBack { reason: Rollback::FellBack }
     }
 
     /// (phase, event) → (phase, actions)
@@ -329,7 +404,7 @@ mod tests {
             (
                 testing("b2"),
                 Event::HealthChecked { healthy: false, detail: "exit 3".into() },
-                Phase::RolledBack { reason: "health-check-failed: exit 3".into() },
+                Phase::RolledBack { reason: Rollback::Unhealthy("health-check-failed: exit 3".into()) },
                 vec![MarkTargetBad, Finish, Persist, Reboot],
             ),
             (Phase::Committed, started("B", "b4"), Phase::Committed, vec![]),
@@ -359,7 +434,8 @@ mod tests {
         for phase in [Phase::Accepted, Phase::Downloading] {
             let (next, actions) = step(&job(phase.clone()), started("B", "b1")).unwrap();
             assert!(
-                matches!(next.phase, Phase::Failed { ref error } if error.starts_with("target-is-booted")),
+                matches!(next.phase, Phase::Failed { ref error }
+                    if error.name == "target-is-booted" && error.text.starts_with("target-is-booted: ")),
                 "{phase:?}"
             );
             assert_eq!(actions, vec![MarkTargetBad, Finish, Persist], "{phase:?}");
@@ -376,7 +452,9 @@ mod tests {
             assert_eq!(
                 (next.phase, actions),
                 (
-                    Phase::RolledBack { reason: "health-check-failed: marked bad by hand".into() },
+                    Phase::RolledBack {
+                        reason: Rollback::Unhealthy("health-check-failed: marked bad by hand".into())
+                    },
                     vec![MarkTargetBad, Finish, Persist, Reboot]
                 )
             );
@@ -395,7 +473,7 @@ mod tests {
             assert!(may_confirm_booted(Some(&job(phase.clone())), "A"), "{phase:?}: the fallback runs");
             assert!(!may_confirm_booted(Some(&job(phase.clone())), "B"), "{phase:?}: the target runs");
         }
-        for phase in [Phase::Committed, rolled_back(), Phase::Failed { error: "x".into() }] {
+        for phase in [Phase::Committed, rolled_back(), Phase::Failed { error: Failure::named("x", "y") }] {
             assert!(may_confirm_booted(Some(&job(phase.clone())), "B"), "{phase:?}");
         }
     }
@@ -403,12 +481,16 @@ mod tests {
     #[test]
     fn failures_give_up_a_switched_target() {
         let (next, actions) =
-            step(&job(Phase::Downloading), Event::ActionFailed { error: "download: cut".into() }).unwrap();
-        assert_eq!(next.phase, Phase::Failed { error: "download: cut".into() });
+            step(&job(Phase::Downloading), Event::ActionFailed { error: Failure::named("download", "cut") })
+                .unwrap();
+        assert_eq!(next.phase, Phase::Failed { error: Failure::new("download", "download: cut".into()) });
         assert_eq!(actions, vec![Finish, Persist]);
-        let (_, actions) = step(&job(Phase::Written), Event::ActionFailed { error: "x".into() }).unwrap();
+        let (_, actions) =
+            step(&job(Phase::Written), Event::ActionFailed { error: Failure::named("x", "y") }).unwrap();
         assert_eq!(actions, vec![MarkTargetBad, Finish, Persist]);
-        assert!(step(&job(Phase::Committed), Event::ActionFailed { error: "x".into() }).is_err());
+        assert!(
+            step(&job(Phase::Committed), Event::ActionFailed { error: Failure::named("x", "y") }).is_err()
+        );
     }
 
     #[test]
@@ -431,5 +513,32 @@ mod tests {
         let text = serde_json::to_string(&j).unwrap();
         assert!(text.contains(r#""phase":{"phase":"reboot-pending","boot_id":"b1"}"#), "{text}");
         assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), j);
+    }
+
+    /// The ends keep the text they were stored with; a failure adds its
+    /// name, and one stored without it still loads.
+    #[test]
+    fn endings_are_stored_as_before() {
+        let cases = [
+            (
+                Phase::RolledBack { reason: Rollback::FellBack },
+                r#"{"phase":"rolled-back","reason":"rolled-back"}"#,
+            ),
+            (
+                Phase::RolledBack { reason: Rollback::unhealthy("exit 3") },
+                r#"{"phase":"rolled-back","reason":"health-check-failed: exit 3"}"#,
+            ),
+            (
+                Phase::Failed { error: Failure::named("hash-mismatch", "x") },
+                r#"{"phase":"failed","name":"hash-mismatch","error":"hash-mismatch: x"}"#,
+            ),
+        ];
+        for (phase, text) in cases {
+            assert_eq!(serde_json::to_string(&phase).unwrap(), text);
+            assert_eq!(serde_json::from_str::<Phase>(text).unwrap(), phase);
+        }
+        let old: Phase = serde_json::from_str(r#"{"phase":"failed","error":"hash-mismatch: x"}"#).unwrap();
+        assert_eq!(old, Phase::Failed { error: Failure::new("", "hash-mismatch: x".into()) });
+        assert!(Failure::cancelled().is_cancel() && !Failure::named("x", "y").is_cancel());
     }
 }

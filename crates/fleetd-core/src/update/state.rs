@@ -32,7 +32,7 @@ pub struct HistoryEntry {
     pub version: u64,
     pub target_slot: String,
     /// `committed`, `rolled-back` or `failed`.
-    pub outcome: String,
+    pub outcome: crate::status::UpdateState,
     pub detail: Option<String>,
     pub finished_at: u64,
 }
@@ -53,31 +53,31 @@ impl State {
 
     /// Records a finished job: versions on success, the error otherwise.
     pub fn finish_job(&mut self, now: u64) {
-        use super::Phase;
+        use super::engine::{Phase, Rollback};
+        use crate::status::UpdateState;
         let Some(job) = &self.job else { return };
         let (outcome, detail) = match &job.phase {
             Phase::Committed => {
                 self.installed_version = job.version;
                 self.slot_versions.insert(job.target_slot.clone(), job.version);
                 self.last_error = None;
-                ("committed", None)
+                (UpdateState::Committed, None)
             }
             Phase::RolledBack { reason } => {
                 self.slot_versions.remove(&job.target_slot);
-                self.last_error = Some(if reason.starts_with("rolled-back") {
-                    format!(
+                self.last_error = Some(match reason {
+                    Rollback::FellBack => format!(
                         "rolled-back: slot {} did not come up; running {} again",
                         job.target_slot, job.from_slot
-                    )
-                } else {
-                    format!("rolled-back: {reason}")
+                    ),
+                    Rollback::Unhealthy(text) => format!("rolled-back: {text}"),
                 });
-                ("rolled-back", Some(reason.clone()))
+                (UpdateState::RolledBack, Some(reason.to_string()))
             }
             Phase::Failed { error } => {
                 self.slot_versions.remove(&job.target_slot);
-                self.last_error = Some(error.clone());
-                ("failed", Some(error.clone()))
+                self.last_error = Some(error.text.clone());
+                (UpdateState::Failed, Some(error.text.clone()))
             }
             _ => return,
         };
@@ -85,7 +85,7 @@ impl State {
             jti: job.jti.clone(),
             version: job.version,
             target_slot: job.target_slot.clone(),
-            outcome: outcome.into(),
+            outcome,
             detail,
             finished_at: now,
         });
