@@ -18,15 +18,6 @@ pub enum CliError {
     /// A file the command needs could not be read or written.
     #[error("{path}: {source}")]
     File { path: PathBuf, source: std::io::Error },
-    /// A key file is not a usable ES256 key.
-    #[error("{path}: {source}")]
-    Key { path: PathBuf, source: trust::KeyError },
-    /// A key file was refused before parsing (`key-permissions`, not a regular file, too large).
-    #[error("{path}: {source}")]
-    KeyFile { path: PathBuf, source: crate::fsutil::ReadError },
-    /// A message file that does not parse.
-    #[error("{path}: {source}")]
-    Message { path: PathBuf, source: VerifyError },
     /// A flag is missing or does not fit the others.
     #[error("{0}")]
     Usage(String),
