@@ -37,6 +37,8 @@ pub struct Config {
     pub provision: Option<Provision>,
     #[serde(default)]
     pub dbus: Dbus,
+    #[serde(default)]
+    pub log: Log,
     /// Where the file was loaded from; relative paths in it resolve against its directory.
     #[serde(skip)]
     pub source: PathBuf,
@@ -411,6 +413,33 @@ impl Default for Dbus {
     }
 }
 
+/// `[log]`: how much fleetd itself logs (`RUST_LOG` goes on top; see
+/// `logging`). Other crates log warnings and errors only, unless `RUST_LOG`
+/// says otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self { level: default_log_level() }
+    }
+}
+
+impl Log {
+    /// The level (checked when the config loaded).
+    pub fn level(&self) -> crate::logging::LevelFilter {
+        crate::logging::parse_level(&self.level).unwrap_or(crate::logging::LevelFilter::INFO)
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
 fn yes() -> bool {
     true
 }
@@ -544,6 +573,12 @@ impl Config {
                     format!("{g:?} must be 1-64 characters of [A-Za-z0-9._-]"),
                 ));
             }
+        }
+        if crate::logging::parse_level(&self.log.level).is_none() {
+            return Err(self.invalid(
+                "log.level",
+                format!("{:?} is not a level: one of off, error, warn, info, debug, trace", self.log.level),
+            ));
         }
         if self.trust.keys.is_empty() {
             return Err(
@@ -694,6 +729,7 @@ mod tests {
         assert_eq!(c.device.state_dir, Path::new("/var/lib/fleetd"));
         assert_eq!(c.slots.len(), 2);
         assert!(c.mqtt.is_none() && c.provision.is_some() && c.dbus.enabled);
+        assert_eq!(c.log.level, "info");
         assert_eq!(c.pop_file(), Path::new("/var/lib/fleetd/pop"));
     }
 
@@ -810,6 +846,15 @@ mod tests {
         assert!(e.contains("`provision.listen`") && e.contains("ADDR:PORT"), "{e}");
         let e = error_of(&format!("{}\n[provision]\nbackend = \"wext\"\n", good()));
         assert!(e.contains("`provision.backend`"), "{e}");
+        let e = error_of(&format!("{}\n[log]\nlevel = \"loud\"\n", good()));
+        assert!(e.contains("`log.level`") && e.contains("\"loud\" is not a level"), "{e}");
+    }
+
+    #[test]
+    fn the_log_level_defaults_to_info() {
+        assert_eq!(parse(&good()).unwrap().log.level(), crate::logging::LevelFilter::INFO);
+        let c = parse(&format!("{}\n[log]\nlevel = \"Debug\"\n", good())).unwrap();
+        assert_eq!(c.log.level(), crate::logging::LevelFilter::DEBUG);
     }
 
     // The shared device configuration parses as documented.

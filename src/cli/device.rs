@@ -10,8 +10,11 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
+/// Every device command starts here, so logging starts here too (once).
 fn load_config(flag: Option<&Path>) -> Result<Config, CliError> {
-    Ok(Config::load(&config::resolve_path(flag))?)
+    let config = Config::load(&config::resolve_path(flag))?;
+    crate::logging::init(config.log.level());
+    Ok(config)
 }
 
 fn open_executor(config: Config) -> Result<Executor, CliError> {

@@ -323,7 +323,12 @@ impl Executor {
     pub async fn run(&mut self) -> Result<(), ExecError> {
         loop {
             if let Some(action) = self.queue.pop_front() {
-                if let Err(e) = self.perform(action).await {
+                // In the job's span: every event inside carries its fields.
+                let span = match self.job() {
+                    Some(job) => crate::logging::job_span(&job.jti, job.version),
+                    None => tracing::Span::none(),
+                };
+                if let Err(e) = tracing::Instrument::instrument(self.perform(action), span).await {
                     // Nothing of this job's plan may run in a later one.
                     self.abandon_plan();
                     return Err(e);

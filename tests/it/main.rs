@@ -16,6 +16,7 @@ mod hostapd;
 mod install_cycle;
 mod install_faults;
 mod interop;
+mod logging;
 mod mqtt_netns;
 mod netns_broker;
 mod networkmanager;
