@@ -93,6 +93,7 @@ fn rumqttc_reaches_the_journal_at_debug_only() {
     let debug = journal_of_a_run(&g, &net, "debug");
     let records = rumqttc(&debug);
     assert!(!records.is_empty(), "no rumqttc record at RUST_LOG=debug: {debug:?}");
+    eprintln!("one rumqttc record in the journal: {:?}", records[0]);
     for e in &records {
         assert_eq!(get(e, "PRIORITY"), Some("7"), "{e:?}");
         assert_eq!(get(e, "SYSLOG_IDENTIFIER"), Some("fleetd"), "{e:?}");
