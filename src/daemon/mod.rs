@@ -6,6 +6,8 @@
 //! `bus::policy`.
 
 mod mqtt;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 mod worker;
 
 use crate::bus::model::Event as BusEvent;
@@ -59,7 +61,8 @@ pub fn run(
         notify::send("READY=1");
         notify::status("started");
         tokio::spawn(notify::feed_watchdog());
-        wedge_for_tests();
+        #[cfg(feature = "test-hooks")]
+        test_hooks::wedge_main_loop();
         let shutdown = async {
             signals.await;
             notify::send("STOPPING=1");
@@ -116,23 +119,6 @@ async fn start_bus(config: &Config, executor: &Executor) -> Option<Bus> {
             None
         }
     }
-}
-
-/// A test hook: with `FLEETD_TEST_WEDGE_MAIN_LOOP_FILE=PATH`, the main
-/// loop's thread blocks for good once PATH exists, so a test can see the
-/// watchdog pings stop. Nothing else reads the variable.
-fn wedge_for_tests() {
-    let Some(trigger) = std::env::var_os("FLEETD_TEST_WEDGE_MAIN_LOOP_FILE") else { return };
-    let trigger = std::path::PathBuf::from(trigger);
-    tokio::spawn(async move {
-        while !trigger.exists() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        crate::logging::log("test hook: wedging the main loop");
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
-    });
 }
 
 /// Where provisioning left the device.
