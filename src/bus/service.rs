@@ -177,9 +177,7 @@ struct Daemon1 {
 
 impl Daemon1 {
     fn worker(&self) -> Result<Worker, BusError> {
-        lock(&self.shared.worker).clone().ok_or_else(|| {
-            BusError::NotReady("not-ready: the update worker starts once the device is provisioned".into())
-        })
+        lock(&self.shared.worker).clone().ok_or_else(|| super::policy::not_ready().into())
     }
 
     /// Hands `command` to the worker and waits for its answer.

@@ -5,6 +5,7 @@
 //!   around the engine (the job's transition table), over the persistent
 //!   state, and the reports a job makes;
 //! - `status`: the status document; `bus::model`: the D-Bus view of it;
+//!   `bus::policy`: how the daemon answers each D-Bus call;
 //! - `provision`: the portal's protocol (proof of possession, request
 //!   authentication, lock-out, the request, the device's identity);
 //! - `mqtt::aws`: AWS IoT's job documents; `der`, `admission`, `backoff`,
@@ -41,8 +42,10 @@ pub mod boot {
 }
 
 pub mod bus {
-    //! What the D-Bus interface shows, from the reports.
+    //! What the D-Bus interface shows, from the reports (`model`), and how
+    //! the daemon answers its calls (`policy`).
     pub mod model;
+    pub mod policy;
 }
 
 pub mod mqtt {

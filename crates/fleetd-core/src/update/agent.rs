@@ -517,6 +517,17 @@ pub fn cancellable(job: &Job, booted: &str) -> bool {
 }
 
 impl BusyView {
+    /// A view by hand (the bus policy's tables).
+    #[cfg(test)]
+    pub(crate) fn new(
+        known: Vec<String>,
+        running: Option<(String, u64)>,
+        cancellable: bool,
+        in_trial: bool,
+    ) -> Self {
+        Self { known, running, cancellable, in_trial }
+    }
+
     /// A second delivery of a known message (acknowledge, do not run) or a
     /// refusal: busy.
     pub fn answer(&self, bytes: &[u8]) -> Result<String, Refusal> {

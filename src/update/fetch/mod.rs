@@ -12,6 +12,9 @@
 //! the start of this process's download: only a restart of fleetd, which
 //! no server can cause, starts it again.
 
+mod http_source;
+pub use http_source::{HttpSource, ImageSource, LocalFuture};
+
 use super::slot_writer::{SlotWriter, WriteError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
