@@ -82,35 +82,3 @@ where
     // keep the install's memory down at no measurable cost in speed.
     Client::builder(TokioExecutor::new()).http1_max_buf_size(MAX_READ_BUFFER).build(connector)
 }
-
-/// POSTs a JSON body and returns the status and the (capped) response body.
-pub async fn post_json(
-    url: &str,
-    body: String,
-    ca_file: Option<&Path>,
-    limit: usize,
-) -> Result<(u16, Vec<u8>), HttpError> {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    let uri: hyper::Uri = url.parse().map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
-    let tls = if uri.scheme_str() == Some("https") {
-        tls_config(ca_file)?
-    } else {
-        // Plain http still needs a config object; it is never used.
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| HttpError::TlsConfig(e.to_string()))?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
-    };
-    let request = hyper::Request::post(uri)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| HttpError::BadUrl(e.to_string()))?;
-    let response =
-        client(tls).request(request).await.map_err(|e| HttpError::Connect(format!("{url}: {e}")))?;
-    let status = response.status().as_u16();
-    let limited = http_body_util::Limited::new(response.into_body(), limit);
-    let bytes = limited.collect().await.map_err(|e| HttpError::Body(e.to_string()))?.to_bytes();
-    Ok((status, bytes.to_vec()))
-}

@@ -509,8 +509,7 @@ pub async fn request_cosignature(
     ca: Option<&Path>,
 ) -> Result<Envelope, CliError> {
     let url = format!("{}/v1/cosign", base_url.trim_end_matches('/'));
-    let (status, body) =
-        fleetd::http::post_json(&url, envelope.to_json(), ca, trust::MAX_MESSAGE_BYTES).await?;
+    let (status, body) = post_json(&url, envelope.to_json(), ca, trust::MAX_MESSAGE_BYTES).await?;
     if status != 200 {
         let detail = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -519,4 +518,34 @@ pub async fn request_cosignature(
         return Err(CliError::CosignerRefused { status, detail });
     }
     Envelope::parse(&body).map_err(|source| CliError::Message { path: "co-signer answer".into(), source })
+}
+
+/// POSTs a JSON body and returns the status and the (capped) response body.
+async fn post_json(
+    url: &str,
+    body: String,
+    ca_file: Option<&Path>,
+    limit: usize,
+) -> Result<(u16, Vec<u8>), fleetd::http::HttpError> {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let uri: hyper::Uri = url.parse().map_err(|e| fleetd::http::HttpError::BadUrl(format!("{url}: {e}")))?;
+    let tls = if uri.scheme_str() == Some("https") {
+        fleetd::http::tls_config(ca_file)?
+    } else {
+        // Plain http still needs a config object; it is never used.
+        fleetd::http::plain_tls_config()?
+    };
+    let request = hyper::Request::post(uri)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| fleetd::http::HttpError::BadUrl(e.to_string()))?;
+    let response = fleetd::http::client(tls)
+        .request(request)
+        .await
+        .map_err(|e| fleetd::http::HttpError::Connect(format!("{url}: {e}")))?;
+    let status = response.status().as_u16();
+    let limited = http_body_util::Limited::new(response.into_body(), limit);
+    let bytes = limited.collect().await.map_err(|e| fleetd::http::HttpError::Body(e.to_string()))?.to_bytes();
+    Ok((status, bytes.to_vec()))
 }
