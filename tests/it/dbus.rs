@@ -352,6 +352,15 @@ const GID: u32 = 64_990;
 /// A private bus with the system bus's defaults and the shipped policy, in
 /// `dir`; `None` (after saying why) where the test cannot run, which CI
 /// as root never allows.
+/// A device's daemon on `bus` (its system bus), logging beside its config.
+fn daemon_on(bus: &common::dbus::PrivateBus) -> (Gateway, Daemon) {
+    let g = device();
+    let log = g.path().join("fleetd.log");
+    let daemon =
+        Daemon::start(&g.dev.config(), None, &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_str())], &log);
+    (g, daemon)
+}
+
 fn shipped_policy_bus(dir: &tempfile::TempDir) -> Option<common::dbus::PrivateBus> {
     let policy = crate::common::root().join("packaging/dbus/org.fleetd.Daemon1.conf");
     // The bus's socket must be reachable by the unprivileged clients.
@@ -375,10 +384,7 @@ fn shipped_policy_bus(dir: &tempfile::TempDir) -> Option<common::dbus::PrivateBu
 fn the_shipped_policy_lets_only_root_and_the_group_in() {
     let dir = tempfile::tempdir().unwrap();
     let Some(bus) = shipped_policy_bus(&dir) else { return };
-    let g = device();
-    let log = g.path().join("fleetd.log");
-    let daemon =
-        Daemon::start(&g.dev.config(), None, &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_str())], &log);
+    let (g, daemon) = daemon_on(&bus);
     let busctl = |groups: &str, args: &[&str]| {
         let mut cmd = std::process::Command::new("setpriv");
         cmd.args(["--reuid=65534", "--regid=65534"]);
@@ -473,10 +479,7 @@ fn install_reads_only_what_the_caller_can_and_outsiders_see_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let Some(bus) = shipped_policy_bus(&dir) else { return };
     use std::os::unix::fs::PermissionsExt;
-    let g = device();
-    let log = g.path().join("fleetd.log");
-    let daemon =
-        Daemon::start(&g.dev.config(), None, &[("DBUS_SYSTEM_BUS_ADDRESS", bus.address.as_str())], &log);
+    let (g, daemon) = daemon_on(&bus);
     let member = GID.to_string();
     let as_nobody = |groups: &str| {
         let mut cmd = std::process::Command::new("setpriv");
