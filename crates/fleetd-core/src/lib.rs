@@ -56,6 +56,7 @@ pub mod mqtt {
 pub mod provision {
     //! The provisioning protocol's pure pieces (see each module).
     pub mod auth;
+    pub mod enroll;
     pub mod guard;
     pub mod identity;
     pub mod pop;

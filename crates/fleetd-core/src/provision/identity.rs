@@ -65,6 +65,18 @@ impl DeviceKey {
         &self.0
     }
 
+    /// An ES256 signature (ASN.1 DER) over `message`.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, IdentityError> {
+        signer(&self.0)?.sign(message).map_err(|e| IdentityError::Key(format!("cannot sign with it: {e}")))
+    }
+
+    /// The public point (SEC1, uncompressed), as a certificate's SPKI holds it.
+    pub fn public_key(&self) -> Result<Vec<u8>, IdentityError> {
+        use rcgen::PublicKeyData;
+        let key = rcgen::KeyPair::from_pem(&self.0).map_err(|e| IdentityError::Key(e.to_string()))?;
+        Ok(key.der_bytes().to_vec())
+    }
+
     /// A CSR for this key with CN = `device_id`.
     pub fn csr_pem(&self, device_id: &str) -> Result<String, IdentityError> {
         let key = rcgen::KeyPair::from_pem(&self.0).map_err(|e| IdentityError::Key(e.to_string()))?;

@@ -43,54 +43,17 @@ impl Pop {
         Ok(Self(bytes))
     }
 
-    /// Parses a code as people type it: any case, dashes and spaces
-    /// ignored, `O` read as 0 and `I`/`L` as 1 (Crockford's rules).
+    /// Parses a code as people type it (see [`parse_code`]).
     pub fn parse(text: &str) -> Result<Self, PopError> {
-        let mut value: u128 = 0;
-        let mut count = 0;
-        for c in text.chars() {
-            let c = match c.to_ascii_uppercase() {
-                '-' | ' ' => continue,
-                'O' => '0',
-                'I' | 'L' => '1',
-                other => other,
-            };
-            let digit = ALPHABET
-                .iter()
-                .position(|a| *a as char == c)
-                .ok_or_else(|| PopError::Malformed(format!("a {c:?}")))?;
-            count += 1;
-            if count > 16 {
-                return Err(PopError::Malformed("more than 16 characters".into()));
-            }
-            value = (value << 5) | digit as u128;
-        }
-        if count != 16 {
-            return Err(PopError::Malformed(format!("{count} characters")));
-        }
-        let bytes = value.to_be_bytes();
-        let mut pop = [0u8; POP_BYTES];
-        pop.copy_from_slice(&bytes[16 - POP_BYTES..]);
-        Ok(Self(pop))
+        parse_code(text).map(Self).map_err(PopError::Malformed)
     }
 
     /// The code for the label: four groups of four.
     pub fn display_code(&self) -> String {
-        let mut value: u128 = 0;
-        for b in self.0 {
-            value = (value << 8) | u128::from(b);
-        }
-        let mut chars = Vec::with_capacity(19);
-        for i in (0..16).rev() {
-            chars.push(ALPHABET[((value >> (5 * i)) & 31) as usize] as char);
-            if i % 4 == 0 && i > 0 {
-                chars.push('-');
-            }
-        }
-        chars.into_iter().collect()
+        display_code(&self.0)
     }
 
-    fn derive(&self, label: &str, context: &[u8]) -> hmac::Tag {
+    pub(crate) fn derive(&self, label: &str, context: &[u8]) -> hmac::Tag {
         let key = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
         let mut ctx = hmac::Context::with_key(&key);
         ctx.update(label.as_bytes());
@@ -115,6 +78,51 @@ impl Pop {
         let tag = self.derive("fleetd api request key v1", device_id.as_bytes());
         hmac::Key::new(hmac::HMAC_SHA256, tag.as_ref())
     }
+}
+
+/// Parses an 80-bit code as people type it: any case, dashes and spaces
+/// ignored, `O` read as 0 and `I`/`L` as 1 (Crockford's rules). The error
+/// says what is wrong, for the caller's named error.
+pub fn parse_code(text: &str) -> Result<[u8; POP_BYTES], String> {
+    let mut value: u128 = 0;
+    let mut count = 0;
+    for c in text.chars() {
+        let c = match c.to_ascii_uppercase() {
+            '-' | ' ' => continue,
+            'O' => '0',
+            'I' | 'L' => '1',
+            other => other,
+        };
+        let digit = ALPHABET.iter().position(|a| *a as char == c).ok_or_else(|| format!("a {c:?}"))?;
+        count += 1;
+        if count > 16 {
+            return Err("more than 16 characters".into());
+        }
+        value = (value << 5) | digit as u128;
+    }
+    if count != 16 {
+        return Err(format!("{count} characters"));
+    }
+    let bytes = value.to_be_bytes();
+    let mut code = [0u8; POP_BYTES];
+    code.copy_from_slice(&bytes[16 - POP_BYTES..]);
+    Ok(code)
+}
+
+/// An 80-bit code as people read it: four groups of four.
+pub fn display_code(bytes: &[u8; POP_BYTES]) -> String {
+    let mut value: u128 = 0;
+    for b in bytes {
+        value = (value << 8) | u128::from(*b);
+    }
+    let mut chars = Vec::with_capacity(19);
+    for i in (0..16).rev() {
+        chars.push(ALPHABET[((value >> (5 * i)) & 31) as usize] as char);
+        if i % 4 == 0 && i > 0 {
+            chars.push('-');
+        }
+    }
+    chars.into_iter().collect()
 }
 
 #[cfg(test)]

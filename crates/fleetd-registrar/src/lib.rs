@@ -1,0 +1,1 @@
+//! fleetd's registrar (see ARCHITECTURE.md).
