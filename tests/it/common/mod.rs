@@ -9,6 +9,7 @@ pub mod dbus;
 pub mod gateway;
 pub mod imageserver;
 pub mod nm_double;
+pub mod postgres;
 pub mod webdriver;
 
 use std::path::{Path, PathBuf};
