@@ -542,12 +542,28 @@ impl Broker {
     /// completes a TLS handshake. `groups` are `(device, project, group)`:
     /// each lets that device read `fleet/<project>/groups/<group>/update`.
     pub fn start(net: &Net, pki: &Pki, dir: &Path, groups: &[(&str, &str, &str)]) -> Broker {
+        Self::start_with_crl(net, pki, dir, groups, None)
+    }
+
+    /// Like [`Broker::start`], checking client certificates against `crl`
+    /// (`crlfile`, as packaging/mosquitto/mosquitto.conf ships it). mosquitto
+    /// 2.0 reads it at start only: [`Broker::restart`] makes it read a new one.
+    pub fn start_with_crl(
+        net: &Net,
+        pki: &Pki,
+        dir: &Path,
+        groups: &[(&str, &str, &str)],
+        crl: Option<&Path>,
+    ) -> Broker {
         let persist = dir.join("persist");
         fs::create_dir_all(&persist).expect("persistence dir");
         let acl = dir.join("acl");
         write_file(&acl, acl_text(groups).as_bytes(), 0o644);
         let conf = dir.join("mosquitto.conf");
-        let config = conf_text(&pki.ca_pem, &pki.broker_cert, &pki.broker_key, &acl, &persist);
+        let mut config = conf_text(&pki.ca_pem, &pki.broker_cert, &pki.broker_key, &acl, &persist);
+        if let Some(crl) = crl {
+            config.push_str(&format!("crlfile {}\n", crl.display()));
+        }
         write_file(&conf, config.as_bytes(), 0o644);
         let mut broker = Broker {
             cloud_ns: net.cloud_ns().to_string(),
@@ -596,6 +612,15 @@ impl Broker {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// SIGHUP: mosquitto 2.0 re-reads its config, ACL and server key, but
+    /// not its CA or CRL.
+    pub fn hup(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+        }
     }
 
     /// The running broker's pid (`ip netns exec` execs it in place).
