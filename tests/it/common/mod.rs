@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod imageserver;
 pub mod nm_double;
 pub mod postgres;
+pub mod registrar;
 pub mod webdriver;
 
 use std::path::{Path, PathBuf};
