@@ -22,6 +22,7 @@ mod netns_broker;
 mod networkmanager;
 mod power_cut;
 mod provision;
+mod registrar;
 mod safety;
 mod system_boot;
 mod system_wifi;

@@ -819,7 +819,6 @@ pub fn shipped_setting(name: &str) -> String {
 /// the shell command that asks for a restart and returns once it is done,
 /// bounded like a unit's start timeout.
 pub struct BrokerRestarts {
-    trigger: PathBuf,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub count: Arc<AtomicU32>,
@@ -842,11 +841,12 @@ impl BrokerRestarts {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        BrokerRestarts { trigger: trigger.to_path_buf(), stop, thread: Some(thread), count }
+        BrokerRestarts { stop, thread: Some(thread), count }
     }
 
-    pub fn command(&self) -> String {
-        let t = self.trigger.display();
+    /// The command that asks for a restart through `trigger`.
+    pub fn command(trigger: &Path) -> String {
+        let t = trigger.display();
         format!("touch '{t}'; i=0; while [ -e '{t}' ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e '{t}' ]")
     }
 }

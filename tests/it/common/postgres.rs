@@ -124,6 +124,16 @@ impl Postgres {
         format!("postgres://fleetd@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The URL over the server's Unix socket: it reaches the server from
+    /// any network namespace (a registrar in a test's cloud namespace).
+    pub fn socket_url(&self, database: &str) -> String {
+        format!(
+            "postgres://fleetd@localhost/{database}?host={}&port={}",
+            self.dir.path().display(),
+            self.port
+        )
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
