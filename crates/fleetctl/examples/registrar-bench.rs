@@ -55,7 +55,10 @@ fn main() {
         (0..args.devices).map(|i| (format!("bench-{i:06}"), Pop::generate().expect("rng"))).collect();
     let mut csv = String::from("serial,project,hardware,groups,pop_key\n");
     for (serial, pop) in &pops {
-        csv.push_str(&format!("{serial},bench,rpi4-gw,field,{}\n", EnrollmentKey::derive(pop, serial).to_text()));
+        csv.push_str(&format!(
+            "{serial},bench,rpi4-gw,field,{}\n",
+            EnrollmentKey::derive(pop, serial).to_text()
+        ));
     }
     std::fs::write(dir.path().join("rows.csv"), csv).expect("csv");
     cli(&args.fleetctl, &config, &["user", "add", "admin", "--role", "admin"], "bench password 123\n");
@@ -65,8 +68,7 @@ fn main() {
 
     let mut server = serve(&args.fleetctl, &config, dir.path());
     let addr: SocketAddr = LISTEN.parse().expect("addr");
-    let (status, body) =
-        post(addr, "/v1/login", None, r#"{"user":"admin","password":"bench password 123"}"#);
+    let (status, body) = post(addr, "/v1/login", None, r#"{"user":"admin","password":"bench password 123"}"#);
     assert_eq!(status, 200, "login: {body}");
     let token = json(&body)["token"].as_str().expect("token").to_string();
 
@@ -161,7 +163,13 @@ fn write_setup(dir: &Path, database: &str) -> PathBuf {
 
 fn write_private(path: &Path, text: &str) {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).expect("key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("key");
     f.write_all(text.as_bytes()).expect("key");
 }
 
