@@ -277,29 +277,17 @@ async fn fetch_csr(portal: &Portal) -> Result<String, CliError> {
         .ok_or_else(|| CliError::Portal("the CSR answer holds no csr_pem".into()))
 }
 
-/// Signs the device's CSR as a client certificate for `device`, valid from
-/// a day ago (a device's clock may lag) for `days`.
+/// Signs the device's CSR as a client certificate for `device` (its CN
+/// must be `device`), valid from an hour ago (a device's clock may lag) for
+/// `days`. The registrar's CA does it: fresh parameters, of the CSR only its
+/// key, a random 127-bit serial.
 fn sign_csr(csr_pem: &str, device: &str, ca_cert: &str, ca_key: &str, days: u32) -> Result<String, CliError> {
-    let signing = |e: rcgen::Error| CliError::Portal(format!("signing the CSR: {e}"));
-    // rcgen reads PKCS#8; `openssl ecparam -genkey` writes SEC1.
-    let ca_key = fleetd::trust::keys::private_key_pem_as_pkcs8(ca_key)
-        .map_err(|e| CliError::Portal(format!("the CA key: {e}")))?;
-    let key = rcgen::KeyPair::from_pem(&ca_key).map_err(signing)?;
-    let issuer = rcgen::Issuer::from_ca_cert_pem(ca_cert, key).map_err(signing)?;
-    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(signing)?;
-    // The CA signs only a certificate for the device it is talking to.
-    let cn = csr.params.distinguished_name.get(&rcgen::DnType::CommonName);
-    if !matches!(cn, Some(rcgen::DnValue::Utf8String(cn)) if cn == device) {
-        return Err(CliError::Portal(format!(
-            "the CSR is not for {device} (its CN is {cn:?}); not signing it"
-        )));
-    }
-    let now = time::OffsetDateTime::now_utc();
-    csr.params.not_before = now - time::Duration::days(1);
-    csr.params.not_after = now + time::Duration::days(i64::from(days));
-    csr.params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    csr.params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    Ok(csr.signed_by(&issuer).map_err(signing)?.pem())
+    let issuer = fleetd_registrar::ca::Issuer::from_pem(ca_cert, ca_key)
+        .map_err(|e| CliError::Portal(format!("the CA: {e}")))?;
+    let now = i64::try_from(fleetd::system_now()).unwrap_or(i64::MAX);
+    fleetd_registrar::ca::issue(csr_pem, device, &issuer, days, now)
+        .map(|issued| issued.cert_pem)
+        .map_err(|e| CliError::Portal(format!("not signing the CSR of {device}: {e}")))
 }
 
 fn read(path: &Path) -> Result<String, CliError> {
@@ -343,5 +331,34 @@ mod tests {
         let signed = sign_csr(&csr, "gw-0042", &std::fs::read_to_string(&cert).unwrap(), &ca_key, 30);
         let pem = signed.expect("a SEC1 CA key signs");
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    }
+
+    /// The laptop CA signs fresh parameters: a CSR asking for CA:true, a
+    /// DNS name and server/code-signing use gets a plain client
+    /// certificate with a random serial.
+    #[test]
+    fn a_greedy_csr_gets_a_plain_client_certificate() {
+        let (ca_cert, ca_key) = fleetd_registrar::ca::test_ca::make_ca();
+        let device_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["evil.example.com".to_string()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "gw-0042");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+        let csr = params.serialize_request(&device_key).unwrap().pem().unwrap();
+        let pem = sign_csr(&csr, "gw-0042", &ca_cert, &ca_key, 30).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = der.parse_x509().unwrap();
+        assert!(cert.basic_constraints().unwrap().is_none_or(|bc| !bc.value.ca), "no CA:true");
+        assert!(cert.subject_alternative_name().unwrap().is_none(), "no SANs");
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth && !eku.code_signing, "client auth only");
+        assert!(!cert.key_usage().unwrap().unwrap().value.key_cert_sign());
+        assert!(cert.tbs_certificate.serial.bits() >= 120, "a random serial");
+        let other = sign_csr(&csr, "gw-0042", &ca_cert, &ca_key, 30).unwrap();
+        let (_, other) = x509_parser::pem::parse_x509_pem(other.as_bytes()).unwrap();
+        assert_ne!(other.parse_x509().unwrap().tbs_certificate.serial, cert.tbs_certificate.serial);
+        assert!(sign_csr(&csr, "gw-0043", &ca_cert, &ca_key, 30).is_err(), "CN mismatch");
     }
 }
