@@ -33,7 +33,6 @@ pub async fn create_claim(db: &Db, user: &str, serial: &str, ttl_s: u64, now: i6
     if state != "active" {
         return Err(RegistrarError::DeviceRetired(serial.to_string()));
     }
-    sqlx::query("DELETE FROM claims WHERE expires_at <= $1").bind(now).execute(&mut *tx).await?;
     sqlx::query(
         "INSERT INTO claims (digest, serial, user_name, expires_at, used_at) VALUES ($1, $2, $3, $4, NULL)",
     )
@@ -50,6 +49,16 @@ pub async fn create_claim(db: &Db, user: &str, serial: &str, ttl_s: u64, now: i6
         qr_svg: qr_svg(&display),
         claim: ClaimResponse { claim: display, expires_at: expires_at as u64 },
     })
+}
+
+/// Forgets expired tokens and claims that expired a day ago (the periodic
+/// timer's work, kept out of the requests' transactions).
+pub async fn forget_expired(db: &Db, now: i64) -> Result<()> {
+    let mut tx = db.begin().await?;
+    sqlx::query("DELETE FROM tokens WHERE expires_at <= $1").bind(now).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM claims WHERE expires_at <= $1").bind(now - 86400).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The code as a QR code, SVG.

@@ -137,6 +137,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 if let Err(e) = app.regenerate_crl().await {
                     eprintln!("registrar: the periodic CRL: {e}");
                 }
+                if let Err(e) = crate::claims::forget_expired(&app.db, db::now()).await {
+                    eprintln!("registrar: forgetting expired tokens and claims: {e}");
+                }
             }
         })
     };

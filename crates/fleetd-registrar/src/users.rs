@@ -146,7 +146,6 @@ pub async fn login(
     }
     let token = random_token()?;
     let expires_at = now.saturating_add(token_ttl_s as i64);
-    sqlx::query("DELETE FROM tokens WHERE expires_at <= $1").bind(now).execute(&mut *tx).await?;
     sqlx::query("INSERT INTO tokens (hash, user_name, expires_at) VALUES ($1, $2, $3)")
         .bind(token_hash(&token))
         .bind(user)
