@@ -17,7 +17,8 @@ pub struct Config {
     /// What devices are told to call.
     pub public_url: String,
     pub crl_file: PathBuf,
-    /// A shell command run (`sh -c`) after the CRL file changed.
+    /// A shell command run (`sh -c`, in the working directory of the process,
+    /// at most 60 s; a failure is logged) after the CRL file changed.
     #[serde(default)]
     pub on_crl_change: Option<String>,
     /// Seconds a claim lives (capped at `MAX_CLAIM_TTL_S`).
