@@ -6,6 +6,7 @@
 
 mod demo;
 mod provision;
+mod registrar;
 
 use crate::cosigner::{self, CosignerConfig, Registry};
 use clap::{Args, Parser, Subcommand};
@@ -123,6 +124,9 @@ enum Command {
         /// The co-signed message, or `-` for standard input.
         file: PathBuf,
     },
+    /// The registrar: serial-number registry, installers, claims, certificates, revocation.
+    #[command(subcommand)]
+    Registrar(registrar::RegistrarCommand),
     /// Provision a device over its access point (or wired portal), as a phone would.
     Provision(Box<provision::ProvisionArgs>),
     /// Print devices' status, progress and online messages as they change.
@@ -261,6 +265,8 @@ pub fn main() -> ExitCode {
         // Its own exit codes: 0 provisioned, 1 refused, 2 usage.
         Command::Provision(args) => return provision::command(&args),
         Command::Demo => return demo::run(),
+        // Its own exit codes: 0 done, 1 refused (import: a row invalid; audit --verify: changed).
+        Command::Registrar(cmd) => return registrar::command(cmd),
         Command::Keygen { out, name } => keygen(&out, &name).map(|(k, p)| {
             println!("wrote {} (private, 0600) and {}", k.display(), p.display());
         }),

@@ -1,0 +1,211 @@
+//! `fleetctl registrar serve`: the App (database, CA, settings), the accept
+//! loop (plain HTTP on loopback only, else TLS with rustls/ring), bounded
+//! waits, the daily CRL, and a graceful end on the shutdown future.
+
+use crate::ca::Issuer;
+use crate::config::{read_text, Config, TlsConfig};
+use crate::db::{self, Db};
+use crate::error::{RegistrarError, Result};
+use crate::http::{self, Peer};
+use crate::limiter::Limiter;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+/// The request header must arrive within this.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection lives longer.
+pub const CONNECTION_LIMIT: Duration = Duration::from_secs(300);
+pub const MAX_CONNECTIONS: usize = 512;
+/// In-flight requests get this long after the shutdown signal.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The CRL is made again at least this often (it promises a week).
+pub const CRL_PERIOD: Duration = Duration::from_secs(12 * 3600);
+/// Logins per minute (and burst) per source address.
+pub const LOGINS_PER_MINUTE: u32 = 10;
+pub const LOGIN_BURST: u32 = 10;
+
+/// What devices are told about the broker.
+#[derive(Debug, Clone)]
+pub struct Mqtt {
+    pub host: String,
+    pub port: u16,
+    pub ca_pem: String,
+}
+
+/// The registrar's state, shared by every request.
+#[derive(Debug)]
+pub struct App {
+    pub db: Db,
+    pub issuer: Issuer,
+    pub validity_days: u32,
+    pub claim_ttl_s: u64,
+    pub token_ttl_s: u64,
+    pub mqtt: Mqtt,
+    pub crl_file: PathBuf,
+    pub on_crl_change: Option<String>,
+    /// The latest CRL, served at `GET /v1/crl`.
+    pub crl_pem: RwLock<String>,
+    pub login_limiter: Limiter,
+}
+
+impl App {
+    /// Connects to the database (migrating it) and loads the CA.
+    pub async fn new(config: &Config) -> Result<Self> {
+        let issuer = Issuer::load(&config.ca.cert, &config.ca.key)?;
+        let ca_pem = read_text(&config.mqtt.ca_file)?;
+        let db = Db::connect(&config.database).await?;
+        Ok(App {
+            db,
+            issuer,
+            validity_days: config.ca.validity_days,
+            claim_ttl_s: config.claim_ttl_s,
+            token_ttl_s: config.token_ttl_s,
+            mqtt: Mqtt { host: config.mqtt.host.clone(), port: config.mqtt.port, ca_pem },
+            crl_file: config.crl_file.clone(),
+            on_crl_change: config.on_crl_change.clone(),
+            crl_pem: RwLock::new(String::new()),
+            login_limiter: Limiter::new(LOGINS_PER_MINUTE, LOGIN_BURST),
+        })
+    }
+
+    /// A new CRL: written, hooked, and served from now on.
+    pub async fn regenerate_crl(&self) -> Result<()> {
+        let pem = crate::crl::regenerate(
+            &self.db,
+            &self.issuer,
+            &self.crl_file,
+            self.on_crl_change.as_deref(),
+            db::now(),
+        )
+        .await?;
+        *self.crl_pem.write().unwrap_or_else(|e| e.into_inner()) = pem;
+        Ok(())
+    }
+}
+
+/// The TLS acceptor for `[tls]` (rustls with ring; ES256/P-256 or RSA certificates).
+pub fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |what: &str, e: &dyn std::fmt::Display| RegistrarError::TlsInvalid(format!("{what}: {e}"));
+    let cert_pem = read_text(&tls.cert)?;
+    let key_pem = crate::config::read_private_key(&tls.key)?;
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| invalid(&tls.cert.display().to_string(), &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| invalid(&tls.key.display().to_string(), &e))?;
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("protocol versions", &e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid("certificate and key", &e))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Everything `fleetctl registrar serve` does: connect, make the CRL,
+/// listen, print `registrar: listening on ADDR` on stderr, serve until
+/// `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let app = Arc::new(App::new(&config).await?);
+    app.regenerate_crl().await?;
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+    let addr = config.listen_addr();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RegistrarError::File { path: PathBuf::from(&config.listen), source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| RegistrarError::File { path: PathBuf::from(&config.listen), source })?;
+    eprintln!("registrar: listening on {local}");
+    let timer = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CRL_PERIOD).await;
+                if let Err(e) = app.regenerate_crl().await {
+                    eprintln!("registrar: the periodic CRL: {e}");
+                }
+                if let Err(e) = crate::claims::forget_expired(&app.db, db::now()).await {
+                    eprintln!("registrar: forgetting expired tokens and claims: {e}");
+                }
+            }
+        })
+    };
+    serve(app, listener, tls, shutdown).await;
+    timer.abort();
+    eprintln!("registrar: stopped");
+    Ok(())
+}
+
+/// The accept loop. A connection's failure is logged inside it and never
+/// ends the loop.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let router = http::router(app);
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        eprintln!("registrar: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if tasks.len() >= MAX_CONNECTIONS {
+                    continue;
+                }
+                let (router, tls) = (router.clone(), tls.clone());
+                tasks.spawn(async move {
+                    let _ = tokio::time::timeout(CONNECTION_LIMIT, connection(stream, peer, router, tls)).await;
+                });
+            }
+        }
+    }
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, router: axum::Router, tls: Option<TlsAcceptor>) {
+    use tower::ServiceExt;
+    let service = router.map_request(move |mut request: axum::http::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(Peer(peer.ip()));
+        request
+    });
+    let service = TowerToHyperService::new(service);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    let result = match tls {
+        Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => builder.serve_connection(TokioIo::new(stream), service).await,
+            _ => return,
+        },
+        None => builder.serve_connection(TokioIo::new(stream), service).await,
+    };
+    if let Err(e) = result {
+        if !e.is_incomplete_message() {
+            tracing::debug!("registrar: connection from {peer}: {e}");
+        }
+    }
+}
