@@ -6,3 +6,4 @@ mod common;
 
 mod cosigner;
 mod registrar;
+mod registrar_postgres;
