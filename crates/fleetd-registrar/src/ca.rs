@@ -95,17 +95,34 @@ pub struct Issued {
     pub not_after: i64,
 }
 
+/// How long a certificate is valid, counted from its issue: `[ca]
+/// validity_days` (default 30), or `validity_s` for short-lived fleets and
+/// renewal tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub seconds: i64,
+}
+
+impl Validity {
+    pub fn days(days: u32) -> Self {
+        Validity { seconds: i64::from(days) * 86400 }
+    }
+}
+
+/// How far notBefore lies before the issue: a device's clock may lag.
+pub const BACKDATE_S: i64 = 3600;
+
 /// A client certificate for `expected_cn` over the CSR's key, valid from an
-/// hour before `now` (a device's clock may lag) for `validity_days`.
+/// hour before `now` (a device's clock may lag) until `validity` after it.
 pub fn issue(
     csr_pem: &str,
     expected_cn: &str,
     issuer: &Issuer,
-    validity_days: u32,
+    validity: Validity,
     now: i64,
 ) -> Result<Issued> {
     let csr = parse_csr(csr_pem)?;
-    issue_for(&csr, expected_cn, issuer, validity_days, now)
+    issue_for(&csr, expected_cn, issuer, validity, now)
 }
 
 /// [`issue`] for a CSR already parsed.
@@ -113,15 +130,15 @@ pub fn issue_for(
     csr: &Csr,
     expected_cn: &str,
     issuer: &Issuer,
-    validity_days: u32,
+    validity: Validity,
     now: i64,
 ) -> Result<Issued> {
     if csr.cn != expected_cn {
         return Err(RegistrarError::CsrCnMismatch { got: csr.cn.clone(), expected: expected_cn.to_string() });
     }
     let serial = random_serial()?;
-    let not_before = now - 3600;
-    let not_after = not_before + i64::from(validity_days) * 86400;
+    let not_before = now - BACKDATE_S;
+    let not_after = now + validity.seconds;
     let params = device_params(expected_cn, &serial, not_before, not_after)?;
     let cert = params
         .signed_by(&csr.params.public_key, &issuer.inner)
@@ -222,7 +239,8 @@ mod tests {
     fn a_greedy_csr_gets_a_plain_client_certificate() {
         let (ca_cert, ca_key) = make_ca();
         let issuer = Issuer::from_pem(&ca_cert, &ca_key).unwrap();
-        let issued = issue(&greedy_csr("gw-0042"), "gw-0042", &issuer, 30, 1_800_000_000).unwrap();
+        let issued =
+            issue(&greedy_csr("gw-0042"), "gw-0042", &issuer, Validity::days(30), 1_800_000_000).unwrap();
         let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
         assert!(cert.basic_constraints().unwrap().is_none_or(|bc| !bc.value.ca), "no CA:true");
@@ -240,7 +258,7 @@ mod tests {
             );
         }
         assert_eq!(cert.subject().to_string(), "CN=gw-0042");
-        assert_eq!(issued.not_after - issued.not_before, 30 * 86400);
+        assert_eq!(issued.not_after, 1_800_000_000 + 30 * 86400, "30 days from the issue");
         assert_eq!(issued.not_before, 1_800_000_000 - 3600);
         if let Some(text) = openssl_text(&issued.cert_pem) {
             assert!(!text.contains("CA:TRUE"), "{text}");
@@ -286,7 +304,7 @@ mod tests {
             (&good, "csr-cn-mismatch"),
         ];
         for (csr, name) in cases {
-            let err = issue(csr, "gw-2", &issuer, 30, 1_800_000_000).unwrap_err();
+            let err = issue(csr, "gw-2", &issuer, Validity::days(30), 1_800_000_000).unwrap_err();
             assert_eq!(err.name(), name, "{csr}");
         }
     }
@@ -299,14 +317,14 @@ mod tests {
         let csr = parse_csr(&csr).unwrap();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..1000 {
-            let issued = issue_for(&csr, "gw-1", &issuer, 1, 1_800_000_000).unwrap();
+            let issued = issue_for(&csr, "gw-1", &issuer, Validity::days(1), 1_800_000_000).unwrap();
             let bytes = unhex(&issued.serial_hex).unwrap();
             let bits = bytes.len() * 8 - bytes[0].leading_zeros() as usize;
             assert!(bits >= 120, "{}", issued.serial_hex);
             assert!(bytes[0] & 0x80 == 0, "positive");
             assert!(seen.insert(issued.serial_hex), "distinct");
         }
-        let issued = issue_for(&csr, "gw-1", &issuer, 1, 1_800_000_000).unwrap();
+        let issued = issue_for(&csr, "gw-1", &issuer, Validity::days(1), 1_800_000_000).unwrap();
         let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
         assert_eq!(cert.raw_serial_as_string().replace(':', ""), issued.serial_hex);

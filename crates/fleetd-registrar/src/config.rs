@@ -43,6 +43,10 @@ pub struct CaConfig {
     pub key: PathBuf,
     #[serde(default = "default_validity")]
     pub validity_days: u32,
+    /// In place of `validity_days`: short-lived certificates (and renewal
+    /// tests), at least 60 s.
+    #[serde(default)]
+    pub validity_s: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +62,16 @@ pub struct MqttConfig {
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl CaConfig {
+    /// `validity_s` when given, else `validity_days`.
+    pub fn validity(&self) -> crate::ca::Validity {
+        match self.validity_s {
+            Some(seconds) => crate::ca::Validity { seconds: i64::from(seconds) },
+            None => crate::ca::Validity::days(self.validity_days),
+        }
+    }
 }
 
 fn default_claim_ttl() -> u64 {
@@ -94,6 +108,9 @@ impl Config {
         }
         if config.ca.validity_days == 0 || config.ca.validity_days > 3650 {
             return Err(invalid("ca.validity_days must be 1-3650".into()));
+        }
+        if config.ca.validity_s.is_some_and(|s| s < 60) {
+            return Err(invalid("ca.validity_s must be at least 60".into()));
         }
         if !(config.database.starts_with("sqlite:") || config.database.starts_with("postgres")) {
             return Err(invalid(format!("database {:?}: sqlite://PATH or postgres://...", config.database)));
@@ -192,6 +209,10 @@ ca_file = "mqtt-ca.pem"
         assert_eq!(c.ca.cert, Path::new("/etc/reg/ca.pem"));
         assert_eq!(c.ca.key, Path::new("/abs/ca.key.pem"));
         assert_eq!(c.database, "sqlite:///etc/reg/reg.db");
+        assert_eq!(c.ca.validity(), crate::ca::Validity::days(30));
+        let short = Config::parse(&BASE.replace("[ca]\n", "[ca]\nvalidity_s = 90\n"), Path::new("/")).unwrap();
+        assert_eq!(short.ca.validity(), crate::ca::Validity { seconds: 90 });
+        assert!(Config::parse(&BASE.replace("[ca]\n", "[ca]\nvalidity_s = 59\n"), Path::new("/")).is_err());
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub struct Enrolled {
 pub async fn enroll(
     db: &Db,
     issuer: &Issuer,
-    validity_days: u32,
+    validity: ca::Validity,
     claim: &str,
     csr_pem: &str,
     mac: Option<&str>,
@@ -75,7 +75,7 @@ pub async fn enroll(
             return Err(RegistrarError::ClaimInvalid("the MAC does not bind this claim to this CSR"));
         }
     }
-    let issued = ca::issue_for(&csr, &serial, issuer, validity_days, now)?;
+    let issued = ca::issue_for(&csr, &serial, issuer, validity, now)?;
     let superseded = supersede_and_insert(&mut tx, &serial, &issued, now).await?;
     audit::append(&mut tx, now, "device", "enroll", &serial, &format!("certificate={}", issued.serial_hex))
         .await?;
@@ -88,7 +88,7 @@ pub async fn enroll(
 pub async fn renew(
     db: &Db,
     issuer: &Issuer,
-    validity_days: u32,
+    validity: ca::Validity,
     csr_pem: &str,
     signature: &str,
     now: i64,
@@ -128,7 +128,7 @@ pub async fn renew(
     if !ok {
         return Err(refusal);
     }
-    let issued = ca::issue_for(&csr, serial, issuer, validity_days, now)?;
+    let issued = ca::issue_for(&csr, serial, issuer, validity, now)?;
     let superseded = supersede_and_insert(&mut tx, serial, &issued, now).await?;
     audit::append(&mut tx, now, "device", "renew", serial, &format!("certificate={}", issued.serial_hex))
         .await?;

@@ -133,7 +133,7 @@ async fn enroll_device(
     let enrolled = enroll::enroll(
         &app.db,
         &app.issuer,
-        app.validity_days,
+        app.validity,
         &body.claim,
         &body.csr_pem,
         body.mac.as_deref(),
@@ -148,8 +148,7 @@ async fn renew_device(
     JsonBody(body): JsonBody<RenewRequest>,
 ) -> Result<Response> {
     let enrolled =
-        enroll::renew(&app.db, &app.issuer, app.validity_days, &body.csr_pem, &body.signature, db::now())
-            .await?;
+        enroll::renew(&app.db, &app.issuer, app.validity, &body.csr_pem, &body.signature, db::now()).await?;
     Ok(Json(answer(&app, enrolled).await).into_response())
 }
 

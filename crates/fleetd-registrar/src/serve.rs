@@ -46,7 +46,7 @@ pub struct Mqtt {
 pub struct App {
     pub db: Db,
     pub issuer: Issuer,
-    pub validity_days: u32,
+    pub validity: crate::ca::Validity,
     pub claim_ttl_s: u64,
     pub token_ttl_s: u64,
     pub mqtt: Mqtt,
@@ -66,7 +66,7 @@ impl App {
         Ok(App {
             db,
             issuer,
-            validity_days: config.ca.validity_days,
+            validity: config.ca.validity(),
             claim_ttl_s: config.claim_ttl_s,
             token_ttl_s: config.token_ttl_s,
             mqtt: Mqtt { host: config.mqtt.host.clone(), port: config.mqtt.port, ca_pem },

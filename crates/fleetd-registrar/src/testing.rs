@@ -362,7 +362,16 @@ pub async fn check_enroll(db_url: &str) {
         let mac = key.mac(&claim, &csr);
         let app = f.app.clone();
         tasks.push(tokio::spawn(async move {
-            enroll::enroll(&app.db, &app.issuer, 30, &code, &csr, Some(&mac), db::now()).await
+            enroll::enroll(
+                &app.db,
+                &app.issuer,
+                crate::ca::Validity::days(30),
+                &code,
+                &csr,
+                Some(&mac),
+                db::now(),
+            )
+            .await
         }));
     }
     for task in tasks {
@@ -419,9 +428,17 @@ pub async fn check_renew(db_url: &str) {
     let serial = f.device().await;
     let first_key = DeviceKey::generate().unwrap();
     let code = f.claim(&serial).await;
-    enroll::enroll(f.db(), &f.app.issuer, 30, &code, &first_key.csr_pem(&serial).unwrap(), None, db::now())
-        .await
-        .unwrap();
+    enroll::enroll(
+        f.db(),
+        &f.app.issuer,
+        crate::ca::Validity::days(30),
+        &code,
+        &first_key.csr_pem(&serial).unwrap(),
+        None,
+        db::now(),
+    )
+    .await
+    .unwrap();
     let renew = |key: &DeviceKey, new: &DeviceKey| {
         let csr = new.csr_pem(&serial).unwrap();
         json!({"signature": sign_renewal(key, &csr).unwrap(), "csr_pem": csr})
@@ -455,9 +472,17 @@ pub async fn check_renew(db_url: &str) {
     let serial = f.device().await;
     let key = DeviceKey::generate().unwrap();
     let code = f.claim(&serial).await;
-    enroll::enroll(f.db(), &f.app.issuer, 30, &code, &key.csr_pem(&serial).unwrap(), None, db::now())
-        .await
-        .unwrap();
+    enroll::enroll(
+        f.db(),
+        &f.app.issuer,
+        crate::ca::Validity::days(30),
+        &code,
+        &key.csr_pem(&serial).unwrap(),
+        None,
+        db::now(),
+    )
+    .await
+    .unwrap();
     devices::revoke(f.db(), "test", &serial, true, "unspecified", db::now()).await.unwrap();
     let csr = DeviceKey::generate().unwrap().csr_pem(&serial).unwrap();
     let body = json!({"signature": sign_renewal(&key, &csr).unwrap(), "csr_pem": csr});
@@ -614,7 +639,10 @@ pub async fn check_crl(db_url: &str) {
     let serial = f.device().await;
     let code = f.claim(&serial).await;
     let (csr, _) = make_csr(&serial);
-    let enrolled = enroll::enroll(f.db(), &f.app.issuer, 30, &code, &csr, None, db::now()).await.unwrap();
+    let enrolled =
+        enroll::enroll(f.db(), &f.app.issuer, crate::ca::Validity::days(30), &code, &csr, None, db::now())
+            .await
+            .unwrap();
     assert!(!crl_serials(&std::fs::read_to_string(&f.config.crl_file).unwrap())
         .contains(&enrolled.issued.serial_hex));
     assert_eq!(devices::revoke(f.db(), "test", &serial, false, "keyCompromise", db::now()).await.unwrap(), 1);

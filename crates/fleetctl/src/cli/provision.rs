@@ -437,7 +437,7 @@ fn sign_csr(csr_pem: &str, device: &str, ca_cert: &str, ca_key: &str, days: u32)
     let issuer = fleetd_registrar::ca::Issuer::from_pem(ca_cert, ca_key)
         .map_err(|e| CliError::Portal(format!("the CA: {e}")))?;
     let now = i64::try_from(fleetd::system_now()).unwrap_or(i64::MAX);
-    fleetd_registrar::ca::issue(csr_pem, device, &issuer, days, now)
+    fleetd_registrar::ca::issue(csr_pem, device, &issuer, fleetd_registrar::ca::Validity::days(days), now)
         .map(|issued| issued.cert_pem)
         .map_err(|e| CliError::Portal(format!("not signing the CSR of {device}: {e}")))
 }
