@@ -13,7 +13,7 @@
 //! The edges: `server` (hyper), `store` (atomic files, keys 0600) and
 //! `phase` (the daemon's provisioning phase, over a `net::Backend`).
 
-pub use fleetd_core::provision::{auth, guard, identity, pop, portal, request};
+pub use fleetd_core::provision::{auth, enroll, guard, identity, pop, portal, request};
 pub mod phase;
 pub mod server;
 pub mod store;

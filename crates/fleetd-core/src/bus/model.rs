@@ -260,6 +260,7 @@ mod tests {
     fn doc(state: &str) -> StatusDoc {
         StatusDoc {
             device: "gw-1".into(),
+            device_id_source: None,
             fleetd_version: "0".into(),
             state: state.into(),
             installed_version: 1,
