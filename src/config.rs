@@ -286,6 +286,14 @@ pub struct Provision {
     /// with the `hostapd` backend.
     #[serde(default = "default_supplicant_ctrl")]
     pub wpa_supplicant_ctrl_dir: PathBuf,
+    /// The image's registrar (`https://…`): the portal then asks only for
+    /// the PoP, the Wi-Fi and a claim code.
+    #[serde(default)]
+    pub registrar: Option<String>,
+    /// The CA the registrar's TLS certificate chains to (the only one
+    /// trusted for it); required with an https `registrar`.
+    #[serde(default)]
+    pub registrar_ca: Option<PathBuf>,
 }
 
 impl Provision {
@@ -576,6 +584,7 @@ impl Config {
         }
         if let Some(p) = &mut self.provision {
             p.pop_file.iter_mut().for_each(fix);
+            p.registrar_ca.iter_mut().for_each(fix);
             fix(&mut p.hostapd_ctrl_dir);
             fix(&mut p.wpa_supplicant_ctrl_dir);
         }
@@ -661,6 +670,18 @@ impl Config {
             }
             if p.interface.is_empty() || p.interface.contains('/') {
                 return Err(self.invalid("provision.interface", "must be an interface name"));
+            }
+            if let Some(url) = &p.registrar {
+                let https = fleetd_core::provision::request::check_registrar_url(url)
+                    .map_err(|e| self.invalid("provision.registrar", e.to_string()))?;
+                if https && p.registrar_ca.is_none() {
+                    return Err(self.invalid(
+                        "provision.registrar_ca",
+                        "required with an https registrar (the only CA trusted for it)",
+                    ));
+                }
+            } else if p.registrar_ca.is_some() {
+                return Err(self.invalid("provision.registrar_ca", "needs provision.registrar"));
             }
         }
         if let Some(m) = &self.mqtt {
@@ -884,6 +905,16 @@ mod tests {
         assert!(e.contains("`provision.listen`") && e.contains("ADDR:PORT"), "{e}");
         let e = error_of(&format!("{}\n[provision]\nbackend = \"wext\"\n", good()));
         assert!(e.contains("`provision.backend`"), "{e}");
+        let e = error_of(&format!("{}\n[provision]\nregistrar = \"http://reg.example\"\n", good()));
+        assert!(e.contains("`provision.registrar`") && e.contains("enroll-url-invalid"), "{e}");
+        let e = error_of(&format!("{}\n[provision]\nregistrar = \"https://reg.example\"\n", good()));
+        assert!(e.contains("`provision.registrar_ca`"), "{e}");
+        let c = parse(&format!(
+            "{}\n[provision]\nregistrar = \"https://reg.example\"\nregistrar_ca = \"reg-ca.pem\"\n",
+            good()
+        ))
+        .unwrap();
+        assert_eq!(c.provision.unwrap().registrar_ca.unwrap(), Path::new("/etc/fleetd/reg-ca.pem"));
         let e = error_of(&format!("{}\n[log]\nlevel = \"loud\"\n", good()));
         assert!(e.contains("`log.level`") && e.contains("\"loud\" is not a level"), "{e}");
     }

@@ -12,7 +12,8 @@ use std::process::ExitCode;
 
 /// Every device command starts here, so logging starts here too (once).
 fn load_config(flag: Option<&Path>) -> Result<Config, CliError> {
-    let config = Config::load(&config::resolve_path(flag))?;
+    let mut config = Config::load(&config::resolve_path(flag))?;
+    crate::provision::store::apply_provisioned_groups(&mut config);
     crate::logging::init(config.log.level());
     Ok(config)
 }

@@ -218,7 +218,8 @@ fn verify_command(config: Option<&Path>, json: bool, file: &Path) -> ExitCode {
 
 /// Loads config, keys and state, then verifies. `Err` is a usage or config problem (exit 2).
 fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, CliError> {
-    let config = Config::load(config_path)?;
+    let mut config = Config::load(config_path)?;
+    crate::provision::store::apply_provisioned_groups(&mut config);
     let policy = crate::policy::load(&config)?;
     let state = Store::read(&config.device.state_dir)?;
     // One byte past the cap is enough to know the message is too large.

@@ -13,6 +13,10 @@ pub struct StatusDoc {
     /// `machine-id` (`device_id::IdSource`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id_source: Option<String>,
+    /// The device's groups: `[device] groups`, or the registry's once
+    /// enrollment stored them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     pub fleetd_version: String,
     pub state: String,
     pub installed_version: u64,
@@ -145,6 +149,9 @@ impl StatusDoc {
             "device",
             format!("{} ({}fleetd {})", self.device, from.unwrap_or_default(), self.fleetd_version),
         );
+        if !self.groups.is_empty() {
+            line("groups", self.groups.join(", "));
+        }
         line("state", self.state.clone());
         line("provisioned", if self.provisioned { "yes".into() } else { "no".into() });
         if let Some(n) = &self.network {

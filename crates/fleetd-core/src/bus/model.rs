@@ -261,6 +261,7 @@ mod tests {
         StatusDoc {
             device: "gw-1".into(),
             device_id_source: None,
+            groups: Vec::new(),
             fleetd_version: "0".into(),
             state: state.into(),
             installed_version: 1,
