@@ -2,6 +2,7 @@
 //! names the file, the key and what is wrong; unknown keys are errors too, so
 //! a typo never silently falls back to a default.
 
+pub use crate::device_id::IdSource;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,14 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Device {
+    /// The id as resolved at load: `"auto"` and `id_file` are replaced by
+    /// what they name (`device_id::resolve`); `id_source` says which.
     pub id: String,
+    /// A factory-written id (its first line); overrides `id`.
+    #[serde(default)]
+    pub id_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub id_source: IdSource,
     pub project: String,
     pub hardware: String,
     #[serde(default)]
@@ -278,6 +286,14 @@ pub struct Provision {
     /// with the `hostapd` backend.
     #[serde(default = "default_supplicant_ctrl")]
     pub wpa_supplicant_ctrl_dir: PathBuf,
+    /// The image's registrar (`https://…`): the portal then asks only for
+    /// the PoP, the Wi-Fi and a claim code.
+    #[serde(default)]
+    pub registrar: Option<String>,
+    /// The CA the registrar's TLS certificate chains to (the only one
+    /// trusted for it); required with an https `registrar`.
+    #[serde(default)]
+    pub registrar_ca: Option<PathBuf>,
 }
 
 impl Provision {
@@ -496,6 +512,16 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_with(text, path, &read_id_source)
+    }
+
+    /// `parse` with the device-id sources read through `read` (tests hand
+    /// in a table of files).
+    pub fn parse_with(
+        text: &str,
+        path: &Path,
+        read: &dyn Fn(&Path) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let de = toml::Deserializer::new(text);
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -513,12 +539,23 @@ impl Config {
         })?;
         config.source = path.to_path_buf();
         config.resolve_relative_paths();
+        config.resolve_device_id(read)?;
         config.validate()?;
         Ok(config)
     }
 
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid { path: self.source.clone(), key: key.into(), message: message.into() }
+    }
+
+    /// `[device] id` / `id_file` → the id and its source.
+    fn resolve_device_id(&mut self, read: &dyn Fn(&Path) -> Option<String>) -> Result<(), ConfigError> {
+        let key = if self.device.id_file.is_some() { "device.id_file" } else { "device.id" };
+        let (id, source) = crate::device_id::resolve(&self.device.id, self.device.id_file.as_deref(), read)
+            .map_err(|e| self.invalid(key, e.to_string()))?;
+        self.device.id = id;
+        self.device.id_source = source;
+        Ok(())
     }
 
     fn resolve_relative_paths(&mut self) {
@@ -529,6 +566,7 @@ impl Config {
             }
         };
         fix(&mut self.device.state_dir);
+        self.device.id_file.iter_mut().for_each(fix);
         fix(&mut self.boot.boot_id_file);
         match &mut self.boot.backend {
             BootBackend::Uboot { env_config: path, .. }
@@ -546,6 +584,7 @@ impl Config {
         }
         if let Some(p) = &mut self.provision {
             p.pop_file.iter_mut().for_each(fix);
+            p.registrar_ca.iter_mut().for_each(fix);
             fix(&mut p.hostapd_ctrl_dir);
             fix(&mut p.wpa_supplicant_ctrl_dir);
         }
@@ -632,6 +671,18 @@ impl Config {
             if p.interface.is_empty() || p.interface.contains('/') {
                 return Err(self.invalid("provision.interface", "must be an interface name"));
             }
+            if let Some(url) = &p.registrar {
+                let https = fleetd_core::provision::request::check_registrar_url(url)
+                    .map_err(|e| self.invalid("provision.registrar", e.to_string()))?;
+                if https && p.registrar_ca.is_none() {
+                    return Err(self.invalid(
+                        "provision.registrar_ca",
+                        "required with an https registrar (the only CA trusted for it)",
+                    ));
+                }
+            } else if p.registrar_ca.is_some() {
+                return Err(self.invalid("provision.registrar_ca", "needs provision.registrar"));
+            }
         }
         if let Some(m) = &self.mqtt {
             if m.host.as_deref() == Some("") {
@@ -712,8 +763,16 @@ pub fn slot_size(slot: &Slot) -> Option<u64> {
 }
 
 fn is_identifier(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    crate::device_id::is_identifier(s)
+}
+
+/// The largest id source read (sysfs reports its files as one page).
+const MAX_ID_SOURCE_BYTES: usize = 4096;
+
+/// Reads an id source: a regular file, capped, never blocking.
+fn read_id_source(path: &Path) -> Option<String> {
+    let bytes = crate::fsutil::read_file_capped(path, MAX_ID_SOURCE_BYTES).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 #[cfg(test)]
@@ -846,8 +905,43 @@ mod tests {
         assert!(e.contains("`provision.listen`") && e.contains("ADDR:PORT"), "{e}");
         let e = error_of(&format!("{}\n[provision]\nbackend = \"wext\"\n", good()));
         assert!(e.contains("`provision.backend`"), "{e}");
+        let e = error_of(&format!("{}\n[provision]\nregistrar = \"http://reg.example\"\n", good()));
+        assert!(e.contains("`provision.registrar`") && e.contains("enroll-url-invalid"), "{e}");
+        let e = error_of(&format!("{}\n[provision]\nregistrar = \"https://reg.example\"\n", good()));
+        assert!(e.contains("`provision.registrar_ca`"), "{e}");
+        let c = parse(&format!(
+            "{}\n[provision]\nregistrar = \"https://reg.example\"\nregistrar_ca = \"reg-ca.pem\"\n",
+            good()
+        ))
+        .unwrap();
+        assert_eq!(c.provision.unwrap().registrar_ca.unwrap(), Path::new("/etc/fleetd/reg-ca.pem"));
         let e = error_of(&format!("{}\n[log]\nlevel = \"loud\"\n", good()));
         assert!(e.contains("`log.level`") && e.contains("\"loud\" is not a level"), "{e}");
+    }
+
+    /// `id = "auto"` and `id_file` resolve at load, through the reader
+    /// given; a missing or bad id is refused with its key and name.
+    #[test]
+    fn the_device_id_comes_from_id_file_or_the_hardware() {
+        let files = |p: &Path| match p.to_str()? {
+            "/etc/fleetd/device-id" => Some("gw-9\n".to_string()),
+            "/etc/machine-id" => Some("abc123\n".to_string()),
+            _ => None,
+        };
+        let path = Path::new("/etc/fleetd/fleetd.toml");
+        let with = |id: &str| good().replace("id = \"gw-0042\"", id);
+        let c = Config::parse_with(&with("id = \"auto\"\nid_file = \"device-id\""), path, &files).unwrap();
+        assert_eq!((c.device.id.as_str(), c.device.id_source), ("gw-9", IdSource::IdFile));
+        let c = Config::parse_with(&with("id = \"auto\""), path, &files).unwrap();
+        assert_eq!((c.device.id.as_str(), c.device.id_source), ("abc123", IdSource::MachineId));
+        let c = Config::parse_with(&good(), path, &files).unwrap();
+        assert_eq!((c.device.id.as_str(), c.device.id_source), ("gw-0042", IdSource::Config));
+        let e = Config::parse_with(&with("id = \"auto\""), path, &|_| None).unwrap_err().to_string();
+        assert!(e.contains("`device.id`") && e.contains("device-id-unavailable"), "{e}");
+        let e = Config::parse_with(&with("id = \"x\"\nid_file = \"nope\""), path, &files)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`device.id_file`") && e.contains("/etc/fleetd/nope"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::process::ExitCode;
 
 /// Every device command starts here, so logging starts here too (once).
 fn load_config(flag: Option<&Path>) -> Result<Config, CliError> {
-    let config = Config::load(&config::resolve_path(flag))?;
+    let mut config = Config::load(&config::resolve_path(flag))?;
+    crate::provision::store::apply_provisioned_groups(&mut config);
     crate::logging::init(config.log.level());
     Ok(config)
 }
@@ -309,6 +310,56 @@ fn status_from_disk(config: &Config) -> Result<crate::status::StatusDoc, CliErro
     doc.apply_provisioning(&crate::provision::phase::facts(config));
     doc.mqtt = crate::mqtt::read_connection_file(&config.device.state_dir);
     Ok(doc)
+}
+
+/// `fleetd factory-row`: `serial,project,hardware,groups,pop_key`, where
+/// pop_key is the enrollment key derived from the PoP (it opens neither
+/// the access point nor the portal).
+pub fn factory_row(config_flag: Option<&Path>, groups: Option<&str>) -> ExitCode {
+    let config = match load_config(config_flag) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fleetd factory-row: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let groups: Vec<String> = match groups {
+        Some(text) => text.split(';').map(str::trim).filter(|g| !g.is_empty()).map(str::to_string).collect(),
+        None => config.device.groups.clone(),
+    };
+    if let Some(bad) = groups.iter().find(|g| !crate::device_id::is_identifier(g)) {
+        eprintln!("fleetd factory-row: --groups: {bad:?} must be 1-64 characters of [A-Za-z0-9._-]");
+        return ExitCode::from(2);
+    }
+    let pop = match crate::provision::store::load_or_create_pop(&config.pop_file()) {
+        Ok(pop) => pop,
+        Err(e) => {
+            eprintln!("fleetd factory-row: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let key = crate::provision::enroll::EnrollmentKey::derive(&pop, &config.device.id);
+    let row = [
+        config.device.id.as_str(),
+        config.device.project.as_str(),
+        config.device.hardware.as_str(),
+        &groups.join(";"),
+        &key.to_text(),
+    ]
+    .map(csv_field)
+    .join(",");
+    println!("{row}");
+    ExitCode::SUCCESS
+}
+
+/// RFC 4180: a field with a comma, quote or line break is quoted, its
+/// quotes doubled.
+fn csv_field(field: &str) -> String {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_string()
+    }
 }
 
 /// The Wi-Fi QR format escapes `\ ; , : "` with a backslash.

@@ -124,6 +124,16 @@ enum FleetdCommand {
         #[arg(long, required = true)]
         factory: bool,
     },
+    /// The device's row for the registrar's import: one CSV line without
+    /// header, `serial,project,hardware,groups,pop_key` (the PoP is made
+    /// now if there is none yet, as `fleetd run` does).
+    FactoryRow {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// `;`-separated; default: the config's `[device] groups`.
+        #[arg(long)]
+        groups: Option<String>,
+    },
     /// The daemon: finish or resume any pending update, then serve.
     Run {
         #[arg(long)]
@@ -148,6 +158,9 @@ pub fn fleetd_main() -> ExitCode {
         FleetdCommand::MarkBad { config } => device::mark(config.as_deref(), false),
         FleetdCommand::Status { config, json, pop } => device::status(config.as_deref(), json, pop),
         FleetdCommand::Reset { config, factory: _ } => device::reset_factory(config.as_deref()),
+        FleetdCommand::FactoryRow { config, groups } => {
+            device::factory_row(config.as_deref(), groups.as_deref())
+        }
         FleetdCommand::Run { config, once } => device::run(config.as_deref(), once),
         FleetdCommand::Demo => demo_command(),
     }
@@ -205,7 +218,8 @@ fn verify_command(config: Option<&Path>, json: bool, file: &Path) -> ExitCode {
 
 /// Loads config, keys and state, then verifies. `Err` is a usage or config problem (exit 2).
 fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, CliError> {
-    let config = Config::load(config_path)?;
+    let mut config = Config::load(config_path)?;
+    crate::provision::store::apply_provisioned_groups(&mut config);
     let policy = crate::policy::load(&config)?;
     let state = Store::read(&config.device.state_dir)?;
     // One byte past the cap is enough to know the message is too large.

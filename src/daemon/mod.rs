@@ -42,7 +42,7 @@ pub enum DaemonError {
 /// backend). An unprovisioned device with a `[provision]` section first
 /// provisions (access point, portal, handover), then connects.
 pub fn run(
-    config: Config,
+    mut config: Config,
     open: impl FnOnce(Config) -> Result<Executor, OpenError>,
 ) -> Result<(), DaemonError> {
     // Opened first: a second daemon (or a running `fleetd install`) holds
@@ -82,6 +82,14 @@ pub fn run(
                 return Ok(());
             }
         };
+        // Enrolled just now: the registry's groups are the device's.
+        if let Some(groups) = record.and_then(|r| r.groups.clone()) {
+            if groups != config.device.groups {
+                logging::log(&format!("provisioning: the device's groups are now [{}]", groups.join(", ")));
+                config.device.groups = groups.clone();
+                executor.set_groups(groups);
+            }
+        }
         let broker = config
             .broker(record.map(|p| (p.broker_host.as_str(), p.broker_port)))
             .ok_or(DaemonError::NoMqtt)?;

@@ -10,10 +10,12 @@
 //! - `identity`: the device's own key and CSR, and the certificate checks;
 //! - `portal`: every HTTP request answered, without IO.
 //!
-//! The edges: `server` (hyper), `store` (atomic files, keys 0600) and
-//! `phase` (the daemon's provisioning phase, over a `net::Backend`).
+//! The edges: `server` (hyper), `store` (atomic files, keys 0600),
+//! `registrar` (the device's enroll and renew calls) and `phase` (the
+//! daemon's provisioning phase, over a `net::Backend`).
 
-pub use fleetd_core::provision::{auth, guard, identity, pop, portal, request};
+pub use fleetd_core::provision::{auth, enroll, guard, identity, pop, portal, request};
 pub mod phase;
+pub mod registrar;
 pub mod server;
 pub mod store;

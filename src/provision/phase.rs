@@ -3,8 +3,13 @@
 //! ends when the device is provisioned; a failed join brings the access
 //! point back with the reason shown at `/api/v1/info`.
 
+use super::enroll::{EnrollRequest, EnrollmentKey};
 use super::guard::{Guard, GuardPolicy};
-use super::portal::{Facts, Portal, Progress};
+use super::identity::DeviceKey;
+use super::pop::Pop;
+use super::portal::{Facts, Plan, Portal, Progress};
+use super::registrar::{self, EnrollFailure};
+use super::request::Enroll;
 use super::server::{self, Accepted, Clock, SharedPortal, ToPhase};
 use super::store::{load_or_create_pop, GuardFile, ProvisionStore, Provisioned, StoreError};
 use crate::config::Config;
@@ -26,6 +31,8 @@ pub enum PhaseError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("ap-timeout: nobody provisioned the device within {0} s; the access point is down until fleetd restarts")]
     Timeout(u64),
+    #[error("registrar-config: {0}")]
+    Registrar(String),
 }
 
 /// What `fleetd status` shows while the daemon provisions
@@ -70,6 +77,8 @@ pub async fn run(
     let store = ProvisionStore::new(&config.device.state_dir);
     let pop = load_or_create_pop(&config.pop_file())?;
     let device_key = store.device_key()?;
+    let image_registrar = registrar::from_config(config).map_err(PhaseError::Registrar)?;
+    let floor = clock_floor.max(crate::build_epoch());
     let ap = AccessPoint {
         interface: settings.interface.clone(),
         ssid: settings.ap_ssid(&config.device.id),
@@ -90,6 +99,38 @@ pub async fn run(
             log("provisioning: the Wi-Fi provisioning joined is up; provisioned");
             phase.write_status("idle", None, "station", record.wifi_ssid.clone(), None);
             return Ok(record);
+        }
+    }
+    // An enrollment a restart cut short: made again when its network is
+    // up (the registrar refuses a claim already used), else forgotten.
+    let mut resumed_error = None;
+    match phase.store.pending_enroll() {
+        Ok(Some((enroll, ssid))) => {
+            if known_network || ssid.is_none() {
+                log("provisioning: resuming the enrollment a restart interrupted");
+                match phase.enroll(&enroll, ssid.clone(), &pop, &device_key, floor).await {
+                    Ok(record) => {
+                        phase.write_status(
+                            "idle",
+                            None,
+                            if ssid.is_some() { "station" } else { "wired" },
+                            ssid,
+                            None,
+                        );
+                        return Ok(record);
+                    }
+                    Err(e) => {
+                        log(&format!("provisioning: enrollment: {e}"));
+                        resumed_error = Some(e.to_string());
+                    }
+                }
+            }
+            phase.store.forget_enroll()?;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            log(&format!("provisioning: {e}; forgetting it"));
+            phase.store.forget_enroll()?;
         }
     }
     if known_network && settings.listen_addr().is_none() {
@@ -124,7 +165,7 @@ pub async fn run(
     let listen = listener.local_addr().unwrap_or(listen);
     let portal_url =
         if listen.port() == 80 { format!("http://{}/", listen.ip()) } else { format!("http://{listen}/") };
-    let progress = Progress { state: "provisioning".into(), provisioned: false, last_error: None };
+    let progress = Progress { state: "provisioning".into(), provisioned: false, last_error: resumed_error };
     let facts = Facts {
         device_id: config.device.id.clone(),
         hardware: config.device.hardware.clone(),
@@ -135,6 +176,7 @@ pub async fn run(
             .filter(|a| !a.is_unspecified())
             .collect(),
         joins_wifi: phase.backend.joins_wifi(),
+        registrar: image_registrar,
     };
     // Wrong proofs counted before a restart still count.
     let guard_file = Arc::new(GuardFile::new(&config.device.state_dir));
@@ -150,11 +192,10 @@ pub async fn run(
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce_secret).map_err(|_| {
         PhaseError::Net(NetError::Backend("the system has no randomness for the portal's nonces".into()))
     })?;
-    let mut portal = Portal::new(facts, &pop, device_key, progress, nonce_secret, guard);
+    let mut portal = Portal::new(facts, &pop, device_key.clone(), progress, nonce_secret, guard);
     portal.set_networks(networks);
     let portal: SharedPortal = Arc::new(Mutex::new(portal));
     let (accepted_tx, mut accepted) = mpsc::channel::<ToPhase>(1);
-    let floor = clock_floor.max(crate::build_epoch());
     let clock = Clock::resume(floor, clock_ms);
     let persist = server::Persist { guard: guard_file };
     let server = tokio::spawn(server::serve(listener, portal.clone(), accepted_tx, clock, log, persist));
@@ -165,7 +206,9 @@ pub async fn run(
         (None, false) => "wired",
     };
     let ap_ssid = ap_address.map(|_| phase.ap.ssid.clone());
-    phase.write_status("provisioning", None, mode, ap_ssid.clone(), Some(portal_url.clone()));
+    let at =
+        PortalAt { ap_up: ap_address.is_some(), mode, ap_ssid: ap_ssid.clone(), url: portal_url.clone() };
+    phase.write_status("provisioning", at_error(&portal), mode, ap_ssid.clone(), Some(portal_url.clone()));
     crate::sys::notify::status(&format!("provisioning: portal at {portal_url}"));
     log(&format!(
         "provisioning: portal at {portal_url}{}",
@@ -191,7 +234,7 @@ pub async fn run(
                 return Err(e);
             }
         };
-        let Accepted { request, identity, answer } = match item {
+        let Accepted { wifi, plan, answer } = match item {
             Some(ToPhase::Provision(accepted)) => *accepted,
             Some(ToPhase::Rescan) => {
                 tokio::time::sleep(HANDOVER_GRACE).await;
@@ -212,56 +255,107 @@ pub async fn run(
             }
             None => return Err(PhaseError::Net(NetError::Backend("the portal stopped".into()))),
         };
-        let record = match phase.store.save(&request, &identity, crate::system_now()) {
-            Ok(r) => r,
-            Err(e) => {
-                log(&format!("provisioning: {e}"));
-                let response = lock(&portal).store_failed(&e.to_string());
-                let _ = answer.send(response);
-                continue;
+        let (record, enroll) = match plan {
+            Plan::Identity { mqtt, identity } => {
+                match phase.store.save(wifi.as_ref(), &mqtt, &identity, crate::system_now()) {
+                    Ok(record) => (Some(record), None),
+                    Err(e) => {
+                        log(&format!("provisioning: {e}"));
+                        let _ = answer.send(lock(&portal).store_failed(&e.to_string()));
+                        continue;
+                    }
+                }
             }
+            // Stored before the answer, so a restart resumes it.
+            Plan::Enroll(enroll) => match phase.store.save_enroll(wifi.as_ref(), &enroll) {
+                Ok(()) => (None, Some(enroll)),
+                Err(e) => {
+                    log(&format!("provisioning: {e}"));
+                    let _ = answer.send(lock(&portal).store_failed(&e.to_string()));
+                    continue;
+                }
+            },
         };
-        let Some(wifi) = request.wifi.clone() else {
-            set_progress(&portal, "idle", true, None);
-            let _ = answer.send(lock(&portal).stored(None));
-            log(&format!(
-                "provisioning: provisioned for broker {}:{}",
-                record.broker_host, record.broker_port
-            ));
-            phase.write_status("idle", None, mode, None, None);
-            tokio::time::sleep(HANDOVER_GRACE).await;
-            return Ok(record);
-        };
-        set_progress(&portal, "joining", false, None);
-        let _ = answer.send(lock(&portal).stored(Some(&wifi.ssid)));
-        log(&format!("provisioning: stored; joining {:?}", wifi.ssid));
-        tokio::time::sleep(HANDOVER_GRACE).await;
-        phase.write_status("provisioning", None, "joining", Some(wifi.ssid.clone()), None);
-        let _ = phase.backend.stop_ap().await;
-        match phase.backend.join(&wifi.ssid, &wifi.psk).await {
-            Ok(()) => {
-                let record = phase.store.network_up()?;
+        let ssid = wifi.as_ref().map(|w| w.ssid.clone());
+        match (&wifi, record) {
+            (None, Some(record)) => {
                 set_progress(&portal, "idle", true, None);
-                log(&format!("provisioning: joined {:?}; provisioned", wifi.ssid));
-                phase.write_status("idle", None, "station", Some(wifi.ssid.clone()), None);
+                let _ = answer.send(lock(&portal).stored(None, false));
+                log(&format!(
+                    "provisioning: provisioned for broker {}:{}",
+                    record.broker_host, record.broker_port
+                ));
+                phase.write_status("idle", None, mode, None, None);
+                tokio::time::sleep(HANDOVER_GRACE).await;
+                return Ok(record);
+            }
+            (None, None) => {
+                set_progress(&portal, "enrolling", false, None);
+                let _ = answer.send(lock(&portal).stored(None, true));
+                log("provisioning: stored; enrolling with the registrar");
+            }
+            (Some(wifi), _) => {
+                set_progress(&portal, "joining", false, None);
+                let _ = answer.send(lock(&portal).stored(Some(&wifi.ssid), enroll.is_some()));
+                log(&format!("provisioning: stored; joining {:?}", wifi.ssid));
+                tokio::time::sleep(HANDOVER_GRACE).await;
+                phase.write_status("provisioning", None, "joining", Some(wifi.ssid.clone()), None);
+                let _ = phase.backend.stop_ap().await;
+                if let Err(e) = phase.backend.join(&wifi.ssid, &wifi.psk).await {
+                    log(&format!("provisioning: {e}; raising the access point again"));
+                    if enroll.is_some() {
+                        phase.store.forget_enroll()?;
+                    }
+                    phase.back_to_portal(&portal, &at, e.to_string()).await?;
+                    continue;
+                }
+                if enroll.is_none() {
+                    let record = phase.store.network_up()?;
+                    set_progress(&portal, "idle", true, None);
+                    log(&format!("provisioning: joined {:?}; provisioned", wifi.ssid));
+                    phase.write_status("idle", None, "station", Some(wifi.ssid.clone()), None);
+                    return Ok(record);
+                }
+                log(&format!("provisioning: joined {:?}; enrolling with the registrar", wifi.ssid));
+            }
+        }
+        let Some(enroll) = enroll else { continue };
+        let on = if ssid.is_some() { "station" } else { mode };
+        let portal_shown = ssid.is_none().then(|| portal_url.clone());
+        phase.write_status("provisioning", None, on, ssid.clone(), portal_shown);
+        match phase.enroll(&enroll, ssid.clone(), &pop, &device_key, floor).await {
+            Ok(record) => {
+                set_progress(&portal, "idle", true, None);
+                log(&format!(
+                    "provisioning: enrolled; provisioned for broker {}:{}",
+                    record.broker_host, record.broker_port
+                ));
+                phase.write_status("idle", None, on, ssid, None);
+                if record.wifi_ssid.is_none() {
+                    // The phone reads the outcome at /api/v1/info.
+                    tokio::time::sleep(HANDOVER_GRACE).await;
+                }
                 return Ok(record);
             }
             Err(e) => {
-                log(&format!("provisioning: {e}; raising the access point again"));
-                if ap_address.is_some() {
-                    phase.raise_ap_again().await?;
-                }
-                set_progress(&portal, "provisioning", false, Some(e.to_string()));
-                phase.write_status(
-                    "provisioning",
-                    Some(e.to_string()),
-                    mode,
-                    ap_ssid.clone(),
-                    Some(portal_url.clone()),
-                );
+                log(&format!("provisioning: enrollment: {e}; back to the portal"));
+                phase.store.forget_enroll()?;
+                phase.back_to_portal(&portal, &at, e.to_string()).await?;
             }
         }
     }
+}
+
+/// Where the portal is served, to show it again after a failure.
+struct PortalAt {
+    ap_up: bool,
+    mode: &'static str,
+    ap_ssid: Option<String>,
+    url: String,
+}
+
+fn at_error(portal: &SharedPortal) -> Option<String> {
+    lock(portal).progress().last_error.clone()
 }
 
 /// Tries to bring the access point back this many times before the phase
@@ -270,6 +364,45 @@ const AP_RETRIES: u32 = 3;
 const AP_RETRY_WAIT: Duration = Duration::from_secs(5);
 
 impl Phase<'_> {
+    /// A failed join or enrollment: the access point again (if there was
+    /// one), and the reason at `/api/v1/info` and in the status.
+    async fn back_to_portal(
+        &mut self,
+        portal: &SharedPortal,
+        at: &PortalAt,
+        reason: String,
+    ) -> Result<(), PhaseError> {
+        if at.ap_up {
+            self.raise_ap_again().await?;
+        }
+        set_progress(portal, "provisioning", false, Some(reason.clone()));
+        self.write_status("provisioning", Some(reason), at.mode, at.ap_ssid.clone(), Some(at.url.clone()));
+        Ok(())
+    }
+
+    /// Enrolls with the registrar: a CSR for the device's own key, bound to
+    /// the claim by the enrollment key (from the PoP); the answer checked
+    /// as an identity, then stored with the registry's groups.
+    async fn enroll(
+        &self,
+        enroll: &Enroll,
+        wifi_ssid: Option<String>,
+        pop: &Pop,
+        device_key: &DeviceKey,
+        floor: u64,
+    ) -> Result<Provisioned, EnrollFailure> {
+        let id = &self.config.device.id;
+        let csr_pem = device_key.csr_pem(id)?;
+        let mac = EnrollmentKey::derive(pop, id).mac(&enroll.claim, &csr_pem);
+        let body = EnrollRequest { claim: enroll.claim.display_code(), csr_pem, mac: Some(mac) };
+        log(&format!("provisioning: enrolling with {}", enroll.registrar.url));
+        let answer = registrar::enroll(&enroll.registrar, &body, log).await?;
+        let now = crate::system_now().max(floor);
+        let identity = registrar::check_answer(id, &answer, device_key, now)?;
+        let groups = registrar::groups(&answer, log);
+        Ok(self.store.save_enrolled(&answer, &identity, &enroll.registrar, groups, wifi_ssid, now)?)
+    }
+
     /// After a rescan or a failed join: without the access point nobody can
     /// reach the portal, so retry a few times, then fail the phase.
     async fn raise_ap_again(&mut self) -> Result<(), PhaseError> {

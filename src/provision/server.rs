@@ -5,9 +5,8 @@
 //! phase driver, which stores it and hands back the answer. A wrong proof
 //! is written to disk (`GuardFile`) before it is answered.
 
-use super::identity::CheckedIdentity;
-use super::portal::{Handled, Portal, Request, Response};
-use super::request::{ProvisionRequest, MAX_BODY_BYTES};
+use super::portal::{Handled, Plan, Portal, Request, Response};
+use super::request::{Wifi, MAX_BODY_BYTES};
 use super::store::GuardFile;
 use crate::admission::SlotPolicy;
 use crate::http_server::{Conn, Limits};
@@ -26,8 +25,8 @@ pub enum ToPhase {
 
 /// A request that passed every check, for the phase driver to store.
 pub struct Accepted {
-    pub request: ProvisionRequest,
-    pub identity: CheckedIdentity,
+    pub wifi: Option<Wifi>,
+    pub plan: Plan,
     /// The answer the phone gets, once stored (or not).
     pub answer: oneshot::Sender<Response>,
 }
@@ -189,9 +188,9 @@ async fn answer(
             }
             to_hyper(response)
         }
-        Handled::Provision { request, identity, nonce } => {
+        Handled::Provision { wifi, plan, nonce } => {
             let (tx, rx) = oneshot::channel();
-            let item = Accepted { request: *request, identity: *identity, answer: tx };
+            let item = Accepted { wifi, plan: *plan, answer: tx };
             if at.accepted.send(ToPhase::Provision(Box::new(item))).await.is_err() {
                 return to_hyper(Response::error(503, "not-provisioning", "provisioning has ended"));
             }

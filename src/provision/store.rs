@@ -6,7 +6,11 @@
 //!   cert.pem           0600  the MQTT client certificate
 //!   key.pem            0600  its key (the device's own, or the uploaded one)
 //!   ca.pem             0644  the broker's CA
-//! provisioning.json          broker host and port, the Wi-Fi joined; written last
+//!   registrar.json     0600  the registrar enrolled with (url, CA): renewals go there
+//!   renewal.pem        0600  a renewed key and certificate being put in place
+//! enroll.json          0600  an enrollment asked for (registrar, claim), until it ends
+//! provisioning.json          broker host and port, the Wi-Fi joined, the
+//!                            registry's groups; written last
 //! ```
 //!
 //! Every file is written atomically. `provisioning.json` is the commit
@@ -14,10 +18,11 @@
 //! so a power cut leaves either the old provisioning or none. The device is
 //! provisioned once that file says the network is up (or none was asked).
 
+use super::enroll::{ClaimCode, EnrollResponse};
 use super::guard::GuardState;
 use super::identity::{CheckedIdentity, DeviceKey, IdentityError};
 use super::pop::Pop;
-use super::request::ProvisionRequest;
+use super::request::{Broker, Enroll, Registrar, Wifi};
 use crate::fsutil;
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -34,6 +39,10 @@ pub struct Provisioned {
     /// False until the device has joined `wifi_ssid`.
     pub network_up: bool,
     pub provisioned_at: u64,
+    /// The device's groups as the registry gave them at enrollment: from
+    /// then on they replace `[device] groups`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
 }
 
 impl Provisioned {
@@ -100,12 +109,57 @@ impl ProvisionStore {
         }
     }
 
-    /// Stores a checked request; the record is written last.
+    /// Stores a checked identity for `mqtt`; the record is written last.
     pub fn save(
         &self,
-        request: &ProvisionRequest,
+        wifi: Option<&Wifi>,
+        mqtt: &Broker,
         identity: &CheckedIdentity,
         now: u64,
+    ) -> Result<Provisioned, StoreError> {
+        let record = Provisioned {
+            broker_host: mqtt.host.clone(),
+            broker_port: mqtt.port,
+            wifi_ssid: wifi.map(|w| w.ssid.clone()),
+            network_up: false,
+            provisioned_at: now,
+            groups: None,
+        };
+        self.commit(identity, &mqtt.ca_pem, None, record)
+    }
+
+    /// Stores what the registrar gave (checked), on a network already up:
+    /// provisioning is complete. The registrar is kept for renewals, the
+    /// registry's groups with the broker settings; the enrollment asked
+    /// for is done.
+    pub fn save_enrolled(
+        &self,
+        answer: &EnrollResponse,
+        identity: &CheckedIdentity,
+        registrar: &Registrar,
+        groups: Vec<String>,
+        wifi_ssid: Option<String>,
+        now: u64,
+    ) -> Result<Provisioned, StoreError> {
+        let record = Provisioned {
+            broker_host: answer.mqtt.host.clone(),
+            broker_port: answer.mqtt.port,
+            wifi_ssid,
+            network_up: true,
+            provisioned_at: now,
+            groups: Some(groups),
+        };
+        let record = self.commit(identity, &answer.mqtt.ca_pem, Some(registrar), record)?;
+        self.forget_enroll()?;
+        Ok(record)
+    }
+
+    fn commit(
+        &self,
+        identity: &CheckedIdentity,
+        ca_pem: &str,
+        registrar: Option<&Registrar>,
+        record: Provisioned,
     ) -> Result<Provisioned, StoreError> {
         let dir = self.ensure_identity_dir()?;
         // The old record goes first: between here and the new record a
@@ -114,20 +168,78 @@ impl ProvisionStore {
         for (name, bytes, mode) in [
             ("cert.pem", identity.cert_pem.as_bytes(), 0o600),
             ("key.pem", identity.key_pem.as_bytes(), 0o600),
-            ("ca.pem", request.mqtt.ca_pem.as_bytes(), 0o644),
+            ("ca.pem", ca_pem.as_bytes(), 0o644),
         ] {
             let path = dir.join(name);
             fsutil::atomic_write(&path, bytes, mode).map_err(io_error(&path))?;
         }
-        let record = Provisioned {
-            broker_host: request.mqtt.host.clone(),
-            broker_port: request.mqtt.port,
-            wifi_ssid: request.wifi.as_ref().map(|w| w.ssid.clone()),
-            network_up: false,
-            provisioned_at: now,
-        };
+        let registrar_path = dir.join(REGISTRAR_FILE);
+        match registrar {
+            Some(r) => {
+                let saved = SavedRegistrar { url: r.url.clone(), ca_pem: r.ca_pem.clone() };
+                self.write_json(&registrar_path, &saved, 0o600)?;
+            }
+            None => remove_if_present(&registrar_path)?,
+        }
         self.write_record(&record)?;
         Ok(record)
+    }
+
+    /// The registrar the device enrolled with (for renewals).
+    pub fn registrar(&self) -> Result<Option<Registrar>, StoreError> {
+        let path = self.identity_dir().join(REGISTRAR_FILE);
+        let Some(saved) = self.read_json::<SavedRegistrar>(&path)? else { return Ok(None) };
+        Registrar::new(&saved.url, saved.ca_pem)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt { path, message: e.to_string() })
+    }
+
+    /// Stores an enrollment to make (0600: the claim is a secret) before
+    /// the phone is answered.
+    pub fn save_enroll(&self, wifi: Option<&Wifi>, enroll: &Enroll) -> Result<(), StoreError> {
+        let pending = PendingEnroll {
+            url: enroll.registrar.url.clone(),
+            ca_pem: enroll.registrar.ca_pem.clone(),
+            claim: enroll.claim.display_code(),
+            wifi_ssid: wifi.map(|w| w.ssid.clone()),
+        };
+        self.write_json(&self.state_dir.join(ENROLL_FILE), &pending, 0o600)
+    }
+
+    /// An enrollment asked for and not ended (a restart came between), and
+    /// the Wi-Fi it was to join.
+    pub fn pending_enroll(&self) -> Result<Option<(Enroll, Option<String>)>, StoreError> {
+        let path = self.state_dir.join(ENROLL_FILE);
+        let Some(p) = self.read_json::<PendingEnroll>(&path)? else { return Ok(None) };
+        let corrupt = |message: String| StoreError::Corrupt { path: path.clone(), message };
+        let registrar = Registrar::new(&p.url, p.ca_pem).map_err(|e| corrupt(e.to_string()))?;
+        let claim = ClaimCode::parse(&p.claim).map_err(|_| corrupt("claim-malformed".into()))?;
+        Ok(Some((Enroll { registrar, claim }, p.wifi_ssid)))
+    }
+
+    /// The enrollment asked for is over (done, or refused: a claim is
+    /// single use).
+    pub fn forget_enroll(&self) -> Result<(), StoreError> {
+        remove_if_present(&self.state_dir.join(ENROLL_FILE))?;
+        fsutil::fsync_dir(&self.state_dir).map_err(io_error(&self.state_dir))
+    }
+
+    fn write_json<T: Serialize>(&self, path: &Path, value: &T, mode: u32) -> Result<(), StoreError> {
+        let mut bytes = serde_json::to_vec_pretty(value)
+            .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() })?;
+        bytes.push(b'\n');
+        fsutil::atomic_write(path, &bytes, mode).map_err(io_error(path))
+    }
+
+    fn read_json<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<Option<T>, StoreError> {
+        let bytes = match fsutil::read_capped(path, SMALL_FILE_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(path)(e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: e.to_string() })
     }
 
     /// The Wi-Fi was joined: provisioning is complete.
@@ -169,8 +281,9 @@ impl ProvisionStore {
     /// The device's own key is kept: it never left the device.
     pub fn forget(&self) -> Result<bool, StoreError> {
         let had = self.remove_record()?;
+        self.forget_enroll()?;
         let dir = self.identity_dir();
-        for name in ["cert.pem", "key.pem", "ca.pem"] {
+        for name in ["cert.pem", "key.pem", "ca.pem", REGISTRAR_FILE, RENEWAL_FILE] {
             let path = dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -194,6 +307,49 @@ impl ProvisionStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io_error(&path)(e)),
         }
+    }
+}
+
+const REGISTRAR_FILE: &str = "registrar.json";
+const ENROLL_FILE: &str = "enroll.json";
+const RENEWAL_FILE: &str = "renewal.pem";
+/// The records and the identity files are a few KiB.
+const SMALL_FILE_BYTES: usize = 256 * 1024;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedRegistrar {
+    url: String,
+    ca_pem: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PendingEnroll {
+    url: String,
+    ca_pem: Option<String>,
+    claim: String,
+    wifi_ssid: Option<String>,
+}
+
+fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+/// The registry's groups, when enrollment stored them, replace
+/// `[device] groups` (topics, the trust policy, status).
+pub fn apply_provisioned_groups(config: &mut crate::config::Config) {
+    if config.provision.is_none() {
+        return;
+    }
+    if let Ok(Some(Provisioned { groups: Some(groups), .. })) =
+        ProvisionStore::new(&config.device.state_dir).load()
+    {
+        config.device.groups = groups;
     }
 }
 
@@ -281,6 +437,7 @@ pub fn load_or_create_pop(path: &Path) -> Result<Pop, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provision::request::{How, ProvisionRequest};
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &Path) -> u32 {
@@ -333,12 +490,13 @@ mod tests {
             "identity": {"cert_pem": "-----BEGIN CERTIFICATE-----\nC\n-----END CERTIFICATE-----\n"},
         });
         let request = ProvisionRequest::parse(body.to_string().as_bytes()).unwrap();
+        let How::Identity { mqtt, identity } = &request.how else { panic!("{request:?}") };
         let identity = CheckedIdentity {
-            cert_pem: request.identity.cert_pem.clone(),
+            cert_pem: identity.cert_pem.clone(),
             key_pem: own.pem().to_string(),
             not_after: 0,
         };
-        let record = store.save(&request, &identity, 7).unwrap();
+        let record = store.save(request.wifi.as_ref(), mqtt, &identity, 7).unwrap();
         assert!(!record.complete(), "not until the Wi-Fi is joined");
         assert_eq!(mode(&store.identity_dir().join("key.pem")), 0o600);
         assert_eq!(mode(&store.identity_dir().join("cert.pem")), 0o600);

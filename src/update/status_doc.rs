@@ -58,6 +58,8 @@ pub fn status_doc(
         .to_string();
     StatusDoc {
         device: config.device.id.clone(),
+        device_id_source: Some(config.device.id_source.as_str().to_string()),
+        groups: config.device.groups.clone(),
         fleetd_version: crate::VERSION.to_string(),
         state: state_name,
         installed_version: state.installed_version,

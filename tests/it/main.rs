@@ -11,6 +11,7 @@ mod boot_uboot;
 mod cli_trust;
 mod dbus;
 mod demo;
+mod device_identity;
 mod docs;
 mod hostapd;
 mod install_cycle;

@@ -684,3 +684,72 @@ fn backend_none_refuses_a_request_with_wifi_at_once() {
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     device.stop();
 }
+
+/// `enroll` in place of `identity`: refused by name when it breaks a rule
+/// (nothing stored), else accepted, and the device enrolls right after the
+/// answer (backend none). A registrar that cannot be reached (nothing
+/// listens at its address) sends it back to the portal with the reason at
+/// `/api/v1/info` and in the status, as a failed Wi-Fi join does; the
+/// claim is forgotten and never logged, and the portal takes a new request.
+#[test]
+fn an_enrollment_that_cannot_reach_its_registrar_returns_to_the_portal_by_name() {
+    let (mut device, addr) = portal_device();
+    let key = fleetd::provision::pop::Pop::parse(&device.pop()).unwrap().request_key(DEVICE);
+    let client = PortalClient::new(&addr);
+    let claim = "7K2M-9Q4R-XW3T-H8VN";
+    let post = |body: serde_json::Value| {
+        client.post_signed(&key, "/api/v1/provision", body.to_string().as_bytes()).unwrap()
+    };
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    for (body, name) in [
+        (
+            serde_json::json!({"enroll": {"url": "http://192.0.2.1:8443", "claim": claim}}),
+            "enroll-url-invalid",
+        ),
+        (
+            serde_json::json!({"enroll": {"url": "http://127.0.0.1:1", "claim": "7K2M-9Q4R"}}),
+            "claim-malformed",
+        ),
+        (serde_json::json!({"enroll": {"url": "https://registrar.example", "claim": claim}}), "pem-invalid"),
+        (
+            serde_json::json!({"mqtt": {"host": "b", "ca_pem": pem}, "identity": {"cert_pem": pem},
+                "enroll": {"url": "http://127.0.0.1:1", "claim": claim}}),
+            "identity-conflict",
+        ),
+        (serde_json::json!({"identity": {"cert_pem": pem}}), "mqtt-missing"),
+    ] {
+        let (status, answer) = post(body);
+        assert_eq!((status, error_name(&answer)), (400, name.to_string()), "{answer}");
+    }
+    assert!(!device.g.path().join("state/enroll.json").exists(), "nothing stored");
+
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let (status, answer) = post(serde_json::json!({"enroll": {"url": url, "claim": claim.to_lowercase()}}));
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("enrolling with the registrar"), "{answer}");
+    let mut info = serde_json::Value::Null;
+    device.wait_for("the enrollment to fail", Duration::from_secs(90), || {
+        let (_, text) = client.call("GET", "/api/v1/info", None).unwrap();
+        info = serde_json::from_str(&text).unwrap_or_default();
+        info["last_error"].is_string()
+    });
+    let reason = info["last_error"].as_str().unwrap();
+    assert!(reason.starts_with("registrar-unreachable: "), "{info}");
+    assert_eq!((&info["state"], &info["provisioned"]), (&"provisioning".into(), &false.into()), "{info}");
+    let status = device.status();
+    assert_eq!(status["state"], "provisioning", "{status}");
+    assert!(
+        status["last_error"].as_str().unwrap_or_default().starts_with("registrar-unreachable"),
+        "{status}"
+    );
+    assert!(!device.g.path().join("state/enroll.json").exists(), "the used request is forgotten");
+    assert!(!device.identity("cert.pem").exists());
+    let log = device.log();
+    assert!(log.contains("enrollment: registrar-unreachable"), "{log}");
+    assert!(!log.to_uppercase().contains("7K2M"), "the claim is never logged:\n{log}");
+
+    // Open again: the next request is taken.
+    let (status, answer) = post(serde_json::json!({"enroll": {"url": url, "claim": claim}}));
+    assert_eq!(status, 200, "{answer}");
+    device.stop();
+}

@@ -8,7 +8,8 @@
 //!   `bus::policy`: how the daemon answers each D-Bus call;
 //! - `provision`: the portal's protocol (proof of possession, request
 //!   authentication, lock-out, the request, the device's identity);
-//! - `mqtt::aws`: AWS IoT's job documents; `der`, `admission`, `backoff`,
+//! - `mqtt::aws`: AWS IoT's job documents; `device_id`: the id from the
+//!   hardware; `der`, `admission`, `backoff`,
 //!   `wifi`: the small shared pieces.
 //!
 //! Architecture invariant: no IO and no async runtime. Clocks and
@@ -17,6 +18,7 @@
 pub mod admission;
 pub mod backoff;
 pub mod der;
+pub mod device_id;
 pub mod error_name;
 pub mod status;
 pub mod trust;

@@ -9,6 +9,14 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StatusDoc {
     pub device: String,
+    /// Where the id came from: `id_file`, `config`, `device-tree`, `dmi`,
+    /// `machine-id` (`device_id::IdSource`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id_source: Option<String>,
+    /// The device's groups: `[device] groups`, or the registry's once
+    /// enrollment stored them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
     pub fleetd_version: String,
     pub state: String,
     pub installed_version: u64,
@@ -133,7 +141,17 @@ impl StatusDoc {
     pub fn to_human(&self) -> String {
         let mut out = String::new();
         let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
-        line("device", format!("{} (fleetd {})", self.device, self.fleetd_version));
+        let from = self.device_id_source.as_deref().map(|name| {
+            let described = crate::device_id::IdSource::from_name(name).map_or(name, |s| s.describe());
+            format!("from {described}; ")
+        });
+        line(
+            "device",
+            format!("{} ({}fleetd {})", self.device, from.unwrap_or_default(), self.fleetd_version),
+        );
+        if !self.groups.is_empty() {
+            line("groups", self.groups.join(", "));
+        }
         line("state", self.state.clone());
         line("provisioned", if self.provisioned { "yes".into() } else { "no".into() });
         if let Some(n) = &self.network {

@@ -389,6 +389,12 @@ impl Executor {
         self.provisioning = Some(provisioning);
     }
 
+    /// The device's groups from now on (the registry's, from enrollment).
+    pub fn set_groups(&mut self, groups: Vec<String>) {
+        self.config.device.groups = groups.clone();
+        self.agent.set_groups(groups);
+    }
+
     /// The lowest trusted time (seconds): the stored clock floor.
     pub fn clock_floor(&self) -> u64 {
         self.agent.state().clock_floor

@@ -252,6 +252,17 @@ impl PortalClient {
         path: &str,
         authorization: Option<String>,
     ) -> std::io::Result<(u16, String)> {
+        self.call_with(method, path, authorization, b"")
+    }
+
+    /// `call` with a body.
+    pub fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        authorization: Option<String>,
+        body: &[u8],
+    ) -> std::io::Result<(u16, String)> {
         use std::io::{Read, Write};
         let mut stream = self.connect()?;
         // Bounded by the portal's own idle bound: it answers or closes by then.
@@ -259,9 +270,11 @@ impl PortalClient {
         let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
         write!(
             stream,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n",
-            self.host
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            self.host,
+            body.len()
         )?;
+        stream.write_all(body)?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response)?;
         let response = String::from_utf8_lossy(&response);
@@ -288,6 +301,18 @@ impl PortalClient {
         nonce: &str,
     ) -> std::io::Result<(u16, String)> {
         self.call(method, path, Some(fleetd::provision::auth::authorization(key, method, path, nonce, b"")))
+    }
+
+    /// A signed POST of `body` to `path`, with a fresh nonce.
+    pub fn post_signed(
+        &self,
+        key: &ring::hmac::Key,
+        path: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, String)> {
+        let nonce = self.nonce()?;
+        let authorization = fleetd::provision::auth::authorization(key, "POST", path, &nonce, body);
+        self.call_with("POST", path, Some(authorization), body)
     }
 }
 

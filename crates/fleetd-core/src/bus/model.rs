@@ -260,6 +260,8 @@ mod tests {
     fn doc(state: &str) -> StatusDoc {
         StatusDoc {
             device: "gw-1".into(),
+            device_id_source: None,
+            groups: Vec::new(),
             fleetd_version: "0".into(),
             state: state.into(),
             installed_version: 1,

@@ -16,7 +16,7 @@
 use super::auth::{self, AuthError, Nonces};
 use super::guard::{Guard, GuardState, LockedOut};
 use super::identity::{self, CheckedIdentity, DeviceKey};
-use super::request::ProvisionRequest;
+use super::request::{Broker, Enroll, How, ProvisionRequest, Registrar, Wifi};
 use crate::admission::Source;
 use serde::Serialize;
 use std::net::IpAddr;
@@ -88,8 +88,8 @@ pub enum Handled {
     /// Checked in full: the caller stores it (atomically), then answers
     /// with `Portal::stored` or `Portal::store_failed`.
     Provision {
-        request: Box<ProvisionRequest>,
-        identity: Box<CheckedIdentity>,
+        wifi: Option<Wifi>,
+        plan: Box<Plan>,
         /// The request's nonce: the answer is signed with it (`sign`).
         nonce: String,
     },
@@ -98,6 +98,15 @@ pub enum Handled {
     /// `busy` is the answer instead when a rescan or a provisioning is
     /// already queued.
     Rescan { response: Response, busy: Response },
+}
+
+/// How a checked request gives the device its identity.
+#[derive(Debug)]
+pub enum Plan {
+    /// An identity that passed every check, for this broker.
+    Identity { mqtt: Broker, identity: CheckedIdentity },
+    /// Enroll with the registrar once the Wi-Fi is joined.
+    Enroll(Enroll),
 }
 
 impl Handled {
@@ -118,6 +127,9 @@ pub struct Facts {
     /// Whether the network backend can join a Wi-Fi (backend `none`
     /// cannot: a request carrying one is refused at once).
     pub joins_wifi: bool,
+    /// The image's registrar (`[provision] registrar`): an `enroll` without
+    /// `url` goes there, and the page offers the claim code.
+    pub registrar: Option<Registrar>,
 }
 
 /// A nonce is good for two minutes.
@@ -254,6 +266,8 @@ impl Portal {
                 "state": self.progress.state,
                 "provisioned": self.progress.provisioned,
                 "last_error": self.progress.last_error,
+                // The image names its registrar: a claim code is enough.
+                "registrar": self.facts.registrar.is_some(),
                 // For the next authenticated request (auth.rs).
                 "nonce": nonce,
             }),
@@ -345,7 +359,7 @@ impl Portal {
                 "this device is provisioned; `fleetd reset --factory` on the device unlocks provisioning",
             ));
         }
-        let request = match ProvisionRequest::parse(body) {
+        let request = match ProvisionRequest::parse_for(body, self.facts.registrar.as_ref()) {
             Ok(r) => r,
             Err(e) => return Handled::reply(Response::error(400, e.name(), &e.to_string())),
         };
@@ -360,34 +374,40 @@ impl Portal {
                 ),
             ));
         }
-        let checked = identity::check(
-            &self.facts.device_id,
-            &request.identity.cert_pem,
-            request.identity.key_pem.as_deref(),
-            Some(&self.device_key),
-            &request.mqtt.ca_pem,
-            unix_now,
-        );
-        match checked {
-            Ok(identity) => {
-                self.in_flight = true;
-                Handled::Provision {
-                    request: Box::new(request),
-                    identity: Box::new(identity),
-                    nonce: nonce.to_string(),
+        let plan = match request.how {
+            How::Identity { mqtt, identity } => {
+                let checked = identity::check(
+                    &self.facts.device_id,
+                    &identity.cert_pem,
+                    identity.key_pem.as_deref(),
+                    Some(&self.device_key),
+                    &mqtt.ca_pem,
+                    unix_now,
+                );
+                match checked {
+                    Ok(identity) => Plan::Identity { mqtt, identity },
+                    Err(e) => return Handled::reply(Response::error(400, e.name(), &e.to_string())),
                 }
             }
-            Err(e) => Handled::reply(Response::error(400, e.name(), &e.to_string())),
-        }
+            How::Enroll(enroll) => Plan::Enroll(enroll),
+        };
+        self.in_flight = true;
+        Handled::Provision { wifi: request.wifi, plan: Box::new(plan), nonce: nonce.to_string() }
     }
 
     /// The answer once the request is stored: the device now joins the
     /// Wi-Fi (or, without one, connects to the broker).
-    pub fn stored(&mut self, joining: Option<&str>) -> Response {
+    /// `enrolling`: the device enrolls with its registrar next (after the
+    /// Wi-Fi, if any); `/api/v1/info` tells the outcome.
+    pub fn stored(&mut self, joining: Option<&str>, enrolling: bool) -> Response {
         self.progress.last_error = None;
-        let next = match joining {
-            Some(ssid) => format!("joining {ssid}; this access point goes down now"),
-            None => "connecting to the broker".to_string(),
+        let next = match (joining, enrolling) {
+            (Some(ssid), false) => format!("joining {ssid}; this access point goes down now"),
+            (Some(ssid), true) => {
+                format!("joining {ssid}, then enrolling with the registrar; this access point goes down now")
+            }
+            (None, false) => "connecting to the broker".to_string(),
+            (None, true) => "enrolling with the registrar; /api/v1/info tells the outcome".to_string(),
         };
         Response::json(200, &serde_json::json!({"accepted": true, "next": next}))
     }
@@ -442,6 +462,7 @@ mod tests {
             portal_url: "http://10.42.0.1/".into(),
             addresses: vec![PORTAL],
             joins_wifi,
+            registrar: None,
         };
         let progress = Progress { state: "provisioning".into(), provisioned: false, last_error: None };
         let guard = Guard::new(GuardPolicy::default());
@@ -686,8 +707,37 @@ mod tests {
         let (mut p, pop) = portal();
         let r = signed(&mut p, &pop, "POST", "/api/v1/provision", b"{}", 0);
         assert_eq!(r.status, 400);
-        assert!(String::from_utf8(r.body).unwrap().contains("\"error\":\"malformed\""));
+        assert!(String::from_utf8(r.body).unwrap().contains("\"error\":\"identity-missing\""));
         p.set_progress(Progress { state: "idle".into(), provisioned: true, last_error: None });
         assert_eq!(signed(&mut p, &pop, "POST", "/api/v1/provision", b"{}", 1).status, 409);
+    }
+
+    /// An image that names its registrar: `/api/v1/info` says so, and a
+    /// claim code alone is a request (url and CA from the image).
+    #[test]
+    fn with_the_images_registrar_a_claim_code_is_enough() {
+        let (mut p, pop) = portal();
+        let (r, _) = reply(p.handle(&get("/api/v1/info", None), 0, 0, [1; 16]));
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["registrar"], false);
+        let body = br#"{"enroll":{"claim":"7k2m9q4rxw3th8vn"}}"#;
+        let r = signed(&mut p, &pop, "POST", "/api/v1/provision", body, 1);
+        assert_eq!((r.status, error_name(&r).as_str()), (400, "enroll-url-invalid"));
+
+        p.facts.registrar = Some(Registrar { url: "https://reg.example".into(), ca_pem: Some("CA".into()) });
+        let (r, _) = reply(p.handle(&get("/api/v1/info", None), 2, 0, [2; 16]));
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["registrar"], true);
+        let n = nonce(&mut p, 3);
+        let header = auth::authorization(&pop.request_key("gw-1"), "POST", "/api/v1/provision", &n, body);
+        let request = Request { method: "POST", body, ..get("/api/v1/provision", Some(&header)) };
+        match p.handle(&request, 3, 0, [3; 16]) {
+            Handled::Provision { wifi: None, plan, .. } => match *plan {
+                Plan::Enroll(e) => {
+                    assert_eq!(e.registrar.endpoint("enroll"), "https://reg.example/v1/enroll");
+                    assert_eq!(e.claim.display_code(), "7K2M-9Q4R-XW3T-H8VN");
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
     }
 }

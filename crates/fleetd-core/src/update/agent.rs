@@ -195,6 +195,14 @@ impl Agent {
         Self { state, facts, policy, health: None, connected: false }
     }
 
+    /// The device's groups changed (the registry's, given at enrollment):
+    /// messages for those groups are for this device from now on.
+    pub fn set_groups(&mut self, groups: Vec<String>) {
+        if let Ok(policy) = &mut self.policy {
+            policy.groups = groups;
+        }
+    }
+
     pub fn state(&self) -> &State {
         &self.state
     }
