@@ -210,7 +210,8 @@ ca_file = "mqtt-ca.pem"
         assert_eq!(c.ca.key, Path::new("/abs/ca.key.pem"));
         assert_eq!(c.database, "sqlite:///etc/reg/reg.db");
         assert_eq!(c.ca.validity(), crate::ca::Validity::days(30));
-        let short = Config::parse(&BASE.replace("[ca]\n", "[ca]\nvalidity_s = 90\n"), Path::new("/")).unwrap();
+        let short =
+            Config::parse(&BASE.replace("[ca]\n", "[ca]\nvalidity_s = 90\n"), Path::new("/")).unwrap();
         assert_eq!(short.ca.validity(), crate::ca::Validity { seconds: 90 });
         assert!(Config::parse(&BASE.replace("[ca]\n", "[ca]\nvalidity_s = 59\n"), Path::new("/")).is_err());
     }

@@ -5,7 +5,7 @@
 use crate::error::{RegistrarError, Result};
 use crate::names::Role;
 use crate::serve::App;
-use crate::{claims, db, devices, enroll, users};
+use crate::{audit, claims, db, devices, enroll, users};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{header, request::Parts, HeaderMap};
 use axum::response::{Html, IntoResponse, Response};
@@ -139,7 +139,8 @@ async fn enroll_device(
         body.mac.as_deref(),
         db::now(),
     )
-    .await?;
+    .await;
+    let enrolled = audit_refusal(&app, "enroll-refused", enrolled).await?;
     Ok(Json(answer(&app, enrolled).await).into_response())
 }
 
@@ -148,8 +149,25 @@ async fn renew_device(
     JsonBody(body): JsonBody<RenewRequest>,
 ) -> Result<Response> {
     let enrolled =
-        enroll::renew(&app.db, &app.issuer, app.validity, &body.csr_pem, &body.signature, db::now()).await?;
+        enroll::renew(&app.db, &app.issuer, app.validity, &body.csr_pem, &body.signature, db::now()).await;
+    let enrolled = audit_refusal(&app, "renew-refused", enrolled).await?;
     Ok(Json(answer(&app, enrolled).await).into_response())
+}
+
+/// A refused enrollment or renewal rolled its transaction back; the trail
+/// still records the attempt (by the refusal's name), in a transaction of
+/// its own. A trail that cannot be written is logged, not answered.
+async fn audit_refusal<T>(app: &App, action: &str, outcome: Result<T>) -> Result<T> {
+    if let Err(refusal) = &outcome {
+        if refusal.status().is_client_error() {
+            if let Err(e) =
+                audit::append_alone(&app.db, db::now(), "device", action, "-", refusal.name()).await
+            {
+                tracing::warn!("audit: {action}: {e}");
+            }
+        }
+    }
+    outcome
 }
 
 /// The device's answer; a superseded certificate makes a new CRL first.
