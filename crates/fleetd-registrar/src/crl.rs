@@ -41,6 +41,10 @@ fn time(t: i64) -> Result<time::OffsetDateTime> {
     time::OffsetDateTime::from_unix_timestamp(t).map_err(|e| RegistrarError::Internal(format!("time: {e}")))
 }
 
+/// How far ahead of the clock a CRL's thisUpdate may be pushed by changes
+/// in quick succession before it is published anyway.
+const MAX_CRL_AHEAD_S: i64 = 5;
+
 /// The CRL, PEM. Pure.
 pub fn build(issuer: &Issuer, number: i64, revoked: &[Revoked], now: i64) -> Result<String> {
     let revoked_certs = revoked
@@ -71,13 +75,21 @@ pub fn build(issuer: &Issuer, number: i64, revoked: &[Revoked], now: i64) -> Res
     crl.pem().map_err(|e| RegistrarError::Internal(format!("CRL PEM: {e}")))
 }
 
-/// Takes the next CRL number and the revoked certificates in one transaction.
-pub async fn next_number_and_revoked(db: &Db) -> Result<(i64, Vec<Revoked>)> {
+/// Takes the next CRL number, its thisUpdate and the revoked certificates
+/// in one transaction. thisUpdate is `now`, or one second after the last
+/// CRL's when that is not earlier (two changes in one second): a broker
+/// that reloads its CRL file keeps the old CRLs and trusts the latest.
+pub async fn next_number_and_revoked(db: &Db, now: i64) -> Result<(i64, i64, Vec<Revoked>)> {
     let mut tx = db.begin().await?;
-    let number: i64 = sqlx::query("UPDATE crl_state SET number = number + 1 WHERE id = 1 RETURNING number")
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
+    let row = sqlx::query(
+        "UPDATE crl_state SET number = number + 1, \
+         this_update = CASE WHEN this_update >= $1 THEN this_update + 1 ELSE $1 END \
+         WHERE id = 1 RETURNING number, this_update",
+    )
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    let (number, this_update): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
     let rows = sqlx::query(
         "SELECT serial_hex, revoked_at, reason FROM certificates WHERE state <> 'active' ORDER BY serial_hex",
     )
@@ -94,7 +106,7 @@ pub async fn next_number_and_revoked(db: &Db) -> Result<(i64, Vec<Revoked>)> {
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    Ok((number, revoked))
+    Ok((number, this_update, revoked))
 }
 
 /// A new CRL from the database, written to `crl_file`, then `on_change`
@@ -106,8 +118,14 @@ pub async fn regenerate(
     on_change: Option<&str>,
     now: i64,
 ) -> Result<String> {
-    let (number, revoked) = next_number_and_revoked(db).await?;
-    let pem = build(issuer, number, &revoked, now)?;
+    let (number, this_update, revoked) = next_number_and_revoked(db, now).await?;
+    // Never publish a CRL dated in the future (OpenSSL refuses it, and with
+    // it every client): wait out the second or two it may be ahead.
+    let ahead = this_update.saturating_sub(now).clamp(0, MAX_CRL_AHEAD_S);
+    if ahead > 0 {
+        tokio::time::sleep(std::time::Duration::from_secs(ahead as u64)).await;
+    }
+    let pem = build(issuer, number, &revoked, this_update)?;
     write_atomic(crl_file, pem.as_bytes())
         .map_err(|source| RegistrarError::File { path: crl_file.to_path_buf(), source })?;
     if let Some(command) = on_change.filter(|c| !c.trim().is_empty()) {
@@ -157,4 +175,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{sqlite_url, Fixture, TempDir};
+
+    fn this_update(pem: &str) -> i64 {
+        use x509_parser::prelude::FromDer;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&pem.contents).unwrap();
+        crl.last_update().timestamp()
+    }
+
+    /// A broker that reloads its CRL file (mosquitto on SIGHUP) keeps the
+    /// CRLs it loaded and trusts the one with the latest thisUpdate, to the
+    /// second: CRLs made in one second must still be ordered, and none may
+    /// be dated in the future when it is written.
+    #[tokio::test]
+    async fn crls_in_quick_succession_have_increasing_this_update_never_ahead() {
+        let dir = TempDir::new();
+        let f = Fixture::new(&sqlite_url(&dir.0)).await;
+        let mut last = 0;
+        for _ in 0..3 {
+            f.app.regenerate_crl().await.unwrap();
+            let written = this_update(&std::fs::read_to_string(&f.config.crl_file).unwrap());
+            assert!(written > last, "{written} after {last}");
+            assert!(written <= crate::db::now(), "dated ahead of the clock");
+            last = written;
+        }
+    }
 }

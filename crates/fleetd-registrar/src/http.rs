@@ -170,12 +170,10 @@ async fn audit_refusal<T>(app: &App, action: &str, outcome: Result<T>) -> Result
     outcome
 }
 
-/// The device's answer; a superseded certificate makes a new CRL first.
+/// The device's answer; a superseded certificate asks for a new CRL.
 async fn answer(app: &App, enrolled: enroll::Enrolled) -> EnrollResponse {
     if enrolled.superseded > 0 {
-        if let Err(e) = app.regenerate_crl().await {
-            eprintln!("registrar: the CRL after superseding a certificate of {}: {e}", enrolled.serial);
-        }
+        app.crl_changed();
     }
     EnrollResponse {
         cert_pem: enrolled.issued.cert_pem,

@@ -41,6 +41,9 @@ pub struct Mqtt {
     pub ca_pem: String,
 }
 
+/// How long a burst of revocations is gathered into one CRL.
+pub const CRL_COALESCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The registrar's state, shared by every request.
 #[derive(Debug)]
 pub struct App {
@@ -54,6 +57,9 @@ pub struct App {
     pub on_crl_change: Option<String>,
     /// The latest CRL, served at `GET /v1/crl`.
     pub crl_pem: RwLock<String>,
+    crl_changed: tokio::sync::Notify,
+    /// One regeneration at a time (they share the temp file).
+    crl_writing: tokio::sync::Mutex<()>,
     pub login_limiter: Limiter,
 }
 
@@ -73,12 +79,34 @@ impl App {
             crl_file: config.crl_file.clone(),
             on_crl_change: config.on_crl_change.clone(),
             crl_pem: RwLock::new(String::new()),
+            crl_changed: tokio::sync::Notify::new(),
+            crl_writing: tokio::sync::Mutex::new(()),
             login_limiter: Limiter::new(LOGINS_PER_MINUTE, LOGIN_BURST),
         })
     }
 
+    /// Asks [`App::crl_worker`] for a new CRL (a certificate was revoked).
+    pub fn crl_changed(&self) {
+        self.crl_changed.notify_one();
+    }
+
+    /// Makes a new CRL after each change, coalescing a burst: one CRL (and
+    /// one `on_crl_change`, one broker reload) per [`CRL_COALESCE`] however
+    /// many devices re-enroll at once. A change during a regeneration is
+    /// kept (Notify stores one permit) and makes the next.
+    pub async fn crl_worker(self: Arc<Self>) {
+        loop {
+            self.crl_changed.notified().await;
+            tokio::time::sleep(CRL_COALESCE).await;
+            if let Err(e) = self.regenerate_crl().await {
+                eprintln!("registrar: the CRL after a revocation: {e}");
+            }
+        }
+    }
+
     /// A new CRL: written, hooked, and served from now on.
     pub async fn regenerate_crl(&self) -> Result<()> {
+        let _writing = self.crl_writing.lock().await;
         let pem = crate::crl::regenerate(
             &self.db,
             &self.issuer,
@@ -129,6 +157,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .local_addr()
         .map_err(|source| RegistrarError::File { path: PathBuf::from(&config.listen), source })?;
     eprintln!("registrar: listening on {local}");
+    let crl_worker = tokio::spawn(app.clone().crl_worker());
     let timer = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -145,6 +174,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     serve(app, listener, tls, shutdown).await;
     timer.abort();
+    // A CRL still pending is made at the next start (the database holds
+    // the revocations).
+    crl_worker.abort();
     eprintln!("registrar: stopped");
     Ok(())
 }

@@ -82,6 +82,7 @@ impl Fixture {
         let config = Config::load(&dir.0.join("registrar.toml")).expect("config");
         let app = Arc::new(App::new(&config).await.expect("app"));
         app.regenerate_crl().await.expect("crl");
+        tokio::spawn(app.clone().crl_worker());
         Fixture { dir, config, app, ca_cert_pem: ca_cert }
     }
 
@@ -348,7 +349,16 @@ pub async fn check_enroll(db_url: &str) {
     assert_eq!(certs.iter().filter(|c| c.1 == "active").count(), 1, "exactly one active: {certs:?}");
     let superseded = certs.iter().find(|c| c.0 == first[0].0).unwrap();
     assert_eq!(superseded.1, "superseded");
-    // The CRL (served and on disk) lists the superseded serial.
+    // The CRL (served and on disk) soon lists the superseded serial.
+    let deadline = std::time::Instant::now() + crate::serve::CRL_COALESCE * 10;
+    while !crl_serials(&std::fs::read_to_string(&f.config.crl_file).unwrap()).contains(&first[0].0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new CRL within {:?}",
+            crate::serve::CRL_COALESCE * 10
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let crl = std::fs::read_to_string(&f.config.crl_file).unwrap();
     assert_eq!(crl, *f.app.crl_pem.read().unwrap());
     assert!(crl_serials(&crl).contains(&first[0].0), "{crl}");

@@ -546,8 +546,8 @@ impl Broker {
     }
 
     /// Like [`Broker::start`], checking client certificates against `crl`
-    /// (`crlfile`, as packaging/mosquitto/mosquitto.conf ships it). mosquitto
-    /// 2.0 reads it at start only: [`Broker::restart`] makes it read a new one.
+    /// (`crlfile`, as packaging/mosquitto/mosquitto.conf ships it), which
+    /// mosquitto re-reads on [`Broker::hup`].
     pub fn start_with_crl(
         net: &Net,
         pki: &Pki,
@@ -614,8 +614,8 @@ impl Broker {
         self.spawn();
     }
 
-    /// SIGHUP: mosquitto 2.0 re-reads its config, ACL and server key, but
-    /// not its CA or CRL.
+    /// SIGHUP (`systemctl reload`): mosquitto 2.0 re-reads its config, ACL,
+    /// server key and CRL, not its CA.
     pub fn hup(&self) {
         if let Some(child) = &self.child {
             // SAFETY: kill(2) on our own child, not yet reaped.
@@ -811,51 +811,4 @@ pub fn shipped_setting(name: &str) -> String {
         .find(|l| l.split_whitespace().next() == Some(name))
         .unwrap_or_else(|| panic!("{} sets no {name}", path.display()))
         .to_string()
-}
-
-/// A stand-in for the service manager's `systemctl restart mosquitto`: a
-/// thread restarts the broker (SIGTERM, start, wait for TLS) whenever the
-/// trigger file appears, then removes it. [`BrokerRestarts::command`] is
-/// the shell command that asks for a restart and returns once it is done,
-/// bounded like a unit's start timeout.
-pub struct BrokerRestarts {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    pub count: Arc<AtomicU32>,
-}
-
-impl BrokerRestarts {
-    pub fn watch(broker: Arc<Mutex<Broker>>, trigger: &Path) -> BrokerRestarts {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let count = Arc::new(AtomicU32::new(0));
-        let (t, s, c) = (trigger.to_path_buf(), stop.clone(), count.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                if t.exists() {
-                    let mut b = broker.lock().unwrap_or_else(|e| e.into_inner());
-                    b.stop();
-                    b.spawn();
-                    c.fetch_add(1, Ordering::Relaxed);
-                    let _ = fs::remove_file(&t);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        BrokerRestarts { stop, thread: Some(thread), count }
-    }
-
-    /// The command that asks for a restart through `trigger`.
-    pub fn command(trigger: &Path) -> String {
-        let t = trigger.display();
-        format!("touch '{t}'; i=0; while [ -e '{t}' ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ ! -e '{t}' ]")
-    }
-}
-
-impl Drop for BrokerRestarts {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
