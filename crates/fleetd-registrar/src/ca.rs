@@ -112,8 +112,18 @@ impl Validity {
 /// How far notBefore lies before the issue: a device's clock may lag.
 pub const BACKDATE_S: i64 = 3600;
 
+impl Validity {
+    /// An hour, or a tenth of the validity when that is shorter: a device
+    /// renews at two thirds of notBefore..notAfter, which an hour's
+    /// backdating would put in the past for a certificate of minutes.
+    pub fn backdate_s(self) -> i64 {
+        BACKDATE_S.min(self.seconds / 10)
+    }
+}
+
 /// A client certificate for `expected_cn` over the CSR's key, valid from an
-/// hour before `now` (a device's clock may lag) until `validity` after it.
+/// hour before `now` (a device's clock may lag; [`Validity::backdate_s`])
+/// until `validity` after it.
 pub fn issue(
     csr_pem: &str,
     expected_cn: &str,
@@ -137,7 +147,7 @@ pub fn issue_for(
         return Err(RegistrarError::CsrCnMismatch { got: csr.cn.clone(), expected: expected_cn.to_string() });
     }
     let serial = random_serial()?;
-    let not_before = now - BACKDATE_S;
+    let not_before = now - validity.backdate_s();
     let not_after = now + validity.seconds;
     let params = device_params(expected_cn, &serial, not_before, not_after)?;
     let cert = params
@@ -259,6 +269,10 @@ mod tests {
         }
         assert_eq!(cert.subject().to_string(), "CN=gw-0042");
         assert_eq!(issued.not_after, 1_800_000_000 + 30 * 86400, "30 days from the issue");
+        let short =
+            issue(&greedy_csr("gw-0042"), "gw-0042", &issuer, Validity { seconds: 90 }, 1_800_000_000)
+                .unwrap();
+        assert_eq!((short.not_before, short.not_after), (1_800_000_000 - 9, 1_800_000_090), "a tenth back");
         assert_eq!(issued.not_before, 1_800_000_000 - 3600);
         if let Some(text) = openssl_text(&issued.cert_pem) {
             assert!(!text.contains("CA:TRUE"), "{text}");
