@@ -620,7 +620,7 @@ mod tests {
         fleetd_registrar::enroll::enroll(
             &app.db,
             &app.issuer,
-            30,
+            fleetd_registrar::ca::Validity::days(30),
             claim,
             &csr,
             None,
