@@ -682,6 +682,14 @@ fn backend_none_refuses_a_request_with_wifi_at_once() {
     // The same without the Wi-Fi provisions the device.
     let out = provision(None, &url, &device.pop(), "127.0.0.1:8883", &pki.ca_pem, &args[..4]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    // The status shows the certificate's expiry; without a registrar the
+    // device does not renew, so no renewal time.
+    let expected =
+        fleetd::provision::identity::certificate_validity(&std::fs::read_to_string(&cert).unwrap());
+    device.wait_for("the identity in the status", Duration::from_secs(10), || {
+        device.status()["identity"]["not_after"].as_u64() == expected.map(|(_, not_after)| not_after)
+    });
+    assert!(device.status()["identity"].get("renew_at").is_none(), "{}", device.status());
     device.stop();
 }
 
