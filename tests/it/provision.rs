@@ -761,3 +761,49 @@ fn an_enrollment_that_cannot_reach_its_registrar_returns_to_the_portal_by_name()
     assert_eq!(status, 200, "{answer}");
     device.stop();
 }
+
+/// An image that names its registrar (`[provision] registrar`): the page
+/// asks for the PoP, the Wi-Fi and a claim code only, and sends `{enroll:
+/// {claim}}`; the device fills in the registrar from its config. Nothing
+/// listens at that registrar's address (no fake registrar), so the page
+/// ends by showing the named reason the device gives.
+#[test]
+fn the_portal_page_enrolls_with_a_claim_code_when_the_image_names_its_registrar() {
+    let Some(browser) = common::webdriver::Browser::start() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the browser test (chromium, chromium-driver)");
+        eprintln!("SKIP: needs chromium and chromium-driver (scripts/setup)");
+        return;
+    };
+    let mut device = NewDevice::new("127.0.0.1:0");
+    device.g.extra_config.push_str(&format!("registrar = \"http://127.0.0.1:{}\"\n", free_port()));
+    device.g.write_config();
+    device.start(None);
+    let url = device.wait_portal();
+    let pop = device.pop();
+    browser.goto(&url);
+    let shown = |b: &common::webdriver::Browser, id: &str| {
+        b.execute(&format!("return !document.getElementById('{id}').hidden"), serde_json::json!([])) == true
+    };
+    browser.wait_until("the claim code", Duration::from_secs(10), |b| {
+        shown(b, "enrollment") && shown(b, "claimbox")
+    });
+    assert!(!shown(&browser, "broker") && !shown(&browser, "identity"), "no broker or identity to give");
+
+    let result = |b: &common::webdriver::Browser| b.text("#result");
+    browser.type_into("#pop", &pop.to_lowercase());
+    browser.type_into("#claim", "7k2m 9q4r-xw3t-h8vn");
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("..");
+    browser.screenshot(&shots.join("portal-claim.png"));
+    browser.click("#submit");
+    browser
+        .wait_until("the outcome", Duration::from_secs(90), |b| result(b).starts_with("Enrollment failed"));
+    assert!(
+        result(&browser).starts_with("Enrollment failed: registrar-unreachable: "),
+        "{}",
+        result(&browser)
+    );
+    device.stop();
+    let log = device.log();
+    assert!(log.contains("enrolling with http://127.0.0.1:"), "{log}");
+    assert!(!log.contains(&pop) && !log.to_uppercase().contains("7K2M"), "{log}");
+}
