@@ -807,3 +807,34 @@ fn the_portal_page_enrolls_with_a_claim_code_when_the_image_names_its_registrar(
     assert!(log.contains("enrolling with http://127.0.0.1:"), "{log}");
     assert!(!log.contains(&pop) && !log.to_uppercase().contains("7K2M"), "{log}");
 }
+
+/// A power cut after an enrollment was accepted: its request was stored
+/// (0600: the claim is a secret) before the answer, so the next start makes
+/// it again before opening the portal, and the outcome is shown there.
+#[test]
+fn an_enrollment_cut_short_is_made_again_at_the_next_start() {
+    let (mut device, addr) = portal_device();
+    let key = fleetd::provision::pop::Pop::parse(&device.pop()).unwrap().request_key(DEVICE);
+    let client = PortalClient::new(&addr);
+    let body = serde_json::json!({"enroll": {"url": format!("http://127.0.0.1:{}", free_port()),
+        "claim": "7K2M-9Q4R-XW3T-H8VN"}});
+    let (status, answer) =
+        client.post_signed(&key, "/api/v1/provision", body.to_string().as_bytes()).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    if let Some(mut daemon) = device.daemon.take() {
+        daemon.signal(libc::SIGKILL);
+    }
+    let pending = device.g.path().join("state/enroll.json");
+    assert_eq!(std::fs::metadata(&pending).unwrap().permissions().mode() & 0o777, 0o600);
+
+    device.start(None);
+    device.wait_for("the enrollment made again", Duration::from_secs(90), || {
+        device.log().contains("resuming the enrollment") && device.status()["last_error"].is_string()
+    });
+    wait_answering(&device, &addr);
+    let (_, info) = client.call("GET", "/api/v1/info", None).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert!(info["last_error"].as_str().unwrap_or_default().starts_with("registrar-unreachable"), "{info}");
+    assert!(!pending.exists(), "forgotten once it ended");
+    device.stop();
+}
