@@ -173,13 +173,23 @@ async fn call<T: serde::Serialize>(
 /// What an answer means, by its status and body.
 fn answer(status: u16, bytes: &[u8]) -> Result<EnrollResponse, CallError> {
     match status {
-        200 => serde_json::from_slice(bytes).map_err(|e| {
-            CallError::Invalid(format!(
-                "not an enrollment answer ({:?} at column {})",
-                e.classify(),
-                e.column()
-            ))
-        }),
+        200 => {
+            let answer: EnrollResponse = serde_json::from_slice(bytes).map_err(|e| {
+                CallError::Invalid(format!(
+                    "not an enrollment answer ({:?} at column {})",
+                    e.classify(),
+                    e.column()
+                ))
+            })?;
+            // The broker it names is checked as a portal request's would be.
+            if !super::request::valid_host(&answer.mqtt.host) || answer.mqtt.port == 0 {
+                return Err(CallError::Invalid("mqtt names no usable broker (host, port)".into()));
+            }
+            if !super::request::pem_certificates(&answer.mqtt.ca_pem) {
+                return Err(CallError::Invalid("mqtt.ca_pem holds no certificate".into()));
+            }
+            Ok(answer)
+        }
         500..=599 => Err(CallError::Unavailable { status }),
         400..=499 => {
             let body: Option<ErrorBody> = serde_json::from_slice(bytes).ok();
@@ -284,8 +294,21 @@ mod tests {
         assert!(busy.retryable() && busy.name() == "registrar-unavailable");
         assert_eq!(answer(200, b"{}").unwrap_err().name(), "registrar-answer-invalid");
         assert_eq!(answer(302, b"").unwrap_err().name(), "registrar-answer-invalid");
-        let ok = br#"{"cert_pem":"C","chain_pem":"CH","mqtt":{"host":"b","port":8883,"ca_pem":"CA"},"groups":["eu"]}"#;
-        assert_eq!(answer(200, ok).unwrap().groups, ["eu"]);
+        let (ca_pem, _) = ca("broker");
+        let ok = |host: &str, port: u16| {
+            serde_json::json!({"cert_pem": "C", "chain_pem": "CH",
+                "mqtt": {"host": host, "port": port, "ca_pem": ca_pem}, "groups": ["eu"]})
+            .to_string()
+        };
+        assert_eq!(answer(200, ok("broker.example", 8883).as_bytes()).unwrap().groups, ["eu"]);
+        for (host, port) in [("bad host", 8883), ("b", 0)] {
+            assert_eq!(
+                answer(200, ok(host, port).as_bytes()).unwrap_err().name(),
+                "registrar-answer-invalid"
+            );
+        }
+        let no_ca = ok("b", 1).replace(&serde_json::to_string(&ca_pem).unwrap(), "\"CA\"");
+        assert_eq!(answer(200, no_ca.as_bytes()).unwrap_err().name(), "registrar-answer-invalid");
     }
 
     fn ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
