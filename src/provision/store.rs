@@ -598,6 +598,50 @@ mod tests {
         assert_eq!(mode(&id_dir.join("cert.pem")), 0o600);
     }
 
+    /// What enrollment stores: the identity, the registrar (for renewals),
+    /// the registry's groups, which then replace `[device] groups`; the
+    /// pending request (0600) is gone, and a reset forgets it all.
+    #[test]
+    fn an_enrollment_is_stored_with_its_registrar_and_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = fleetd_fixture::DeviceConfig::default().to_toml() + "\n[provision]\nbackend = \"none\"\n";
+        let mut config = crate::config::Config::parse(&text, &dir.path().join("fleetd.toml")).unwrap();
+        let store = ProvisionStore::new(&config.device.state_dir);
+        let key = store.device_key().unwrap();
+        let registrar = Registrar::new("http://127.0.0.1:8443", None).unwrap();
+        let enroll = Enroll { registrar: registrar.clone(), claim: ClaimCode::from_bytes([7; 10]) };
+        store.save_enroll(None, &enroll).unwrap();
+        let pending = config.device.state_dir.join(ENROLL_FILE);
+        assert_eq!(mode(&pending), 0o600);
+        assert_eq!(store.pending_enroll().unwrap(), Some((enroll, None)));
+
+        let answer = EnrollResponse {
+            cert_pem: "-----BEGIN CERTIFICATE-----\nC\n-----END CERTIFICATE-----\n".into(),
+            chain_pem: String::new(),
+            mqtt: crate::provision::enroll::BrokerSettings {
+                host: "broker".into(),
+                port: 8884,
+                ca_pem: "CA".into(),
+            },
+            groups: vec!["eu".into()],
+        };
+        let identity =
+            CheckedIdentity { cert_pem: answer.cert_pem.clone(), key_pem: key.pem().into(), not_after: 0 };
+        let record = store.save_enrolled(&answer, &identity, &registrar, vec!["eu".into()], None, 9).unwrap();
+        assert!(record.complete() && record.broker_port == 8884);
+        assert!(!pending.exists(), "the request is done");
+        assert_eq!(store.registrar().unwrap(), Some(registrar));
+        assert_eq!(config.device.groups, ["pilot"]);
+        apply_provisioned_groups(&mut config);
+        assert_eq!(config.device.groups, ["eu"], "the registry's groups");
+
+        assert!(store.forget().unwrap());
+        assert_eq!(store.registrar().unwrap(), None);
+        let mut again = crate::config::Config::parse(&text, &dir.path().join("fleetd.toml")).unwrap();
+        apply_provisioned_groups(&mut again);
+        assert_eq!(again.device.groups, ["pilot"]);
+    }
+
     #[test]
     fn the_pop_is_made_once_0600_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
