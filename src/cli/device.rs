@@ -247,6 +247,9 @@ pub fn status(config_flag: Option<&Path>, json: bool, pop: bool) -> ExitCode {
     let doc = match via_daemon(&config, |daemon| async move { Ok(daemon.found) }) {
         Some(Ok(mut doc)) => {
             doc.source = Some("daemon".into());
+            // The renewal's state is the daemon's runtime file: fresher
+            // than the document its worker last reported.
+            crate::update::apply_identity(&mut doc, &config);
             Ok(doc)
         }
         Some(Err(e)) => {

@@ -6,6 +6,7 @@
 //! `bus::policy`.
 
 mod mqtt;
+mod renewal;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
 mod worker;
@@ -98,10 +99,31 @@ pub fn run(
             &sink,
             BusEvent::Report(crate::update::Report::Status(Box::new(executor.status_doc()))),
         );
+        // A renewal a power cut interrupted after its commit is put in
+        // place before the identity is read.
+        if config.provision.is_some() {
+            match ProvisionStore::new(&config.device.state_dir).finish_renewal() {
+                Ok(true) => logging::log("renewal: put in place the renewed identity an interruption left"),
+                Ok(false) => {}
+                Err(e) => logging::log(&format!("renewal: {e}")),
+            }
+        }
         crate::mqtt::check_identity(&broker.cert_file, &config.device.id)?;
         let tls = crate::mqtt::tls_config(&broker.ca_file, &broker.cert_file, &broker.key_file)?;
+        let renewed = renewal::registrar_for(&config).map(|registrar| {
+            let (tx, rx) = mpsc::channel(1);
+            let task = renewal::Renewal {
+                config: config.clone(),
+                broker: broker.clone(),
+                registrar,
+                clock_floor,
+                renewed: tx,
+            };
+            tokio::spawn(renewal::run(task));
+            rx
+        });
         notify::status(&format!("connecting to {}:{}", broker.host, broker.port));
-        connected(config, broker, Some(tls), executor, shutdown, bus.as_ref()).await
+        connected(config, broker, Some(tls), renewed, executor, shutdown, bus.as_ref()).await
     })
 }
 
@@ -176,7 +198,7 @@ pub fn run_until(
     let broker = config.broker(None).ok_or(DaemonError::NoMqtt)?;
     let executor = open(config.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(connected(config, broker, tls, executor, shutdown, None))
+    runtime.block_on(connected(config, broker, tls, None, executor, shutdown, None))
 }
 
 /// Connected: the MQTT task here, the update worker on its own thread.
@@ -184,11 +206,13 @@ async fn connected(
     config: Config,
     broker: Broker,
     tls: Option<rustls::ClientConfig>,
+    renewed: Option<mpsc::Receiver<rustls::ClientConfig>>,
     executor: Executor,
     shutdown: impl std::future::Future<Output = ()>,
     bus: Option<&Bus>,
 ) -> Result<(), DaemonError> {
-    let setup = mqtt::setup(&config, &broker, tls);
+    let mut setup = mqtt::setup(&config, &broker, tls);
+    setup.renewed = renewed;
 
     let (to_worker, worker_inbox) = mpsc::channel::<Inbound>(WORKER_QUEUE);
     let (outbox, from_worker) = mpsc::unbounded_channel::<Outbound>();

@@ -28,6 +28,7 @@ pub(super) fn setup(config: &Config, broker: &Broker, tls: Option<rustls::Client
         aws_jobs,
         backoff: mqtt::RECONNECT,
         connection_file: Some(config.device.state_dir.join("connection.json")),
+        renewed: None,
     }
 }
 

@@ -132,6 +132,10 @@ pub struct ClientSetup {
     pub backoff: Backoff,
     /// Written on every connect and disconnect, for `fleetd status`.
     pub connection_file: Option<PathBuf>,
+    /// A renewed identity: the client ends its connection cleanly
+    /// (DISCONNECT, so no last will) and reconnects with it, keeping its
+    /// session.
+    pub renewed: Option<mpsc::Receiver<rustls::ClientConfig>>,
 }
 
 /// Messages handed to the worker's queue or waiting for room in it. Each
@@ -174,7 +178,8 @@ pub async fn run(
     // `poll()` must never be cancelled half-way through a (re)connect, so it
     // runs in a task of its own that only forwards what happened.
     let (events_tx, mut events) = mpsc::channel(64);
-    let poller = tokio::spawn(poll_forever(eventloop, setup.backoff, events_tx));
+    let poller =
+        tokio::spawn(poll_forever(eventloop, setup.backoff, events_tx, client.clone(), setup.renewed));
     let (requests, requests_rx) = mpsc::unbounded_channel();
     let sender = tokio::spawn(send_forever(client.clone(), requests_rx));
     let topics = setup.topics;
@@ -428,10 +433,30 @@ fn subscribe_all(client: &AsyncClient, subscriptions: &[String]) -> Vec<String> 
     subscriptions.to_vec()
 }
 
-async fn poll_forever(mut eventloop: EventLoop, backoff: Backoff, events: mpsc::Sender<Polled>) {
+async fn poll_forever(
+    mut eventloop: EventLoop,
+    backoff: Backoff,
+    events: mpsc::Sender<Polled>,
+    client: AsyncClient,
+    mut renewed: Option<mpsc::Receiver<rustls::ClientConfig>>,
+) {
     let mut failures = 0u32;
     let mut changes = crate::sys::netlink::NetChanges::open().ok();
     loop {
+        // Between two polls (never inside one: a connect is never cut
+        // short): a renewed identity is used from the next connection on,
+        // and the current one ends with a DISCONNECT (no last will; the
+        // session stays, clean_session is false). A poll returns at least
+        // every keep-alive, so this waits no longer than that.
+        if let Some(tls) = renewed.as_mut().and_then(|r| r.try_recv().ok()) {
+            eventloop.mqtt_options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+            ));
+            if eventloop.network.is_some() {
+                let _ = client.try_disconnect();
+                failures = 0;
+            }
+        }
         match eventloop.poll().await {
             Ok(event) => {
                 if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
@@ -528,6 +553,7 @@ mod tests {
             aws_jobs: None,
             backoff: Backoff { base: Duration::from_millis(50), cap: Duration::from_millis(200) },
             connection_file: None,
+            renewed: None,
         };
         let (to_worker, _inbox) = mpsc::channel(4);
         let (_outbox, from_worker) = mpsc::unbounded_channel();

@@ -14,7 +14,7 @@
 //! `registrar` (the device's enroll and renew calls) and `phase` (the
 //! daemon's provisioning phase, over a `net::Backend`).
 
-pub use fleetd_core::provision::{auth, enroll, guard, identity, pop, portal, request};
+pub use fleetd_core::provision::{auth, enroll, guard, identity, pop, portal, renewal, request};
 pub mod phase;
 pub mod registrar;
 pub mod server;

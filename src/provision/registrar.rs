@@ -173,13 +173,23 @@ async fn call<T: serde::Serialize>(
 /// What an answer means, by its status and body.
 fn answer(status: u16, bytes: &[u8]) -> Result<EnrollResponse, CallError> {
     match status {
-        200 => serde_json::from_slice(bytes).map_err(|e| {
-            CallError::Invalid(format!(
-                "not an enrollment answer ({:?} at column {})",
-                e.classify(),
-                e.column()
-            ))
-        }),
+        200 => {
+            let answer: EnrollResponse = serde_json::from_slice(bytes).map_err(|e| {
+                CallError::Invalid(format!(
+                    "not an enrollment answer ({:?} at column {})",
+                    e.classify(),
+                    e.column()
+                ))
+            })?;
+            // The broker it names is checked as a portal request's would be.
+            if !super::request::valid_host(&answer.mqtt.host) || answer.mqtt.port == 0 {
+                return Err(CallError::Invalid("mqtt names no usable broker (host, port)".into()));
+            }
+            if !super::request::pem_certificates(&answer.mqtt.ca_pem) {
+                return Err(CallError::Invalid("mqtt.ca_pem holds no certificate".into()));
+            }
+            Ok(answer)
+        }
         500..=599 => Err(CallError::Unavailable { status }),
         400..=499 => {
             let body: Option<ErrorBody> = serde_json::from_slice(bytes).ok();
@@ -284,8 +294,74 @@ mod tests {
         assert!(busy.retryable() && busy.name() == "registrar-unavailable");
         assert_eq!(answer(200, b"{}").unwrap_err().name(), "registrar-answer-invalid");
         assert_eq!(answer(302, b"").unwrap_err().name(), "registrar-answer-invalid");
-        let ok = br#"{"cert_pem":"C","chain_pem":"CH","mqtt":{"host":"b","port":8883,"ca_pem":"CA"},"groups":["eu"]}"#;
-        assert_eq!(answer(200, ok).unwrap().groups, ["eu"]);
+        let (ca_pem, _) = ca("broker");
+        let ok = |host: &str, port: u16| {
+            serde_json::json!({"cert_pem": "C", "chain_pem": "CH",
+                "mqtt": {"host": host, "port": port, "ca_pem": ca_pem}, "groups": ["eu"]})
+            .to_string()
+        };
+        assert_eq!(answer(200, ok("broker.example", 8883).as_bytes()).unwrap().groups, ["eu"]);
+        for (host, port) in [("bad host", 8883), ("b", 0)] {
+            assert_eq!(
+                answer(200, ok(host, port).as_bytes()).unwrap_err().name(),
+                "registrar-answer-invalid"
+            );
+        }
+        let no_ca = ok("b", 1).replace(&serde_json::to_string(&ca_pem).unwrap(), "\"CA\"");
+        assert_eq!(answer(200, no_ca.as_bytes()).unwrap_err().name(), "registrar-answer-invalid");
+    }
+
+    fn ca(name: &str) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        (pem, rcgen::Issuer::new(params, key))
+    }
+
+    /// The registrar's issuing CA comes in `chain_pem` and need not be the
+    /// broker's server CA (`mqtt.ca_pem`): the certificate chains to it,
+    /// is for the device's key, has its id as CN, and the stored
+    /// certificate carries the chain. The validity read back is the
+    /// certificate's (what renewal is scheduled from).
+    #[test]
+    fn an_answer_is_checked_against_the_issuing_ca_and_the_devices_key() {
+        let (issuing_pem, issuing) = ca("registrar issuing CA");
+        let (broker_ca, _) = ca("broker server CA");
+        let key = DeviceKey::generate().unwrap();
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(&key.csr_pem("gw-7").unwrap()).unwrap();
+        let mut csr = csr;
+        csr.params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        csr.params.not_after = rcgen::date_time_ymd(2026, 1, 31);
+        let cert = csr.signed_by(&issuing).unwrap().pem();
+        let answer = EnrollResponse {
+            cert_pem: cert.clone(),
+            chain_pem: issuing_pem.clone(),
+            mqtt: crate::provision::enroll::BrokerSettings {
+                host: "b".into(),
+                port: 8883,
+                ca_pem: broker_ca.clone(),
+            },
+            groups: vec!["eu".into(), "no spaces".into()],
+        };
+        let now = 1_768_000_000; // 2026-01-09
+        let checked = check_answer("gw-7", &answer, &key, now).unwrap();
+        assert!(
+            checked.cert_pem.starts_with(cert.trim_end())
+                && checked.cert_pem.contains(issuing_pem.trim_end())
+        );
+        assert_eq!(checked.key_pem, key.pem());
+        assert_eq!(identity::certificate_validity(&checked.cert_pem), Some((1_767_225_600, 1_769_817_600)));
+        assert_eq!(groups(&answer, |_| {}), ["eu"]);
+
+        let other = DeviceKey::generate().unwrap();
+        assert_eq!(check_answer("gw-7", &answer, &other, now).unwrap_err().name(), "cert-key-mismatch");
+        assert_eq!(check_answer("gw-8", &answer, &key, now).unwrap_err().name(), "cert-cn-mismatch");
+        assert_eq!(check_answer("gw-7", &answer, &key, 1_770_000_000).unwrap_err().name(), "cert-expired");
+        let (stranger, _) = ca("someone else");
+        let untrusted = EnrollResponse { chain_pem: stranger, ..answer };
+        assert_eq!(check_answer("gw-7", &untrusted, &key, now).unwrap_err().name(), "cert-untrusted");
     }
 
     /// Nothing listens: unreachable, after the bounded attempts.

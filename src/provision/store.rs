@@ -185,6 +185,64 @@ impl ProvisionStore {
         Ok(record)
     }
 
+    /// A renewed identity replaces the current one. The new key and
+    /// certificate go into `renewal.pem` first, in one atomic write: that
+    /// is the commit point. Then each is put in place and the journal
+    /// removed; a power cut in between is finished by `finish_renewal`,
+    /// which every start runs before the identity is read, so the key and
+    /// certificate in use always belong together.
+    pub fn save_renewed(&self, identity: &CheckedIdentity) -> Result<(), StoreError> {
+        let dir = self.ensure_identity_dir()?;
+        let journal = format!("{}\n{}", identity.key_pem.trim_end(), identity.cert_pem);
+        let path = dir.join(RENEWAL_FILE);
+        fsutil::atomic_write(&path, journal.as_bytes(), 0o600).map_err(io_error(&path))?;
+        self.finish_renewal().map(|_| ())
+    }
+
+    /// Puts a renewal that was committed (`renewal.pem`) in place; `true`
+    /// when there was one.
+    pub fn finish_renewal(&self) -> Result<bool, StoreError> {
+        let dir = self.identity_dir();
+        let path = dir.join(RENEWAL_FILE);
+        let journal = match fsutil::read_private_key(&path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(fsutil::ReadError::Io(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(StoreError::Corrupt { path, message: e.to_string() }),
+        };
+        let (key, cert) = split_pem(&journal);
+        if key.is_empty() || cert.is_empty() {
+            // Cut short before its commit (atomic_write never leaves
+            // that): nothing to put in place.
+            remove_if_present(&path)?;
+            return Ok(false);
+        }
+        for (name, bytes) in [("key.pem", &key), ("cert.pem", &cert)] {
+            let target = dir.join(name);
+            fsutil::atomic_write(&target, bytes.as_bytes(), 0o600).map_err(io_error(&target))?;
+        }
+        remove_if_present(&path)?;
+        fsutil::fsync_dir(&dir).map_err(io_error(&dir))?;
+        Ok(true)
+    }
+
+    /// The current identity's key (the one a renewal is signed with).
+    pub fn current_key(&self) -> Result<DeviceKey, StoreError> {
+        let path = self.identity_dir().join("key.pem");
+        let bytes = fsutil::read_private_key(&path)
+            .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
+        let pem = String::from_utf8(bytes)
+            .map_err(|_| StoreError::Corrupt { path: path.clone(), message: "not PEM".into() })?;
+        Ok(DeviceKey::from_pem(pem)?)
+    }
+
+    /// The current certificate (PEM, with its chain).
+    pub fn current_cert(&self) -> Result<String, StoreError> {
+        let path = self.identity_dir().join("cert.pem");
+        let bytes = fsutil::read_public_file(&path)
+            .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
+        String::from_utf8(bytes).map_err(|_| StoreError::Corrupt { path, message: "not PEM".into() })
+    }
+
     /// The registrar the device enrolled with (for renewals).
     pub fn registrar(&self) -> Result<Option<Registrar>, StoreError> {
         let path = self.identity_dir().join(REGISTRAR_FILE);
@@ -283,6 +341,7 @@ impl ProvisionStore {
         let had = self.remove_record()?;
         self.forget_enroll()?;
         let dir = self.identity_dir();
+        remove_if_present(&self.state_dir.join(RENEWAL_STATUS_FILE))?;
         for name in ["cert.pem", "key.pem", "ca.pem", REGISTRAR_FILE, RENEWAL_FILE] {
             let path = dir.join(name);
             match std::fs::remove_file(&path) {
@@ -332,12 +391,72 @@ struct PendingEnroll {
     wifi_ssid: Option<String>,
 }
 
+/// The private key blocks and the certificate blocks of a PEM text.
+fn split_pem(text: &str) -> (String, String) {
+    let (mut key, mut cert) = (String::new(), String::new());
+    let mut current: Option<&mut String> = None;
+    for line in text.lines() {
+        if line.starts_with("-----BEGIN ") {
+            current = if line.contains("PRIVATE KEY") { Some(&mut key) } else { Some(&mut cert) };
+        }
+        if let Some(out) = current.as_deref_mut() {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if line.starts_with("-----END ") {
+            current = None;
+        }
+    }
+    (key, cert)
+}
+
 fn remove_if_present(path: &Path) -> Result<(), StoreError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_error(path)(e)),
     }
+}
+
+/// Where the renewal task leaves its state, for `fleetd status`.
+pub const RENEWAL_STATUS_FILE: &str = "renewal.json";
+
+/// The identity's part of the status, and whether renewing stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewalStatus {
+    #[serde(flatten)]
+    pub identity: crate::status::IdentityStatus,
+    #[serde(default)]
+    pub stopped: bool,
+}
+
+/// Written by the renewal task: runtime state, atomic.
+pub fn write_renewal_status(state_dir: &Path, status: &RenewalStatus) -> Result<(), StoreError> {
+    let path = state_dir.join(RENEWAL_STATUS_FILE);
+    let bytes = serde_json::to_vec(status)
+        .map_err(|e| StoreError::Corrupt { path: path.clone(), message: e.to_string() })?;
+    fsutil::atomic_write(&path, &bytes, 0o644).map_err(io_error(&path))
+}
+
+/// The identity's status: what the renewal task last wrote, else the
+/// provisioned certificate's expiry (no renewal running). `None` for an
+/// identity configured by hand or none at all.
+pub fn identity_status(config: &crate::config::Config) -> Option<RenewalStatus> {
+    if config.provision.is_none() || config.mqtt.as_ref().is_some_and(|m| m.cert_file.is_some()) {
+        return None;
+    }
+    let store = ProvisionStore::new(&config.device.state_dir);
+    let cert = store.current_cert().ok()?;
+    let (_, not_after) = super::identity::certificate_validity(&cert)?;
+    let written = fsutil::read_capped(&config.device.state_dir.join(RENEWAL_STATUS_FILE), SMALL_FILE_BYTES)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<RenewalStatus>(&bytes).ok())
+        // Only about this certificate (not one renewal replaced since).
+        .filter(|s| s.identity.not_after == not_after);
+    Some(written.unwrap_or(RenewalStatus {
+        identity: crate::status::IdentityStatus { not_after, renew_at: None, last_renewal_error: None },
+        stopped: false,
+    }))
 }
 
 /// The registry's groups, when enrollment stored them, replace
@@ -442,6 +561,85 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A renewal is committed by its journal: a power cut after it (the
+    /// journal alone on disk) is finished at the next start, so the key
+    /// and certificate in place always belong together.
+    #[test]
+    fn a_renewal_is_put_in_place_from_its_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProvisionStore::new(dir.path());
+        let old = DeviceKey::generate().unwrap();
+        let new = DeviceKey::generate().unwrap();
+        let id_dir = store.ensure_identity_dir().unwrap();
+        fsutil::atomic_write(&id_dir.join("key.pem"), old.pem().as_bytes(), 0o600).unwrap();
+        std::fs::write(
+            id_dir.join("cert.pem"),
+            "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let cert = "-----BEGIN CERTIFICATE-----\nNEW\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n";
+        let identity = CheckedIdentity { cert_pem: cert.into(), key_pem: new.pem().into(), not_after: 0 };
+        // The power cut right after the commit: only the journal is written.
+        let journal = format!("{}\n{}", new.pem().trim_end(), cert);
+        fsutil::atomic_write(&id_dir.join(RENEWAL_FILE), journal.as_bytes(), 0o600).unwrap();
+        assert_eq!(store.current_key().unwrap(), old, "not yet in place");
+        assert!(store.finish_renewal().unwrap(), "the next start finishes it");
+        assert_eq!(store.current_key().unwrap(), new);
+        assert_eq!(store.current_cert().unwrap(), cert);
+        assert!(!id_dir.join(RENEWAL_FILE).exists());
+        assert!(!store.finish_renewal().unwrap(), "once");
+        // And the whole of it in one call.
+        let newer = DeviceKey::generate().unwrap();
+        store.save_renewed(&CheckedIdentity { key_pem: newer.pem().into(), ..identity }).unwrap();
+        assert_eq!(store.current_key().unwrap(), newer);
+        assert_eq!(mode(&id_dir.join("key.pem")), 0o600);
+        assert_eq!(mode(&id_dir.join("cert.pem")), 0o600);
+    }
+
+    /// What enrollment stores: the identity, the registrar (for renewals),
+    /// the registry's groups, which then replace `[device] groups`; the
+    /// pending request (0600) is gone, and a reset forgets it all.
+    #[test]
+    fn an_enrollment_is_stored_with_its_registrar_and_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = fleetd_fixture::DeviceConfig::default().to_toml() + "\n[provision]\nbackend = \"none\"\n";
+        let mut config = crate::config::Config::parse(&text, &dir.path().join("fleetd.toml")).unwrap();
+        let store = ProvisionStore::new(&config.device.state_dir);
+        let key = store.device_key().unwrap();
+        let registrar = Registrar::new("http://127.0.0.1:8443", None).unwrap();
+        let enroll = Enroll { registrar: registrar.clone(), claim: ClaimCode::from_bytes([7; 10]) };
+        store.save_enroll(None, &enroll).unwrap();
+        let pending = config.device.state_dir.join(ENROLL_FILE);
+        assert_eq!(mode(&pending), 0o600);
+        assert_eq!(store.pending_enroll().unwrap(), Some((enroll, None)));
+
+        let answer = EnrollResponse {
+            cert_pem: "-----BEGIN CERTIFICATE-----\nC\n-----END CERTIFICATE-----\n".into(),
+            chain_pem: String::new(),
+            mqtt: crate::provision::enroll::BrokerSettings {
+                host: "broker".into(),
+                port: 8884,
+                ca_pem: "CA".into(),
+            },
+            groups: vec!["eu".into()],
+        };
+        let identity =
+            CheckedIdentity { cert_pem: answer.cert_pem.clone(), key_pem: key.pem().into(), not_after: 0 };
+        let record = store.save_enrolled(&answer, &identity, &registrar, vec!["eu".into()], None, 9).unwrap();
+        assert!(record.complete() && record.broker_port == 8884);
+        assert!(!pending.exists(), "the request is done");
+        assert_eq!(store.registrar().unwrap(), Some(registrar));
+        assert_eq!(config.device.groups, ["pilot"]);
+        apply_provisioned_groups(&mut config);
+        assert_eq!(config.device.groups, ["eu"], "the registry's groups");
+
+        assert!(store.forget().unwrap());
+        assert_eq!(store.registrar().unwrap(), None);
+        let mut again = crate::config::Config::parse(&text, &dir.path().join("fleetd.toml")).unwrap();
+        apply_provisioned_groups(&mut again);
+        assert_eq!(again.device.groups, ["pilot"]);
     }
 
     #[test]

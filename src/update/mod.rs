@@ -14,7 +14,7 @@ pub use agent::{Agent, Refusal, Source};
 pub use engine::{Event, Job, Phase};
 pub use executor::{open, Admission, Cancel, ExecError, Executor, MarkError, OpenError, Report, Reporter};
 pub use state::{HistoryEntry, State, HISTORY_LEN};
-pub use status_doc::status_doc;
+pub use status_doc::{apply_identity, status_doc};
 
 /// The store of the update agent's document.
 pub type StateStore = crate::store::Store<State>;

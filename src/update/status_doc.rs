@@ -56,7 +56,7 @@ pub fn status_doc(
         .map(|j| j.phase.status_name())
         .unwrap_or(crate::status::UpdateState::Idle)
         .to_string();
-    StatusDoc {
+    let mut doc = StatusDoc {
         device: config.device.id.clone(),
         device_id_source: Some(config.device.id_source.as_str().to_string()),
         groups: config.device.groups.clone(),
@@ -73,6 +73,20 @@ pub fn status_doc(
         provisioned: true,
         network: None,
         mqtt: None,
+        identity: None,
         source: None,
+    };
+    apply_identity(&mut doc, config);
+    doc
+}
+
+/// The certificate's expiry and the renewal's state (`renewal.json`, which
+/// the daemon's renewal task writes); a renewal that stopped for good is
+/// the last error when there is no other.
+pub fn apply_identity(doc: &mut StatusDoc, config: &Config) {
+    let Some(status) = crate::provision::store::identity_status(config) else { return };
+    if let (true, Some(e)) = (status.stopped, &status.identity.last_renewal_error) {
+        doc.last_error.get_or_insert_with(|| e.clone());
     }
+    doc.identity = Some(status.identity);
 }

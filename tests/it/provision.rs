@@ -682,6 +682,14 @@ fn backend_none_refuses_a_request_with_wifi_at_once() {
     // The same without the Wi-Fi provisions the device.
     let out = provision(None, &url, &device.pop(), "127.0.0.1:8883", &pki.ca_pem, &args[..4]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    // The status shows the certificate's expiry; without a registrar the
+    // device does not renew, so no renewal time.
+    let expected =
+        fleetd::provision::identity::certificate_validity(&std::fs::read_to_string(&cert).unwrap());
+    device.wait_for("the identity in the status", Duration::from_secs(10), || {
+        device.status()["identity"]["not_after"].as_u64() == expected.map(|(_, not_after)| not_after)
+    });
+    assert!(device.status()["identity"].get("renew_at").is_none(), "{}", device.status());
     device.stop();
 }
 
@@ -751,5 +759,82 @@ fn an_enrollment_that_cannot_reach_its_registrar_returns_to_the_portal_by_name()
     // Open again: the next request is taken.
     let (status, answer) = post(serde_json::json!({"enroll": {"url": url, "claim": claim}}));
     assert_eq!(status, 200, "{answer}");
+    device.stop();
+}
+
+/// An image that names its registrar (`[provision] registrar`): the page
+/// asks for the PoP, the Wi-Fi and a claim code only, and sends `{enroll:
+/// {claim}}`; the device fills in the registrar from its config. Nothing
+/// listens at that registrar's address (no fake registrar), so the page
+/// ends by showing the named reason the device gives.
+#[test]
+fn the_portal_page_enrolls_with_a_claim_code_when_the_image_names_its_registrar() {
+    let Some(browser) = common::webdriver::Browser::start() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the browser test (chromium, chromium-driver)");
+        eprintln!("SKIP: needs chromium and chromium-driver (scripts/setup)");
+        return;
+    };
+    let mut device = NewDevice::new("127.0.0.1:0");
+    device.g.extra_config.push_str(&format!("registrar = \"http://127.0.0.1:{}\"\n", free_port()));
+    device.g.write_config();
+    device.start(None);
+    let url = device.wait_portal();
+    let pop = device.pop();
+    browser.goto(&url);
+    let shown = |b: &common::webdriver::Browser, id: &str| {
+        b.execute(&format!("return !document.getElementById('{id}').hidden"), serde_json::json!([])) == true
+    };
+    browser.wait_until("the claim code", Duration::from_secs(10), |b| {
+        shown(b, "enrollment") && shown(b, "claimbox")
+    });
+    assert!(!shown(&browser, "broker") && !shown(&browser, "identity"), "no broker or identity to give");
+
+    let result = |b: &common::webdriver::Browser| b.text("#result");
+    browser.type_into("#pop", &pop.to_lowercase());
+    browser.type_into("#claim", "7k2m 9q4r-xw3t-h8vn");
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("..");
+    browser.screenshot(&shots.join("portal-claim.png"));
+    browser.click("#submit");
+    browser
+        .wait_until("the outcome", Duration::from_secs(90), |b| result(b).starts_with("Enrollment failed"));
+    assert!(
+        result(&browser).starts_with("Enrollment failed: registrar-unreachable: "),
+        "{}",
+        result(&browser)
+    );
+    device.stop();
+    let log = device.log();
+    assert!(log.contains("enrolling with http://127.0.0.1:"), "{log}");
+    assert!(!log.contains(&pop) && !log.to_uppercase().contains("7K2M"), "{log}");
+}
+
+/// A power cut after an enrollment was accepted: its request was stored
+/// (0600: the claim is a secret) before the answer, so the next start makes
+/// it again before opening the portal, and the outcome is shown there.
+#[test]
+fn an_enrollment_cut_short_is_made_again_at_the_next_start() {
+    let (mut device, addr) = portal_device();
+    let key = fleetd::provision::pop::Pop::parse(&device.pop()).unwrap().request_key(DEVICE);
+    let client = PortalClient::new(&addr);
+    let body = serde_json::json!({"enroll": {"url": format!("http://127.0.0.1:{}", free_port()),
+        "claim": "7K2M-9Q4R-XW3T-H8VN"}});
+    let (status, answer) =
+        client.post_signed(&key, "/api/v1/provision", body.to_string().as_bytes()).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    if let Some(mut daemon) = device.daemon.take() {
+        daemon.signal(libc::SIGKILL);
+    }
+    let pending = device.g.path().join("state/enroll.json");
+    assert_eq!(std::fs::metadata(&pending).unwrap().permissions().mode() & 0o777, 0o600);
+
+    device.start(None);
+    device.wait_for("the enrollment made again", Duration::from_secs(90), || {
+        device.log().contains("resuming the enrollment") && device.status()["last_error"].is_string()
+    });
+    wait_answering(&device, &addr);
+    let (_, info) = client.call("GET", "/api/v1/info", None).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert!(info["last_error"].as_str().unwrap_or_default().starts_with("registrar-unreachable"), "{info}");
+    assert!(!pending.exists(), "forgotten once it ended");
     device.stop();
 }

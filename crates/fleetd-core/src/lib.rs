@@ -63,6 +63,7 @@ pub mod provision {
     pub mod identity;
     pub mod pop;
     pub mod portal;
+    pub mod renewal;
     pub mod request;
 }
 

@@ -32,9 +32,27 @@ pub struct StatusDoc {
     /// The broker connection: the daemon's own view over D-Bus, else what
     /// it last wrote to `connection.json`. None when nothing says.
     pub mqtt: Option<MqttStatus>,
+    /// The device's MQTT certificate: when it expires and, with a
+    /// registrar to renew it, when the renewal is due and why the last one
+    /// failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityStatus>,
     /// Where `fleetd status` got this: `daemon` (over D-Bus) or `disk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct IdentityStatus {
+    /// Unix seconds.
+    pub not_after: u64,
+    /// Unix seconds; absent when the device does not renew (no registrar,
+    /// or renewing stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<u64>,
+    /// `"<error-name>: <detail>"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_renewal_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -171,6 +189,16 @@ impl StatusDoc {
                 (false, None) => "disconnected".to_string(),
             };
             line("mqtt", text);
+        }
+        if let Some(i) = &self.identity {
+            let mut text = format!("certificate valid until {} (unix)", i.not_after);
+            if let Some(at) = i.renew_at {
+                text.push_str(&format!(", renews at {at}"));
+            }
+            if let Some(e) = &i.last_renewal_error {
+                text.push_str(&format!(", last renewal error: {e}"));
+            }
+            line("identity", text);
         }
         line("installed", format!("v{}", self.installed_version));
         match self.source.as_deref() {

@@ -262,6 +262,7 @@ mod tests {
             device: "gw-1".into(),
             device_id_source: None,
             groups: Vec::new(),
+            identity: None,
             fleetd_version: "0".into(),
             state: state.into(),
             installed_version: 1,

@@ -206,8 +206,21 @@ fn signer(key_pem: &str) -> Result<Box<dyn rustls::sign::Signer>, IdentityError>
         .ok_or_else(|| IdentityError::Key("not a P-256 key (only ES256 is accepted)".into()))
 }
 
-/// The certificate's notAfter, from a small DER walk (webpki keeps it private).
+/// The validity (notBefore, notAfter) of the first certificate in a PEM
+/// text: when the renewal is due.
+pub fn certificate_validity(cert_pem: &str) -> Option<(u64, u64)> {
+    let der = CertificateDer::pem_slice_iter(cert_pem.as_bytes()).next()?.ok()?;
+    validity(&der)
+}
+
+/// The certificate's notAfter.
 fn not_after(der: &[u8]) -> Option<u64> {
+    validity(der).map(|(_, not_after)| not_after)
+}
+
+/// The certificate's notBefore and notAfter, from a small DER walk (webpki
+/// keeps them private).
+fn validity(der: &[u8]) -> Option<(u64, u64)> {
     let (_, certificate, _) = crate::der::tlv(der)?;
     let (_, mut tbs, _) = crate::der::tlv(certificate)?;
     if tbs.first() == Some(&0xa0) {
@@ -217,9 +230,10 @@ fn not_after(der: &[u8]) -> Option<u64> {
         tbs = crate::der::tlv(tbs)?.2; // serial, signature, issuer
     }
     let (_, validity, _) = crate::der::tlv(tbs)?;
-    let (_, rest) = crate::der::tlv(validity).map(|(t, _, r)| (t, r))?;
+    let (tag, time, rest) = crate::der::tlv(validity)?;
+    let not_before = asn1_time(tag, time)?;
     let (tag, time, _) = crate::der::tlv(rest)?;
-    asn1_time(tag, time)
+    Some((not_before, asn1_time(tag, time)?))
 }
 
 /// UTCTime (YYMMDDHHMMSSZ) or GeneralizedTime (YYYYMMDDHHMMSSZ).
