@@ -169,68 +169,106 @@ fn cert_serial(cert: &Path) -> String {
     text.trim().strip_prefix("serial=").unwrap_or(&text).trim().to_ascii_uppercase()
 }
 
+/// A cloud namespace with the registrar (TLS, issuing with the test CA),
+/// mosquitto checking its CRL, an installer and an admin, and the device in
+/// its namespace with its registry row imported (groups canary and field)
+/// beside a second device's row without pop_key.
+struct World {
+    net: Net,
+    device: Field,
+    dir: PathBuf,
+    pki: Pki,
+    setup: Setup,
+    registrar: Registrar,
+    broker: Broker,
+}
+
+impl World {
+    fn new(database: impl FnOnce(&Path) -> String, extra_ca: &str) -> World {
+        let net = Net::new();
+        let device = Field::new(&format!("{}:8080", net.device_ip()));
+        let dir = device.g.path().to_path_buf();
+        let pki = Pki::new(&dir.join("pki"), net.cloud_ip());
+        let listen = std::net::SocketAddr::new(net.cloud_ip(), 8443);
+        let mut setup = Setup::new(
+            &dir.join("registrar"),
+            &pki,
+            listen,
+            database(&dir),
+            (net.cloud_ip().to_string(), 8883),
+        );
+        setup.extra_ca = extra_ca.to_string();
+
+        // on_crl_change reloads the broker as Debian's unit does
+        // (`ExecReload=/bin/kill -HUP $MAINPID`); the registrar writes the
+        // CRL first, since mosquitto refuses every client of a CA without one.
+        let broker_pid = dir.join("mosquitto.pid");
+        setup.on_crl_change = Some(format!("kill -HUP \"$(cat '{}')\"", broker_pid.display()));
+        setup.write();
+        setup.add_user(Some(&net), "installer", "installer", INSTALLER_PASSWORD);
+        setup.add_user(Some(&net), "admin", "admin", ADMIN_PASSWORD);
+        let registrar = Registrar::start(&setup, Some(&net));
+        assert!(setup.crl_path().exists(), "serve writes the CRL at start\n{}", registrar.log_text());
+        let broker = Broker::start_with_crl(
+            &net,
+            &pki,
+            &dir.join("broker"),
+            &[(DEVICE, PROJECT, "canary"), (DEVICE, PROJECT, "field")],
+            Some(&setup.crl_path()),
+        );
+        std::fs::write(&broker_pid, broker.pid().expect("broker pid").to_string()).unwrap();
+
+        // The factory: the device's row (its pop_key from its PoP), imported.
+        let row = device.g.fleetd(&["factory-row", "--groups", "canary;field"]);
+        assert!(row.status.success(), "{}", stderr(&row));
+        let row = stdout(&row).trim().to_string();
+        assert!(row.starts_with(&format!("{DEVICE},{PROJECT},")), "{row}");
+        let csv =
+            format!("serial,project,hardware,groups,pop_key\n{row}\n{SECOND},{PROJECT},rpi4-gw,field,\n");
+        let out = setup.import(Some(&net), &csv, &[]);
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        assert!(stdout(&out).contains("created"), "{}", stdout(&out));
+        World { net, device, dir, pki, setup, registrar, broker }
+    }
+
+    /// The installer provisions the started device with a claim; it enrolls
+    /// and connects. The PoP.
+    fn provision(&mut self) -> String {
+        let portal = self.device.wait_portal();
+        let pop = self.device.pop();
+        let out = provision_with_registrar(&self.net, &portal, &pop, &self.setup, "installer");
+        assert!(
+            out.status.success(),
+            "{}{}\n--- fleetd\n{}\n--- registrar\n{}",
+            stdout(&out),
+            stderr(&out),
+            self.device.log(),
+            self.registrar.log_text()
+        );
+        self.device.wait_for("MQTT with the registrar's certificate", Duration::from_secs(60), || {
+            self.device.connected()
+        });
+        pop
+    }
+}
+
 /// The whole flow against the database `database` gives (SQLite or PostgreSQL).
 fn whole_flow(database: impl FnOnce(&Path) -> String) {
     if !can_run_netns() {
         return;
     }
-    let net = Net::new();
-    let mut device = Field::new(&format!("{}:8080", net.device_ip()));
-    let dir = device.g.path().to_path_buf();
-    let pki = Pki::new(&dir.join("pki"), net.cloud_ip());
-    let listen = std::net::SocketAddr::new(net.cloud_ip(), 8443);
-    let mut setup =
-        Setup::new(&dir.join("registrar"), &pki, listen, database(&dir), (net.cloud_ip().to_string(), 8883));
-
-    // on_crl_change reloads the broker as Debian's unit does
-    // (`ExecReload=/bin/kill -HUP $MAINPID`); the registrar writes the CRL
-    // first, since mosquitto refuses every client of a CA without one.
-    let broker_pid = dir.join("mosquitto.pid");
-    setup.on_crl_change = Some(format!("kill -HUP \"$(cat '{}')\"", broker_pid.display()));
-    setup.write();
-    setup.add_user(Some(&net), "installer", "installer", INSTALLER_PASSWORD);
-    setup.add_user(Some(&net), "admin", "admin", ADMIN_PASSWORD);
-    let registrar = Registrar::start(&setup, Some(&net));
-    assert!(setup.crl_path().exists(), "serve writes the CRL at start\n{}", registrar.log_text());
-    let broker = Broker::start_with_crl(
-        &net,
-        &pki,
-        &dir.join("broker"),
-        &[(DEVICE, PROJECT, "canary"), (DEVICE, PROJECT, "field")],
-        Some(&setup.crl_path()),
-    );
-    std::fs::write(&broker_pid, broker.pid().expect("broker pid").to_string()).unwrap();
-
-    // The factory: the device's row (its pop_key from its PoP), imported.
-    let row = device.g.fleetd(&["factory-row", "--groups", "canary;field"]);
-    assert!(row.status.success(), "{}", stderr(&row));
-    let row = stdout(&row).trim().to_string();
-    assert!(row.starts_with(&format!("{DEVICE},{PROJECT},")), "{row}");
-    let csv = format!("serial,project,hardware,groups,pop_key\n{row}\n{SECOND},{PROJECT},rpi4-gw,field,\n");
-    let out = setup.import(Some(&net), &csv, &[]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert!(stdout(&out).contains("created"), "{}", stdout(&out));
-
+    let mut world = World::new(database, "");
     // An unknown serial: 403 serial-unknown, the designed backend's
     // "Invalid device serial number".
-    let installer = registrar.login("installer", INSTALLER_PASSWORD);
-    let (status, answer) = registrar.claim(&installer, "gw-9999");
+    let installer = world.registrar.login("installer", INSTALLER_PASSWORD);
+    let (status, answer) = world.registrar.claim(&installer, "gw-9999");
     assert_eq!((status, answer["error"].as_str()), (403, Some("serial-unknown")), "{answer}");
 
     // The installer provisions the device with a claim; the device enrolls.
-    device.start(&net);
-    let portal = device.wait_portal();
-    let pop = device.pop();
-    let out = provision_with_registrar(&net, &portal, &pop, &setup, "installer");
-    assert!(
-        out.status.success(),
-        "{}{}\n--- fleetd\n{}\n--- registrar\n{}",
-        stdout(&out),
-        stderr(&out),
-        device.log(),
-        registrar.log_text()
-    );
-    device.wait_for("MQTT with the registrar's certificate", Duration::from_secs(60), || device.connected());
+    world.device.start(&world.net);
+    let pop = world.provision();
+    let World { net, device, dir, pki, setup, registrar, broker } = &mut world;
+    let (net, dir, pki, setup, registrar, broker) = (&*net, &*dir, &*pki, &*setup, &*registrar, &*broker);
     let status = device.g.status();
     assert_eq!(status["provisioned"], true, "{status}");
     let first_cert = dir.join("first-cert.pem");
@@ -238,7 +276,7 @@ fn whole_flow(database: impl FnOnce(&Path) -> String) {
     std::fs::copy(device.identity("cert.pem"), &first_cert).unwrap();
     std::fs::copy(device.identity("key.pem"), &first_key).unwrap();
     let first_serial = cert_serial(&first_cert);
-    // TEMP assert!(status["identity"]["not_after"].as_u64().is_some(), "{status}");
+    assert!(status["identity"]["not_after"].as_u64().is_some(), "{status}");
     // The registry's groups, not the image's ("pilot"), are subscribed.
     let group_topic = format!("fleet/{PROJECT}/groups/canary/update");
     device.wait_for("the registry's group subscription", Duration::from_secs(20), || {
@@ -360,4 +398,63 @@ fn postgres_factory_to_field_and_revocation_reaches_the_broker() {
     let url = pg.socket_url("registrar");
     whole_flow(move |_| url);
     drop(pg);
+}
+
+/// Renewal end to end: certificates of 60 s, renewed by the running daemon
+/// at two thirds of their life with a new key, over one reconnect that keeps
+/// the MQTT session; then the device is revoked, and its next renewal is
+/// refused by name and reported, and renewing stops.
+#[test]
+fn the_daemon_renews_before_expiry_over_one_reconnect_and_a_revoked_device_is_refused() {
+    if !can_run_netns() {
+        return;
+    }
+    const LIFE: Duration = Duration::from_secs(60);
+    let mut world = World::new(Setup::sqlite, &format!("validity_s = {}\n", LIFE.as_secs()));
+    world.device.start(&world.net);
+    world.provision();
+    let World { net, device, setup, registrar, broker, .. } = &world;
+    let first_serial = cert_serial(&device.identity("cert.pem"));
+    let first_key = std::fs::read(device.identity("key.pem")).unwrap();
+    let status = device.g.status();
+    let (not_after, renew_at) =
+        (status["identity"]["not_after"].as_u64().unwrap(), status["identity"]["renew_at"].as_u64().unwrap());
+    assert!(renew_at < not_after && renew_at > now(), "{status}");
+    let connects = |b: &Broker| b.log().matches(&format!("as {DEVICE} (")).count();
+    let connects_before = connects(broker);
+
+    // Renewed before the old certificate expires: a new serial, a new key.
+    device.wait_for("the renewal", LIFE, || {
+        std::fs::read_to_string(device.identity("cert.pem"))
+            .is_ok_and(|_| cert_serial(&device.identity("cert.pem")) != first_serial)
+    });
+    assert!(now() < not_after, "renewed only after expiry");
+    assert_ne!(std::fs::read(device.identity("key.pem")).unwrap(), first_key, "a new key");
+    device.wait_for("the reconnection with the new certificate", Duration::from_secs(20), || {
+        device.connected() && connects(broker) > connects_before
+    });
+    // One reconnect, and the broker kept the session (CONNACK's session
+    // present flag is 1).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(connects(broker), connects_before + 1, "{}", broker.log());
+    assert!(broker.log().contains(&format!("Sending CONNACK to {DEVICE} (1, 0)")), "{}", broker.log());
+    let admin = registrar.login("admin", ADMIN_PASSWORD);
+    let record = registrar.device(&admin, DEVICE);
+    let states: Vec<&str> =
+        record["certificates"].as_array().unwrap().iter().map(|c| c["state"].as_str().unwrap()).collect();
+    assert_eq!(states.iter().filter(|s| **s == "active").count(), 1, "{record}");
+    assert_eq!(states.iter().filter(|s| **s == "superseded").count(), 1, "{record}");
+
+    // Revoked: the next renewal is refused by name, reported, and not retried.
+    let out = setup.cli(Some(net), &["revoke", DEVICE], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    device.wait_for("the refused renewal in the status", LIFE, || {
+        device.g.status()["identity"]["last_renewal_error"].as_str().is_some_and(|e| e.contains("revoked"))
+    });
+    let status = device.g.status();
+    assert!(status["last_error"].as_str().is_some_and(|e| e.contains("revoked")), "{status}");
+    let out = setup.cli(Some(net), &["audit"], "");
+    let refusals = stdout(&out).lines().filter(|l| l.contains("renew-refused")).count();
+    assert_eq!(refusals, 1, "{}", stdout(&out));
+    assert!(device.log().contains("revoked"), "{}", device.log());
 }
