@@ -458,3 +458,99 @@ fn the_daemon_renews_before_expiry_over_one_reconnect_and_a_revoked_device_is_re
     assert_eq!(refusals, 1, "{}", stdout(&out));
     assert!(device.log().contains("revoked"), "{}", device.log());
 }
+
+/// The installer's phone, without an app, in headless Chromium at a phone's
+/// viewport: the registrar's installer page (log in, the serial, the claim
+/// code and its QR code), then the device's portal of an image that names
+/// its registrar (PoP, no Wi-Fi on a wired device, the claim code); the
+/// device enrolls and connects to mosquitto with the registrar's
+/// certificate. Everything on loopback (plain HTTP is allowed there).
+/// Screenshots: target/registrar-claim.png, target/portal-claim.png,
+/// target/portal-enrolled.png.
+#[test]
+fn a_phone_gets_a_claim_code_from_the_installer_page_and_enrolls_the_device_at_its_portal() {
+    let Some(browser) = common::webdriver::Browser::start() else {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the browser test (chromium, chromium-driver)");
+        eprintln!("SKIP: needs chromium and chromium-driver (scripts/setup)");
+        return;
+    };
+    let localhost: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let registrar_addr = std::net::SocketAddr::new(localhost, free_port());
+    let broker_port = free_port();
+    let mut device = Field::new("127.0.0.1:0");
+    device.g.extra_config.push_str(&format!("registrar = \"http://{registrar_addr}\"\n"));
+    device.g.write_config();
+    let dir = device.g.path().to_path_buf();
+    let pki = Pki::new(&dir.join("pki"), localhost);
+    let setup = Setup::new(
+        &dir.join("registrar"),
+        &pki,
+        registrar_addr,
+        Setup::sqlite(&dir),
+        ("127.0.0.1".into(), broker_port),
+    );
+    setup.write();
+    setup.add_user(None, "installer", "installer", INSTALLER_PASSWORD);
+    let row = device.g.fleetd(&["factory-row", "--groups", "canary"]);
+    let csv = format!("serial,project,hardware,groups,pop_key\n{}", stdout(&row));
+    let out = setup.import(None, &csv, &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let registrar = Registrar::start(&setup, None);
+    let broker = Broker::start_local(
+        &pki,
+        &dir.join("broker"),
+        broker_port,
+        &[(DEVICE, PROJECT, "canary")],
+        Some(&setup.crl_path()),
+    );
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("..");
+
+    // The installer page: log in, type the serial, get the code.
+    browser.goto(&format!("{}/", registrar.url));
+    browser.type_into("#user", "installer");
+    browser.type_into("#password", INSTALLER_PASSWORD);
+    browser.click("#login");
+    browser.wait_until("the serial field", Duration::from_secs(10), |b| {
+        b.execute(
+            "return !document.getElementById('claim-section').classList.contains('hidden')",
+            serde_json::json!([]),
+        ) == true
+    });
+    browser.type_into("#serial", "gw-9999");
+    browser.click("#claim-request");
+    browser
+        .wait_until("the refusal", Duration::from_secs(10), |b| b.text("#error").contains("serial-unknown"));
+    browser.type_into("#serial", DEVICE);
+    browser.click("#claim-request");
+    browser.wait_until("the claim code", Duration::from_secs(10), |b| b.text("#claim-code").len() == 19);
+    let code = browser.text("#claim-code");
+    assert!(
+        browser.execute("return document.querySelector('#claim-qr svg') !== null", serde_json::json!([]))
+            == true,
+        "a QR code"
+    );
+    browser.full_page_screenshot(&shots.join("registrar-claim.png"));
+
+    // The device's portal: the PoP and the claim code (a wired device has
+    // no Wi-Fi to give).
+    device.daemon = Some(Daemon::start(&device.g.dev.config(), None, &[], &device.log));
+    let portal = device.wait_portal();
+    let pop = device.pop();
+    browser.goto(&portal);
+    browser.wait_until("the claim box", Duration::from_secs(10), |b| {
+        b.execute("return !document.getElementById('claimbox').hidden", serde_json::json!([])) == true
+    });
+    browser.type_into("#pop", &pop);
+    browser.type_into("#claim", &code.to_lowercase().replace('-', " "));
+    browser.full_page_screenshot(&shots.join("portal-claim.png"));
+    browser.click("#submit");
+    browser
+        .wait_until("the enrollment", Duration::from_secs(60), |b| b.text("#result").starts_with("Enrolled"));
+    browser.screenshot(&shots.join("portal-enrolled.png"));
+    device.wait_for("MQTT with the registrar's certificate", Duration::from_secs(60), || device.connected());
+    assert!(broker.log().contains(&format!("u'{DEVICE}'")), "{}", broker.log());
+    assert_eq!(device.g.status()["groups"], serde_json::json!(["canary"]));
+    device.stop();
+    let log = device.log();
+    assert!(!log.contains(&pop) && !log.contains(&code), "a secret in the log:\n{log}");
+}

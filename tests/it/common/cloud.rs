@@ -560,11 +560,17 @@ impl Broker {
         Self::start_at(place, pki, dir, groups, crl)
     }
 
-    /// The same broker on the host's loopback (127.0.0.1, a free port), for
-    /// tests that need no namespaces (a browser on the host); `pki` must be
-    /// made for 127.0.0.1.
-    pub fn start_local(pki: &Pki, dir: &Path, groups: &[(&str, &str, &str)], crl: Option<&Path>) -> Broker {
-        let place = (None, IpAddr::V4(Ipv4Addr::LOCALHOST), crate::common::free_port());
+    /// The same broker on the host's loopback (127.0.0.1:`port`), for tests
+    /// that need no namespaces (a browser on the host); `pki` must be made
+    /// for 127.0.0.1.
+    pub fn start_local(
+        pki: &Pki,
+        dir: &Path,
+        port: u16,
+        groups: &[(&str, &str, &str)],
+        crl: Option<&Path>,
+    ) -> Broker {
+        let place = (None, IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         Self::start_at(place, pki, dir, groups, crl)
     }
 
