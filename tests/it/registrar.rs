@@ -327,10 +327,10 @@ fn whole_flow(database: impl FnOnce(&Path) -> String) {
     device.stop();
     let out = device.g.fleetd(&["reset", "--factory"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    device.start(&net);
+    device.start(net);
     let portal = device.wait_portal();
     let reloads_before = broker.log().matches("Reloading config.").count();
-    let out = provision_with_registrar(&net, &portal, &pop, &setup, "installer");
+    let out = provision_with_registrar(net, &portal, &pop, setup, "installer");
     assert!(out.status.success(), "{}{}\n{}", stdout(&out), stderr(&out), device.log());
     device.wait_for("MQTT with the new certificate", Duration::from_secs(60), || {
         device.connected() && cert_serial(&device.identity("cert.pem")) != first_serial
@@ -357,22 +357,22 @@ fn whole_flow(database: impl FnOnce(&Path) -> String) {
     });
     let status_topic = |id: &str| format!("fleet/{PROJECT}/devices/{id}/status");
     assert!(
-        !broker_accepts(&net, &broker, &pki.ca_pem, &first_cert, &first_key, &status_topic(DEVICE)),
+        !broker_accepts(net, broker, &pki.ca_pem, &first_cert, &first_key, &status_topic(DEVICE)),
         "the superseded certificate still connects\n{}",
         broker.log()
     );
     assert!(broker.log().contains("certificate verify failed"), "{}", broker.log());
     assert!(
-        broker_accepts(&net, &broker, &pki.ca_pem, &second_cert, &second_key_file, &status_topic(SECOND)),
+        broker_accepts(net, broker, &pki.ca_pem, &second_cert, &second_key_file, &status_topic(SECOND)),
         "{}",
         broker.log()
     );
     device.wait_for("the re-enrolled device on MQTT", Duration::from_secs(60), || device.connected());
 
     // The audit trail holds it all and verifies.
-    let out = setup.cli(Some(&net), &["audit", "--verify"], "");
+    let out = setup.cli(Some(net), &["audit", "--verify"], "");
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    let out = setup.cli(Some(&net), &["audit"], "");
+    let out = setup.cli(Some(net), &["audit"], "");
     let actions: Vec<String> =
         stdout(&out).lines().filter_map(|l| l.split_whitespace().nth(3).map(str::to_string)).collect();
     for action in ["user-add", "import", "login", "claim", "enroll", "enroll-refused"] {
@@ -385,7 +385,7 @@ fn whole_flow(database: impl FnOnce(&Path) -> String) {
 
 #[test]
 fn sqlite_factory_to_field_and_revocation_reaches_the_broker() {
-    whole_flow(|dir| Setup::sqlite(dir));
+    whole_flow(Setup::sqlite);
 }
 
 #[test]

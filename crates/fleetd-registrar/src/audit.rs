@@ -150,12 +150,13 @@ pub async fn verify(db: &Db) -> Result<Option<i64>> {
 }
 
 /// One line of `fleetctl registrar audit`:
-/// `ID AT ACTOR ACTION SUBJECT DETAIL` (DETAIL last, as JSON string).
+/// `ID AT ACTOR ACTION SUBJECT DETAIL` (AT in UTC, DETAIL last, as a JSON
+/// string).
 pub fn format_line(entry: &Entry) -> String {
     format!(
         "{} {} {} {} {} {}",
         entry.id,
-        entry.at,
+        utc(entry.at),
         entry.actor,
         entry.action,
         entry.subject,
@@ -163,9 +164,32 @@ pub fn format_line(entry: &Entry) -> String {
     )
 }
 
+/// `2026-12-07T06:59:38Z`, or the seconds when out of range.
+fn utc(at: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(at) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => at.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_read_as_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(1_796_626_778), "2026-12-07T06:59:38Z");
+        assert_eq!(utc(i64::MAX), i64::MAX.to_string());
+    }
 
     fn chain(n: i64) -> Vec<Entry> {
         let mut entries = Vec::new();

@@ -45,8 +45,8 @@ impl Issuer {
 
     /// From the `[ca]` files; the key is refused unless 0600.
     pub fn load(cert: &Path, key: &Path) -> Result<Self> {
-        let key_pem = crate::config::read_private_key(key)?;
-        let cert_pem = crate::config::read_text(cert)?;
+        let key_pem = crate::files::read_private_key(key)?;
+        let cert_pem = crate::files::read_text(cert)?;
         Self::from_pem(&cert_pem, &key_pem)
     }
 }

@@ -2,9 +2,9 @@
 //! every refusal, axum's own included (content type, JSON, body size,
 //! route), is `{error, detail}`.
 
+use crate::app::App;
 use crate::error::{RegistrarError, Result};
 use crate::names::Role;
-use crate::serve::App;
 use crate::{audit, claims, db, devices, enroll, users};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{header, request::Parts, HeaderMap};

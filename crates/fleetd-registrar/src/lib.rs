@@ -7,6 +7,7 @@
 //! Pure parts (no IO): `names`, `config::Config::parse`, `ca::issue`,
 //! `audit::chain_hash`, `import::parse_csv`, `users::lockout_after`.
 
+pub mod app;
 pub mod audit;
 pub mod ca;
 pub mod claims;
@@ -16,6 +17,7 @@ pub mod db;
 pub mod devices;
 pub mod enroll;
 pub mod error;
+pub mod files;
 pub mod http;
 pub mod import;
 pub mod limiter;
@@ -25,8 +27,9 @@ pub mod serve;
 pub mod testing;
 pub mod users;
 
+pub use app::App;
 pub use ca::{issue, Issued, Issuer};
 pub use config::Config;
 pub use db::Db;
 pub use error::RegistrarError;
-pub use serve::{run, App};
+pub use serve::run;

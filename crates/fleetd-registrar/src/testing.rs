@@ -3,11 +3,11 @@
 //! them on PostgreSQL (`check_*(url)`). Every check uses serials and user
 //! names of its own, so they can share one database. Each panics on failure.
 
+use crate::app::App;
 use crate::ca::test_ca::{make_ca, make_csr};
 use crate::config::Config;
 use crate::db::{self, Db};
 use crate::names::Role;
-use crate::serve::App;
 use crate::{audit, claims, devices, enroll, import, users};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -350,12 +350,12 @@ pub async fn check_enroll(db_url: &str) {
     let superseded = certs.iter().find(|c| c.0 == first[0].0).unwrap();
     assert_eq!(superseded.1, "superseded");
     // The CRL (served and on disk) soon lists the superseded serial.
-    let deadline = std::time::Instant::now() + crate::serve::CRL_COALESCE * 10;
+    let deadline = std::time::Instant::now() + crate::app::CRL_COALESCE * 10;
     while !crl_serials(&std::fs::read_to_string(&f.config.crl_file).unwrap()).contains(&first[0].0) {
         assert!(
             std::time::Instant::now() < deadline,
             "no new CRL within {:?}",
-            crate::serve::CRL_COALESCE * 10
+            crate::app::CRL_COALESCE * 10
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -521,7 +521,7 @@ pub async fn check_login(db_url: &str) {
     assert!(audit_actions(db, "login-failed").await >= 6);
     // Over HTTP, one address: rate-limited after the burst.
     let mut names = Vec::new();
-    for _ in 0..(crate::serve::LOGIN_BURST + 2) {
+    for _ in 0..(crate::app::LOGIN_BURST + 2) {
         let body = json!({"user": unique("ghost"), "password": "x"});
         let (status, answer) = f.call("POST", "/v1/login", None, Some(body)).await;
         names.push((status.as_u16(), error_name(&answer).to_string()));
