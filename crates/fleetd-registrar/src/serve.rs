@@ -101,29 +101,37 @@ pub async fn serve(
 ) {
     let router = http::router(app);
     let mut tasks = JoinSet::new();
+    // At most MAX_CONNECTIONS at once: beyond that the loop stops accepting
+    // and the kernel's backlog holds the rest (as mini-redis does), rather
+    // than accepting and resetting them.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        while tasks.try_join_next().is_some() {}
+        let slot = tokio::select! {
             _ = &mut shutdown => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        eprintln!("registrar: accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                if tasks.len() >= MAX_CONNECTIONS {
-                    continue;
-                }
-                let (router, tls) = (router.clone(), tls.clone());
-                tasks.spawn(async move {
-                    let _ = tokio::time::timeout(CONNECTION_LIMIT, connection(stream, peer, router, tls)).await;
-                });
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                eprintln!("registrar: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        let (router, tls) = (router.clone(), tls.clone());
+        tasks.spawn(async move {
+            let _slot = slot;
+            let _ = tokio::time::timeout(CONNECTION_LIMIT, connection(stream, peer, router, tls)).await;
+        });
     }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
