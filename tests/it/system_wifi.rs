@@ -92,6 +92,14 @@ fn on_host(test: &str) {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(&from, &to).unwrap();
     }
+    // The guest's root is a RAM filesystem of half its memory, and debug
+    // info is most of a debug build's bytes: the three binaries would fill
+    // it. Panic messages keep their locations without it.
+    for bin in [me.clone(), crate::common::fleetd_bin(), crate::common::fleetctl_bin()] {
+        let copy = overlay.join(bin.strip_prefix("/").unwrap());
+        let status = Command::new("strip").arg("--strip-debug").arg(&copy).status().unwrap();
+        assert!(status.success(), "strip --strip-debug {}", copy.display());
+    }
     let init = format!(
         "#!/bin/sh\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
