@@ -24,7 +24,10 @@ fn bench_verify(c: &mut Criterion) {
             url: "https://updates.example.com/rpi4-gw/2026.11.1.img".into(),
             size: 268_435_456,
             sha256: "c7be90c1253943c94f256c17c430305e300d117d8a70adaf749bf2488913b184".into(),
+            encoding: Default::default(),
+            index: None,
         },
+        requires: vec![],
     };
     let mut envelope = Envelope::new(&claims.to_json());
     envelope.add_signature(&fleet, "fleet").expect("sign");

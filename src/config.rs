@@ -368,6 +368,34 @@ pub struct Update {
     /// fsync and record progress every this many MiB.
     #[serde(default = "default_checkpoint_mib")]
     pub checkpoint_mib: u64,
+    /// Use a message's block index to fetch only the blocks the slots lack.
+    #[serde(default = "default_true")]
+    pub adaptive: bool,
+    /// An adaptive plan may fetch at most this percent of the image (index
+    /// included); above it, `adaptive_fallback` decides.
+    #[serde(default = "default_adaptive_max_fetch")]
+    pub adaptive_max_fetch: u8,
+    #[serde(default)]
+    pub adaptive_fallback: AdaptiveFallback,
+}
+
+/// `[update] adaptive_fallback`: over budget, or with a server that ignores
+/// `Range`, download the whole image (`full`) or fail by name (`fail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdaptiveFallback {
+    #[default]
+    Full,
+    Fail,
+}
+
+impl AdaptiveFallback {
+    pub fn plan(self) -> crate::image::plan::Fallback {
+        match self {
+            Self::Full => crate::image::plan::Fallback::Full,
+            Self::Fail => crate::image::plan::Fallback::Fail,
+        }
+    }
 }
 
 impl Default for Update {
@@ -382,8 +410,19 @@ impl Default for Update {
             retry_base_ms: default_retry_base_ms(),
             give_up_after_s: default_give_up_after(),
             checkpoint_mib: default_checkpoint_mib(),
+            adaptive: true,
+            adaptive_max_fetch: default_adaptive_max_fetch(),
+            adaptive_fallback: AdaptiveFallback::Full,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_adaptive_max_fetch() -> u8 {
+    100
 }
 
 fn default_stall_timeout() -> u64 {
@@ -652,6 +691,9 @@ impl Config {
         // test (decimal): both agree only on single digits.
         if !(1..=9).contains(&self.boot.attempts) {
             return Err(self.invalid("boot.attempts", "must be between 1 and 9"));
+        }
+        if self.update.adaptive_max_fetch == 0 || self.update.adaptive_max_fetch > 100 {
+            return Err(self.invalid("update.adaptive_max_fetch", "a percentage from 1 to 100"));
         }
         if self.update.checkpoint_mib == 0 || self.update.stall_timeout_s == 0 || self.update.retries == 0 {
             return Err(

@@ -4,7 +4,7 @@
 //! encoders) perform no IO; the binaries and the daemon wire them to disks and
 //! sockets. See `ARCHITECTURE.md` for the map.
 
-pub use fleetd_core::{admission, backoff, der, device_id, error_name, status, trust, wifi};
+pub use fleetd_core::{admission, backoff, der, device_id, error_name, image, status, trust, wifi};
 
 pub mod boot;
 pub mod bus;

@@ -183,7 +183,7 @@ fn demo_command() -> ExitCode {
 
 /// The outcome of `fleetd verify`, for printing.
 enum VerifyOutcome {
-    Accepted(trust::Claims),
+    Accepted(Box<trust::Claims>),
     Rejected(VerifyError),
 }
 
@@ -225,7 +225,7 @@ fn verify_file(config_path: &Path, file: &Path) -> Result<VerifyOutcome, CliErro
     // One byte past the cap is enough to know the message is too large.
     let input = crate::fsutil::read_prefix(file, trust::MAX_MESSAGE_BYTES + 1).map_err(file_error(file))?;
     Ok(match policy.verify(&input, &state.trust_state(), crate::system_now()) {
-        Ok(verified) => VerifyOutcome::Accepted(verified.claims),
+        Ok(verified) => VerifyOutcome::Accepted(Box::new(verified.claims)),
         Err(e) => VerifyOutcome::Rejected(e),
     })
 }

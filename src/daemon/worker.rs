@@ -141,12 +141,16 @@ fn reporter(reports: mpsc::UnboundedSender<Outbound>, sink: crate::bus::Sink) ->
         crate::bus::send(&sink, BusEvent::Report(report.clone()));
         let outbound = match report {
             Report::Status(doc) => Outbound::Status(doc.clone()),
-            Report::Progress { jti, version, done, total } => Outbound::Progress(Progress::Download {
-                jti: jti.clone(),
-                version: *version,
-                done: *done,
-                total: *total,
-            }),
+            Report::Progress { jti, version, done, total, fetched, reused } => {
+                Outbound::Progress(Progress::Download {
+                    jti: jti.clone(),
+                    version: *version,
+                    done: *done,
+                    total: *total,
+                    fetched: *fetched,
+                    reused: *reused,
+                })
+            }
             Report::Step { state, detail, failure, job } => {
                 notify::status(&format!("{state}: {detail}"));
                 logging::step(*state, detail, failure.as_ref(), job.as_ref());

@@ -48,8 +48,8 @@ pub enum Outbound {
 /// What the progress topic carries, before it is JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
-    /// Bytes of the image received.
-    Download { jti: String, version: u64, done: u64, total: u64 },
+    /// Bytes of the image in the slot; bytes fetched and reused to get there.
+    Download { jti: String, version: u64, done: u64, total: u64, fetched: u64, reused: u64 },
     /// A new step of the job (the status `state`) or an event in it.
     Step { state: crate::status::UpdateState, detail: String },
     /// A second delivery of a message already handled: not run again, but
@@ -79,9 +79,10 @@ impl Progress {
 
     fn to_json(&self) -> Vec<u8> {
         let value = match self {
-            Self::Download { jti, version, done, total } => serde_json::json!({
+            Self::Download { jti, version, done, total, fetched, reused } => serde_json::json!({
                 "jti": jti, "version": version, "step": "downloading",
                 "progress": done * 100 / (*total).max(1), "bytes": done, "total": total,
+                "bytes_fetched": fetched, "bytes_reused": reused,
             }),
             Self::Step { state, detail } => serde_json::json!({ "step": state, "detail": detail }),
             Self::Duplicate { jti } => serde_json::json!({

@@ -11,7 +11,7 @@ pub mod slot_writer;
 mod status_doc;
 
 pub use agent::{Agent, Refusal, Source};
-pub use engine::{Event, Job, Phase};
+pub use engine::{Event, Job, Phase, Transfer};
 pub use executor::{open, Admission, Cancel, ExecError, Executor, MarkError, OpenError, Report, Reporter};
 pub use state::{HistoryEntry, State, HISTORY_LEN};
 pub use status_doc::{apply_identity, status_doc};

@@ -166,6 +166,20 @@ impl SlotWriter {
         Ok(())
     }
 
+    /// Takes the next bytes of the image, known to be in the slot already at
+    /// this offset (an adaptive install read and checked them there): hashed,
+    /// not written.
+    pub fn push_unchanged(&mut self, data: &[u8]) -> Result<(), WriteError> {
+        if self.position() + data.len() as u64 > self.size {
+            return Err(WriteError::TooManyBytes { size: self.size });
+        }
+        self.write_pending()?;
+        self.hasher.update(data);
+        self.offset += data.len() as u64;
+        self.stats.skipped += data.len() as u64;
+        Ok(())
+    }
+
     /// Hands the buffered bytes (a partial block after a cut, say) to the IO thread.
     pub fn write_pending(&mut self) -> Result<(), WriteError> {
         self.check_failed()?;

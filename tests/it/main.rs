@@ -14,6 +14,7 @@ mod demo;
 mod device_identity;
 mod docs;
 mod hostapd;
+mod image;
 mod install_cycle;
 mod install_faults;
 mod interop;

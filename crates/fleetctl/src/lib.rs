@@ -1,5 +1,5 @@
 //! fleetd's fleet side: keys and signing (`cli`), the co-signer service
-//! (`cosigner`), publishing to and watching devices (`publish`),
+//! (`cosigner`), image packing (`image`), publishing to and watching devices (`publish`),
 //! provisioning a device through its portal, and the guided demo.
 //!
 //! Architecture invariant: the device build never depends on this crate;
@@ -8,4 +8,5 @@
 
 pub mod cli;
 pub mod cosigner;
+pub mod image;
 pub mod publish;

@@ -8,6 +8,8 @@
 //!   `bus::policy`: how the daemon answers each D-Bus call;
 //! - `provision`: the portal's protocol (proof of possession, request
 //!   authentication, lock-out, the request, the device's identity);
+//! - `image`: the packed image's formats (block index, seek table) and the
+//!   adaptive install's plan;
 //! - `mqtt::aws`: AWS IoT's job documents; `device_id`: the id from the
 //!   hardware; `der`, `admission`, `backoff`,
 //!   `wifi`: the small shared pieces.
@@ -20,6 +22,7 @@ pub mod backoff;
 pub mod der;
 pub mod device_id;
 pub mod error_name;
+pub mod image;
 pub mod status;
 pub mod trust;
 pub mod wifi;
@@ -33,7 +36,7 @@ pub mod update {
     pub mod state;
 
     pub use agent::{Agent, Refusal, Source};
-    pub use engine::{Event, Job, Phase};
+    pub use engine::{Event, Job, Phase, Transfer};
     pub use report::Report;
     pub use state::{HistoryEntry, State, HISTORY_LEN};
 }

@@ -87,6 +87,12 @@ pub struct JobStatus {
     pub target_slot: String,
     pub step: UpdateState,
     pub progress: u8,
+    /// Bytes received from the network for this job, index included.
+    #[serde(default)]
+    pub bytes_fetched: u64,
+    /// Image bytes copied from the device's own slots instead of fetched.
+    #[serde(default)]
+    pub bytes_reused: u64,
 }
 
 /// An update's state, as the status document, the MQTT reports and D-Bus
@@ -217,10 +223,18 @@ impl StatusDoc {
                 "job",
                 format!("{} v{} → slot {}: {} {}%", j.name, j.version, j.target_slot, j.step, j.progress),
             );
+            if j.bytes_fetched > 0 || j.bytes_reused > 0 {
+                line("transfer", format!("{} fetched, {} reused", mib(j.bytes_fetched), mib(j.bytes_reused)));
+            }
         }
         line("last error", self.last_error.clone().unwrap_or_else(|| "none".into()));
         out
     }
+}
+
+/// Bytes for a person: `12.3 MiB`.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
 #[cfg(test)]

@@ -6,9 +6,11 @@
 //! acme-gateways, two file slots, GRUB), with paths relative to the
 //! configuration file's folder.
 //!
-//! `broker` is the demo's embedded MQTT broker.
+//! `broker` is the demo's embedded MQTT broker; `images` makes synthetic
+//! images for the image tests and benchmarks.
 
 pub mod broker;
+pub mod images;
 
 /// A device's `fleetd.toml`, field by field; `to_toml` writes it.
 #[derive(Debug, Clone)]

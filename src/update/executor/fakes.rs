@@ -5,7 +5,9 @@ use super::Executor;
 use crate::boot::{BootControl, BootError, SlotState};
 use crate::config::Config;
 use crate::trust::{Envelope, SigningKey};
-use crate::update::fetch::{FetchError, FetchHooks, FetchPolicy, FetchStats, ImageSource, LocalFuture};
+use crate::update::fetch::{
+    Checkpoint, FetchError, FetchHooks, FetchPolicy, FetchStats, ImageRequest, ImageSource, LocalFuture,
+};
 use crate::update::slot_writer::SlotWriter;
 use crate::update::{Report, State, StateStore};
 use std::collections::BTreeMap;
@@ -53,7 +55,7 @@ pub(super) struct MemorySource {
 impl ImageSource for MemorySource {
     fn fetch_into<'a>(
         &'a self,
-        _url: &'a str,
+        _request: &'a ImageRequest,
         writer: &'a mut SlotWriter,
         _policy: &'a FetchPolicy,
         hooks: FetchHooks<'a>,
@@ -65,11 +67,11 @@ impl ImageSource for MemorySource {
             let from = writer.position() as usize;
             for chunk in self.image[from..].chunks(64 << 10) {
                 writer.push(chunk)?;
-                (hooks.on_progress)(writer.position(), writer.size());
+                (hooks.on_progress)(writer.position(), writer.size(), Default::default());
             }
-            let durable = writer.sync()?;
-            (hooks.on_checkpoint)(durable)?;
-            Ok(FetchStats { received: self.image.len() as u64, attempts: 1 })
+            let written = writer.sync()?;
+            (hooks.on_checkpoint)(Checkpoint { written, transfer: Default::default() })?;
+            Ok(FetchStats { received: self.image.len() as u64, attempts: 1, reused: 0 })
         })
     }
 }
@@ -149,7 +151,10 @@ impl World {
                 url: "http://image.invalid/v8.img".into(),
                 size: self.image.len() as u64,
                 sha256: crate::trust::hex(ring::digest::digest(&ring::digest::SHA256, &self.image).as_ref()),
+                encoding: Default::default(),
+                index: None,
             },
+            requires: vec![],
         };
         let mut e = Envelope::new(&claims.to_json());
         e.add_signature(&self.fleet, "fleet").unwrap();

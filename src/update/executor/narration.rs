@@ -39,10 +39,10 @@ pub(super) fn download_retry(why: &str, wait: Duration) -> String {
     format!("download interrupted ({why}); retrying in {} ms", wait.as_millis())
 }
 
-pub(super) fn image_verified(stats: &WriteStats) -> String {
+pub(super) fn image_verified(stats: &WriteStats, transfer: &crate::update::Transfer) -> String {
     format!(
-        "image verified (sha256 ok); {} bytes written, {} unchanged bytes skipped",
-        stats.written, stats.skipped
+        "image verified (sha256 ok); {} bytes written, {} unchanged bytes skipped; {} bytes fetched, {} bytes reused from the slots",
+        stats.written, stats.skipped, transfer.bytes_fetched, transfer.bytes_reused
     )
 }
 

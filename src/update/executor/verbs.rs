@@ -8,7 +8,7 @@ use crate::status::UpdateState;
 use crate::store::StoreError;
 use crate::update::agent::{Action, BootFacts, Input};
 use crate::update::engine::{Event, Failure};
-use crate::update::fetch::{FetchHooks, FetchPolicy};
+use crate::update::fetch::{AdaptiveRequest, Checkpoint, FetchHooks, FetchPolicy, ImageRequest};
 use crate::update::slot_writer::{SlotWriter, DEFAULT_BLOCK};
 use crate::update::Report;
 use std::path::PathBuf;
@@ -132,13 +132,14 @@ impl Executor {
         let slot_path = self.refuse_booted_target(&job.target_slot)?;
         let mut writer = SlotWriter::open(&slot_path, job.size, from, DEFAULT_BLOCK)?;
         let policy = self.fetch_policy();
+        let request = self.image_request(&job, &slot_path)?;
         let agent = &mut self.agent;
         let store = &self.store;
         // Two hooks report; they take turns with the one reporter.
         let reporter = std::cell::RefCell::new(&mut self.reporter);
-        let mut on_checkpoint = |durable: u64| -> Result<(), StoreError> {
-            let actions =
-                agent.handle(Input::Job(Event::Checkpoint { written: durable }), crate::system_now());
+        let mut on_checkpoint = |checkpoint: Checkpoint| -> Result<(), StoreError> {
+            let event = Event::Checkpoint { written: checkpoint.written, transfer: checkpoint.transfer };
+            let actions = agent.handle(Input::Job(event), crate::system_now());
             for action in actions {
                 if action == Action::Persist {
                     store.save(agent.state())?;
@@ -147,7 +148,7 @@ impl Executor {
             Ok(())
         };
         let mut last_percent = u64::MAX;
-        let mut on_progress = |done: u64, total: u64| {
+        let mut on_progress = |done: u64, total: u64, transfer: crate::update::Transfer| {
             let percent = done * 100 / total.max(1);
             if percent != last_percent {
                 last_percent = percent;
@@ -156,6 +157,8 @@ impl Executor {
                     version: job.version,
                     done,
                     total,
+                    fetched: transfer.bytes_fetched,
+                    reused: transfer.bytes_reused,
                 });
             }
         };
@@ -167,22 +170,58 @@ impl Executor {
                 job: Some((job.jti.clone(), job.version)),
             });
         };
+        let mut on_note = |note: String| {
+            (reporter.borrow_mut())(&Report::Step {
+                state: UpdateState::Downloading,
+                detail: note,
+                failure: None,
+                job: Some((job.jti.clone(), job.version)),
+            });
+        };
         let hooks = FetchHooks {
             on_checkpoint: &mut on_checkpoint,
             on_progress: &mut on_progress,
             on_retry: &mut on_retry,
+            on_note: &mut on_note,
         };
-        self.source.fetch_into(&job.url, &mut writer, &policy, hooks).await?;
+        let fetched = self.source.fetch_into(&request, &mut writer, &policy, hooks).await?;
         let stats = writer.finish(&job.sha256)?;
+        let transfer = crate::update::Transfer {
+            source_offset: 0,
+            bytes_fetched: request.base.bytes_fetched + fetched.received,
+            bytes_reused: request.base.bytes_reused + fetched.reused,
+        };
         // A checkpoint's persisted state is the agent's: report it now.
         self.report_status();
         (self.reporter)(&Report::Step {
             state: UpdateState::Installing,
-            detail: narration::image_verified(&stats),
+            detail: narration::image_verified(&stats, &transfer),
             failure: None,
             job: Some((job.jti.clone(), job.version)),
         });
         Ok(())
+    }
+
+    /// What the download is: the encoding and, when the message has an
+    /// index and `[update] adaptive` is on, the slots an adaptive install reads.
+    fn image_request(
+        &self,
+        job: &crate::update::Job,
+        target: &std::path::Path,
+    ) -> Result<ImageRequest, ActionError> {
+        let u = &self.config.update;
+        let adaptive = match (&job.index, u.adaptive) {
+            (Some(index), true) => Some(AdaptiveRequest {
+                index: index.clone(),
+                sha256: job.sha256.clone(),
+                target: target.to_path_buf(),
+                booted: self.slot_device(&job.from_slot)?,
+                max_fetch_percent: u.adaptive_max_fetch,
+                fallback: u.adaptive_fallback.plan(),
+            }),
+            _ => None,
+        };
+        Ok(ImageRequest { url: job.url.clone(), encoding: job.encoding, base: job.transfer, adaptive })
     }
 
     fn fetch_policy(&self) -> FetchPolicy {

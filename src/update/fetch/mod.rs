@@ -12,12 +12,17 @@
 //! the start of this process's download: only a restart of fleetd, which
 //! no server can cause, starts it again.
 
+mod adaptive;
 mod http_source;
-pub use http_source::{HttpSource, ImageSource, LocalFuture};
+mod sink;
+pub use http_source::{AdaptiveRequest, HttpSource, ImageRequest, ImageSource, LocalFuture};
+pub use sink::{zstd_limit, DecodeError};
 
 use super::slot_writer::{SlotWriter, WriteError};
+use crate::update::Transfer;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
+use sink::{RawSink, Sink, SinkError, ZstdSink};
 use std::time::Duration;
 // tokio's clock, so that tests can run the retry timing on paused time.
 use tokio::time::Instant;
@@ -60,6 +65,31 @@ crate::error_name::named_error! {
         #[name(of 0)]
         #[error(transparent)]
         Write(#[from] WriteError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Decode(#[from] DecodeError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Index(#[from] crate::image::index::IndexError),
+        #[name(of 0)]
+        #[error(transparent)]
+        Budget(#[from] crate::image::plan::BudgetError),
+        /// A `Range` request answered with the whole file (200).
+        #[name = "range-ignored"]
+        #[error("{name}: {url} answered a Range request with the whole file; adaptive installs need single-range requests (adaptive_fallback = \"full\" downloads the whole image instead)")]
+        RangeIgnored { url: String },
+        /// The index does not hash to the signed digest.
+        #[name = "index-hash-mismatch"]
+        #[error("{name}: the index hashes to {got}, the message says {want}")]
+        IndexHashMismatch { got: String, want: String },
+        /// A fetched frame decoded to other bytes than the index lists.
+        #[name = "frame-mismatch"]
+        #[error("{name}: frame {frame} (image bytes {start}..{end}) does not decode to the blocks the index lists")]
+        FrameMismatch { frame: usize, start: u64, end: u64 },
+        /// A local slot could not be read while planning or copying.
+        #[name = "slot-read"]
+        #[error("{name}: {path}: {source}")]
+        SlotRead { path: std::path::PathBuf, source: std::io::Error },
         #[name = "download-refused"]
         #[error("{name}: HTTP {status} from {url}")]
         Refused { status: u16, url: String },
@@ -98,23 +128,44 @@ impl From<WriteError> for Interrupted {
     }
 }
 
+impl From<SinkError> for Interrupted {
+    fn from(e: SinkError) -> Self {
+        Self::Permanent(match e {
+            SinkError::Write(e) => FetchError::Write(e),
+            SinkError::Decode(e) => FetchError::Decode(e),
+        })
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FetchStats {
-    /// Image bytes received over the network (including any re-sent).
+    /// Bytes received over the network (including any re-sent), index included.
     pub received: u64,
     pub attempts: u32,
+    /// Image bytes copied from the local slots (adaptive installs).
+    pub reused: u64,
+}
+
+/// A durable point of a download: the image bytes fsynced in the slot, and
+/// the transfer's state there (the job's whole figures, earlier runs included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub written: u64,
+    pub transfer: Transfer,
 }
 
 pub type Client = crate::http::HttpsClient<Empty<Bytes>>;
 
 /// What a download tells its caller as it goes.
 pub struct FetchHooks<'a> {
-    /// Each durable (fsynced) offset; an error stops the download.
-    pub on_checkpoint: &'a mut dyn FnMut(u64) -> Result<(), crate::store::StoreError>,
-    /// Every received chunk: (received, total).
-    pub on_progress: &'a mut dyn FnMut(u64, u64),
+    /// Each durable (fsynced) point; an error stops the download.
+    pub on_checkpoint: &'a mut dyn FnMut(Checkpoint) -> Result<(), crate::store::StoreError>,
+    /// Every received chunk: (image bytes done, total, the job's transfer so far).
+    pub on_progress: &'a mut dyn FnMut(u64, u64, Transfer),
     /// An interrupted attempt: why, and the wait before the next.
     pub on_retry: &'a mut dyn FnMut(&str, Duration),
+    /// A step worth a line in the journal (an adaptive install's plan).
+    pub on_note: &'a mut dyn FnMut(String),
 }
 
 /// The whole download's floor: after `grace`, the bytes received since it
@@ -159,50 +210,67 @@ impl Started {
     }
 }
 
-/// Downloads until the writer holds the whole image.
+/// Downloads a raw image until the writer holds all of it.
 pub async fn fetch_into(
     client: &Client,
     url: &str,
     writer: &mut SlotWriter,
     policy: &FetchPolicy,
+    base: Transfer,
+    hooks: FetchHooks<'_>,
+) -> Result<FetchStats, FetchError> {
+    fetch_through(client, url, &mut RawSink { writer }, policy, base, hooks).await
+}
+
+/// Downloads a zstd image (`image.encoding = "zstd"`) from `base.source_offset`,
+/// the frame that starts at the writer's position, decoding as it goes.
+pub async fn fetch_zstd_into(
+    client: &Client,
+    url: &str,
+    writer: &mut SlotWriter,
+    policy: &FetchPolicy,
+    base: Transfer,
+    hooks: FetchHooks<'_>,
+) -> Result<FetchStats, FetchError> {
+    let source_offset = if writer.position() == 0 { 0 } else { base.source_offset };
+    let mut sink = ZstdSink::new(writer, source_offset)?;
+    fetch_through(client, url, &mut sink, policy, base, hooks).await
+}
+
+async fn fetch_through(
+    client: &Client,
+    url: &str,
+    sink: &mut dyn Sink,
+    policy: &FetchPolicy,
+    base: Transfer,
     mut hooks: FetchHooks<'_>,
 ) -> Result<FetchStats, FetchError> {
     let uri: hyper::Uri = url.parse().map_err(|e| FetchError::BadUrl(format!("{url}: {e}")))?;
     let mut stats = FetchStats::default();
     let mut fruitless = 0u32;
     let mut last_progress = Instant::now();
-    let mut last_checkpoint = writer.position();
+    let mut last_checkpoint = sink.writer_ref().position();
     let mut changes = None;
     let mut netlink_tried = false;
     // The first attempt gets a whole stall timeout to start, on top of the
     // time an outage may last.
     let floor = RateFloor { min_rate: policy.min_rate, grace: policy.give_up_after + policy.stall_timeout };
-    let started = Started { at: Instant::now(), position: writer.position() };
+    let started = Started { at: Instant::now(), position: sink.writer_ref().position() };
     loop {
-        if writer.position() == writer.size() {
+        if sink.writer_ref().position() == sink.writer_ref().size() {
             return Ok(stats);
         }
-        let before = writer.position();
+        let before = sink.writer_ref().position();
         stats.attempts += 1;
-        let result = attempt(
-            client,
-            &uri,
-            writer,
-            policy,
-            &floor,
-            &started,
-            &mut stats,
-            &mut last_checkpoint,
-            &mut hooks,
-        )
-        .await;
+        let mut progress = Progress { stats: &mut stats, base, last_checkpoint: &mut last_checkpoint };
+        let result = attempt(client, &uri, sink, policy, &floor, &started, &mut progress, &mut hooks).await;
         match result {
             Ok(()) => return Ok(stats),
             Err(Interrupted::Permanent(e)) => return Err(e),
             Err(Interrupted::Transient(why)) => {
                 // Keep what arrived: those bytes are never fetched again.
-                writer.write_pending()?;
-                if writer.position() > before {
+                sink.interrupted()?;
+                if sink.writer_ref().position() > before {
                     fruitless = 0;
                     last_progress = Instant::now();
                 } else {
@@ -213,7 +281,7 @@ pub async fn fetch_into(
                 if fruitless >= policy.max_attempts && last_progress.elapsed() >= policy.give_up_after {
                     return Err(FetchError::GaveUp { attempts: fruitless, last: why });
                 }
-                started.check(&floor, writer.position())?;
+                started.check(&floor, sink.writer_ref().position())?;
                 let wait = backoff(policy, fruitless);
                 (hooks.on_retry)(&why, wait);
                 // A network change (the link back up) ends the wait at once.
@@ -232,20 +300,37 @@ pub fn backoff(policy: &FetchPolicy, n: u32) -> Duration {
     crate::backoff::Backoff { base: policy.backoff_base, cap: policy.backoff_cap }.delay(n)
 }
 
+/// One attempt's running figures.
+struct Progress<'a> {
+    stats: &'a mut FetchStats,
+    base: Transfer,
+    last_checkpoint: &'a mut u64,
+}
+
+impl Progress<'_> {
+    fn transfer(&self, source_offset: u64) -> Transfer {
+        Transfer {
+            source_offset,
+            bytes_fetched: self.base.bytes_fetched + self.stats.received,
+            bytes_reused: self.base.bytes_reused + self.stats.reused,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     client: &Client,
     uri: &hyper::Uri,
-    writer: &mut SlotWriter,
+    sink: &mut dyn Sink,
     policy: &FetchPolicy,
     floor: &RateFloor,
     started: &Started,
-    stats: &mut FetchStats,
-    last_checkpoint: &mut u64,
+    progress: &mut Progress<'_>,
     hooks: &mut FetchHooks<'_>,
 ) -> Result<(), Interrupted> {
-    let from = writer.position();
-    let size = writer.size();
+    let from = sink.resume_at();
+    let size = sink.writer_ref().size();
+    let limit = sink.source_limit();
     let mut request = hyper::Request::get(uri.clone())
         .header(hyper::header::USER_AGENT, concat!("fleetd/", env!("CARGO_PKG_VERSION")));
     if from > 0 {
@@ -262,7 +347,7 @@ async fn attempt(
     // Bytes of the body to drop: a server that ignores Range resends from 0.
     let mut skip = match status {
         206 => {
-            check_content_range(response.headers(), from, size)?;
+            check_content_range(response.headers(), from, sink.exact_source_size(), limit)?;
             0
         }
         200 => from,
@@ -273,35 +358,38 @@ async fn attempt(
         let Some(end) = announced_end(status, from, len) else {
             return Err(WriteError::TooManyBytes { size }.into());
         };
-        if end > size {
+        if end > limit {
             return Err(WriteError::TooManyBytes { size }.into());
         }
         // The server says the whole object is shorter: retrying cannot help.
-        if end < size && status == 200 {
-            return Err(WriteError::Truncated { got: end, size }.into());
+        if let Some(exact) = sink.exact_source_size() {
+            if end < exact && status == 200 {
+                return Err(WriteError::Truncated { got: end, size }.into());
+            }
         }
     }
     let mut body = response.into_body();
     let mut window_start = Instant::now();
     let mut window_bytes = 0u64;
+    let mut source_position = from.saturating_sub(skip);
     loop {
+        let position = sink.writer_ref().position();
+        if position == size && sink.exact_source_size().is_none() {
+            // A zstd image's seek table follows its last frame: not needed.
+            return Ok(());
+        }
         let frame = match tokio::time::timeout(policy.stall_timeout, body.frame()).await {
-            Err(_) if writer.position() == size => return Ok(()),
-            Err(_) => return Err(Interrupted::Transient(format!("stalled at {} bytes", writer.position()))),
-            Ok(None) if writer.position() == size => return Ok(()),
-            Ok(None) => {
-                return Err(Interrupted::Transient(format!(
-                    "connection closed at {} bytes",
-                    writer.position()
-                )))
-            }
+            Err(_) if position == size => return Ok(()),
+            Err(_) => return Err(Interrupted::Transient(format!("stalled at {position} bytes"))),
+            Ok(None) if position == size => return Ok(()),
+            Ok(None) => return Err(Interrupted::Transient(format!("connection closed at {position} bytes"))),
             Ok(Some(Err(e))) => return Err(Interrupted::Transient(format!("receive: {e}"))),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(mut data) = frame.into_data() else {
             continue;
         };
-        stats.received += data.len() as u64;
+        progress.stats.received += data.len() as u64;
         if skip > 0 {
             let n = skip.min(data.len() as u64) as usize;
             skip -= n as u64;
@@ -310,15 +398,22 @@ async fn attempt(
         if data.is_empty() {
             continue;
         }
-        writer.push(&data)?;
-        window_bytes += data.len() as u64;
-        (hooks.on_progress)(writer.position(), size);
-        if writer.position() - *last_checkpoint >= policy.checkpoint_every || writer.position() == size {
-            let durable = writer.sync()?;
-            (hooks.on_checkpoint)(durable).map_err(|e| Interrupted::Permanent(FetchError::Checkpoint(e)))?;
-            *last_checkpoint = durable;
+        source_position += data.len() as u64;
+        if source_position > limit {
+            return Err(WriteError::TooManyBytes { size }.into());
         }
-        started.check(floor, writer.position()).map_err(Interrupted::Permanent)?;
+        sink.push(&data)?;
+        window_bytes += data.len() as u64;
+        let position = sink.writer_ref().position();
+        (hooks.on_progress)(position, size, progress.transfer(sink.source_offset()));
+        if position - *progress.last_checkpoint >= policy.checkpoint_every || position == size {
+            let written = sink.writer().sync()?;
+            let checkpoint = Checkpoint { written, transfer: progress.transfer(sink.source_offset()) };
+            (hooks.on_checkpoint)(checkpoint)
+                .map_err(|e| Interrupted::Permanent(FetchError::Checkpoint(e)))?;
+            *progress.last_checkpoint = written;
+        }
+        started.check(floor, position).map_err(Interrupted::Permanent)?;
         let elapsed = window_start.elapsed();
         if elapsed >= policy.rate_window {
             if policy.min_rate > 0 && window_bytes < policy.min_rate.saturating_mul(elapsed.as_secs().max(1))
@@ -348,9 +443,14 @@ fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
     headers.get(hyper::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// `Content-Range: bytes START-END/TOTAL` must start where we asked and not
-/// promise more than the signed size.
-fn check_content_range(headers: &hyper::HeaderMap, from: u64, size: u64) -> Result<(), Interrupted> {
+/// `Content-Range: bytes START-END/TOTAL` must start where we asked, and
+/// its total be the signed size (`exact`, a raw image) or within `limit`.
+fn check_content_range(
+    headers: &hyper::HeaderMap,
+    from: u64,
+    exact: Option<u64>,
+    limit: u64,
+) -> Result<(), Interrupted> {
     let bad = |why: String| Interrupted::Transient(format!("bad Content-Range: {why}"));
     let value = headers
         .get(hyper::header::CONTENT_RANGE)
@@ -363,10 +463,10 @@ fn check_content_range(headers: &hyper::HeaderMap, from: u64, size: u64) -> Resu
         return Err(bad(format!("{value} does not start at {from}")));
     }
     if let Ok(total) = total.parse::<u64>() {
-        if total > size {
-            return Err(WriteError::TooManyBytes { size }.into());
+        if total > exact.unwrap_or(limit) {
+            return Err(WriteError::TooManyBytes { size: exact.unwrap_or(limit) }.into());
         }
-        if total < size {
+        if let Some(size) = exact.filter(|size| total < *size) {
             return Err(WriteError::Truncated { got: total, size }.into());
         }
     }

@@ -22,6 +22,11 @@ pub enum Fault {
     Status(u16),
     /// Ignore the Range header and send the whole file with 200.
     IgnoreRange,
+    /// Answer as without faults (to let one request through a queue of them).
+    Pass,
+    /// Answer a range with at most this many bytes, as a CDN that caps
+    /// ranges does (Content-Range says what is sent).
+    ShortRange(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +105,7 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
         let arrived = std::time::Instant::now();
         let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
         let mut range_start = 0u64;
+        let mut range_end: Option<u64> = None;
         loop {
             let mut line = String::new();
             reader.read_line(&mut line)?;
@@ -109,7 +115,9 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
             }
             if let Some(v) = line.strip_prefix("Range: bytes=").or_else(|| line.strip_prefix("range: bytes="))
             {
-                range_start = v.trim_end_matches('-').parse().unwrap_or(0);
+                let (start, end) = v.split_once('-').unwrap_or((v, ""));
+                range_start = start.parse().unwrap_or(0);
+                range_end = end.parse().ok();
             }
         }
         let (file, fault) = {
@@ -127,11 +135,21 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
         }
         let ignore_range = matches!(fault, Some(Fault::IgnoreRange));
         let start = if ignore_range { 0 } else { range_start.min(file.len() as u64) };
-        let body = &file[start as usize..];
-        let mut head = if start > 0 {
+        let mut end = match range_end {
+            Some(e) if !ignore_range => (e + 1).min(file.len() as u64),
+            _ => file.len() as u64,
+        };
+        let ranged = !ignore_range && (start > 0 || range_end.is_some());
+        if let Some(Fault::ShortRange(n)) = fault {
+            if ranged {
+                end = end.min(start + n);
+            }
+        }
+        let body = &file[start as usize..end as usize];
+        let mut head = if ranged {
             format!(
                 "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{}\r\n",
-                file.len() - 1,
+                end - 1,
                 file.len()
             )
         } else {

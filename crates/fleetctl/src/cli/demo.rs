@@ -157,7 +157,14 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
         target: Target { hardware: "rpi4-gw".into(), devices: vec![DEVICE.into()], groups: vec![] },
         version: 8,
         name: "2026.11-demo".into(),
-        image: Image { url: format!("{image_base}/8.img"), size, sha256 },
+        image: Image {
+            url: format!("{image_base}/8.img"),
+            size,
+            sha256,
+            encoding: Default::default(),
+            index: None,
+        },
+        requires: vec![],
     };
     let server_signed = sign_claims(&claims, &load_signing_key(&keys.join("fs1.key.pem"))?, "server:fs1")?;
     println!("    v8 \"{}\", {size} bytes, sha256 {}…", claims.name, &claims.image.sha256[..16]);

@@ -50,6 +50,8 @@ pub enum CliError {
     Publish(#[from] crate::publish::FleetError),
     #[error(transparent)]
     Cosigner(#[from] cosigner::CosignerError),
+    #[error(transparent)]
+    Pack(#[from] crate::image::PackError),
     #[error("co-signer refused ({status}): {detail}")]
     CosignerRefused { status: u16, detail: String },
     #[error("runtime: {0}")]
@@ -69,6 +71,23 @@ pub(crate) fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> CliError
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CliError::Runtime)
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Write IMAGE as DIR/NAME.zst (zstd's seekable format) and DIR/NAME.index
+    /// (the block index), and print the `image` claim for `sign --claims`.
+    Pack {
+        image: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Raw bytes per zstd frame, a multiple of 4096.
+        #[arg(long, default_value_t = crate::image::DEFAULT_FRAME_SIZE)]
+        frame_size: u32,
+        /// zstd's compression level.
+        #[arg(long, default_value_t = crate::image::DEFAULT_LEVEL)]
+        level: i32,
+    },
 }
 
 /// `fleetctl`'s command line, for man pages and shell completions.
@@ -127,6 +146,9 @@ enum Command {
     /// The registrar: serial-number registry, installers, claims, certificates, revocation.
     #[command(subcommand)]
     Registrar(registrar::RegistrarCommand),
+    /// Images: pack one for zstd and adaptive installs.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Provision a device over its access point (or wired portal), as a phone would.
     Provision(Box<provision::ProvisionArgs>),
     /// Print devices' status, progress and online messages as they change.
@@ -206,6 +228,15 @@ struct SignArgs {
     size: Option<u64>,
     #[arg(long)]
     sha256: Option<String>,
+    /// `zstd` when `--url` serves the `.zst` of `fleetctl image pack`.
+    #[arg(long, value_parser = ["raw", "zstd"], default_value = "raw")]
+    encoding: String,
+    /// The block index's URL (adaptive installs); needs `--index`.
+    #[arg(long, requires = "index")]
+    index_url: Option<String>,
+    /// The block index file: its size and sha256 go into the claims.
+    #[arg(long, requires = "index_url")]
+    index: Option<PathBuf>,
     /// Seconds from nbf to exp.
     #[arg(long, default_value_t = 24 * 3600)]
     valid_for: u64,
@@ -267,6 +298,21 @@ pub fn main() -> ExitCode {
         Command::Demo => return demo::run(),
         // Its own exit codes: 0 done, 1 refused (import: a row invalid; audit --verify: changed).
         Command::Registrar(cmd) => return registrar::command(cmd),
+        Command::Image(ImageCommand::Pack { image, out, frame_size, level }) => {
+            crate::image::pack(&image, &out, frame_size, level)
+                .map(|packed| {
+                    eprintln!(
+                        "wrote {} ({} bytes, {:.1} % of the image) and {} ({} bytes)",
+                        packed.zst.display(),
+                        packed.zst_size,
+                        packed.zst_size as f64 * 100.0 / packed.size as f64,
+                        packed.index.display(),
+                        packed.index_size
+                    );
+                    println!("{}", packed.claim());
+                })
+                .map_err(CliError::from)
+        }
         Command::Keygen { out, name } => keygen(&out, &name).map(|(k, p)| {
             println!("wrote {} (private, 0600) and {}", k.display(), p.display());
         }),
@@ -387,12 +433,28 @@ fn claims_from_args(args: &SignArgs) -> Result<Claims, CliError> {
         },
         version,
         name: args.name.clone().unwrap_or_else(|| version.to_string()),
-        image: Image { url: need(&args.url, "url")?, size, sha256 },
+        image: Image {
+            url: need(&args.url, "url")?,
+            size,
+            sha256,
+            encoding: if args.encoding == "zstd" { trust::Encoding::Zstd } else { trust::Encoding::Raw },
+            index: match (&args.index_url, &args.index) {
+                (Some(url), Some(path)) => {
+                    let (size, sha256) = hash_file(path)?;
+                    Some(trust::IndexRef { url: url.clone(), size, sha256 })
+                }
+                _ => None,
+            },
+        },
+        requires: vec![],
     })
 }
 
-/// Signs `claims` with one key into a new envelope.
+/// Signs `claims` with one key into a new envelope; `requires` lists every
+/// feature the claims use, so an older device refuses what it cannot install.
 pub fn sign_claims(claims: &Claims, key: &SigningKey, kid: &str) -> Result<Envelope, CliError> {
+    let mut claims = claims.clone();
+    claims.fill_requires();
     claims.check_structure().map_err(|e| CliError::Usage(format!("refusing to sign: {e}")))?;
     let mut envelope = Envelope::new(&claims.to_json());
     envelope.add_signature(key, kid).map_err(|source| CliError::Key { path: kid.into(), source })?;

@@ -322,7 +322,14 @@ mod tests {
     }
 
     fn bytes(done: u64) -> Event {
-        Event::Report(Report::Progress { jti: "j1".into(), version: 2, done, total: 1000 })
+        Event::Report(Report::Progress {
+            jti: "j1".into(),
+            version: 2,
+            done,
+            total: 1000,
+            fetched: done,
+            reused: 0,
+        })
     }
 
     #[test]
@@ -407,6 +414,8 @@ mod tests {
             target_slot: "B".into(),
             step: UpdateState::RebootPending,
             progress: 100,
+            bytes_fetched: 0,
+            bytes_reused: 0,
         });
         let mut m = Model::new(d);
         assert_eq!(m.progress, (100, UpdateState::RebootPending));

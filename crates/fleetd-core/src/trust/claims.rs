@@ -19,7 +19,14 @@ pub struct Claims {
     pub version: u64,
     pub name: String,
     pub image: Image,
+    /// Features the message needs (`update-message-v1.md`, later claims).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
 }
+
+/// The features this build implements: a message that requires another is
+/// refused before any download (`requires-unsupported`).
+pub const SUPPORTED_FEATURES: &[&str] = &["zstd", "adaptive"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Target {
@@ -33,9 +40,42 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
     pub url: String,
+    /// Of the raw image, whatever the encoding: the slot is checked against it.
+    pub size: u64,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Encoding::is_raw")]
+    pub encoding: Encoding,
+    /// The block index of a zstd image, for adaptive installs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexRef>,
+}
+
+/// How the bytes at `image.url` encode the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Raw,
+    /// zstd's seekable format: independent frames plus a seek table.
+    Zstd,
+}
+
+impl Encoding {
+    pub fn is_raw(&self) -> bool {
+        *self == Self::Raw
+    }
+}
+
+/// `image.index`: where the block index is, and what it hashes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexRef {
+    pub url: String,
     pub size: u64,
     pub sha256: String,
 }
+
+/// Largest index accepted: an image of 64 GiB in 4 KiB frames.
+pub const MAX_INDEX_BYTES: u64 = 256 << 20;
 
 impl Claims {
     /// Parses claims JSON; unknown claims are ignored so later versions can add fields.
@@ -64,7 +104,48 @@ impl Claims {
         if self.image.size == 0 {
             return Err(VerifyError::Malformed("image.size must be positive".into()));
         }
+        if let Some(index) = &self.image.index {
+            if self.image.encoding != Encoding::Zstd {
+                return Err(VerifyError::Malformed("image.index needs image.encoding \"zstd\"".into()));
+            }
+            if !valid_sha256(&index.sha256) {
+                return Err(VerifyError::Malformed(
+                    "image.index.sha256 must be 64 lowercase hex digits".into(),
+                ));
+            }
+            if index.size == 0 || index.size > MAX_INDEX_BYTES {
+                return Err(VerifyError::Malformed(format!(
+                    "image.index.size must be from 1 to {MAX_INDEX_BYTES}"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// The features these claims use, as `fleetctl sign` lists them.
+    pub fn features_used(&self) -> Vec<String> {
+        let mut used = Vec::new();
+        if self.image.encoding == Encoding::Zstd {
+            used.push("zstd".to_string());
+        }
+        if self.image.index.is_some() {
+            used.push("adaptive".to_string());
+        }
+        used
+    }
+
+    /// Adds the features used to `requires`, keeping any already listed.
+    pub fn fill_requires(&mut self) {
+        for feature in self.features_used() {
+            if !self.requires.contains(&feature) {
+                self.requires.push(feature);
+            }
+        }
+    }
+
+    /// The first required feature this build does not implement.
+    pub fn unsupported_requirement(&self) -> Option<&str> {
+        self.requires.iter().map(String::as_str).find(|f| !SUPPORTED_FEATURES.contains(f))
     }
 }
 
@@ -141,6 +222,29 @@ mod tests {
             let err = check_url(url, allow).unwrap_err();
             assert_eq!(err.name(), "url-scheme-rejected", "{url}");
         }
+    }
+
+    #[test]
+    fn requires_is_filled_from_the_claims_used() {
+        let mut claims: Claims = serde_json::from_value(serde_json::json!({
+            "typ": CLAIMS_TYPE, "jti": "jti-00000001", "iat": 1, "nbf": 1, "exp": 2, "project": "p",
+            "target": {"hardware": "h"}, "version": 2, "name": "n",
+            "image": {"url": "https://h/x.zst", "size": 1, "sha256": "ab".repeat(32), "encoding": "zstd",
+                      "index": {"url": "https://h/x.index", "size": 88, "sha256": "cd".repeat(32)}},
+            "requires": ["zstd"],
+        }))
+        .unwrap();
+        claims.fill_requires();
+        assert_eq!(claims.requires, ["zstd", "adaptive"]);
+        assert_eq!(claims.unsupported_requirement(), None);
+        claims.requires.push("teleport".into());
+        assert_eq!(claims.unsupported_requirement(), Some("teleport"));
+        assert!(claims.check_structure().is_ok());
+        claims.image.encoding = Encoding::Raw;
+        assert_eq!(claims.check_structure().unwrap_err().name(), "malformed", "an index needs zstd");
+        let raw: Claims = serde_json::from_slice(&claims.to_json()).unwrap();
+        assert!(!String::from_utf8(claims.to_json()).unwrap().contains("encoding"), "raw is the default");
+        assert_eq!(raw.image.encoding, Encoding::Raw);
     }
 
     #[test]

@@ -11,7 +11,9 @@ pub mod keys;
 mod verify;
 
 pub use claims::{check_url, valid_jti, valid_sha256};
-pub use claims::{Claims, Image, Target, CLAIMS_TYPE};
+pub use claims::{
+    Claims, Encoding, Image, IndexRef, Target, CLAIMS_TYPE, MAX_INDEX_BYTES, SUPPORTED_FEATURES,
+};
 pub use envelope::{Envelope, Signature, MAX_MESSAGE_BYTES};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use verify::{
@@ -75,6 +77,9 @@ crate::error_name::named_error! {
         #[name = "wrong-hardware"]
         #[error("{name}: message is for {got:?}, device is {want:?}")]
         WrongHardware { got: String, want: String },
+        #[name = "requires-unsupported"]
+        #[error("{name}: the message requires {0:?}, which this fleetd does not implement")]
+        RequiresUnsupported(String),
         #[name = "not-targeted"]
         #[error("{name}: device {0:?} and its groups are not among the targets")]
         NotTargeted(String),

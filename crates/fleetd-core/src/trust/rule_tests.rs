@@ -44,7 +44,10 @@ fn claims() -> Claims {
             url: "https://updates.example.com/rpi4-gw/2026.11.1.img".into(),
             size: 268_435_456,
             sha256: "c7be90c1253943c94f256c17c430305e300d117d8a70adaf749bf2488913b184".into(),
+            encoding: Default::default(),
+            index: None,
         },
+        requires: vec![],
     }
 }
 
@@ -445,6 +448,26 @@ fn image_size_and_url_rules() {
 
     let mut c = claims();
     c.image.sha256 = c.image.sha256.to_uppercase();
+    assert_eq!(f.claims_error(&c), "malformed");
+}
+
+#[test]
+fn a_required_feature_this_build_lacks_is_refused_by_name() {
+    let mut f = fixture();
+    f.policy.allow_http = true;
+    let mut c = claims();
+    c.requires = vec!["zstd".into(), "adaptive".into()];
+    assert_eq!(f.claims_error(&c), "accepted");
+    c.requires.push("rollout-v9".into());
+    assert_eq!(f.claims_error(&c), "requires-unsupported");
+    let mut c = claims();
+    c.image.encoding = crate::trust::Encoding::Zstd;
+    c.image.index =
+        Some(crate::trust::IndexRef { url: "ftp://h/x.index".into(), size: 100, sha256: "ab".repeat(32) });
+    assert_eq!(f.claims_error(&c), "url-scheme-rejected", "the index URL follows the image URL's rules");
+    c.image.index.as_mut().unwrap().url = "https://h/x.index".into();
+    assert_eq!(f.claims_error(&c), "accepted");
+    c.image.index.as_mut().unwrap().size = crate::trust::MAX_INDEX_BYTES + 1;
     assert_eq!(f.claims_error(&c), "malformed");
 }
 

@@ -63,6 +63,9 @@ impl Policy {
 
     fn check_claims(&self, claims: &Claims, state: &TrustState<'_>, now: u64) -> Result<(), VerifyError> {
         claims.check_structure()?;
+        if let Some(feature) = claims.unsupported_requirement() {
+            return Err(VerifyError::RequiresUnsupported(feature.to_string()));
+        }
         check_validity_window(claims, now, self.leeway_s, self.max_validity_s)?;
         if claims.project != self.project {
             return Err(VerifyError::WrongProject {
@@ -88,6 +91,9 @@ impl Policy {
             });
         }
         check_url(&claims.image.url, self.allow_http)?;
+        if let Some(index) = &claims.image.index {
+            check_url(&index.url, self.allow_http)?;
+        }
         if let Some(slot) = self.max_image_size {
             if claims.image.size > slot {
                 return Err(VerifyError::ImageTooLarge { size: claims.image.size, slot });

@@ -399,6 +399,9 @@ impl Agent {
             phase: Phase::Accepted,
             written: 0,
             started_at: now,
+            encoding: claims.image.encoding,
+            index: claims.image.index.clone(),
+            transfer: Default::default(),
         });
         // Persist, then acknowledge: the job is on disk first.
         let mut actions = vec![Action::Persist, Action::Acknowledge, Action::PhaseChanged];
@@ -605,7 +608,14 @@ mod tests {
             target: Target { hardware: "rpi4".into(), devices: vec!["gw-1".into()], groups: vec![] },
             version,
             name: format!("v{version}"),
-            image: Image { url: "http://h/x.img".into(), size, sha256: "ab".repeat(32) },
+            image: Image {
+                url: "http://h/x.img".into(),
+                size,
+                sha256: "ab".repeat(32),
+                encoding: Default::default(),
+                index: None,
+            },
+            requires: vec![],
         };
         let mut e = Envelope::new(&claims.to_json());
         e.add_signature(&k.fleet, "fleet").unwrap();
@@ -708,7 +718,10 @@ mod tests {
             a.handle(Input::Job(Event::SlotInvalidated), NOW),
             vec![PhaseChanged, Download { from: 0 }]
         );
-        assert_eq!(a.handle(Input::Job(Event::Checkpoint { written: 40 }), NOW), vec![Persist]);
+        assert_eq!(
+            a.handle(Input::Job(Event::Checkpoint { written: 40, transfer: Default::default() }), NOW),
+            vec![Persist]
+        );
         assert_eq!(a.job().unwrap().written, 40);
         assert_eq!(
             a.handle(Input::Job(Event::ImageVerified), NOW),
@@ -881,7 +894,7 @@ mod tests {
         for input in [
             msg(message(&k, "jti-00000008", 8, 100), broker()),
             Input::Job(Event::SlotInvalidated),
-            Input::Job(Event::Checkpoint { written: 60 }),
+            Input::Job(Event::Checkpoint { written: 60, transfer: Default::default() }),
             Input::Job(Event::ImageVerified),
             Input::Job(Event::Switched { boot_id: "b1".into() }),
         ] {

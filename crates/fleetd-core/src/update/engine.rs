@@ -11,6 +11,7 @@
 //!   mark good → persist Committed.
 
 use crate::status::UpdateState;
+use crate::trust::{Encoding, IndexRef};
 use serde::{Deserialize, Serialize};
 
 /// One update, from acceptance to its end. Persisted in `state.json`.
@@ -30,6 +31,31 @@ pub struct Job {
     /// Bytes of the image durably in the target slot (fsynced).
     pub written: u64,
     pub started_at: u64,
+    /// How `url` encodes the image (`raw` when absent in an older state).
+    #[serde(default, skip_serializing_if = "Encoding::is_raw")]
+    pub encoding: Encoding,
+    /// The block index, when the message offers adaptive installs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexRef>,
+    /// Where the transfer stood at the last checkpoint.
+    #[serde(default)]
+    pub transfer: Transfer,
+}
+
+/// The transfer's side of a checkpoint: where to resume in the bytes the
+/// server holds, and what the job has cost so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Transfer {
+    /// For a zstd stream, the offset in the `.zst` of the frame that starts
+    /// at `written` (frames are independent, so decoding resumes there).
+    #[serde(default)]
+    pub source_offset: u64,
+    /// Bytes received from the network, index included.
+    #[serde(default)]
+    pub bytes_fetched: u64,
+    /// Image bytes copied from the local slots instead.
+    #[serde(default)]
+    pub bytes_reused: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +202,7 @@ pub enum Event {
     /// `written` bytes are fsynced in the target slot.
     Checkpoint {
         written: u64,
+        transfer: Transfer,
     },
     /// Every byte is written and fsynced, and the SHA-256 matched.
     ImageVerified,
@@ -268,6 +295,7 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
         (Phase::Accepted, Event::SlotInvalidated) => {
             let mut next = with(Phase::Downloading);
             next.written = 0;
+            next.transfer = Transfer::default();
             (next, vec![Download { from: 0 }])
         }
         (Phase::Downloading, Event::Started { .. }) => {
@@ -275,8 +303,8 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
         }
         // Resuming re-invalidates the target; its confirmation changes nothing.
         (Phase::Downloading, Event::SlotInvalidated) => (job.clone(), vec![]),
-        (Phase::Downloading, Event::Checkpoint { written }) if written <= job.size => {
-            (Job { written, ..job.clone() }, vec![Persist])
+        (Phase::Downloading, Event::Checkpoint { written, transfer }) if written <= job.size => {
+            (Job { written, transfer, ..job.clone() }, vec![Persist])
         }
         (Phase::Downloading, Event::ImageVerified) => {
             (Job { written: job.size, ..with(Phase::Written) }, vec![Persist, SetPrimaryForTrial])
@@ -361,6 +389,9 @@ mod tests {
             phase,
             written: 0,
             started_at: 1,
+            encoding: Encoding::Raw,
+            index: None,
+            transfer: Transfer::default(),
         }
     }
 
@@ -420,13 +451,19 @@ mod tests {
     #[test]
     fn downloads_resume_from_the_durable_offset() {
         let mut j = job(Phase::Downloading);
-        let (j2, a) = step(&j, Event::Checkpoint { written: 40 }).unwrap();
-        assert_eq!((j2.written, a), (40, vec![Persist]));
+        let transfer = Transfer { source_offset: 17, bytes_fetched: 20, bytes_reused: 30 };
+        let (j2, a) = step(&j, Event::Checkpoint { written: 40, transfer }).unwrap();
+        assert_eq!((j2.written, j2.transfer, a), (40, transfer, vec![Persist]));
         j.written = 40;
         let (_, a) = step(&j, started("A", "b1")).unwrap();
         assert_eq!(a, vec![InvalidateTarget, Download { from: 40 }]);
         // A checkpoint past the image size is a driver bug, not progress.
-        assert!(step(&j, Event::Checkpoint { written: 101 }).is_err());
+        assert!(step(&j, Event::Checkpoint { written: 101, transfer }).is_err());
+        // A restart from Accepted starts over: no stale transfer survives.
+        let mut accepted = job(Phase::Accepted);
+        accepted.transfer = transfer;
+        let (j3, a) = step(&accepted, Event::SlotInvalidated).unwrap();
+        assert_eq!((j3.written, j3.transfer, a), (0, Transfer::default(), vec![Download { from: 0 }]));
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub enum Report {
     /// there is one (journal fields).
     Step { state: UpdateState, detail: String, failure: Option<Failure>, job: Option<(String, u64)> },
     /// Download progress, at most once per percent.
-    Progress { jti: String, version: u64, done: u64, total: u64 },
+    /// `fetched`: bytes from the network (index included); `reused`: image
+    /// bytes copied from the local slots.
+    Progress { jti: String, version: u64, done: u64, total: u64, fetched: u64, reused: u64 },
     /// The status document, after every persisted change.
     Status(Box<crate::status::StatusDoc>),
 }
