@@ -1,5 +1,6 @@
 //! `fleetd demo` runs with no setup and tells the story it promises: the
-//! real daemon installs v8 over MQTT, reboots into it and commits; forged
+//! real daemon installs v8 (zstd) over MQTT, reboots into it and commits,
+//! then v9 adaptively; forged
 //! and replayed messages are refused; a revoked server gets 403.
 
 use crate::common;
@@ -19,6 +20,8 @@ fn the_demo_runs_the_whole_flow_in_seconds() {
         "=> committed v8; booted B",
         "      installed    v8",
         "      booted       B",
+        "requires: zstd, adaptive",
+        "=> committed v9; booted A",
         "=> refused: signature-missing",
         "=> refused as a duplicate",
         "(403): server-revoked",

@@ -7,7 +7,7 @@
 //! itself playing GRUB at each power-on.
 
 use super::CliError;
-use super::{add_signature, hash_file, keygen, load_public_key, load_signing_key, sign_claims};
+use super::{add_signature, keygen, load_public_key, load_signing_key, sign_claims};
 use crate::cosigner::{self, CosignerConfig, Registry};
 use crate::publish::{self, FleetConnection};
 use fleetd::boot::grub::{self, GrubEnv};
@@ -27,10 +27,11 @@ const PROJECT: &str = "acme-gateways";
 const DEVICE: &str = "gw-0042";
 const SLOTS: [&str; 2] = ["A", "B"];
 const IMAGE_BYTES: usize = 4 << 20;
-/// The image server sends a chunk this often, so the download lasts about
-/// 2.5 s and a few progress reports (at most one a second) show.
-const CHUNK: usize = 64 << 10;
-const PACE: Duration = Duration::from_millis(40);
+/// The image server sends a chunk this often (200 KB/s), so v8's .zst
+/// (half a MiB) takes about 2.5 s and a few progress reports (at most one
+/// a second) show.
+const CHUNK: usize = 16 << 10;
+const PACE: Duration = Duration::from_millis(80);
 /// The longest any one step may take before the demo gives up.
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -46,8 +47,8 @@ pub fn run() -> ExitCode {
         Ok(()) => {
             println!(
                 "\nDemo finished in {:.1} s: v8 was co-signed, delivered over MQTT, installed into slot B and \
-                 committed after a reboot; a forged and a replayed message were refused; the revoked server \
-                 was stopped at the co-signer.",
+                 committed after a reboot; v9 went adaptive, fetching only what the slots lacked; a forged and \
+                 a replayed message were refused; the revoked server was stopped at the co-signer.",
                 started.elapsed().as_secs_f64()
             );
             ExitCode::SUCCESS
@@ -105,18 +106,50 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
     tokio::spawn(cosigner::serve(listener, app, std::future::pending()));
     println!("    co-signer listening on {cosigner_url}; fs1 signs as kid \"server:fs1\"");
 
-    step(3, "Start a message broker (MQTT) and an image server, both on loopback.");
+    step(
+        3,
+        "Pack firmware v8 and v9 (zstd frames and a block index); start an MQTT broker and an image server.",
+    );
     let broker =
         fleetd_fixture::broker::start().await.map_err(|e| demo_failed(format!("demo broker: {e}")))?;
-    let image = dir.join("firmware-8.img");
-    let bytes: Vec<u8> = (0..IMAGE_BYTES).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    std::fs::write(&image, &bytes).map_err(demo_error)?;
+    let images = dir.join("images");
+    let v8: Vec<u8> = (0..IMAGE_BYTES).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    // v9 changes 1 % of v8's 4 KiB blocks, in two runs.
+    let mut v9 = v8.clone();
+    for start in [IMAGE_BYTES / 5, IMAGE_BYTES * 3 / 4] {
+        fleetd_fixture::images::random_fill(&mut v9[start..start + 5 * 4096], start as u64);
+    }
+    let mut served = std::collections::HashMap::new();
+    let mut packed = Vec::new();
+    for (version, bytes) in [(8, &v8), (9, &v9)] {
+        let image = dir.join(format!("firmware-{version}.img"));
+        std::fs::write(&image, bytes).map_err(demo_error)?;
+        let p = crate::image::pack(
+            &image,
+            &images,
+            crate::image::DEFAULT_FRAME_SIZE,
+            crate::image::DEFAULT_LEVEL,
+        )?;
+        for file in [&p.zst, &p.index] {
+            let name = format!("/{}", file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+            served.insert(name, Arc::new(std::fs::read(file).map_err(demo_error)?));
+        }
+        println!(
+            "    v{version}: {} bytes → {} ({} bytes) + {} ({} bytes)",
+            p.size,
+            rel(dir, &p.zst),
+            p.zst_size,
+            rel(dir, &p.index),
+            p.index_size
+        );
+        packed.push(p);
+    }
     let image_base =
-        image_server(Arc::new(bytes)).await.map_err(|e| demo_failed(format!("image server: {e}")))?;
+        image_server(Arc::new(served)).await.map_err(|e| demo_failed(format!("image server: {e}")))?;
     println!(
         "    MQTT broker on {broker} (a small built-in one: plain TCP; real devices require mutual TLS)"
     );
-    println!("    image server on {image_base}, serving firmware v8 ({} MiB)", IMAGE_BYTES >> 20);
+    println!("    image server on {image_base}, serving both with single-range requests");
     let (mut fleet, watcher) = Fleet::watch(broker.port());
 
     step(4, "Set up device gw-0042: two file-backed slots A and B, a GRUB boot environment, its config.");
@@ -144,8 +177,8 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
         .await?;
     println!("    grubenv: {} (the daemon confirmed the running slot)", grubenv_line(&grubenv)?);
 
-    step(6, "The fleet server describes image v8 (URL, size, SHA-256) and signs it with its key fs1.");
-    let (size, sha256) = hash_file(&image)?;
+    step(6, "The fleet server describes image v8 (URL, size, SHA-256, zstd) and signs it with its key fs1.");
+    let (size, sha256) = (packed[0].size, packed[0].sha256.clone());
     let now = fleetd::system_now();
     let claims = Claims {
         typ: CLAIMS_TYPE.into(),
@@ -158,10 +191,10 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
         version: 8,
         name: "2026.11-demo".into(),
         image: Image {
-            url: format!("{image_base}/8.img"),
+            url: format!("{image_base}/firmware-8.zst"),
             size,
             sha256,
-            encoding: Default::default(),
+            encoding: trust::Encoding::Zstd,
             index: None,
         },
         requires: vec![],
@@ -182,7 +215,7 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
     step(8, "The fleet server adds the fleet key's signature: the message now carries both it and the co-signer's.");
     let mut message = cosigned;
     add_signature(&mut message, &load_signing_key(&keys.join("fleet.key.pem"))?, "fleet")?;
-    println!("    signatures by: {}", message.kids().join(" + "));
+    println!("    signatures by: {}; requires: {}", message.kids().join(" + "), requires(&message));
 
     step(9, "Publish it to the device's MQTT topic and follow what the device reports.");
     let topic = Topics::update_for_device(PROJECT, DEVICE);
@@ -229,23 +262,73 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
             Ok(job_progress(kind, v, &claims.jti, "committed")?.filter(|_| done).map(|_| v.clone()))
         })
         .await?;
-    println!("    => committed v8; booted B. The retained status the fleet now sees:");
+    println!(
+        "    => committed v8; booted B: {} (zstd, the whole image).",
+        transfer_line(&status["job"], size)
+    );
+    println!("    The retained status the fleet now sees:");
     print_status(&status);
     println!("    grubenv: {} (B is confirmed: GRUB keeps booting it)", grubenv_line(&grubenv)?);
 
     step(
         11,
+        "v9 changes 1 % of the image. Its message adds the block index: the device fetches only what its slots lack.",
+    );
+    let mut v9_claims = claims.clone();
+    v9_claims.jti = trust::random_id();
+    v9_claims.version = 9;
+    v9_claims.name = "2026.12-demo".into();
+    v9_claims.image = Image {
+        url: format!("{image_base}/firmware-9.zst"),
+        size: packed[1].size,
+        sha256: packed[1].sha256.clone(),
+        encoding: trust::Encoding::Zstd,
+        index: Some(trust::IndexRef {
+            url: format!("{image_base}/firmware-9.index"),
+            size: packed[1].index_size,
+            sha256: packed[1].index_sha256.clone(),
+        }),
+    };
+    let signed = sign_claims(&v9_claims, &load_signing_key(&keys.join("fs1.key.pem"))?, "server:fs1")?;
+    let mut v9_message = super::request_cosignature(&cosigner_url, &signed, None).await?;
+    add_signature(&mut v9_message, &load_signing_key(&keys.join("fleet.key.pem"))?, "fleet")?;
+    println!("    co-signed and signed as before; requires: {}", requires(&v9_message));
+    publish(broker.port(), &topic, &v9_message).await?;
+    let status = fleet
+        .wait_for("v9 reboot-pending", |kind, v| {
+            Ok(job_progress(kind, v, &v9_claims.jti, "reboot-pending")?.map(|_| v.clone()))
+        })
+        .await?;
+    println!("    => slot A is written and verified: {}", transfer_line(&status["job"], packed[1].size));
+    if status["job"]["bytes_fetched"].as_u64().unwrap_or(u64::MAX) >= packed[1].zst_size {
+        return Err(demo_failed("the adaptive install fetched as much as the whole .zst".into()));
+    }
+    daemon.stop().await?;
+    let booted = grub_power_on(&grubenv)?;
+    new_boot_id(dir)?;
+    let config_path = write_device(dir, broker.port(), &booted)?;
+    let mut daemon = Daemon::start(Config::load(&config_path)?)?;
+    fleet
+        .wait_for("the commit of v9", |kind, v| {
+            let done = v["booted_slot"] == "A" && v["installed_version"] == 9;
+            Ok(job_progress(kind, v, &v9_claims.jti, "committed")?.filter(|_| done))
+        })
+        .await?;
+    println!("    => committed v9; booted A");
+
+    step(
+        12,
         "An attacker who stole the fleet key signs a message alone and publishes it. The device refuses it.",
     );
     let mut evil = claims.clone();
     evil.jti = trust::random_id();
-    evil.version = 9;
+    evil.version = 10;
     evil.image.url = "http://evil.example/backdoor.img".into();
     let forged = sign_claims(&evil, &load_signing_key(&keys.join("fleet.key.pem"))?, "fleet")?;
     publish(broker.port(), &topic, &forged).await?;
     let error = fleet
         .wait_for("the refusal of the forged message", |kind, v| {
-            if kind == "status" && (v["job"]["jti"] == evil.jti.as_str() || v["installed_version"] != 8) {
+            if kind == "status" && (v["job"]["jti"] == evil.jti.as_str() || v["installed_version"] != 9) {
                 return Err(demo_failed("the device accepted a message with a single signature".into()));
             }
             // Every refusal is reported to the fleet on the progress topic.
@@ -260,11 +343,11 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
     }
     println!("    => refused: {error}");
 
-    step(12, "Someone replays the genuine v8 message. The device recognises it and does not run it again.");
+    step(13, "Someone replays the genuine v8 message. The device recognises it and does not run it again.");
     publish(broker.port(), &topic, &message).await?;
     let detail = fleet
         .wait_for("the replay to be recognised", |kind, v| {
-            if kind == "status" && (v["installed_version"] != 8 || v["state"] != "committed") {
+            if kind == "status" && (v["installed_version"] != 9 || v["state"] != "committed") {
                 return Err(demo_failed(format!("the replay changed the device's state: {v}")));
             }
             let duplicate = kind == "progress" && v["step"] == "duplicate" && v["jti"] == claims.jti.as_str();
@@ -276,7 +359,7 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
     watcher.abort();
 
     step(
-        13,
+        14,
         "The fleet operator revokes fs1 at the co-signer; its next request is refused. No device changes.",
     );
     let mut registry = Registry::load(&cosigner_config.registry_path())?;
@@ -289,6 +372,27 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
         Ok(_) => return Err(demo_failed("a revoked server was co-signed".into())),
     }
     Ok(())
+}
+
+/// `requires` of a message, for the narration.
+fn requires(message: &Envelope) -> String {
+    let claims = message.payload_bytes().ok().and_then(|b| Claims::parse(&b).ok());
+    let list = claims.map(|c| c.requires.join(", ")).unwrap_or_default();
+    if list.is_empty() {
+        "nothing".into()
+    } else {
+        list
+    }
+}
+
+/// `fetched N bytes (P % of the image), reused M bytes from the slots`.
+fn transfer_line(job: &Value, size: u64) -> String {
+    let fetched = job["bytes_fetched"].as_u64().unwrap_or(0);
+    format!(
+        "fetched {fetched} bytes ({:.1} % of the {size}-byte image), reused {} bytes from the slots",
+        fetched as f64 * 100.0 / size.max(1) as f64,
+        job["bytes_reused"].as_u64().unwrap_or(0)
+    )
 }
 
 /// Waits on a status for job `jti`: `Some` once it reaches `goal`, an error
@@ -491,20 +595,26 @@ fn new_boot_id(dir: &Path) -> Result<(), CliError> {
 
 /// Serves the image at `/8.img` over HTTP/1.1 (with `Range`), paced so the
 /// download takes a moment. Returns the base URL.
-async fn image_server(image: Arc<Vec<u8>>) -> std::io::Result<String> {
+async fn image_server(
+    files: Arc<std::collections::HashMap<String, Arc<Vec<u8>>>>,
+) -> std::io::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve_image(stream, image.clone()));
+            tokio::spawn(serve_image(stream, files.clone()));
         }
     });
     Ok(base)
 }
 
-async fn serve_image(stream: tokio::net::TcpStream, image: Arc<Vec<u8>>) -> std::io::Result<()> {
+/// One request: a whole file, or one range of it (`bytes=A-` or `bytes=A-B`).
+async fn serve_image(
+    stream: tokio::net::TcpStream,
+    files: Arc<std::collections::HashMap<String, Arc<Vec<u8>>>>,
+) -> std::io::Result<()> {
     let mut stream = BufReader::new(stream);
-    let (mut request, mut start) = (String::new(), 0usize);
+    let (mut request, mut range) = (String::new(), None);
     stream.read_line(&mut request).await?;
     for _ in 0..64 {
         let mut line = String::new();
@@ -513,22 +623,28 @@ async fn serve_image(stream: tokio::net::TcpStream, image: Arc<Vec<u8>>) -> std:
         }
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("range") {
-                let from = value.trim().strip_prefix("bytes=").and_then(|r| r.strip_suffix('-'));
-                start = from.and_then(|n| n.parse().ok()).unwrap_or(0);
+                let spec = value.trim().strip_prefix("bytes=").unwrap_or("");
+                let (a, b) = spec.split_once('-').unwrap_or((spec, ""));
+                range = a.parse::<usize>().ok().map(|a| (a, b.parse::<usize>().ok()));
             }
         }
     }
     let stream = stream.get_mut();
-    if !request.starts_with("GET /8.img ") || start >= image.len() {
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let file = files.get(path).filter(|_| request.starts_with("GET "));
+    let Some(file) = file.filter(|f| !matches!(range, Some((a, _)) if a >= f.len())) else {
         return stream
             .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             .await;
-    }
-    let body = &image[start..];
-    let head = if start > 0 {
-        format!("206 Partial Content\r\nContent-Range: bytes {start}-{}/{}", image.len() - 1, image.len())
-    } else {
-        "200 OK".to_string()
+    };
+    let (start, end) = match range {
+        Some((a, b)) => (a, b.map_or(file.len(), |b| (b + 1).min(file.len()))),
+        None => (0, file.len()),
+    };
+    let body = &file[start..end];
+    let head = match range {
+        Some(_) => format!("206 Partial Content\r\nContent-Range: bytes {start}-{}/{}", end - 1, file.len()),
+        None => "200 OK".to_string(),
     };
     let head = format!("HTTP/1.1 {head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
     stream.write_all(head.as_bytes()).await?;
