@@ -431,24 +431,23 @@ fn revoked_serials(der: &[u8]) -> Vec<Vec<u8>> {
     serials.into_iter().map(|s| s.into_iter().skip_while(|b| *b == 0).collect()).collect()
 }
 
+/// Enrolls `serial` by a fresh claim, with a fresh key: the key.
+async fn enrolled_with_a_new_key(f: &Fixture, serial: &str) -> DeviceKey {
+    let key = DeviceKey::generate().unwrap();
+    let code = f.claim(serial).await;
+    let csr = key.csr_pem(serial).unwrap();
+    enroll::enroll(f.db(), &f.app.issuer, crate::ca::Validity::days(30), &code, &csr, None, db::now())
+        .await
+        .unwrap();
+    key
+}
+
 /// Renewal: by the active key ok; by a superseded or revoked key `revoked`;
 /// retired `device-retired`.
 pub async fn check_renew(db_url: &str) {
     let f = Fixture::new(db_url).await;
     let serial = f.device().await;
-    let first_key = DeviceKey::generate().unwrap();
-    let code = f.claim(&serial).await;
-    enroll::enroll(
-        f.db(),
-        &f.app.issuer,
-        crate::ca::Validity::days(30),
-        &code,
-        &first_key.csr_pem(&serial).unwrap(),
-        None,
-        db::now(),
-    )
-    .await
-    .unwrap();
+    let first_key = enrolled_with_a_new_key(&f, &serial).await;
     let renew = |key: &DeviceKey, new: &DeviceKey| {
         let csr = new.csr_pem(&serial).unwrap();
         json!({"signature": sign_renewal(key, &csr).unwrap(), "csr_pem": csr})
@@ -480,19 +479,7 @@ pub async fn check_renew(db_url: &str) {
 
     // Retired.
     let serial = f.device().await;
-    let key = DeviceKey::generate().unwrap();
-    let code = f.claim(&serial).await;
-    enroll::enroll(
-        f.db(),
-        &f.app.issuer,
-        crate::ca::Validity::days(30),
-        &code,
-        &key.csr_pem(&serial).unwrap(),
-        None,
-        db::now(),
-    )
-    .await
-    .unwrap();
+    let key = enrolled_with_a_new_key(&f, &serial).await;
     devices::revoke(f.db(), "test", &serial, true, "unspecified", db::now()).await.unwrap();
     let csr = DeviceKey::generate().unwrap().csr_pem(&serial).unwrap();
     let body = json!({"signature": sign_renewal(&key, &csr).unwrap(), "csr_pem": csr});

@@ -110,10 +110,7 @@ impl ClaimCode {
 
     /// A new claim from the system's randomness.
     pub fn generate() -> Result<Self, ring::error::Unspecified> {
-        use ring::rand::SecureRandom;
-        let mut bytes = [0u8; POP_BYTES];
-        ring::rand::SystemRandom::new().fill(&mut bytes)?;
-        Ok(Self(bytes))
+        super::pop::random_code().map(Self)
     }
 
     /// Parses a code as people type it (any case, dashes and spaces ignored).

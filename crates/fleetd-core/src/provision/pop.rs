@@ -30,6 +30,14 @@ pub enum PopError {
     Malformed(String),
 }
 
+/// 80 random bits from the system: a PoP's or a claim code's.
+pub fn random_code() -> Result<[u8; POP_BYTES], ring::error::Unspecified> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; POP_BYTES];
+    ring::rand::SystemRandom::new().fill(&mut bytes)?;
+    Ok(bytes)
+}
+
 impl Pop {
     pub fn from_bytes(bytes: [u8; POP_BYTES]) -> Self {
         Self(bytes)
@@ -37,10 +45,7 @@ impl Pop {
 
     /// A new secret from the system's randomness.
     pub fn generate() -> Result<Self, ring::error::Unspecified> {
-        use ring::rand::SecureRandom;
-        let mut bytes = [0u8; POP_BYTES];
-        ring::rand::SystemRandom::new().fill(&mut bytes)?;
-        Ok(Self(bytes))
+        random_code().map(Self)
     }
 
     /// Parses a code as people type it (see [`parse_code`]).
