@@ -126,7 +126,7 @@ fn pack_round_trips_through_plain_zstd_and_the_claim_describes_it() {
     assert_eq!(claim["encoding"], "zstd");
     let index = std::fs::read(dir.path().join("out/rootfs.index")).unwrap();
     assert_eq!(claim["index"]["size"], index.len() as u64);
-    let parsed = fleetd::image::index::Index::parse(&index).unwrap();
+    let parsed = fleetd::image::index::Index::parse(index.clone()).unwrap();
     assert_eq!(parsed.size, image.len() as u64);
     let seek = fleetd::image::seek_table::parse(&std::fs::read(&zst).unwrap()).expect("a seek table");
     assert_eq!(seek.len(), parsed.frames.len());
@@ -191,8 +191,34 @@ fn moved_data_is_found_in_the_booted_slot() {
     let mut stale = vec![0u8; len];
     random_fill(&mut stale, 43);
     let c = Case::new(&v1, &stale, v2, "");
-    let log = c.install(&c.message("moved", true, 9));
+    let msg = c.message("moved", true, 9);
+    // Under strace when there is one (CI has it): every open of the running
+    // slot is read-only, whatever its bytes say afterwards.
+    let trace = c.g.path().join("opens.trace");
+    let strace = std::process::Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success());
+    assert!(strace || std::env::var_os("CI").is_none(), "CI must have strace (scripts/setup)");
+    let log = if strace {
+        let mut cmd = std::process::Command::new("strace");
+        cmd.args(["-f", "-qq", "-e", "trace=open,openat", "-o"]).arg(&trace).arg(fleetd_bin());
+        cmd.args(["install", "--config"]).arg(c.g.dev.config()).arg(&msg);
+        cmd.env_remove("NOTIFY_SOCKET").env(NO_BUS.0, NO_BUS.1);
+        stderr(&run(&mut cmd))
+    } else {
+        eprintln!("SKIP the strace check: no strace here");
+        c.install(&msg)
+    };
     c.assert_installed();
+    if strace {
+        let opens = std::fs::read_to_string(&trace).unwrap();
+        let running: Vec<&str> = opens.lines().filter(|l| l.contains("slot-a.img")).collect();
+        assert!(!running.is_empty(), "the booted slot was never read:\n{opens}");
+        for line in running {
+            assert!(
+                line.contains("O_RDONLY") && !line.contains("O_RDWR"),
+                "the running slot opened for writing: {line}"
+            );
+        }
+    }
     let fetched = c.fetched();
     eprintln!("16 MiB moved by 148 KiB: fetched {fetched} bytes ({:.2} %)", percent(fetched, len));
     assert!(percent(fetched, len) < 2.0, "fetched {:.2} %: {log}", percent(fetched, len));
@@ -289,7 +315,7 @@ fn a_wrong_index_or_a_corrupt_frame_is_refused_by_name() {
         let c = small_case("");
         let mut zst = std::fs::read(c.dir.join("v2.zst")).unwrap();
         let index =
-            fleetd::image::index::Index::parse(&std::fs::read(c.dir.join("v2.index")).unwrap()).unwrap();
+            fleetd::image::index::Index::parse(std::fs::read(c.dir.join("v2.index")).unwrap()).unwrap();
         // Corrupt every frame's middle byte, so whichever is fetched is bad.
         for f in &index.frames {
             zst[(f.offset + u64::from(f.len) / 2) as usize] ^= 0x55;

@@ -79,7 +79,7 @@ pub fn pack(image: &Path, out: &Path, frame_size: u32, level: i32) -> Result<Pac
     compressor.include_checksum(true).map_err(PackError::Zstd)?;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buffer = vec![0u8; frame_size as usize];
-    let mut blocks = Vec::new();
+    let mut hashes = Vec::new();
     let mut frames = Vec::new();
     let mut entries = Vec::new();
     let (mut size, mut offset) = (0u64, 0u64);
@@ -90,7 +90,7 @@ pub fn pack(image: &Path, out: &Path, frame_size: u32, level: i32) -> Result<Pac
         }
         let raw = &buffer[..n];
         digest.update(raw);
-        blocks.extend(raw.chunks(BLOCK).map(block_hash));
+        hashes.extend(raw.chunks(BLOCK).flat_map(block_hash));
         let compressed = compressor.compress(raw).map_err(PackError::Zstd)?;
         output.write_all(&compressed).map_err(io(&zst_tmp))?;
         let len = compressed.len() as u32;
@@ -115,7 +115,7 @@ pub fn pack(image: &Path, out: &Path, frame_size: u32, level: i32) -> Result<Pac
     std::fs::rename(&zst_tmp, &zst_path).map_err(io(&zst_path))?;
     let mut sha256 = [0u8; 32];
     sha256.copy_from_slice(digest.finish().as_ref());
-    let index = Index { size, sha256, frame_size, zst_size: offset + table.len() as u64, blocks, frames };
+    let index = Index::from_parts(size, sha256, frame_size, offset + table.len() as u64, hashes, frames);
     let index_bytes = index.encode();
     fsutil::atomic_write(&index_path, &index_bytes, 0o644).map_err(io(&index_path))?;
     fsutil::fsync_dir(out).map_err(io(out))?;

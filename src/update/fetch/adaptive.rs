@@ -29,7 +29,7 @@ use tokio::time::Instant;
 const IN_FLIGHT: usize = 3;
 
 /// Reads of the local slots, in bytes per read.
-const READ_CHUNK: usize = 1 << 20;
+const READ_CHUNK: usize = 256 << 10;
 
 pub(super) async fn install(
     client: &Client,
@@ -41,8 +41,7 @@ pub(super) async fn install(
 ) -> Result<FetchStats, FetchError> {
     let mut stats = FetchStats::default();
     let index_bytes = fetch_index(client, adaptive, policy, &mut stats).await?;
-    let index = Index::parse(&index_bytes)?;
-    drop(index_bytes);
+    let index = Index::parse(index_bytes)?;
     index.check_image(writer.size(), &adaptive.sha256)?;
 
     let frame_size = u64::from(index.frame_size);
@@ -255,7 +254,7 @@ fn scan_target(index: &Index, path: &Path, start_block: usize) -> Result<BitSet,
             break;
         }
         for chunk in buf[..got].chunks(BLOCK) {
-            if chunk.len() == index.block_len(block) && block_hash(chunk) == index.blocks[block] {
+            if chunk.len() == index.block_len(block) && block_hash(chunk) == *index.block(block) {
                 present.set(block);
             }
             block += 1;
@@ -398,7 +397,7 @@ impl<'a> Assembly<'a> {
                 BlockSource::Fetch => return Ok(false),
             };
             let got = read_at(file, path, &mut self.raw[at..], offset)?;
-            if got != len || block_hash(&self.raw[at..]) != index.blocks[b] {
+            if got != len || block_hash(&self.raw[at..]) != *index.block(b) {
                 return Ok(false);
             }
             sources.push(source);
@@ -434,7 +433,7 @@ impl<'a> Assembly<'a> {
         }
         let first = f * self.index.blocks_per_frame();
         for (i, block) in self.raw.chunks(BLOCK).enumerate() {
-            if block_hash(block) != self.index.blocks[first + i] {
+            if block_hash(block) != *self.index.block(first + i) {
                 return Err(mismatch());
             }
         }

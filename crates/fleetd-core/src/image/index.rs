@@ -58,13 +58,16 @@ pub struct Frame {
     pub len: u32,
 }
 
+/// The index in memory: the block hashes stay in the buffer they arrived
+/// in (4 MiB per GiB, held once), the frames as offsets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Index {
     pub size: u64,
     pub sha256: [u8; 32],
     pub frame_size: u32,
     pub zst_size: u64,
-    pub blocks: Vec<BlockHash>,
+    /// `HASH_LEN` bytes per block.
+    hashes: Vec<u8>,
     pub frames: Vec<Frame>,
 }
 
@@ -92,8 +95,27 @@ pub fn encoded_len(size: u64, frame_size: u32) -> Option<u64> {
 }
 
 impl Index {
+    /// An index from its parts (`fleetctl image pack`); `hashes` holds
+    /// `HASH_LEN` bytes per block.
+    pub fn from_parts(
+        size: u64,
+        sha256: [u8; 32],
+        frame_size: u32,
+        zst_size: u64,
+        hashes: Vec<u8>,
+        frames: Vec<Frame>,
+    ) -> Self {
+        Self { size, sha256, frame_size, zst_size, hashes, frames }
+    }
+
     pub fn block_count(&self) -> usize {
-        self.blocks.len()
+        self.hashes.len() / HASH_LEN
+    }
+
+    /// Block `i`'s hash (`i` below `block_count`).
+    pub fn block(&self, i: usize) -> &BlockHash {
+        let at = i * HASH_LEN;
+        self.hashes[at..at + HASH_LEN].try_into().unwrap_or(&[0; HASH_LEN])
     }
 
     /// Raw bytes of block `i` (the last may be short).
@@ -112,20 +134,21 @@ impl Index {
         start..(start + u64::from(self.frame_size)).min(self.size)
     }
 
-    pub fn parse(bytes: &[u8]) -> Result<Self, IndexError> {
+    /// Takes the buffer over: the hashes are moved to its front, not copied.
+    pub fn parse(mut bytes: Vec<u8>) -> Result<Self, IndexError> {
         if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
             return Err(malformed("not a fleetd block index (magic)"));
         }
-        if le_u32(bytes, 8) != VERSION {
-            return Err(malformed(format!("format version {} is not 1", le_u32(bytes, 8))));
+        if le_u32(&bytes, 8) != VERSION {
+            return Err(malformed(format!("format version {} is not 1", le_u32(&bytes, 8))));
         }
-        if le_u32(bytes, 12) as usize != BLOCK {
-            return Err(malformed(format!("block size {} is not {BLOCK}", le_u32(bytes, 12))));
+        if le_u32(&bytes, 12) as usize != BLOCK {
+            return Err(malformed(format!("block size {} is not {BLOCK}", le_u32(&bytes, 12))));
         }
-        let size = le_u64(bytes, 16);
+        let size = le_u64(&bytes, 16);
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(&bytes[24..56]);
-        let frame_size = le_u32(bytes, 56);
+        let frame_size = le_u32(&bytes, 56);
         if frame_size == 0 || frame_size as usize % BLOCK != 0 || frame_size > MAX_FRAME {
             return Err(malformed(format!(
                 "frame size {frame_size} is not a multiple of {BLOCK} up to {MAX_FRAME}"
@@ -134,27 +157,21 @@ impl Index {
         if size == 0 {
             return Err(malformed("the image is empty"));
         }
-        let frame_count = le_u32(bytes, 60) as u64;
+        let frame_count = le_u32(&bytes, 60) as u64;
         if frame_count != size.div_ceil(u64::from(frame_size)) {
             return Err(malformed(format!("{frame_count} frames do not cover {size} bytes")));
         }
-        let zst_size = le_u64(bytes, 64);
+        let zst_size = le_u64(&bytes, 64);
         if encoded_len(size, frame_size) != Some(bytes.len() as u64) {
             return Err(malformed(format!("{} bytes for an image of {size} bytes", bytes.len())));
         }
         let block_count = size.div_ceil(BLOCK as u64) as usize;
-        let mut at = HEADER_LEN;
-        let mut blocks = Vec::with_capacity(block_count);
-        for _ in 0..block_count {
-            let mut h = [0u8; HASH_LEN];
-            h.copy_from_slice(&bytes[at..at + HASH_LEN]);
-            blocks.push(h);
-            at += HASH_LEN;
-        }
+        let hashes_end = HEADER_LEN + block_count * HASH_LEN;
+        let mut at = hashes_end;
         let mut frames = Vec::with_capacity(frame_count as usize);
         let mut offset = 0u64;
         for _ in 0..frame_count {
-            let len = le_u32(bytes, at);
+            let len = le_u32(&bytes, at);
             at += 4;
             if len == 0 {
                 return Err(malformed("a frame of 0 bytes"));
@@ -165,7 +182,10 @@ impl Index {
         if offset > zst_size {
             return Err(malformed(format!("frames of {offset} bytes in a .zst of {zst_size}")));
         }
-        Ok(Self { size, sha256, frame_size, zst_size, blocks, frames })
+        bytes.truncate(hashes_end);
+        bytes.drain(..HEADER_LEN);
+        bytes.shrink_to_fit();
+        Ok(Self { size, sha256, frame_size, zst_size, hashes: bytes, frames })
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -178,9 +198,7 @@ impl Index {
         out.extend_from_slice(&self.frame_size.to_le_bytes());
         out.extend_from_slice(&(self.frames.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.zst_size.to_le_bytes());
-        for h in &self.blocks {
-            out.extend_from_slice(h);
-        }
+        out.extend_from_slice(&self.hashes);
         for f in &self.frames {
             out.extend_from_slice(&f.len.to_le_bytes());
         }
@@ -210,10 +228,10 @@ mod tests {
     use super::*;
 
     fn sample(size: u64, frame_size: u32) -> Index {
-        let blocks = (0..size.div_ceil(BLOCK as u64)).map(|i| block_hash(&i.to_le_bytes())).collect();
+        let hashes = (0..size.div_ceil(BLOCK as u64)).flat_map(|i| block_hash(&i.to_le_bytes())).collect();
         let frame_count = size.div_ceil(u64::from(frame_size));
         let frames = (0..frame_count).map(|i| Frame { offset: i * 100, len: 100 }).collect();
-        Index { size, sha256: [7; 32], frame_size, zst_size: frame_count * 100 + 20, blocks, frames }
+        Index::from_parts(size, [7; 32], frame_size, frame_count * 100 + 20, hashes, frames)
     }
 
     #[test]
@@ -221,7 +239,8 @@ mod tests {
         let index = sample(10 * 4096 + 5, 8192);
         let bytes = index.encode();
         assert_eq!(bytes.len() as u64, encoded_len(index.size, 8192).unwrap());
-        assert_eq!(Index::parse(&bytes).unwrap(), index);
+        assert_eq!(Index::parse(bytes).unwrap(), index);
+        assert_eq!(index.block(3), &block_hash(&3u64.to_le_bytes()));
         assert_eq!(index.block_len(10), 5);
         assert_eq!(index.frame_raw_range(5), 40960..40965);
         // 1 GiB in 64 KiB frames: 4 MiB of block hashes and 64 KiB of frame lengths.
@@ -284,7 +303,7 @@ mod tests {
             }),
         ];
         for (what, bytes) in cases {
-            let err = Index::parse(&bytes).unwrap_err();
+            let err = Index::parse(bytes).unwrap_err();
             assert_eq!(err.name(), "index-malformed", "{what}: {err}");
         }
     }

@@ -46,15 +46,15 @@ impl Lookup {
         // Only whole blocks can be found at another offset.
         let whole = (index.size / BLOCK as u64) as u32;
         let mut order: Vec<u32> = (0..whole).collect();
-        order.sort_unstable_by(|a, b| index.blocks[*a as usize].cmp(&index.blocks[*b as usize]));
-        order.dedup_by(|a, b| index.blocks[*a as usize] == index.blocks[*b as usize]);
+        order.sort_unstable_by(|a, b| index.block(*a as usize).cmp(index.block(*b as usize)));
+        order.dedup_by(|a, b| index.block(*a as usize) == index.block(*b as usize));
         order.shrink_to_fit();
         let found = vec![0; order.len()];
         Self { order, found }
     }
 
     fn position(&self, index: &Index, hash: &BlockHash) -> Option<usize> {
-        self.order.binary_search_by(|b| index.blocks[*b as usize].cmp(hash)).ok()
+        self.order.binary_search_by(|b| index.block(*b as usize).cmp(hash)).ok()
     }
 
     /// A block of the booted slot, `booted_block` (in 4 KiB units), hashed
@@ -69,10 +69,10 @@ impl Lookup {
 
     /// Where in the booted slot image block `block` can be copied from.
     pub fn booted_offset(&self, index: &Index, block: usize) -> Option<u64> {
-        let hash = index.blocks.get(block)?;
         if (block as u64 + 1) * BLOCK as u64 > index.size {
             return None;
         }
+        let hash = index.block(block);
         let p = self.position(index, hash)?;
         match self.found[p] {
             0 => None,
@@ -232,16 +232,16 @@ mod tests {
     /// frames of `per` blocks, each frame compressing to 1000 bytes.
     fn index_of(contents: &[u64], per: usize) -> Index {
         let size = contents.len() as u64 * BLOCK as u64;
-        let blocks = contents.iter().map(|c| block_hash(&c.to_le_bytes())).collect();
+        let hashes = contents.iter().flat_map(|c| block_hash(&c.to_le_bytes())).collect();
         let frames =
             (0..contents.len().div_ceil(per)).map(|i| Frame { offset: i as u64 * 1000, len: 1000 }).collect();
-        Index { size, sha256: [0; 32], frame_size: (per * BLOCK) as u32, zst_size: 0, blocks, frames }
+        Index::from_parts(size, [0; 32], (per * BLOCK) as u32, 0, hashes, frames)
     }
 
     fn scan(index: &Index, target: &[u64], booted: &[u64]) -> (BitSet, Lookup) {
         let mut in_target = BitSet::new(index.block_count());
         for (i, c) in target.iter().enumerate() {
-            if index.blocks.get(i) == Some(&block_hash(&c.to_le_bytes())) {
+            if i < index.block_count() && index.block(i) == &block_hash(&c.to_le_bytes()) {
                 in_target.set(i);
             }
         }
