@@ -28,6 +28,7 @@ fn bench_verify(c: &mut Criterion) {
             index: None,
         },
         requires: vec![],
+        rollout: None,
     };
     let mut envelope = Envelope::new(&claims.to_json());
     envelope.add_signature(&fleet, "fleet").expect("sign");

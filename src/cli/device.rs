@@ -70,6 +70,10 @@ fn job_outcome(executor: &Executor) -> ExitCode {
             eprintln!("rolled back: {reason}");
             ExitCode::from(1)
         }
+        Some(Phase::Halted { by }) => {
+            eprintln!("halted by {by}: the update stopped before its download finished");
+            ExitCode::SUCCESS
+        }
         _ => ExitCode::SUCCESS,
     }
 }
@@ -129,7 +133,7 @@ pub fn install(config_flag: Option<&Path>, no_reboot: bool, file: &Path) -> Exit
                     eprintln!("resuming update {} v{}", job.name, job.version);
                 }
             }
-            Admission::Accepted { .. } | Admission::Duplicate { .. } => {}
+            Admission::Accepted { .. } | Admission::Duplicate { .. } | Admission::Halted { .. } => {}
         }
         rt.block_on(executor.run())?;
         Ok(job_outcome(&executor))

@@ -123,7 +123,8 @@ async fn admit_message(
             send_refusal(&refusal, &topic, token, outbox);
             false
         }
-        Ok(Admission::Accepted { .. } | Admission::Continued) => true,
+        // A halt that stopped a job: its actions (giving the target up) run next.
+        Ok(Admission::Accepted { .. } | Admission::Continued | Admission::Halted { .. }) => true,
         // Not saved, so not acknowledged: the MQTT task
         // hands the message over again later.
         Err(e) => {
@@ -189,6 +190,17 @@ async fn run_job(executor: &mut Executor, ch: &mut Channels, mut entry: Entry) -
                 return true;
             }
             Ended::Done(Ok(())) => return true,
+            Ended::Halt(message) => {
+                executor.abandon_plan();
+                let halted = admit_message(executor, message, &ch.outbox).await;
+                // Halted: run what the halt left (giving the target up), to
+                // the job's end. Otherwise the job goes on from what is persisted.
+                entry = if halted && executor.state().active_job().is_none() {
+                    Entry::Run
+                } else {
+                    Entry::Resume
+                };
+            }
             Ended::Interrupted(request) => {
                 executor.abandon_plan();
                 // The view the call was let in by is from the job's start:
@@ -238,6 +250,7 @@ async fn answer_call(executor: &mut Executor, request: Request, sink: &crate::bu
                     }
                     _ => Ok("the stored update goes on".to_string()),
                 },
+                Ok(Admission::Halted { jti }) => Ok(format!("update {jti} halted")),
                 Ok(Admission::Duplicate { jti }) => Err(policy::duplicate(&jti)),
                 Ok(Admission::Refused(refusal @ (Refusal::Busy { .. } | Refusal::Resuming))) => {
                     Err(CommandError::Busy(refusal.to_string()))
@@ -273,6 +286,9 @@ enum Ended<T> {
     Shutdown,
     /// A D-Bus call that needs the job stopped first.
     Interrupted(Request),
+    /// A halt message: the job stops (at an await point) so that the
+    /// executor can take it.
+    Halt(Inbound),
 }
 
 /// Runs `work` (a job) to its end while answering every update message and
@@ -292,6 +308,9 @@ async fn while_busy<T>(
             done = &mut work => return Ended::Done(done),
             _ = ch.shutdown.wait_for(|stop| *stop) => return Ended::Shutdown,
             message = ch.inbox.recv(), if inbox_open => match message {
+                Some(Inbound::UpdateMessage { topic, payload, token }) if is_halt(&payload) => {
+                    return Ended::Halt(Inbound::UpdateMessage { topic, payload, token });
+                }
                 Some(Inbound::UpdateMessage { topic, payload, token }) => match busy.answer(&payload) {
                     Ok(jti) => {
                         report_duplicate(&jti, &topic, &ch.outbox);
@@ -313,6 +332,10 @@ async fn while_busy<T>(
             },
         }
     }
+}
+
+fn is_halt(payload: &[u8]) -> bool {
+    crate::trust::halt::peek_type(payload).as_deref() == Some(crate::trust::halt::HALT_TYPE)
 }
 
 /// Logs a refusal and hands it to the MQTT task, which acks the message.

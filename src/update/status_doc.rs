@@ -49,6 +49,10 @@ pub fn status_doc(
         target_slot: j.target_slot.clone(),
         step: j.phase.status_name(),
         progress: (j.written.saturating_mul(100) / j.size.max(1)).min(100) as u8,
+        start_at: match j.phase {
+            crate::update::Phase::Scheduled { start_at } => Some(start_at),
+            _ => None,
+        },
         bytes_fetched: j.transfer.bytes_fetched,
         bytes_reused: j.transfer.bytes_reused,
     });

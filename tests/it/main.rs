@@ -25,6 +25,7 @@ mod networkmanager;
 mod power_cut;
 mod provision;
 mod registrar;
+mod rollout;
 mod safety;
 mod system_boot;
 mod system_wifi;

@@ -33,6 +33,7 @@ pub mod update {
     pub mod agent;
     pub mod engine;
     pub mod report;
+    pub mod rollout;
     pub mod state;
 
     pub use agent::{Agent, Refusal, Source};

@@ -87,6 +87,9 @@ pub struct JobStatus {
     pub target_slot: String,
     pub step: UpdateState,
     pub progress: u8,
+    /// A scheduled job's start (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<u64>,
     /// Bytes received from the network for this job, index included.
     #[serde(default)]
     pub bytes_fetched: u64,
@@ -101,6 +104,8 @@ pub struct JobStatus {
 #[serde(rename_all = "kebab-case")]
 pub enum UpdateState {
     Idle,
+    /// Waiting for its rollout wave.
+    Scheduled,
     Downloading,
     Installing,
     RebootPending,
@@ -108,12 +113,15 @@ pub enum UpdateState {
     Committed,
     RolledBack,
     Failed,
+    /// Stopped by a halt message before its download finished.
+    Halted,
 }
 
 impl UpdateState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Idle => "idle",
+            Self::Scheduled => "scheduled",
             Self::Downloading => "downloading",
             Self::Installing => "installing",
             Self::RebootPending => "reboot-pending",
@@ -121,6 +129,7 @@ impl UpdateState {
             Self::Committed => "committed",
             Self::RolledBack => "rolled-back",
             Self::Failed => "failed",
+            Self::Halted => "halted",
         }
     }
 
@@ -245,7 +254,18 @@ mod tests {
     #[test]
     fn an_update_state_has_one_name() {
         use UpdateState::*;
-        for state in [Idle, Downloading, Installing, RebootPending, Testing, Committed, RolledBack, Failed] {
+        for state in [
+            Idle,
+            Scheduled,
+            Downloading,
+            Installing,
+            RebootPending,
+            Testing,
+            Committed,
+            RolledBack,
+            Failed,
+            Halted,
+        ] {
             let json = serde_json::to_value(state).unwrap();
             assert_eq!(json, state.as_str(), "{state:?}");
             assert_eq!(serde_json::from_value::<UpdateState>(json).unwrap(), state);

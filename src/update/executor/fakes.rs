@@ -155,6 +155,7 @@ impl World {
                 index: None,
             },
             requires: vec![],
+            rollout: None,
         };
         let mut e = Envelope::new(&claims.to_json());
         e.add_signature(&self.fleet, "fleet").unwrap();

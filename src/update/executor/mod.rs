@@ -93,6 +93,8 @@ pub enum Admission {
     Refused(Refusal),
     /// The message of the stored, unfinished job: it went on.
     Continued,
+    /// A halt stopped the job it names (its target is given up next).
+    Halted { jti: String },
 }
 
 pub use super::report::Report;
@@ -141,6 +143,7 @@ impl Executor {
             health_command: config.health.command.is_some(),
             health_needs_connection: false,
             health_timeout: Duration::from_secs(config.health.timeout_s),
+            group_spread_s: 0,
         };
         let source = Box::new(HttpSource { ca_file: config.update.ca_file.clone() });
         Ok(Self {
@@ -268,9 +271,15 @@ impl Executor {
                 Action::Persist => self.persist()?,
                 Action::PhaseChanged => {
                     if let Some(job) = self.job() {
-                        let detail = narration::accepted(job);
-                        outcome = Some(Admission::Accepted { jti: job.jti.clone(), version: job.version });
-                        self.report_step(detail);
+                        if matches!(job.phase, crate::update::Phase::Halted { .. }) {
+                            outcome = Some(Admission::Halted { jti: job.jti.clone() });
+                            self.report_phase();
+                        } else {
+                            let detail = narration::accepted(job);
+                            outcome =
+                                Some(Admission::Accepted { jti: job.jti.clone(), version: job.version });
+                            self.report_step(detail);
+                        }
                     }
                 }
                 // The job's own actions: `run` carries them out.
@@ -300,6 +309,13 @@ impl Executor {
                 continue;
             }
             let Some(input) = self.inputs.pop_front() else {
+                // A job waiting for its rollout wave: wait here for its start.
+                if let Some(&start) = self.timers.get(&Timer::Start) {
+                    tokio::time::sleep_until(start).await;
+                    self.timers.remove(&Timer::Start);
+                    self.inputs.push_back(Input::TimerFired(Timer::Start));
+                    continue;
+                }
                 return Ok(());
             };
             let actions = self.agent.handle(input, crate::system_now());

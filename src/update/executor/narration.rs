@@ -13,7 +13,16 @@ use std::time::Duration;
 
 /// A job admitted: `admit`'s step.
 pub(super) fn accepted(job: &Job) -> String {
-    format!("accepted {} v{}; writing slot {}", job.name, job.version, job.target_slot)
+    match &job.phase {
+        Phase::Scheduled { start_at } => format!(
+            "accepted {} v{}; scheduled by its rollout to start at {start_at} (in {} s), then write slot {}",
+            job.name,
+            job.version,
+            start_at.saturating_sub(crate::system_now()),
+            job.target_slot
+        ),
+        _ => format!("accepted {} v{}; writing slot {}", job.name, job.version, job.target_slot),
+    }
 }
 
 /// The sentence of the phase the job just entered (none for `Accepted`:
@@ -21,6 +30,10 @@ pub(super) fn accepted(job: &Job) -> String {
 pub(super) fn phase(job: &Job) -> Option<String> {
     Some(match &job.phase {
         Phase::Accepted => return None,
+        Phase::Scheduled { start_at } => format!("scheduled to start at {start_at}"),
+        Phase::Halted { by } => {
+            format!("halted by {by} before its download finished; slot {} given up", job.target_slot)
+        }
         Phase::Downloading => format!("downloading {} into slot {}", job.url, job.target_slot),
         Phase::Written => format!("slot {} written and verified", job.target_slot),
         Phase::RebootPending { .. } => format!("slot {} is primary for a trial boot", job.target_slot),

@@ -198,6 +198,7 @@ async fn demo(dir: &Path) -> Result<(), CliError> {
             index: None,
         },
         requires: vec![],
+        rollout: None,
     };
     let server_signed = sign_claims(&claims, &load_signing_key(&keys.join("fs1.key.pem"))?, "server:fs1")?;
     println!("    v8 \"{}\", {size} bytes, sha256 {}…", claims.name, &claims.image.sha256[..16]);

@@ -237,6 +237,14 @@ struct SignArgs {
     /// The block index file: its size and sha256 go into the claims.
     #[arg(long, requires = "index_url")]
     index: Option<PathBuf>,
+    /// A rollout wave, `PERCENT@TIME` (cumulative percent; TIME in seconds
+    /// since the epoch, or `+SECONDS` from now). Repeatable, in order, the
+    /// last at 100.
+    #[arg(long = "wave")]
+    waves: Vec<String>,
+    /// Each device starts within this many seconds after its wave opens.
+    #[arg(long, default_value_t = 0, requires = "waves")]
+    spread_s: u64,
     /// Seconds from nbf to exp.
     #[arg(long, default_value_t = 24 * 3600)]
     valid_for: u64,
@@ -419,6 +427,14 @@ fn claims_from_args(args: &SignArgs) -> Result<Claims, CliError> {
     };
     let now = fleetd::system_now();
     let nbf = args.not_before.unwrap_or(now);
+    let rollout = if args.waves.is_empty() {
+        None
+    } else {
+        let waves = args.waves.iter().map(|w| parse_wave(w, now)).collect::<Result<Vec<_>, _>>()?;
+        let rollout = trust::Rollout { waves, spread_s: args.spread_s };
+        rollout.check().map_err(CliError::Usage)?;
+        Some(rollout)
+    };
     Ok(Claims {
         typ: CLAIMS_TYPE.into(),
         jti: args.jti.clone().unwrap_or_else(trust::random_id),
@@ -447,7 +463,20 @@ fn claims_from_args(args: &SignArgs) -> Result<Claims, CliError> {
             },
         },
         requires: vec![],
+        rollout,
     })
+}
+
+/// `PERCENT@TIME`, TIME absolute or `+SECONDS` from `now`.
+fn parse_wave(text: &str, now: u64) -> Result<trust::Wave, CliError> {
+    let bad = || CliError::Usage(format!("--wave {text:?}: expected PERCENT@TIME or PERCENT@+SECONDS"));
+    let (percent, time) = text.split_once('@').ok_or_else(bad)?;
+    let percent: u8 = percent.trim_end_matches('%').parse().map_err(|_| bad())?;
+    let not_before = match time.strip_prefix('+') {
+        Some(delay) => now.saturating_add(delay.parse().map_err(|_| bad())?),
+        None => time.parse().map_err(|_| bad())?,
+    };
+    Ok(trust::Wave { percent, not_before })
 }
 
 /// Signs `claims` with one key into a new envelope; `requires` lists every

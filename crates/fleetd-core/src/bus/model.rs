@@ -231,7 +231,11 @@ fn percent_of_state(state: UpdateState, download_percent: u8) -> i32 {
         UpdateState::Downloading => (u64::from(download_percent.min(100)) * DOWNLOAD_SHARE / 100) as i32,
         UpdateState::Installing => VERIFIED_PERCENT,
         UpdateState::RebootPending | UpdateState::Testing | UpdateState::Committed => 100,
-        UpdateState::Idle | UpdateState::RolledBack | UpdateState::Failed => 0,
+        UpdateState::Idle
+        | UpdateState::Scheduled
+        | UpdateState::RolledBack
+        | UpdateState::Failed
+        | UpdateState::Halted => 0,
     }
 }
 
@@ -241,8 +245,12 @@ fn ending(state: UpdateState) -> Option<i32> {
     match state {
         UpdateState::RebootPending | UpdateState::Committed => Some(RESULT_OK),
         UpdateState::RolledBack => Some(RESULT_ROLLED_BACK),
-        UpdateState::Failed => Some(RESULT_FAILED),
-        UpdateState::Idle | UpdateState::Downloading | UpdateState::Installing | UpdateState::Testing => None,
+        UpdateState::Failed | UpdateState::Halted => Some(RESULT_FAILED),
+        UpdateState::Idle
+        | UpdateState::Scheduled
+        | UpdateState::Downloading
+        | UpdateState::Installing
+        | UpdateState::Testing => None,
     }
 }
 
@@ -414,6 +422,7 @@ mod tests {
             target_slot: "B".into(),
             step: UpdateState::RebootPending,
             progress: 100,
+            start_at: None,
             bytes_fetched: 0,
             bytes_reused: 0,
         });

@@ -22,11 +22,59 @@ pub struct Claims {
     /// Features the message needs (`update-message-v1.md`, later claims).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requires: Vec<String>,
+    /// Waves: when each device of a group may start (`update::rollout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// `rollout`: cumulative percentages in increasing order ending at 100,
+/// their times in increasing order, and the spread within a wave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub waves: Vec<Wave>,
+    #[serde(default)]
+    pub spread_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    /// Cumulative: the share of the fleet started by the end of this wave.
+    pub percent: u8,
+    pub not_before: u64,
+}
+
+/// At most this many waves, and a spread of at most 30 days.
+pub const MAX_WAVES: usize = 32;
+pub const MAX_SPREAD_S: u64 = 30 * 86_400;
+
+impl Rollout {
+    pub fn check(&self) -> Result<(), String> {
+        if self.waves.is_empty() || self.waves.len() > MAX_WAVES {
+            return Err(format!("rollout.waves must hold 1 to {MAX_WAVES} waves"));
+        }
+        for pair in self.waves.windows(2) {
+            if pair[1].percent <= pair[0].percent {
+                return Err("rollout.waves: percentages must increase".into());
+            }
+            if pair[1].not_before < pair[0].not_before {
+                return Err("rollout.waves: times must not go back".into());
+            }
+        }
+        if self.waves.first().is_some_and(|w| w.percent == 0)
+            || self.waves.last().map(|w| w.percent) != Some(100)
+        {
+            return Err("rollout.waves: percentages must be above 0 and end at 100".into());
+        }
+        if self.spread_s > MAX_SPREAD_S {
+            return Err(format!("rollout.spread_s is above {MAX_SPREAD_S}"));
+        }
+        Ok(())
+    }
 }
 
 /// The features this build implements: a message that requires another is
 /// refused before any download (`requires-unsupported`).
-pub const SUPPORTED_FEATURES: &[&str] = &["zstd", "adaptive"];
+pub const SUPPORTED_FEATURES: &[&str] = &["zstd", "adaptive", "rollout"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Target {
@@ -104,6 +152,9 @@ impl Claims {
         if self.image.size == 0 {
             return Err(VerifyError::Malformed("image.size must be positive".into()));
         }
+        if let Some(rollout) = &self.rollout {
+            rollout.check().map_err(VerifyError::Malformed)?;
+        }
         if let Some(index) = &self.image.index {
             if self.image.encoding != Encoding::Zstd {
                 return Err(VerifyError::Malformed("image.index needs image.encoding \"zstd\"".into()));
@@ -130,6 +181,9 @@ impl Claims {
         }
         if self.image.index.is_some() {
             used.push("adaptive".to_string());
+        }
+        if self.rollout.is_some() {
+            used.push("rollout".to_string());
         }
         used
     }

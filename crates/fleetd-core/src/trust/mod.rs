@@ -7,17 +7,20 @@
 
 mod claims;
 mod envelope;
+pub mod halt;
 pub mod keys;
 mod verify;
 
 pub use claims::{check_url, valid_jti, valid_sha256};
 pub use claims::{
-    Claims, Encoding, Image, IndexRef, Target, CLAIMS_TYPE, MAX_INDEX_BYTES, SUPPORTED_FEATURES,
+    Claims, Encoding, Image, IndexRef, Rollout, Target, Wave, CLAIMS_TYPE, MAX_INDEX_BYTES, MAX_SPREAD_S,
+    SUPPORTED_FEATURES,
 };
 pub use envelope::{Envelope, Signature, MAX_MESSAGE_BYTES};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use verify::{
-    check_validity_window, verify_signatures, Policy, TrustState, Verified, DEFAULT_MAX_VALIDITY_S,
+    check_validity_window, check_window, verify_signatures, Policy, TrustState, Verified, Window,
+    DEFAULT_MAX_VALIDITY_S,
 };
 
 crate::error_name::named_error! {

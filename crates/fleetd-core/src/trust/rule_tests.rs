@@ -48,6 +48,7 @@ fn claims() -> Claims {
             index: None,
         },
         requires: vec![],
+        rollout: None,
     }
 }
 
@@ -458,7 +459,7 @@ fn a_required_feature_this_build_lacks_is_refused_by_name() {
     let mut c = claims();
     c.requires = vec!["zstd".into(), "adaptive".into()];
     assert_eq!(f.claims_error(&c), "accepted");
-    c.requires.push("rollout-v9".into());
+    c.requires.push("teleport".into());
     assert_eq!(f.claims_error(&c), "requires-unsupported");
     let mut c = claims();
     c.image.encoding = crate::trust::Encoding::Zstd;

@@ -116,6 +116,23 @@ pub fn check_validity_window(
     leeway_s: u64,
     max_validity_s: u64,
 ) -> Result<(), VerifyError> {
+    check_window(&Window { iat: claims.iat, nbf: claims.nbf, exp: claims.exp }, now, leeway_s, max_validity_s)
+}
+
+/// The times every signed message carries.
+pub struct Window {
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+}
+
+/// `check_validity_window` for any message's times (an update or a halt).
+pub fn check_window(
+    claims: &Window,
+    now: u64,
+    leeway_s: u64,
+    max_validity_s: u64,
+) -> Result<(), VerifyError> {
     if claims.exp < claims.nbf {
         return Err(VerifyError::Malformed("exp is before nbf".into()));
     }

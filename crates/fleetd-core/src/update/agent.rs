@@ -33,6 +33,9 @@ pub struct Facts {
     /// "Connected to the broker" is part of the health check (the daemon).
     pub health_needs_connection: bool,
     pub health_timeout: Duration,
+    /// A group message without a `rollout` starts within this many seconds
+    /// (a stable offset per device), so a group does not start at once.
+    pub group_spread_s: u64,
 }
 
 /// Where a message came from: the broker redelivers, a person retries.
@@ -96,6 +99,8 @@ pub enum Input {
 pub enum Timer {
     /// The health check's deadline.
     Health,
+    /// A scheduled job's start.
+    Start,
 }
 
 /// What the executor must do, in order.
@@ -169,6 +174,10 @@ crate::error_name::named_error! {
         #[name(hidden = "config")]
         #[error("{0}")]
         TrustConfig(String),
+        /// A halt for this rollout came first.
+        #[name = "halted"]
+        #[error("{name}: rollout {0} was halted")]
+        Halted(String),
     }
 }
 
@@ -303,6 +312,7 @@ impl Agent {
                 }
                 Vec::new()
             }
+            Input::TimerFired(Timer::Start) => self.start_if_due(now),
             Input::TimerFired(Timer::Health) => match self.health {
                 Some(HealthWait::Command) => {
                     let detail = format!("timed out after {} s", self.facts.health_timeout.as_secs());
@@ -333,6 +343,56 @@ impl Agent {
             let event =
                 Event::Started { booted: self.facts.booted.clone(), boot_id: self.facts.boot_id.clone() };
             actions.extend(self.job_event(event, now));
+            actions.extend(self.start_if_due(now));
+        }
+        actions
+    }
+
+    /// A scheduled job starts when its time has come; until then its timer runs.
+    fn start_if_due(&mut self, now: u64) -> Vec<Action> {
+        match self.job().map(|j| j.phase.clone()) {
+            Some(Phase::Scheduled { start_at }) if now >= start_at => self.job_event(Event::StartDue, now),
+            Some(Phase::Scheduled { start_at }) => {
+                vec![Action::ArmTimer { timer: Timer::Start, after: Duration::from_secs(start_at - now) }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A halt message: verified like an update, recorded, and applied to
+    /// the job it names if that job has not finished downloading.
+    fn halt(&mut self, bytes: &[u8], source: &Source, now: u64) -> Vec<Action> {
+        if let Some(jti) = crate::trust::peek_jti(bytes) {
+            // Retained on its topic: every reconnect delivers it again.
+            if self.state.replay_cache.contains_key(&jti) {
+                return vec![Action::Duplicate { jti }, Action::Acknowledge];
+            }
+        }
+        let verified = match &self.policy {
+            Err(e) => Err(Refusal::TrustConfig(e.clone())),
+            Ok(policy) => policy.verify_halt(bytes, &self.state.trust_state(), now).map_err(Refusal::Verify),
+        };
+        let halt = match verified {
+            Ok(halt) => halt,
+            Err(refusal) => return self.refuse(refusal, source),
+        };
+        self.state.record_accepted(&halt.jti, halt.iat, halt.exp, self.facts.leeway_s);
+        self.state.record_halted(&halt.halts, halt.exp.saturating_add(self.facts.leeway_s));
+        let applies = self.job().is_some_and(|j| {
+            j.jti == halt.halts
+                && matches!(j.phase, Phase::Scheduled { .. } | Phase::Accepted | Phase::Downloading)
+        });
+        // On disk, then acknowledged, then told; then the target is given up.
+        let mut actions = vec![Action::Persist, Action::Acknowledge];
+        if applies {
+            let scheduled = matches!(self.job().map(|j| &j.phase), Some(Phase::Scheduled { .. }));
+            let steps = self.job_event(Event::Halt { by: halt.jti }, now);
+            actions.extend(steps.iter().filter(|a| **a == Action::PhaseChanged).cloned());
+            if scheduled {
+                actions.push(Action::CancelTimer(Timer::Start));
+            }
+            actions
+                .extend(steps.into_iter().filter(|a| !matches!(a, Action::PhaseChanged | Action::Persist)));
         }
         actions
     }
@@ -355,6 +415,9 @@ impl Agent {
     /// read the boot facts. So a flood of forged or repeated messages costs
     /// no boot-env IO, and a good one is verified once.
     pub fn early_answer(&mut self, bytes: &[u8], source: &Source, now: u64) -> Result<Claims, Vec<Action>> {
+        if crate::trust::halt::peek_type(bytes).as_deref() == Some(crate::trust::halt::HALT_TYPE) {
+            return Err(self.halt(bytes, source, now));
+        }
         match (source, crate::trust::peek_jti(bytes)) {
             (Source::Broker { .. }, Some(jti)) if self.state.knows_job(&jti) => {
                 return Err(vec![Action::Duplicate { jti }, Action::Acknowledge]);
@@ -387,6 +450,7 @@ impl Agent {
             Err(refusal) => return self.refuse(refusal, source),
         };
         self.state.record_accepted(&claims.jti, claims.iat, claims.exp, self.facts.leeway_s);
+        let start_at = self.start_time(&claims, now);
         self.state.job = Some(Job {
             jti: claims.jti.clone(),
             version: claims.version,
@@ -396,7 +460,7 @@ impl Agent {
             sha256: claims.image.sha256.clone(),
             target_slot: target,
             from_slot: self.facts.booted.clone(),
-            phase: Phase::Accepted,
+            phase: start_at.map_or(Phase::Accepted, |start_at| Phase::Scheduled { start_at }),
             written: 0,
             started_at: now,
             encoding: claims.image.encoding,
@@ -408,7 +472,23 @@ impl Agent {
         let started =
             Event::Started { booted: self.facts.booted.clone(), boot_id: self.facts.boot_id.clone() };
         actions.extend(self.job_event(started, now));
+        actions.extend(self.start_if_due(now));
         actions
+    }
+
+    /// When a new job may start: its wave's time plus its offset (`rollout`),
+    /// a stable offset within `group_spread_s` for a group message without
+    /// one, or now (`None`).
+    fn start_time(&self, claims: &Claims, now: u64) -> Option<u64> {
+        let device_id = self.policy.as_ref().map(|p| p.device_id.as_str()).unwrap_or_default();
+        let start_at = match &claims.rollout {
+            Some(rollout) => super::rollout::schedule(&claims.jti, device_id, rollout).start_at,
+            None if !claims.target.devices.iter().any(|d| d == device_id) => {
+                now + super::rollout::spread_offset(&claims.jti, device_id, self.facts.group_spread_s)
+            }
+            None => now,
+        };
+        (start_at > now).then_some(start_at)
     }
 
     /// The checks that need no boot-environment facts: busy, then `trust`.
@@ -417,7 +497,11 @@ impl Agent {
             return Err(Refusal::Busy { jti: job.jti.clone(), version: job.version });
         }
         let policy = self.policy.as_ref().map_err(|e| Refusal::TrustConfig(e.clone()))?;
-        Ok(policy.verify(bytes, &self.state.trust_state(), now).map_err(Refusal::Verify)?.claims)
+        let claims = policy.verify(bytes, &self.state.trust_state(), now).map_err(Refusal::Verify)?.claims;
+        if self.state.halted.contains_key(&claims.jti) {
+            return Err(Refusal::Halted(claims.jti));
+        }
+        Ok(claims)
     }
 
     /// The checks on verified claims that need the boot facts, in order;
@@ -523,7 +607,11 @@ pub fn cancellable(job: &Job, booted: &str) -> bool {
     job.target_slot != booted
         && matches!(
             job.phase,
-            Phase::Accepted | Phase::Downloading | Phase::Written | Phase::RebootPending { .. }
+            Phase::Scheduled { .. }
+                | Phase::Accepted
+                | Phase::Downloading
+                | Phase::Written
+                | Phase::RebootPending { .. }
         )
 }
 
@@ -594,7 +682,42 @@ mod tests {
             health_command: true,
             health_needs_connection: false,
             health_timeout: Duration::from_secs(20),
+            group_spread_s: 0,
         }
+    }
+
+    /// An update in a rollout of one wave opening at `not_before`.
+    fn rollout_message(k: &Keys, jti: &str, not_before: u64, spread_s: u64) -> Vec<u8> {
+        let mut claims: Claims = serde_json::from_slice(
+            &Envelope::parse(&message(k, jti, 8, 100)).unwrap().payload_bytes().unwrap(),
+        )
+        .unwrap();
+        claims.rollout = Some(crate::trust::Rollout {
+            waves: vec![crate::trust::Wave { percent: 100, not_before }],
+            spread_s,
+        });
+        claims.fill_requires();
+        let mut e = Envelope::new(&claims.to_json());
+        e.add_signature(&k.fleet, "fleet").unwrap();
+        e.add_signature(&k.cosigner, "cosigner").unwrap();
+        e.to_json().into_bytes()
+    }
+
+    fn halt_message(k: &Keys, jti: &str, halts: &str) -> Vec<u8> {
+        let claims = crate::trust::halt::HaltClaims {
+            typ: crate::trust::halt::HALT_TYPE.into(),
+            jti: jti.into(),
+            iat: NOW,
+            nbf: NOW,
+            exp: NOW + 3600,
+            project: "acme".into(),
+            target: Target { hardware: "rpi4".into(), devices: vec!["gw-1".into()], groups: vec![] },
+            halts: halts.into(),
+        };
+        let mut e = Envelope::new(&claims.to_json());
+        e.add_signature(&k.fleet, "fleet").unwrap();
+        e.add_signature(&k.cosigner, "cosigner").unwrap();
+        e.to_json().into_bytes()
     }
 
     fn message(k: &Keys, jti: &str, version: u64, size: u64) -> Vec<u8> {
@@ -616,6 +739,7 @@ mod tests {
                 index: None,
             },
             requires: vec![],
+            rollout: None,
         };
         let mut e = Envelope::new(&claims.to_json());
         e.add_signature(&k.fleet, "fleet").unwrap();
@@ -641,6 +765,152 @@ mod tests {
 
     fn phase(a: &Agent) -> Phase {
         a.job().map(|j| j.phase.clone()).unwrap()
+    }
+
+    /// A job waits for its wave: persisted as scheduled, a timer for the
+    /// rest; a restart re-arms it; the timer (or a late start) begins the
+    /// download. A device online after its wave opened starts at once.
+    #[test]
+    fn rollout_scheduling_by_table() {
+        let k = keys();
+        let offset = super::super::rollout::schedule(
+            "jti-roll-0001",
+            "gw-1",
+            &crate::trust::Rollout {
+                waves: vec![crate::trust::Wave { percent: 100, not_before: NOW + 600 }],
+                spread_s: 60,
+            },
+        )
+        .offset_s;
+        let start_at = NOW + 600 + offset;
+        let mut a = agent(&k, "A", "b1", installed_7());
+        let actions = a.handle(msg(rollout_message(&k, "jti-roll-0001", NOW + 600, 60), broker()), NOW);
+        assert_eq!(
+            actions,
+            vec![
+                Persist,
+                Acknowledge,
+                PhaseChanged,
+                ArmTimer { timer: Timer::Start, after: Duration::from_secs(start_at - NOW) }
+            ]
+        );
+        assert_eq!(phase(&a), Phase::Scheduled { start_at });
+        assert_eq!(phase(&a).status_name(), crate::status::UpdateState::Scheduled);
+        // A restart while scheduled: the same start, the timer armed again for what is left.
+        let mut restarted = agent(&k, "A", "b2", a.state().clone());
+        assert_eq!(
+            restarted.handle(Input::Started, NOW + 100),
+            vec![
+                ConfirmBooted,
+                ArmTimer { timer: Timer::Start, after: Duration::from_secs(start_at - NOW - 100) }
+            ]
+        );
+        // An early timer (a clock that moved) waits again; the due one starts the job.
+        assert_eq!(
+            restarted.handle(Input::TimerFired(Timer::Start), start_at - 1),
+            vec![ArmTimer { timer: Timer::Start, after: Duration::from_secs(1) }]
+        );
+        assert_eq!(
+            restarted.handle(Input::TimerFired(Timer::Start), start_at),
+            vec![PhaseChanged, Persist, InvalidateTarget]
+        );
+        assert_eq!(phase(&restarted), Phase::Accepted);
+        // A restart after the start time: the job starts at once.
+        let mut late = agent(&k, "A", "b3", a.state().clone());
+        let actions = late.handle(Input::Started, start_at + 5000);
+        assert!(actions.ends_with(&[PhaseChanged, Persist, InvalidateTarget]), "{actions:?}");
+        // Online after its wave opened: accepted and started at once.
+        let mut online_late = agent(&k, "A", "b1", installed_7());
+        let actions =
+            online_late.handle(msg(rollout_message(&k, "jti-roll-0002", NOW - 3000, 0), broker()), NOW);
+        assert_eq!(phase(&online_late), Phase::Accepted, "{actions:?}");
+        assert!(actions.contains(&InvalidateTarget));
+    }
+
+    /// A halt stops a job that has not finished downloading (scheduled:
+    /// nothing written; downloading: the target given up), never one past
+    /// its download, and never another rollout; a halt seen again is a
+    /// duplicate, and an update that arrives after its halt is refused.
+    #[test]
+    fn halts_by_table() {
+        let k = keys();
+        let scheduled = {
+            let mut a = agent(&k, "A", "b1", installed_7());
+            a.handle(msg(rollout_message(&k, "jti-roll-0001", NOW + 600, 0), broker()), NOW);
+            a.state().clone()
+        };
+        let downloading = {
+            let mut a = agent(&k, "A", "b1", scheduled.clone());
+            a.handle(Input::TimerFired(Timer::Start), NOW + 600);
+            a.handle(Input::Job(Event::SlotInvalidated), NOW + 600);
+            assert_eq!(phase(&a), Phase::Downloading);
+            a.state().clone()
+        };
+        let written = {
+            let mut a = agent(&k, "A", "b1", downloading.clone());
+            a.handle(Input::Job(Event::ImageVerified), NOW + 600);
+            a.state().clone()
+        };
+        // (state, halts, the job's phase after, actions)
+        let halted = Phase::Halted { by: "halt-0000001".into() };
+        let cases: Vec<(State, &str, Phase, Vec<Action>)> = vec![
+            (
+                scheduled.clone(),
+                "jti-roll-0001",
+                halted.clone(),
+                vec![Persist, Acknowledge, PhaseChanged, CancelTimer(Timer::Start)],
+            ),
+            (
+                downloading.clone(),
+                "jti-roll-0001",
+                halted.clone(),
+                vec![Persist, Acknowledge, PhaseChanged, MarkTargetBad],
+            ),
+            (written.clone(), "jti-roll-0001", Phase::Written, vec![Persist, Acknowledge]),
+            (
+                scheduled.clone(),
+                "jti-roll-0009",
+                Phase::Scheduled { start_at: NOW + 600 },
+                vec![Persist, Acknowledge],
+            ),
+        ];
+        for (state, halts, after, actions) in cases {
+            let mut a = agent(&k, "A", "b1", state);
+            let got = a.handle(msg(halt_message(&k, "halt-0000001", halts), broker()), NOW + 700);
+            assert_eq!((phase(&a), got), (after.clone(), actions), "halt of {halts}");
+            if after == halted {
+                assert_eq!(
+                    a.state().last_error.as_deref(),
+                    Some("halted: stopped by halt halt-0000001 before its download finished")
+                );
+                assert_eq!(
+                    a.state().history.last().map(|h| h.outcome),
+                    Some(crate::status::UpdateState::Halted)
+                );
+            }
+            // The same halt again (retained, redelivered): a duplicate, nothing changes.
+            let again = a.handle(msg(halt_message(&k, "halt-0000001", halts), broker()), NOW + 800);
+            assert_eq!(again, vec![Duplicate { jti: "halt-0000001".into() }, Acknowledge]);
+        }
+        // A halt signed by the fleet key alone is refused by name.
+        let mut a = agent(&k, "A", "b1", scheduled.clone());
+        let payload = Envelope::parse(&halt_message(&k, "halt-0000002", "jti-roll-0001"))
+            .unwrap()
+            .payload_bytes()
+            .unwrap();
+        let mut forged = Envelope::new(&payload);
+        forged.add_signature(&k.fleet, "fleet").unwrap();
+        let actions = a.handle(msg(forged.to_json().into_bytes(), broker()), NOW + 700);
+        assert!(
+            matches!(&actions[..], [Persist, Refuse(r)] if r.name() == "signature-missing"),
+            "{actions:?}"
+        );
+        assert_eq!(phase(&a), Phase::Scheduled { start_at: NOW + 600 });
+        // The halt came first: the rollout's message is refused when it arrives.
+        let mut a = agent(&k, "A", "b1", installed_7());
+        a.handle(msg(halt_message(&k, "halt-0000003", "jti-roll-0005"), broker()), NOW);
+        let actions = a.handle(msg(rollout_message(&k, "jti-roll-0005", NOW + 600, 0), broker()), NOW);
+        assert!(matches!(&actions[..], [Persist, Refuse(r)] if r.name() == "halted"), "{actions:?}");
     }
 
     /// Cancel gives a job up in each phase before its trial boot: the

@@ -61,6 +61,10 @@ pub struct Transfer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "kebab-case")]
 pub enum Phase {
+    /// Verified and recorded; waiting for its start in a rollout wave.
+    Scheduled {
+        start_at: u64,
+    },
     /// Verified and recorded; the target slot is about to be invalidated.
     Accepted,
     /// The target is invalid in the boot env; bytes are streaming into it.
@@ -83,6 +87,10 @@ pub enum Phase {
     Failed {
         #[serde(flatten)]
         error: Failure,
+    },
+    /// Stopped by a halt message before its download finished.
+    Halted {
+        by: String,
     },
 }
 
@@ -173,12 +181,14 @@ impl From<Rollback> for String {
 
 impl Phase {
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Committed | Self::RolledBack { .. } | Self::Failed { .. })
+        matches!(self, Self::Committed | Self::RolledBack { .. } | Self::Failed { .. } | Self::Halted { .. })
     }
 
     /// The status document's `state` for this phase.
     pub fn status_name(&self) -> UpdateState {
         match self {
+            Self::Scheduled { .. } => UpdateState::Scheduled,
+            Self::Halted { .. } => UpdateState::Halted,
             Self::Accepted | Self::Downloading => UpdateState::Downloading,
             Self::Written => UpdateState::Installing,
             Self::RebootPending { .. } => UpdateState::RebootPending,
@@ -224,6 +234,12 @@ pub enum Event {
     /// An action failed for good (after its own retries).
     ActionFailed {
         error: Failure,
+    },
+    /// A scheduled job's start time has come.
+    StartDue,
+    /// A verified halt names this job (its jti is `by`).
+    Halt {
+        by: String,
     },
 }
 
@@ -277,7 +293,26 @@ pub fn step(job: &Job, event: Event) -> Result<Step, UnexpectedEvent> {
         }
         return Ok((failed, actions));
     }
+    if let Event::Halt { by } = &event {
+        // Only what has not finished downloading stops; the running slot is untouched.
+        let give_up_target = match job.phase {
+            Phase::Scheduled { .. } => false,
+            Phase::Accepted | Phase::Downloading => true,
+            _ => return Err(unexpected(event.clone())),
+        };
+        let halted = with(Phase::Halted { by: by.clone() });
+        let mut actions = vec![Finish, Persist];
+        if give_up_target {
+            actions.insert(0, MarkTargetBad);
+        }
+        return Ok((halted, actions));
+    }
     Ok(match (&job.phase, event) {
+        // Waiting for its wave: a restart changes nothing (the agent re-arms the timer).
+        (Phase::Scheduled { .. }, Event::Started { .. }) => (job.clone(), vec![]),
+        (Phase::Scheduled { .. }, Event::StartDue) => {
+            (with(Phase::Accepted), vec![Persist, InvalidateTarget])
+        }
         // The slot being written runs: whatever booted it, it is not a good
         // image. Give it up, never confirm it.
         (Phase::Accepted | Phase::Downloading, Event::Started { booted, .. })

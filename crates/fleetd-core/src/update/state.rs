@@ -22,6 +22,9 @@ pub struct State {
     pub last_error: Option<String>,
     /// Finished jobs, newest last, bounded.
     pub history: Vec<HistoryEntry>,
+    /// Rollouts a halt named (jti → when it can be forgotten): an update
+    /// that arrives after its halt is refused, `halted`.
+    pub halted: BTreeMap<String, u64>,
 }
 
 pub const HISTORY_LEN: usize = 20;
@@ -79,6 +82,11 @@ impl State {
                 self.last_error = Some(error.text.clone());
                 (UpdateState::Failed, Some(error.text.clone()))
             }
+            Phase::Halted { by } => {
+                let text = format!("halted: stopped by halt {by} before its download finished");
+                self.last_error = Some(text.clone());
+                (UpdateState::Halted, Some(text))
+            }
             _ => return,
         };
         self.history.push(HistoryEntry {
@@ -116,6 +124,12 @@ impl State {
 
     pub fn prune_replay_cache(&mut self, now: u64) {
         self.replay_cache.retain(|_, forget_after| *forget_after > now);
+        self.halted.retain(|_, forget_after| *forget_after > now);
+    }
+
+    /// Remembers a halted rollout until its halt expires.
+    pub fn record_halted(&mut self, jti: &str, forget_after: u64) {
+        self.halted.insert(jti.to_string(), forget_after);
     }
 }
 
