@@ -63,20 +63,7 @@ impl Policy {
         let now = system_now.max(state.clock_floor);
         let window = Window { iat: claims.iat, nbf: claims.nbf, exp: claims.exp };
         check_window(&window, now, self.leeway_s, self.max_validity_s)?;
-        if claims.project != self.project {
-            return Err(VerifyError::WrongProject { got: claims.project, want: self.project.clone() });
-        }
-        if claims.target.hardware != self.hardware {
-            return Err(VerifyError::WrongHardware {
-                got: claims.target.hardware,
-                want: self.hardware.clone(),
-            });
-        }
-        let by_device = claims.target.devices.contains(&self.device_id);
-        let by_group = claims.target.groups.iter().any(|g| self.groups.contains(g));
-        if !(by_device || by_group) {
-            return Err(VerifyError::NotTargeted(self.device_id.clone()));
-        }
+        self.check_target(&claims.project, &claims.target)?;
         if state.seen_jtis.contains_key(&claims.jti) {
             return Err(VerifyError::Replayed(claims.jti));
         }

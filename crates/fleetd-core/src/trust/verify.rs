@@ -61,29 +61,32 @@ impl Policy {
         Ok(Verified { claims, effective_now })
     }
 
+    /// The project, the hardware, and this device among the targets (by id or group).
+    pub(crate) fn check_target(&self, project: &str, target: &super::Target) -> Result<(), VerifyError> {
+        if project != self.project {
+            return Err(VerifyError::WrongProject { got: project.to_string(), want: self.project.clone() });
+        }
+        if target.hardware != self.hardware {
+            return Err(VerifyError::WrongHardware {
+                got: target.hardware.clone(),
+                want: self.hardware.clone(),
+            });
+        }
+        let by_device = target.devices.contains(&self.device_id);
+        let by_group = target.groups.iter().any(|g| self.groups.contains(g));
+        if !(by_device || by_group) {
+            return Err(VerifyError::NotTargeted(self.device_id.clone()));
+        }
+        Ok(())
+    }
+
     fn check_claims(&self, claims: &Claims, state: &TrustState<'_>, now: u64) -> Result<(), VerifyError> {
         claims.check_structure()?;
         if let Some(feature) = claims.unsupported_requirement() {
             return Err(VerifyError::RequiresUnsupported(feature.to_string()));
         }
         check_validity_window(claims, now, self.leeway_s, self.max_validity_s)?;
-        if claims.project != self.project {
-            return Err(VerifyError::WrongProject {
-                got: claims.project.clone(),
-                want: self.project.clone(),
-            });
-        }
-        if claims.target.hardware != self.hardware {
-            return Err(VerifyError::WrongHardware {
-                got: claims.target.hardware.clone(),
-                want: self.hardware.clone(),
-            });
-        }
-        let by_device = claims.target.devices.contains(&self.device_id);
-        let by_group = claims.target.groups.iter().any(|g| self.groups.contains(g));
-        if !(by_device || by_group) {
-            return Err(VerifyError::NotTargeted(self.device_id.clone()));
-        }
+        self.check_target(&claims.project, &claims.target)?;
         if claims.version <= state.installed_version {
             return Err(VerifyError::VersionNotNewer {
                 offered: claims.version,

@@ -697,10 +697,7 @@ mod tests {
             spread_s,
         });
         claims.fill_requires();
-        let mut e = Envelope::new(&claims.to_json());
-        e.add_signature(&k.fleet, "fleet").unwrap();
-        e.add_signature(&k.cosigner, "cosigner").unwrap();
-        e.to_json().into_bytes()
+        signed_by_both(k, &claims.to_json())
     }
 
     fn halt_message(k: &Keys, jti: &str, halts: &str) -> Vec<u8> {
@@ -714,10 +711,7 @@ mod tests {
             target: Target { hardware: "rpi4".into(), devices: vec!["gw-1".into()], groups: vec![] },
             halts: halts.into(),
         };
-        let mut e = Envelope::new(&claims.to_json());
-        e.add_signature(&k.fleet, "fleet").unwrap();
-        e.add_signature(&k.cosigner, "cosigner").unwrap();
-        e.to_json().into_bytes()
+        signed_by_both(k, &claims.to_json())
     }
 
     fn message(k: &Keys, jti: &str, version: u64, size: u64) -> Vec<u8> {
@@ -741,7 +735,12 @@ mod tests {
             requires: vec![],
             rollout: None,
         };
-        let mut e = Envelope::new(&claims.to_json());
+        signed_by_both(k, &claims.to_json())
+    }
+
+    /// A payload signed by the fleet key and the co-signer, as a message's bytes.
+    fn signed_by_both(k: &Keys, payload: &[u8]) -> Vec<u8> {
+        let mut e = Envelope::new(payload);
         e.add_signature(&k.fleet, "fleet").unwrap();
         e.add_signature(&k.cosigner, "cosigner").unwrap();
         e.to_json().into_bytes()
