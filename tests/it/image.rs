@@ -333,28 +333,9 @@ fn an_adaptive_install_killed_midway_resumes_after_a_restart() {
     // Slow enough to be caught mid-way, after a checkpoint (checkpoint_mib = 1).
     c.server.set_rate(Some(400_000));
     let msg = c.message("killed", true, 9);
-    let mut child = fleetd()
-        .args(["install", "--no-reboot", "--config"])
-        .arg(c.g.dev.config())
-        .arg(&msg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let state_file = c.g.path().join("state/state.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let state = std::fs::read(&state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .unwrap_or_default();
-        if state["job"]["written"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for a checkpoint");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    c.g.kill_install_when(&msg, "a checkpoint", std::time::Duration::from_secs(60), |state| {
+        state["job"]["written"].as_u64().unwrap_or(0) > 0
+    });
     c.assert_running_slot_untouched();
     c.server.set_rate(None);
     let out = c.g.run_once();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 const SLOT: u64 = 8 << 20;
 const MIB: u64 = 1 << 20;
+const TWENTY_S: std::time::Duration = std::time::Duration::from_secs(20);
 
 struct Case {
     g: Gateway,
@@ -65,38 +66,11 @@ impl Case {
     }
 }
 
-/// Runs `fleetd install` and kills it (SIGKILL: no chance to clean up) as
-/// soon as its state file satisfies `ready`.
-fn kill_install_when(c: &Case, msg: &Path, what: &str, ready: impl Fn(&serde_json::Value) -> bool) {
-    let mut child = fleetd()
-        .args(["install", "--no-reboot", "--config"])
-        .arg(c.g.dev.config())
-        .arg(msg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let state_file = c.g.path().join("state/state.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let state = std::fs::read(&state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .unwrap_or_default();
-        if ready(&state) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
-
 #[test]
 fn a_stored_job_for_a_slot_no_longer_configured_fails_cleanly() {
     // state.json survives a config change that renamed the slots.
     let c = case(MIB as usize);
-    kill_install_when(&c, &c.message(c.image.clone(), &[]), "the job to be stored", |state| {
+    c.g.kill_install_when(&c.message(c.image.clone(), &[]), "the job to be stored", TWENTY_S, |state| {
         state["job"].is_object()
     });
     let path = c.g.path().join("state/state.json");
@@ -168,7 +142,7 @@ fn killed_mid_download_resumes_after_restart() {
     // The first response sends 3 MiB and then hangs, like a dying link.
     c.server.fault(Fault::Stall(3 * MIB, std::time::Duration::from_secs(20)));
     let msg = c.message(c.image.clone(), &[]);
-    kill_install_when(&c, &msg, "a checkpoint past 2 MiB", |state| {
+    c.g.kill_install_when(&msg, "a checkpoint past 2 MiB", TWENTY_S, |state| {
         state["job"]["written"].as_u64().unwrap_or(0) >= 2 * MIB
     });
     assert_eq!(c.g.status()["state"], "downloading");
@@ -420,7 +394,7 @@ fn a_target_that_is_now_the_booted_slot_is_never_written() {
     let c = case((4 * MIB) as usize);
     c.server.fault(Fault::Stall(2 * MIB, std::time::Duration::from_secs(20)));
     let msg = c.message(c.image.clone(), &[]);
-    kill_install_when(&c, &msg, "the download to start", |state| {
+    c.g.kill_install_when(&msg, "the download to start", TWENTY_S, |state| {
         state["job"]["phase"]["phase"] == "downloading"
     });
     let slot_b_before = std::fs::read(c.g.slot("B")).unwrap();

@@ -62,36 +62,9 @@ fn halt(g: &Gateway, jti: &str, halts: &str) -> PathBuf {
 
 /// `fleetd install --no-reboot` killed (SIGKILL) once its job is stored as scheduled.
 fn install_until_scheduled(g: &Gateway, message: &Path) {
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = KillOnDrop(
-        fleetd()
-            .args(["install", "--no-reboot", "--config"])
-            .arg(g.dev.config())
-            .arg(message)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let state_file = g.path().join("state/state.json");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let state = std::fs::read(&state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .unwrap_or_default();
-        if state["job"]["phase"]["phase"] == "scheduled" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for the scheduled job");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    g.kill_install_when(message, "the scheduled job", Duration::from_secs(20), |state| {
+        state["job"]["phase"]["phase"] == "scheduled"
+    });
 }
 
 #[test]

@@ -165,6 +165,48 @@ impl Gateway {
         std::fs::read_to_string(self.reboot_request()).ok()
     }
 
+    /// Runs `fleetd install --no-reboot` and kills it (SIGKILL: no chance to
+    /// clean up) as soon as its state file satisfies `ready`, within `within`
+    /// (the child is killed on a timeout too).
+    pub fn kill_install_when(
+        &self,
+        msg: &Path,
+        what: &str,
+        within: std::time::Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        struct KillOnDrop(std::process::Child);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _child = KillOnDrop(
+            fleetd()
+                .args(["install", "--no-reboot", "--config"])
+                .arg(self.dev.config())
+                .arg(msg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let state_file = self.path().join("state/state.json");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let state = std::fs::read(&state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .unwrap_or_default();
+            if ready(&state) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     pub fn run_once(&self) -> Output {
         self.fleetd(&["run", "--once"])
     }
