@@ -231,6 +231,11 @@ pub struct Mqtt {
     pub profile: MqttProfile,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
+    /// The first reconnect after losing the broker waits a random delay
+    /// below this; so does the first download of a group message without
+    /// a `rollout`. A broker restart must not bring the fleet back at once.
+    #[serde(default = "default_reconnect_spread")]
+    pub reconnect_spread_s: u64,
 }
 
 /// The broker to connect to: `[mqtt]`, with what provisioning stored for
@@ -244,6 +249,7 @@ pub struct Broker {
     pub key_file: PathBuf,
     pub profile: MqttProfile,
     pub keep_alive_s: u64,
+    pub reconnect_spread_s: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -528,6 +534,9 @@ fn default_mqtt_port() -> u16 {
 fn default_keep_alive() -> u64 {
     30
 }
+fn default_reconnect_spread() -> u64 {
+    30
+}
 fn default_health_timeout() -> u64 {
     300
 }
@@ -766,6 +775,7 @@ impl Config {
             key_file: None,
             profile: MqttProfile::Native,
             keep_alive_s: default_keep_alive(),
+            reconnect_spread_s: default_reconnect_spread(),
         });
         let identity = self.device.state_dir.join("identity");
         Some(Broker {
@@ -776,7 +786,13 @@ impl Config {
             key_file: m.key_file.unwrap_or_else(|| identity.join("key.pem")),
             profile: m.profile,
             keep_alive_s: m.keep_alive_s,
+            reconnect_spread_s: m.reconnect_spread_s,
         })
+    }
+
+    /// `[mqtt] reconnect_spread_s`, or its default.
+    pub fn reconnect_spread_s(&self) -> u64 {
+        self.mqtt.as_ref().map_or_else(default_reconnect_spread, |m| m.reconnect_spread_s)
     }
 
     /// The proof-of-possession file: `provision.pop_file`, else `state_dir/pop`.

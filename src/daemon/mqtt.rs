@@ -26,7 +26,10 @@ pub(super) fn setup(config: &Config, broker: &Broker, tls: Option<rustls::Client
         options,
         topics,
         aws_jobs,
-        backoff: mqtt::RECONNECT,
+        reconnect: crate::backoff::ReconnectPacer::new(
+            mqtt::RECONNECT,
+            std::time::Duration::from_secs(broker.reconnect_spread_s),
+        ),
         connection_file: Some(config.device.state_dir.join("connection.json")),
         renewed: None,
     }

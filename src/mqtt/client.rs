@@ -3,7 +3,7 @@
 
 use super::aws::{AwsJobs, JobsEvent};
 use super::{ProgressLimiter, Topics};
-use crate::backoff::Backoff;
+use crate::backoff::ReconnectPacer;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS, SubscribeReasonCode};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -130,7 +130,7 @@ pub struct ClientSetup {
     pub topics: Topics,
     /// `Some` for the AWS IoT Jobs profile: updates arrive as job documents.
     pub aws_jobs: Option<AwsJobs>,
-    pub backoff: Backoff,
+    pub reconnect: ReconnectPacer,
     /// Written on every connect and disconnect, for `fleetd status`.
     pub connection_file: Option<PathBuf>,
     /// A renewed identity: the client ends its connection cleanly
@@ -180,7 +180,7 @@ pub async fn run(
     // runs in a task of its own that only forwards what happened.
     let (events_tx, mut events) = mpsc::channel(64);
     let poller =
-        tokio::spawn(poll_forever(eventloop, setup.backoff, events_tx, client.clone(), setup.renewed));
+        tokio::spawn(poll_forever(eventloop, setup.reconnect, events_tx, client.clone(), setup.renewed));
     let (requests, requests_rx) = mpsc::unbounded_channel();
     let sender = tokio::spawn(send_forever(client.clone(), requests_rx));
     let topics = setup.topics;
@@ -436,12 +436,12 @@ fn subscribe_all(client: &AsyncClient, subscriptions: &[String]) -> Vec<String> 
 
 async fn poll_forever(
     mut eventloop: EventLoop,
-    backoff: Backoff,
+    mut pacer: ReconnectPacer,
     events: mpsc::Sender<Polled>,
     client: AsyncClient,
     mut renewed: Option<mpsc::Receiver<rustls::ClientConfig>>,
 ) {
-    let mut failures = 0u32;
+    let origin = Instant::now();
     let mut changes = crate::sys::netlink::NetChanges::open().ok();
     loop {
         // Between two polls (never inside one: a connect is never cut
@@ -455,26 +455,30 @@ async fn poll_forever(
             ));
             if eventloop.network.is_some() {
                 let _ = client.try_disconnect();
-                failures = 0;
+                pacer.restart_backoff();
             }
+        }
+        if eventloop.network.is_none() {
+            pacer.attempting(origin.elapsed());
         }
         match eventloop.poll().await {
             Ok(event) => {
                 if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                    failures = 0;
+                    pacer.connected();
                 }
                 if events.send(Polled::Event(event)).await.is_err() {
                     return;
                 }
             }
             Err(e) => {
-                let retry_in = backoff.delay(failures);
-                failures = failures.saturating_add(1);
+                let retry_in = pacer.delay(origin.elapsed(), crate::backoff::random_u64());
                 if events.send(Polled::Lost { error: describe(&e), retry_in }).await.is_err() {
                     return;
                 }
                 if crate::sys::netlink::sleep_or_change(retry_in, &mut changes).await {
-                    failures = 0;
+                    // The outage may be over: try again as soon as the floor allows.
+                    pacer.restart_backoff();
+                    tokio::time::sleep(pacer.floor(origin.elapsed())).await;
                 }
             }
         }
@@ -552,7 +556,10 @@ mod tests {
             options,
             topics,
             aws_jobs: None,
-            backoff: Backoff { base: Duration::from_millis(50), cap: Duration::from_millis(200) },
+            reconnect: crate::backoff::ReconnectPacer::new(
+                crate::backoff::Backoff { base: Duration::from_millis(50), cap: Duration::from_millis(200) },
+                Duration::ZERO,
+            ),
             connection_file: None,
             renewed: None,
         };

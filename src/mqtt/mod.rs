@@ -149,11 +149,12 @@ pub const RECONNECT: crate::backoff::Backoff = crate::backoff::Backoff {
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How soon after the network comes back the client is connected again,
-/// at most: the change starts an attempt at once, and should the network
-/// not quite be ready (an address still tentative), the next change or the
-/// first backoff wait (at most `RECONNECT.base`) starts another.
+/// at most: the change starts an attempt as soon as the attempts' floor
+/// allows, and should the network not quite be ready (an address still
+/// tentative), the next change or the first backoff wait (at most
+/// `RECONNECT.base`, and the floor) starts another.
 pub fn reconnect_after_network_change() -> std::time::Duration {
-    CONNECT_TIMEOUT * 2 + RECONNECT.base
+    crate::backoff::MIN_RECONNECT_INTERVAL + CONNECT_TIMEOUT * 2 + RECONNECT.base
 }
 
 /// Connection options for one client: persistent session, manual acks,

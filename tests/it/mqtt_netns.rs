@@ -51,7 +51,7 @@ impl World {
         let (host, port) = broker.url();
         g.extra_config = format!(
             "stall_timeout_s = 5\nmin_rate_bps = 0\n\n[mqtt]\nhost = \"{host}\"\nport = {port}\nca_file = \"{}\"\n\
-             cert_file = \"{}\"\nkey_file = \"{}\"\nkeep_alive_s = 5\n",
+             cert_file = \"{}\"\nkey_file = \"{}\"\nkeep_alive_s = 5\nreconnect_spread_s = 2\n",
             pki.ca_pem.display(),
             cert.display(),
             key.display()

@@ -12,13 +12,84 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn delay(&self, attempt: u32) -> Duration {
+        self.delay_with(attempt, random_u64())
+    }
+
+    /// `delay` with the random draw given: `random` spread over `[0, ceiling]`.
+    pub fn delay_with(&self, attempt: u32, random: u64) -> Duration {
         let ceiling = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.cap);
         let millis = ceiling.as_millis().max(1) as u64;
-        Duration::from_millis(random_u64() % (millis + 1))
+        Duration::from_millis(random % (millis + 1))
     }
 }
 
-fn random_u64() -> u64 {
+/// Never start connection attempts closer together than this: EMQX bans a
+/// client id that connects 15 times within a minute, and a flapping device
+/// must not lock itself out.
+pub const MIN_RECONNECT_INTERVAL: Duration = Duration::from_secs(4);
+
+/// When to reconnect to the broker (sans-IO: the caller gives the time, as
+/// a `Duration` since any fixed origin, and the random draws).
+///
+/// - The first reconnect after a lost connection waits a random delay in
+///   `[0, spread)`: a broker restart drops the whole fleet at once, and
+///   without it the whole fleet would come back at once.
+/// - Each further failure backs off with full jitter (`Backoff`).
+/// - Attempts never start less than `MIN_RECONNECT_INTERVAL` apart.
+/// - `restart_backoff` (a network change, a renewed identity: this
+///   device's own reason) skips the spread: the next failure waits as after
+///   a first failed attempt.
+#[derive(Debug, Clone)]
+pub struct ReconnectPacer {
+    backoff: Backoff,
+    spread: Duration,
+    /// `None` while connected (or never connected); else failures since.
+    failures: Option<u32>,
+    last_attempt: Option<Duration>,
+}
+
+impl ReconnectPacer {
+    pub fn new(backoff: Backoff, spread: Duration) -> Self {
+        Self { backoff, spread, failures: Some(0), last_attempt: None }
+    }
+
+    /// A connection attempt starts at `now`.
+    pub fn attempting(&mut self, now: Duration) {
+        self.last_attempt = Some(now);
+    }
+
+    /// The broker accepted the connection.
+    pub fn connected(&mut self) {
+        self.failures = None;
+    }
+
+    /// The connection was lost, or an attempt failed, at `now`: how long to
+    /// wait before the next attempt.
+    pub fn delay(&mut self, now: Duration, random: u64) -> Duration {
+        let wanted = match self.failures {
+            None => {
+                let millis = self.spread.as_millis() as u64;
+                Duration::from_millis(if millis == 0 { 0 } else { random % millis })
+            }
+            Some(n) => self.backoff.delay_with(n, random),
+        };
+        self.failures = Some(self.failures.map_or(0, |n| n.saturating_add(1)));
+        wanted.max(self.floor(now))
+    }
+
+    /// How long from `now` until an attempt is allowed.
+    pub fn floor(&self, now: Duration) -> Duration {
+        self.last_attempt.map_or(Duration::ZERO, |at| (at + MIN_RECONNECT_INTERVAL).saturating_sub(now))
+    }
+
+    /// The next failure backs off from the start, without the spread.
+    pub fn restart_backoff(&mut self) {
+        self.failures = Some(0);
+    }
+}
+
+/// A draw from the system's CSPRNG.
+pub fn random_u64() -> u64 {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
@@ -41,5 +112,74 @@ mod tests {
         // Full jitter really spreads: not all the same.
         let samples: std::collections::HashSet<_> = (0..50).map(|_| b.delay(8)).collect();
         assert!(samples.len() > 10);
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn pacer(spread_s: u64) -> ReconnectPacer {
+        ReconnectPacer::new(Backoff { base: S(1), cap: S(60) }, S(spread_s))
+    }
+
+    #[test]
+    fn the_first_reconnect_after_a_loss_is_spread_then_backs_off() {
+        // (draw, expected delay) after a connection of an hour is lost.
+        for (random, expected) in [(0, S(0)), (14_999, Duration::from_millis(14_999)), (15_000, S(0))] {
+            let mut p = pacer(15);
+            p.attempting(S(0));
+            p.connected();
+            assert_eq!(p.delay(S(3600), random), expected, "draw {random}");
+        }
+        // Then the backoff's ceilings, 1 s, 2 s, 4 s, ..., each at least 4 s after its attempt.
+        let mut p = pacer(15);
+        p.attempting(S(0));
+        p.connected();
+        let mut now = S(3600);
+        p.delay(now, 7_000);
+        for (attempt, ceiling_ms) in [(0u32, 1_000u64), (1, 2_000), (2, 4_000), (3, 8_000), (6, 60_000)] {
+            let mut q = p.clone();
+            q.failures = Some(attempt);
+            q.attempting(now);
+            assert_eq!(q.delay(now, ceiling_ms), Duration::from_millis(ceiling_ms).max(MIN_RECONNECT_INTERVAL));
+            assert_eq!(q.delay(now, 0), MIN_RECONNECT_INTERVAL, "attempt {attempt}: the floor");
+        }
+        now += S(10);
+        p.attempting(now);
+        assert_eq!(p.delay(now + S(1), 0), S(3), "4 s after the attempt's start, not after its end");
+    }
+
+    #[test]
+    fn attempts_are_never_closer_than_the_floor() {
+        // A connection that drops right after it came up, spread 0: the
+        // next attempt still waits for the floor.
+        let mut p = pacer(0);
+        p.attempting(S(100));
+        p.connected();
+        assert_eq!(p.delay(S(101), 123), S(3));
+        // Over many flaps with every random draw at 0, no more than 15
+        // attempts fit in a minute (EMQX's ban).
+        let mut p = pacer(0);
+        let (mut now, mut starts) = (S(0), vec![]);
+        while now < S(60) {
+            p.attempting(now);
+            starts.push(now);
+            p.connected();
+            now += p.delay(now, 0);
+        }
+        assert!(starts.len() <= 15, "{} attempts in a minute", starts.len());
+        assert!(starts.windows(2).all(|w| w[1] - w[0] >= MIN_RECONNECT_INTERVAL));
+    }
+
+    #[test]
+    fn a_restarted_backoff_skips_the_spread() {
+        let mut p = pacer(30);
+        p.attempting(S(0));
+        p.connected();
+        p.restart_backoff();
+        assert_eq!(p.delay(S(100), 999), Duration::from_millis(999), "not from [0, 30 s), and past the floor");
+        assert_eq!(p.floor(S(100)), S(0));
+        // The very first connection is not spread either: a boot is no storm.
+        let mut fresh = pacer(30);
+        assert_eq!(fresh.floor(S(0)), S(0));
+        assert!(fresh.delay(S(0), 29_999) <= S(1));
     }
 }

@@ -143,7 +143,7 @@ impl Executor {
             health_command: config.health.command.is_some(),
             health_needs_connection: false,
             health_timeout: Duration::from_secs(config.health.timeout_s),
-            group_spread_s: 0,
+            group_spread_s: config.reconnect_spread_s(),
         };
         let source = Box::new(HttpSource { ca_file: config.update.ca_file.clone() });
         Ok(Self {

@@ -450,7 +450,7 @@ impl Agent {
             Err(refusal) => return self.refuse(refusal, source),
         };
         self.state.record_accepted(&claims.jti, claims.iat, claims.exp, self.facts.leeway_s);
-        let start_at = self.start_time(&claims, now);
+        let start_at = self.start_time(&claims, source, now);
         self.state.job = Some(Job {
             jti: claims.jti.clone(),
             version: claims.version,
@@ -476,14 +476,16 @@ impl Agent {
         actions
     }
 
-    /// When a new job may start: its wave's time plus its offset (`rollout`),
-    /// a stable offset within `group_spread_s` for a group message without
-    /// one, or now (`None`).
-    fn start_time(&self, claims: &Claims, now: u64) -> Option<u64> {
+    /// When a new job may start: its wave's time plus its offset (`rollout`);
+    /// for a group message from the broker without one, a stable offset
+    /// within `group_spread_s`, so a group does not download at once; else now.
+    fn start_time(&self, claims: &Claims, source: &Source, now: u64) -> Option<u64> {
         let device_id = self.policy.as_ref().map(|p| p.device_id.as_str()).unwrap_or_default();
+        let for_the_group =
+            matches!(source, Source::Broker { .. }) && !claims.target.devices.iter().any(|d| d == device_id);
         let start_at = match &claims.rollout {
             Some(rollout) => super::rollout::schedule(&claims.jti, device_id, rollout).start_at,
-            None if !claims.target.devices.iter().any(|d| d == device_id) => {
+            None if for_the_group => {
                 now + super::rollout::spread_offset(&claims.jti, device_id, self.facts.group_spread_s)
             }
             None => now,
@@ -824,6 +826,41 @@ mod tests {
             online_late.handle(msg(rollout_message(&k, "jti-roll-0002", NOW - 3000, 0), broker()), NOW);
         assert_eq!(phase(&online_late), Phase::Accepted, "{actions:?}");
         assert!(actions.contains(&InvalidateTarget));
+    }
+
+    /// A group message from the broker without a `rollout` starts within
+    /// `group_spread_s` (a stable offset per device and jti); one naming the
+    /// device, or installed by hand, starts at once.
+    #[test]
+    fn group_messages_are_spread_by_table() {
+        let k = keys();
+        let group_message = |jti: &str| {
+            let mut claims: Claims = serde_json::from_slice(
+                &Envelope::parse(&message(&k, jti, 8, 100)).unwrap().payload_bytes().unwrap(),
+            )
+            .unwrap();
+            claims.target = Target { hardware: "rpi4".into(), devices: vec![], groups: vec!["field".into()] };
+            signed_by_both(&k, &claims.to_json())
+        };
+        let mut spread_policy = policy(&k);
+        spread_policy.groups = vec!["field".into()];
+        // (message, source, spread, expected start)
+        let spread_offset = super::super::rollout::spread_offset;
+        let jti = &(1..).map(|i| format!("jti-group-{i:04}")).find(|j| spread_offset(j, "gw-1", 30) > 0).unwrap();
+        let offset = spread_offset(jti, "gw-1", 30);
+        let cases = [
+            (group_message(jti), broker(), 30, Phase::Scheduled { start_at: NOW + offset }),
+            (group_message(jti), Source::Local, 30, Phase::Accepted),
+            (group_message(jti), broker(), 0, Phase::Accepted),
+            (message(&k, jti, 8, 100), broker(), 30, Phase::Accepted),
+        ];
+        for (bytes, source, spread, expected) in cases {
+            let mut facts = facts("A", "b1");
+            facts.group_spread_s = spread;
+            let mut a = Agent::new(installed_7(), facts, Ok(spread_policy.clone()));
+            a.handle(msg(bytes, source.clone()), NOW);
+            assert_eq!(phase(&a), expected, "{source:?}, spread {spread}");
+        }
     }
 
     /// A halt stops a job that has not finished downloading (scheduled:
