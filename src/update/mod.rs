@@ -4,7 +4,7 @@
 //! carries the agent's actions out, through `fetch` (HTTP with resume) and
 //! `slot_writer` (hash, compare, write, fsync).
 
-pub use fleetd_core::update::{agent, engine, report, state};
+pub use fleetd_core::update::{agent, engine, report, rollout, state};
 pub mod executor;
 pub mod fetch;
 pub mod slot_writer;

@@ -13,7 +13,7 @@ pub struct FleetConnection {
 }
 
 impl FleetConnection {
-    fn options(self) -> rumqttc::MqttOptions {
+    pub(crate) fn options(self) -> rumqttc::MqttOptions {
         let mut options = match self.tls {
             Some(tls) => fleetd::mqtt::options(&self.client_id, &self.host, self.port, tls, 30, None),
             None => fleetd::mqtt::plain_options_for_demo(&self.client_id, &self.host, self.port, None),
@@ -33,6 +33,14 @@ pub enum FleetError {
     NoPuback(Duration),
 }
 
+/// One message to publish with QoS 1.
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// Kept by the broker for every later subscriber (halts, rollouts).
+    pub retain: bool,
+}
+
 /// Publishes `payload` with QoS 1 and returns once the broker acknowledged it.
 pub async fn publish(
     conn: FleetConnection,
@@ -40,16 +48,43 @@ pub async fn publish(
     payload: Vec<u8>,
     timeout: Duration,
 ) -> Result<(), FleetError> {
-    let (client, mut eventloop) = AsyncClient::new(conn.options(), 8);
+    publish_all(conn, vec![Outgoing { topic: topic.to_string(), payload, retain: false }], timeout).await
+}
+
+/// Publishes every message over one connection, at most 64 unacknowledged
+/// at once, and returns once the broker acknowledged them all.
+pub async fn publish_all(
+    conn: FleetConnection,
+    messages: Vec<Outgoing>,
+    timeout: Duration,
+) -> Result<(), FleetError> {
+    const IN_FLIGHT: usize = 64;
+    let (client, mut eventloop) = AsyncClient::new(conn.options(), IN_FLIGHT);
+    let total = messages.len();
+    let mut queue = messages.into_iter();
     let work = async {
-        let mut sent = false;
+        let (mut sent, mut acked) = (0usize, 0usize);
+        if total == 0 {
+            return Ok(());
+        }
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) if !sent => {
-                    client.try_publish(topic, QoS::AtLeastOnce, false, payload.clone())?;
-                    sent = true;
+                Ok(Event::Incoming(Packet::ConnAck(_))) if sent == 0 => {
+                    for m in queue.by_ref().take(IN_FLIGHT) {
+                        client.try_publish(m.topic, QoS::AtLeastOnce, m.retain, m.payload)?;
+                        sent += 1;
+                    }
                 }
-                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acked += 1;
+                    if acked == total {
+                        return Ok(());
+                    }
+                    if let Some(m) = queue.next() {
+                        client.try_publish(m.topic, QoS::AtLeastOnce, m.retain, m.payload)?;
+                        sent += 1;
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => return Err(e.into()),
             }

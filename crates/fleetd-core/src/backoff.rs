@@ -139,7 +139,10 @@ mod tests {
             let mut q = p.clone();
             q.failures = Some(attempt);
             q.attempting(now);
-            assert_eq!(q.delay(now, ceiling_ms), Duration::from_millis(ceiling_ms).max(MIN_RECONNECT_INTERVAL));
+            assert_eq!(
+                q.delay(now, ceiling_ms),
+                Duration::from_millis(ceiling_ms).max(MIN_RECONNECT_INTERVAL)
+            );
             assert_eq!(q.delay(now, 0), MIN_RECONNECT_INTERVAL, "attempt {attempt}: the floor");
         }
         now += S(10);
@@ -175,7 +178,11 @@ mod tests {
         p.attempting(S(0));
         p.connected();
         p.restart_backoff();
-        assert_eq!(p.delay(S(100), 999), Duration::from_millis(999), "not from [0, 30 s), and past the floor");
+        assert_eq!(
+            p.delay(S(100), 999),
+            Duration::from_millis(999),
+            "not from [0, 30 s), and past the floor"
+        );
         assert_eq!(p.floor(S(100)), S(0));
         // The very first connection is not spread either: a boot is no storm.
         let mut fresh = pacer(30);

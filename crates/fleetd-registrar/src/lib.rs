@@ -23,6 +23,7 @@ pub mod import;
 pub mod limiter;
 pub mod names;
 pub mod page;
+pub mod rollouts;
 pub mod serve;
 pub mod testing;
 pub mod users;

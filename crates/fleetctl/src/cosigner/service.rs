@@ -192,24 +192,31 @@ impl App {
         if !self.take_token(server) {
             return Err(CosignError::RateLimited(server.to_string()));
         }
-        let claims = Claims::parse(&envelope.payload_bytes().map_err(CosignError::Message)?)
-            .map_err(CosignError::Message)?;
+        let payload = envelope.payload_bytes().map_err(CosignError::Message)?;
+        let audit = if trust::halt::payload_type(&payload).as_deref() == Some(trust::halt::HALT_TYPE) {
+            self.check_halt(&payload, now, seen)?
+        } else {
+            self.check_update(&payload, now, seen)?
+        };
+        let mut signed = Envelope { payload: envelope.payload.clone(), signatures: Vec::new() };
+        signed
+            .add_signature(&self.key, &self.config.kid)
+            .map_err(|e| CosignError::Internal(e.to_string()))?;
+        self.audit_signed(server, audit, now, peer)?;
+        Ok(signed)
+    }
+
+    /// An update's claims within policy; what its audit line records.
+    fn check_update(
+        &self,
+        payload: &[u8],
+        now: u64,
+        seen: &mut Seen,
+    ) -> Result<serde_json::Value, CosignError> {
+        let claims = Claims::parse(payload).map_err(CosignError::Message)?;
         seen.jti = Some(claims.jti.clone());
         claims.check_structure().map_err(CosignError::Message)?;
-        if !self.config.projects.contains(&claims.project) {
-            return Err(CosignError::ProjectRefused(claims.project));
-        }
-        trust::check_validity_window(&claims, now, self.config.leeway_s, self.config.max_validity_s)
-            .map_err(CosignError::Message)?;
-        // The window check already refuses an iat ahead of this clock; a
-        // co-signer also refuses one far behind it: a fresh request carries
-        // a fresh iat, and an old one is somebody's stored message.
-        if now.saturating_sub(claims.iat) > self.config.leeway_s {
-            return Err(CosignError::Message(VerifyError::IatInvalid {
-                iat: claims.iat,
-                why: format!("more than {} s before the co-signer's clock ({now})", self.config.leeway_s),
-            }));
-        }
+        self.check_project_and_window(&claims.project, &claims.window(), now)?;
         if claims.version > self.config.max_version {
             return Err(CosignError::VersionOutOfRange {
                 version: claims.version,
@@ -218,13 +225,67 @@ impl App {
         }
         // The same URL rules as the device: never sign what no device may fetch.
         trust::check_url(&claims.image.url, self.config.allow_http).map_err(CosignError::Message)?;
+        Ok(serde_json::json!({
+            "jti": claims.jti,
+            "project": claims.project,
+            "version": claims.version,
+            "name": claims.name,
+            "hardware": claims.target.hardware,
+            "devices": claims.target.devices,
+            "groups": claims.target.groups,
+            "nbf": claims.nbf,
+            "exp": claims.exp,
+            "image_sha256": claims.image.sha256,
+            "image_url": claims.image.url,
+        }))
+    }
 
-        let mut signed = Envelope { payload: envelope.payload.clone(), signatures: Vec::new() };
-        signed
-            .add_signature(&self.key, &self.config.kid)
-            .map_err(|e| CosignError::Internal(e.to_string()))?;
-        self.audit_signed(server, &claims, now, peer)?;
-        Ok(signed)
+    /// A halt's claims within policy: it can stop a rollout, never start
+    /// one, so it needs no version or URL rule.
+    fn check_halt(
+        &self,
+        payload: &[u8],
+        now: u64,
+        seen: &mut Seen,
+    ) -> Result<serde_json::Value, CosignError> {
+        let claims = trust::halt::HaltClaims::parse(payload).map_err(CosignError::Message)?;
+        seen.jti = Some(claims.jti.clone());
+        claims.check_structure().map_err(CosignError::Message)?;
+        self.check_project_and_window(&claims.project, &claims.window(), now)?;
+        Ok(serde_json::json!({
+            "typ": claims.typ,
+            "jti": claims.jti,
+            "project": claims.project,
+            "halts": claims.halts,
+            "hardware": claims.target.hardware,
+            "devices": claims.target.devices,
+            "groups": claims.target.groups,
+            "nbf": claims.nbf,
+            "exp": claims.exp,
+        }))
+    }
+
+    fn check_project_and_window(
+        &self,
+        project: &str,
+        window: &trust::Window,
+        now: u64,
+    ) -> Result<(), CosignError> {
+        if !self.config.projects.iter().any(|p| p == project) {
+            return Err(CosignError::ProjectRefused(project.to_string()));
+        }
+        trust::check_window(window, now, self.config.leeway_s, self.config.max_validity_s)
+            .map_err(CosignError::Message)?;
+        // The window check already refuses an iat ahead of this clock; a
+        // co-signer also refuses one far behind it: a fresh request carries
+        // a fresh iat, and an old one is somebody's stored message.
+        if now.saturating_sub(window.iat) > self.config.leeway_s {
+            return Err(CosignError::Message(VerifyError::IatInvalid {
+                iat: window.iat,
+                why: format!("more than {} s before the co-signer's clock ({now})", self.config.leeway_s),
+            }));
+        }
+        Ok(())
     }
 
     fn take_token(&self, server: &str) -> bool {
@@ -251,28 +312,17 @@ impl App {
     fn audit_signed(
         &self,
         server: &str,
-        claims: &Claims,
+        mut record: serde_json::Value,
         now: u64,
         peer: SocketAddr,
     ) -> Result<(), CosignError> {
-        let line = serde_json::json!({
-            "time": now,
-            "outcome": "signed",
-            "peer": peer.to_string(),
-            "server": server,
-            "jti": claims.jti,
-            "project": claims.project,
-            "version": claims.version,
-            "name": claims.name,
-            "hardware": claims.target.hardware,
-            "devices": claims.target.devices,
-            "groups": claims.target.groups,
-            "nbf": claims.nbf,
-            "exp": claims.exp,
-            "image_sha256": claims.image.sha256,
-            "image_url": claims.image.url,
-        })
-        .to_string();
+        if let Some(fields) = record.as_object_mut() {
+            fields.insert("time".into(), now.into());
+            fields.insert("outcome".into(), "signed".into());
+            fields.insert("peer".into(), peer.to_string().into());
+            fields.insert("server".into(), server.into());
+        }
+        let line = record.to_string();
         let _guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
         self.append_audit(&line).map_err(|e| CosignError::Internal(format!("audit log: {e}")))
     }

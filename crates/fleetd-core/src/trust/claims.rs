@@ -136,6 +136,11 @@ impl Claims {
     }
 
     /// Checks the rules that depend only on the claims themselves.
+    /// The times every signed message carries.
+    pub fn window(&self) -> super::Window {
+        super::Window { iat: self.iat, nbf: self.nbf, exp: self.exp }
+    }
+
     pub fn check_structure(&self) -> Result<(), VerifyError> {
         if self.typ != CLAIMS_TYPE {
             return Err(VerifyError::WrongType(self.typ.clone()));

@@ -32,12 +32,34 @@ impl HaltClaims {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// What holds whoever checks it (the device, the co-signer): its type,
+    /// and the two jtis' form.
+    pub fn check_structure(&self) -> Result<(), VerifyError> {
+        if self.typ != HALT_TYPE {
+            return Err(VerifyError::WrongType(self.typ.clone()));
+        }
+        if !valid_jti(&self.jti) || !valid_jti(&self.halts) {
+            return Err(VerifyError::Malformed(
+                "jti and halts must be 8-128 characters of [A-Za-z0-9_-]".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn window(&self) -> Window {
+        Window { iat: self.iat, nbf: self.nbf, exp: self.exp }
+    }
 }
 
 /// `typ` of a message, unverified: which verification to run.
 pub fn peek_type(input: &[u8]) -> Option<String> {
-    let envelope = Envelope::parse(input).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&envelope.payload_bytes().ok()?).ok()?;
+    payload_type(&Envelope::parse(input).ok()?.payload_bytes().ok()?)
+}
+
+/// `typ` of a message's payload (its claims), unverified.
+pub fn payload_type(payload: &[u8]) -> Option<String> {
+    let claims: serde_json::Value = serde_json::from_slice(payload).ok()?;
     claims.get("typ")?.as_str().map(str::to_string)
 }
 
@@ -52,17 +74,9 @@ impl Policy {
         let envelope = Envelope::parse(input)?;
         verify_signatures(&envelope, &self.keys)?;
         let claims = HaltClaims::parse(&envelope.payload_bytes()?)?;
-        if claims.typ != HALT_TYPE {
-            return Err(VerifyError::WrongType(claims.typ));
-        }
-        if !valid_jti(&claims.jti) || !valid_jti(&claims.halts) {
-            return Err(VerifyError::Malformed(
-                "jti and halts must be 8-128 characters of [A-Za-z0-9_-]".into(),
-            ));
-        }
+        claims.check_structure()?;
         let now = system_now.max(state.clock_floor);
-        let window = Window { iat: claims.iat, nbf: claims.nbf, exp: claims.exp };
-        check_window(&window, now, self.leeway_s, self.max_validity_s)?;
+        check_window(&claims.window(), now, self.leeway_s, self.max_validity_s)?;
         self.check_target(&claims.project, &claims.target)?;
         if state.seen_jtis.contains_key(&claims.jti) {
             return Err(VerifyError::Replayed(claims.jti));

@@ -119,7 +119,7 @@ pub fn check_validity_window(
     leeway_s: u64,
     max_validity_s: u64,
 ) -> Result<(), VerifyError> {
-    check_window(&Window { iat: claims.iat, nbf: claims.nbf, exp: claims.exp }, now, leeway_s, max_validity_s)
+    check_window(&claims.window(), now, leeway_s, max_validity_s)
 }
 
 /// The times every signed message carries.

@@ -846,7 +846,8 @@ mod tests {
         spread_policy.groups = vec!["field".into()];
         // (message, source, spread, expected start)
         let spread_offset = super::super::rollout::spread_offset;
-        let jti = &(1..).map(|i| format!("jti-group-{i:04}")).find(|j| spread_offset(j, "gw-1", 30) > 0).unwrap();
+        let jti =
+            &(1..).map(|i| format!("jti-group-{i:04}")).find(|j| spread_offset(j, "gw-1", 30) > 0).unwrap();
         let offset = spread_offset(jti, "gw-1", 30);
         let cases = [
             (group_message(jti), broker(), 30, Phase::Scheduled { start_at: NOW + offset }),
