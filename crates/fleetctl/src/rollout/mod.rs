@@ -4,6 +4,9 @@
 //! is kept in a database (`fleetd_registrar::rollouts`), so a restarted
 //! `watch` carries on where the last one stopped.
 
+// A command's error is built once, at its end, and printed: its size costs nothing.
+#![allow(clippy::result_large_err)]
+
 pub mod config;
 pub mod tally;
 

@@ -163,8 +163,7 @@ impl Tally {
     /// changed. Devices outside the target are ignored, and a device that
     /// ended stays as it ended (its next update replaces the job it reports).
     pub fn observe(&mut self, doc: &StatusDoc) -> Option<&DeviceEntry> {
-        let targeted =
-            doc.groups.iter().any(|g| *g == self.group) || self.target_devices.contains(&doc.device);
+        let targeted = doc.groups.contains(&self.group) || self.target_devices.contains(&doc.device);
         if !targeted {
             return None;
         }
