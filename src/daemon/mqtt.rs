@@ -29,6 +29,7 @@ pub(super) fn setup(config: &Config, broker: &Broker, tls: Option<rustls::Client
         reconnect: crate::backoff::ReconnectPacer::new(
             mqtt::RECONNECT,
             std::time::Duration::from_secs(broker.reconnect_spread_s),
+            crate::backoff::stable_draw("fleetd reconnect", &config.device.id),
         ),
         connection_file: Some(config.device.state_dir.join("connection.json")),
         renewed: None,

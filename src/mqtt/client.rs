@@ -559,6 +559,7 @@ mod tests {
             reconnect: crate::backoff::ReconnectPacer::new(
                 crate::backoff::Backoff { base: Duration::from_millis(50), cap: Duration::from_millis(200) },
                 Duration::ZERO,
+                0,
             ),
             connection_file: None,
             renewed: None,

@@ -13,6 +13,7 @@ mod dbus;
 mod demo;
 mod device_identity;
 mod docs;
+mod fleet;
 mod hostapd;
 mod image;
 mod install_cycle;

@@ -36,6 +36,8 @@ pub struct Served {
     pub body_bytes: u64,
     /// When the request arrived.
     pub at: std::time::Instant,
+    /// When the body was sent (or the connection failed).
+    pub finished: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -170,7 +172,13 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
         // Logged on arrival; the byte count is filled in as the body goes out.
         let index = {
             let mut g = inner.lock().unwrap();
-            g.log.push(Served { path: path.clone(), range_start: start, body_bytes: 0, at: arrived });
+            g.log.push(Served {
+                path: path.clone(),
+                range_start: start,
+                body_bytes: 0,
+                at: arrived,
+                finished: None,
+            });
             g.log.len() - 1
         };
         let mut sent = 0usize;
@@ -193,7 +201,11 @@ fn serve(stream: TcpStream, inner: &Arc<Mutex<Inner>>) -> std::io::Result<()> {
                 std::thread::sleep(pause);
             }
         }
-        inner.lock().unwrap().log[index].body_bytes = sent as u64;
+        {
+            let mut g = inner.lock().unwrap();
+            g.log[index].body_bytes = sent as u64;
+            g.log[index].finished = Some(std::time::Instant::now());
+        }
         match after {
             Some(Fault::CutAfter(_)) => {
                 let _ = stream.shutdown(std::net::Shutdown::Both);

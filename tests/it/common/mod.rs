@@ -6,6 +6,7 @@ pub mod bootsim_tryboot;
 pub mod bootsim_uboot;
 pub mod cloud;
 pub mod dbus;
+pub mod fleet;
 pub mod gateway;
 pub mod imageserver;
 pub mod nm_double;
