@@ -122,7 +122,7 @@ fn served_per_wave(fleet: &Fleet, path: &str, opens: &[Instant], devices: &[usiz
         .map(|i| {
             let from = opens[i];
             let to = opens.get(i + 1).copied();
-            let inside: Vec<_> = log.iter().filter(|s| s.at >= from && to.is_none_or(|t| s.at < t)).collect();
+            let inside: Vec<_> = log.iter().filter(|s| s.at >= from && to.map_or(true, |t| s.at < t)).collect();
             // Most requests in flight at once: sweep the starts and ends.
             let mut events: Vec<(Instant, i32)> = inside.iter().map(|s| (s.at, 1)).collect();
             events.extend(inside.iter().map(|s| (s.finished.unwrap_or(s.at), -1)));
