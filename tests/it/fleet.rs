@@ -103,6 +103,8 @@ struct BadRun {
     tried: usize,
     tried_outside_first_wave: usize,
     halted: usize,
+    /// Devices by the state their job ended in.
+    ended: std::collections::BTreeMap<String, usize>,
     halted_after: Duration,
     watch: std::process::Output,
 }
@@ -122,7 +124,8 @@ fn served_per_wave(fleet: &Fleet, path: &str, opens: &[Instant], devices: &[usiz
         .map(|i| {
             let from = opens[i];
             let to = opens.get(i + 1).copied();
-            let inside: Vec<_> = log.iter().filter(|s| s.at >= from && to.map_or(true, |t| s.at < t)).collect();
+            let inside: Vec<_> =
+                log.iter().filter(|s| s.at >= from && to.map_or(true, |t| s.at < t)).collect();
             // Most requests in flight at once: sweep the starts and ends.
             let mut events: Vec<(Instant, i32)> = inside.iter().map(|s| (s.at, 1)).collect();
             events.extend(inside.iter().map(|s| (s.finished.unwrap_or(s.at), -1)));
@@ -218,6 +221,10 @@ fn bad_rollout(fleet: &Fleet, plan: &Plan, version: u64, first_wave: (usize, usi
         tried: tried.len(),
         tried_outside_first_wave: tried.iter().filter(|id| !in_first(id)).count(),
         halted: jobs.values().filter(|j| j.state == Some(UpdateState::Halted)).count(),
+        ended: jobs.values().fold(Default::default(), |mut by, j| {
+            *by.entry(j.state.map_or("none".to_string(), |s| s.to_string())).or_default() += 1;
+            by
+        }),
         halted_after,
         jti,
         watch,
@@ -274,7 +281,11 @@ fn twenty_devices_waves_a_halt_and_a_broker_restart() {
     let bad = bad_rollout(&fleet, &plan, 3, (1, 4));
     assert_eq!(bad.watch.status.code(), Some(1), "watch: {}", stdout_of(&bad.watch));
     assert!(stdout_of(&bad.watch).contains("halted"), "{}", stdout_of(&bad.watch));
-    assert_eq!(bad.tried_outside_first_wave, 0, "second-wave devices downloaded the bad version ({})", bad.jti);
+    assert_eq!(
+        bad.tried_outside_first_wave, 0,
+        "second-wave devices downloaded the bad version ({})",
+        bad.jti
+    );
     assert!(
         bad.tried >= 1 && bad.tried <= bad.first_wave,
         "{} tried, first wave {}",
@@ -360,13 +371,13 @@ fn simulation() {
         ));
     }
     line(format!(
-        "bad rollout (5/100 %): watch halted after {:.1} s (exit {:?}); {} devices tried it, first wave {} ({} outside it); {} halted",
+        "bad rollout (5/100 %): watch halted after {:.1} s (exit {:?}); {} devices tried it, first wave {} ({} outside it); ended: {:?}",
         bad.halted_after.as_secs_f64(),
         bad.watch.status.code(),
         bad.tried,
         bad.first_wave,
         bad.tried_outside_first_wave,
-        bad.halted
+        bad.ended
     ));
     line(format!(
         "broker restart (reconnect_spread_s {spread}): all back after {:.1} s; first reconnects over {:.1} s; \
@@ -384,11 +395,12 @@ fn simulation() {
     ));
     line(format!("whole run: {:.1} s", began.elapsed().as_secs_f64()));
     print!("{table}");
-    if let Ok(path) = std::env::var("FLEET_SIM_REPORT") {
+    if let Some(path) = std::env::var("FLEET_SIM_REPORT").ok().filter(|p| !p.is_empty()) {
         std::fs::write(path, &table).unwrap();
     }
     let watched = stdout_of(&good.watch);
     println!("watch's last table (good rollout):\n{}", last_table(&watched));
+    println!("watch (bad rollout):\n{}", stdout_of(&bad.watch));
     assert_eq!(good.committed, n, "all committed in the good rollout");
     assert!(good.watch.status.success(), "{watched}");
     assert_eq!(bad.watch.status.code(), Some(1), "{}", stdout_of(&bad.watch));
