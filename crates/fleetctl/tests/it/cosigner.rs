@@ -592,3 +592,53 @@ fn a_flood_from_many_addresses_does_not_lock_out_a_fleet_server() {
     let answer = post_from([127, 0, 0, 1], &c.url, &body, Duration::from_secs(10)).unwrap();
     assert_eq!(status_of(&answer), "200", "the fleet server is admitted: {answer}");
 }
+
+/// A halt (`fleetd.halt.v1`) is co-signed like an update and audited with
+/// the rollout it stops; it is checked by its own rules (project, window,
+/// a fresh iat), and a device accepts it with the fleet key's signature.
+#[test]
+fn halts_are_cosigned_within_the_same_policy() {
+    use fleetd::trust::halt::{HaltClaims, HALT_TYPE};
+    let d = Device::new();
+    let c = start_cosigner(&d, 600, 20);
+    register(&d, &c, "fs1");
+    let key = |name: &str| {
+        fleetd::trust::SigningKey::from_pem(&std::fs::read_to_string(d.key(name)).unwrap()).unwrap()
+    };
+    let halt = |project: &str, iat: u64| {
+        let claims = HaltClaims {
+            typ: HALT_TYPE.into(),
+            jti: "halt-0000001".into(),
+            iat,
+            nbf: now(),
+            exp: now() + 3600,
+            project: project.into(),
+            target: fleetd::trust::Target {
+                hardware: "rpi4-gw".into(),
+                devices: vec!["gw-0042".into()],
+                groups: vec![],
+            },
+            halts: "rollout-0000001".into(),
+        };
+        let mut envelope = fleetd::trust::Envelope::new(&claims.to_json());
+        envelope.add_signature(&key("fs1"), "server:fs1").unwrap();
+        let path = d.path().join(format!("halt-{project}-{iat}.json"));
+        std::fs::write(&path, envelope.to_json()).unwrap();
+        path
+    };
+    let cosigned = request(&c, &halt("acme-gateways", now())).expect("co-signed");
+    let full = d.cosign(&cosigned, "fleet", "fleet");
+    let bytes = std::fs::read(&full).unwrap();
+    assert_eq!(fleetd::trust::halt::peek_type(&bytes).as_deref(), Some(HALT_TYPE));
+    let audit = audit_lines(&c);
+    assert_eq!(
+        (audit[0]["typ"].as_str(), audit[0]["halts"].as_str()),
+        (Some(HALT_TYPE), Some("rollout-0000001"))
+    );
+    // Another project, and a stored halt (an old iat), are refused by name.
+    let err = request(&c, &halt("other", now())).unwrap_err();
+    assert!(err.contains("(403)") && err.contains("project-refused"), "{err}");
+    let err = request(&c, &halt("acme-gateways", now() - 3600)).unwrap_err();
+    assert!(err.contains("iat-invalid"), "{err}");
+    assert_eq!(audit_lines(&c).len(), 1, "only the one halt signed");
+}

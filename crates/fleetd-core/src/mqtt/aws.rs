@@ -3,7 +3,9 @@
 //!
 //! The device asks for work with `start-next`, hears of new work on
 //! `notify-next`, and reports each job as IN_PROGRESS (with `{step,
-//! progress}`), then SUCCEEDED, FAILED or REJECTED with a reason. A final
+//! progress}`; a job waiting for its rollout wave is `step: scheduled`),
+//! then SUCCEEDED, FAILED (rolled back, failed) or REJECTED (refused,
+//! halted) with a reason. A final
 //! report is repeated until AWS accepts it.
 
 use crate::status::UpdateState;
@@ -165,6 +167,9 @@ impl AwsJobs {
             (Some(UpdateState::RolledBack | UpdateState::Failed), _) => {
                 self.finish(&job_id, "FAILED", json!({ "reason": reason }))
             }
+            // Stopped by a halt before it was installed: the device declines
+            // the job, and an abortConfig counting FAILED does not count it.
+            (Some(UpdateState::Halted), _) => self.finish(&job_id, "REJECTED", json!({ "reason": reason })),
             (_, Some(step)) if self.last_in_progress.is_none() => self.on_progress(step, None),
             _ => Vec::new(),
         }
@@ -242,6 +247,18 @@ mod tests {
         );
         assert_eq!(body(&out[0])["status"], "FAILED");
         assert_eq!(body(&out[0])["statusDetails"]["reason"], "rolled-back: x");
+
+        let mut aws = AwsJobs::new("gw-1");
+        aws.on_message("$aws/things/gw-1/jobs/notify-next", &execution("job-10", "jti-00000010"));
+        let out = aws.on_status(&json!({"state": "scheduled", "job": {"jti": "jti-00000010"}}));
+        assert_eq!(
+            (body(&out[0])["status"].clone(), body(&out[0])["statusDetails"]["step"].clone()),
+            (json!("IN_PROGRESS"), json!("scheduled"))
+        );
+        let halted = json!({"state": "halted", "last_error": "halted: stopped by halt h-1", "job": {"jti": "jti-00000010"}});
+        let out = aws.on_status(&halted);
+        assert_eq!(body(&out[0])["status"], "REJECTED");
+        assert_eq!(body(&out[0])["statusDetails"]["reason"], "halted: stopped by halt h-1");
     }
 
     #[test]
