@@ -231,9 +231,10 @@ pub struct Mqtt {
     pub profile: MqttProfile,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
-    /// The first reconnect after losing the broker waits a random delay
-    /// below this; so does the first download of a group message without
-    /// a `rollout`. A broker restart must not bring the fleet back at once.
+    /// The first reconnect after losing the broker waits a delay below
+    /// this, drawn once from the device id (`backoff::ReconnectPacer`); so
+    /// does the first download of a group message without a `rollout`. A
+    /// broker restart must not bring the fleet back at once.
     #[serde(default = "default_reconnect_spread")]
     pub reconnect_spread_s: u64,
 }

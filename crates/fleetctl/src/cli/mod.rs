@@ -1,5 +1,6 @@
 //! `fleetctl`: keys, signing, the co-signer service, publishing,
-//! provisioning (`provision.rs`) and the guided demo (`demo.rs`).
+//! provisioning (`provision.rs`), rollouts (`rollout.rs`) and the guided
+//! demo (`demo.rs`).
 
 // A command's error is built once, at its end, and printed: its size costs nothing.
 #![allow(clippy::result_large_err)]
@@ -7,6 +8,7 @@
 mod demo;
 mod provision;
 mod registrar;
+mod rollout;
 
 use crate::cosigner::{self, CosignerConfig, Registry};
 use clap::{Args, Parser, Subcommand};
@@ -53,9 +55,9 @@ pub enum CliError {
     #[error(transparent)]
     Pack(#[from] crate::image::PackError),
     #[error(transparent)]
-    Registrar(#[from] fleetd_registrar::RegistrarError),
-    #[error(transparent)]
     FleetConfig(#[from] crate::rollout::config::FleetConfigError),
+    #[error(transparent)]
+    Rollout(Box<crate::rollout::RolloutError>),
     #[error("co-signer refused ({status}): {detail}")]
     CosignerRefused { status: u16, detail: String },
     #[error("runtime: {0}")]
@@ -152,7 +154,7 @@ enum Command {
     Registrar(registrar::RegistrarCommand),
     /// Rollouts: publish one to a group, follow it wave by wave, halt it.
     #[command(subcommand)]
-    Rollout(RolloutCommand),
+    Rollout(rollout::RolloutCommand),
     /// Images: pack one for zstd and adaptive installs.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -268,50 +270,6 @@ struct SignArgs {
 }
 
 #[derive(Subcommand)]
-pub enum RolloutCommand {
-    /// Publish a message with a `rollout` claim to a group's update topic (retained).
-    Start {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        group: String,
-        /// The co-signed message (`fleetctl sign --wave ...`, co-signed).
-        message: PathBuf,
-    },
-    /// Follow the devices' status, counted per wave; publish the halt and
-    /// exit 1 when failures cross the threshold; exit 0 when every targeted
-    /// device has ended.
-    Watch {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        jti: String,
-        /// Halt when more than this percentage of the devices that finished
-        /// failed or rolled back.
-        #[arg(long, default_value_t = 10.0)]
-        max_failures: f64,
-        /// ... once at least this many devices finished.
-        #[arg(long, default_value_t = 1)]
-        min_devices: usize,
-        /// Stop watching after this many seconds (exit 3).
-        #[arg(long)]
-        timeout: Option<u64>,
-    },
-    /// Sign (this server, the co-signer, the fleet key) and publish the
-    /// halt, retained: devices that have not finished downloading drop the
-    /// update.
-    Halt {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        jti: String,
-        /// Recorded with the halt.
-        #[arg(long, default_value = "halted by hand")]
-        reason: String,
-    },
-}
-
-#[derive(Subcommand)]
 enum CosignerCommand {
     /// Run the co-signer service.
     Serve {
@@ -358,7 +316,7 @@ pub fn main() -> ExitCode {
         // Its own exit codes: 0 done, 1 refused (import: a row invalid; audit --verify: changed).
         Command::Registrar(cmd) => return registrar::command(cmd),
         // Its own exit codes: 0 done, 1 refused or halted, 3 watch timed out.
-        Command::Rollout(cmd) => return crate::rollout::command(cmd),
+        Command::Rollout(cmd) => return rollout::command(cmd),
         Command::Image(ImageCommand::Pack { image, out, frame_size, level }) => {
             crate::image::pack(&image, &out, frame_size, level)
                 .map(|packed| {

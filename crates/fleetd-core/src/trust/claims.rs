@@ -135,12 +135,12 @@ impl Claims {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Checks the rules that depend only on the claims themselves.
     /// The times every signed message carries.
     pub fn window(&self) -> super::Window {
         super::Window { iat: self.iat, nbf: self.nbf, exp: self.exp }
     }
 
+    /// Checks the rules that depend only on the claims themselves.
     pub fn check_structure(&self) -> Result<(), VerifyError> {
         if self.typ != CLAIMS_TYPE {
             return Err(VerifyError::WrongType(self.typ.clone()));
