@@ -132,7 +132,7 @@ impl Fleet {
             supervisor: None,
         };
         for d in &fleet.devices {
-            d.lock().unwrap().start(&fleet.net);
+            d.lock().unwrap().start(fleet.net.device_ns());
         }
         fleet.start_supervisor();
         fleet.wait_all_connected(Duration::from_secs(60 + options.devices as u64 / 10));
@@ -452,11 +452,14 @@ impl SimDevice {
         std::fs::write(self.dir.join("boot_id"), format!("boot-{}\n", self.boots)).unwrap();
     }
 
-    fn start(&mut self, net: &Net) {
+    /// `fleetd run` in the device namespace, its log appended to `fleetd.log`.
+    fn start(&mut self, device_ns: &str) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("fleetd.log")).unwrap();
-        let child = net
-            .in_device(fleetd_bin())
+        let ip = super::cloud::find_tool("ip").expect("ip");
+        let child = Command::new(ip)
+            .args(["netns", "exec", device_ns])
+            .arg(fleetd_bin())
             .env(NO_BUS.0, NO_BUS.1)
             .args(["run", "--config"])
             .arg(self.dir.join("fleetd.toml"))
@@ -485,19 +488,7 @@ impl SimDevice {
         self.booted = booted;
         let root = self.dir.parent().and_then(Path::parent).unwrap().to_path_buf();
         self.write_config(&root);
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("fleetd.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", device_ns])
-            .arg(fleetd_bin())
-            .env(NO_BUS.0, NO_BUS.1)
-            .args(["run", "--config"])
-            .arg(self.dir.join("fleetd.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+        self.start(device_ns);
     }
 }
 

@@ -209,17 +209,7 @@ impl Tally {
 
     /// The counts as a table, one line per wave and a total.
     pub fn table(&self) -> String {
-        let columns = [
-            Stage::Waiting,
-            Stage::Scheduled,
-            Stage::Downloading,
-            Stage::Testing,
-            Stage::Committed,
-            Stage::RolledBack,
-            Stage::Failed,
-            Stage::Halted,
-            Stage::Current,
-        ];
+        let columns = Stage::ALL;
         let mut out = format!("{:<12} {:>7}", "wave", "devices");
         for c in columns {
             out.push_str(&format!(" {:>11}", c.as_str()));
