@@ -665,3 +665,43 @@ pub async fn check_crl(db_url: &str) {
         Err(_) => eprintln!("SKIP openssl crl: no openssl"),
     }
 }
+
+/// Rollouts: started once (again is harmless), devices' last states
+/// upserted, and the first halt stands.
+pub async fn check_rollouts(db_url: &str) {
+    use crate::rollouts::{self, DeviceRow, Halt, Rollout};
+    let db = Db::connect(db_url).await.unwrap();
+    let jti = unique("roll");
+    let rollout = Rollout {
+        jti: jti.clone(),
+        project: "acme".into(),
+        group: "field".into(),
+        version: 9,
+        message: "{}".into(),
+        started_at: 100,
+        halt: None,
+    };
+    assert_eq!(rollouts::start(&db, &rollout).await.unwrap(), rollout);
+    let again = Rollout { started_at: 200, ..rollout.clone() };
+    assert_eq!(rollouts::start(&db, &again).await.unwrap().started_at, 100, "the first record stands");
+    let row = |device: &str, state: &str| DeviceRow {
+        device: device.into(),
+        wave: 1,
+        state: state.into(),
+        bytes_fetched: 7,
+        updated_at: 5,
+    };
+    rollouts::record_devices(&db, &jti, &[row("gw-2", "scheduled"), row("gw-1", "downloading")])
+        .await
+        .unwrap();
+    rollouts::record_devices(&db, &jti, &[row("gw-2", "committed")]).await.unwrap();
+    let states: Vec<_> =
+        rollouts::devices(&db, &jti).await.unwrap().into_iter().map(|r| (r.device, r.state)).collect();
+    assert_eq!(states, [("gw-1".into(), "downloading".into()), ("gw-2".into(), "committed".into())]);
+    let first = Halt { message: "h1".into(), at: 300, reason: "by hand".into() };
+    assert_eq!(rollouts::record_halt(&db, &jti, &first).await.unwrap(), first);
+    let second = Halt { message: "h2".into(), at: 400, reason: "again".into() };
+    assert_eq!(rollouts::record_halt(&db, &jti, &second).await.unwrap(), first, "the first halt stands");
+    assert_eq!(rollouts::find(&db, &jti).await.unwrap().unwrap().halt, Some(first));
+    assert_eq!(rollouts::find(&db, "roll-unknown").await.unwrap(), None);
+}

@@ -21,7 +21,8 @@ on_sqlite!(
     check_login,
     check_bad_input,
     check_audit,
-    check_crl
+    check_crl,
+    check_rollouts
 );
 
 fn this_update(pem: &str) -> i64 {

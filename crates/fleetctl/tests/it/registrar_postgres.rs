@@ -1,6 +1,7 @@
 //! The registrar on a real PostgreSQL server (a private cluster that the
 //! test starts, tests/it/common/postgres.rs):
-//! - every store check that runs on SQLite (`fleetd_registrar::testing`);
+//! - every store check that runs on SQLite (`fleetd_registrar::testing`),
+//!   rollouts' included;
 //! - two `fleetctl registrar serve` instances sharing one database: 1,000
 //!   concurrent enrollments of 500 devices (two claims each) spread over
 //!   both leave exactly one active certificate per device, every other one
@@ -35,6 +36,7 @@ fn every_store_check_holds_on_postgres() {
         testing::check_login(&url).await;
         testing::check_bad_input(&url).await;
         testing::check_crl(&url).await;
+        testing::check_rollouts(&url).await;
         // Last: it tampers with the trail.
         testing::check_audit(&url).await;
     });
