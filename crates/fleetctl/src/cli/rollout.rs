@@ -35,7 +35,7 @@ pub enum RolloutCommand {
         /// failed or rolled back.
         #[arg(long, default_value_t = 10.0)]
         max_failures: f64,
-        /// ... once at least this many devices finished.
+        /// Decide only once at least this many devices finished.
         #[arg(long, default_value_t = 1)]
         min_devices: usize,
         /// Stop watching after this many seconds (exit 3).
