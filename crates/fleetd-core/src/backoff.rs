@@ -96,14 +96,23 @@ impl ReconnectPacer {
 /// A draw that stays the same for `id` (the first 8 bytes of
 /// SHA-256(label, 0, id)): where a device falls within a spread.
 pub fn stable_draw(label: &str, id: &str) -> u64 {
+    stable_draws(label, id).0
+}
+
+/// Two independent stable draws from SHA-256(label, 0, id): its first 8
+/// bytes and the next 8 (a rollout's bucket and offset).
+pub fn stable_draws(label: &str, id: &str) -> (u64, u64) {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(label.as_bytes());
     ctx.update(&[0]);
     ctx.update(id.as_bytes());
     let digest = ctx.finish();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest.as_ref()[..8]);
-    u64::from_be_bytes(first)
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&digest.as_ref()[at..at + 8]);
+        u64::from_be_bytes(w)
+    };
+    (word(0), word(8))
 }
 
 /// A draw from the system's CSPRNG.

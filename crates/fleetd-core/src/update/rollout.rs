@@ -28,21 +28,10 @@ impl Schedule {
     }
 }
 
-/// Two independent numbers from one digest: the bucket from its first 8
-/// bytes, the offset from the next 8.
+/// Two independent numbers from SHA-256(jti ‖ 0 ‖ device id): the bucket
+/// from its first 8 bytes, the offset from the next 8.
 fn digest(jti: &str, device_id: &str) -> (u64, u64) {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(jti.as_bytes());
-    ctx.update(&[0]);
-    ctx.update(device_id.as_bytes());
-    let d = ctx.finish();
-    let bytes = d.as_ref();
-    let word = |at: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_be_bytes(w)
-    };
-    (word(0), word(8))
+    crate::backoff::stable_draws(jti, device_id)
 }
 
 /// The device's place in `rollout` (already checked: waves ending at 100 %).
