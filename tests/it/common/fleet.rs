@@ -347,10 +347,7 @@ fn raise_open_files() {
 }
 
 fn connected(dir: &Path) -> bool {
-    std::fs::read(dir.join("state/connection.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["connected"] == true)
+    fleetd::mqtt::read_connection_file(&dir.join("state")).is_some_and(|m| m.connected)
 }
 
 /// Records when the device's jobs were first seen downloading and ended.

@@ -70,7 +70,8 @@ async fn sign_halt(config: &FleetConfig, claims: &HaltClaims) -> Result<String, 
 /// Signs a halt unless one is recorded, records it, publishes it.
 async fn halt(config: &FleetConfig, jti: &str, reason: &str) -> Result<Halt, CliError> {
     let db = rollout::open_db(config).await?;
-    let halt = match rollout::draft_halt(&db, jti, config.signing.halt_valid_for_s).await? {
+    let (stored, draft) = rollout::draft_halt(&db, jti, config.signing.halt_valid_for_s).await?;
+    let halt = match draft {
         HaltDraft::Recorded(halt) => halt,
         HaltDraft::Unsigned(claims) => Halt {
             message: sign_halt(config, &claims).await?,
@@ -78,7 +79,7 @@ async fn halt(config: &FleetConfig, jti: &str, reason: &str) -> Result<Halt, Cli
             reason: reason.to_string(),
         },
     };
-    Ok(rollout::publish_halt(config, &db, jti, halt).await?)
+    Ok(rollout::publish_halt(config, &db, &stored, halt).await?)
 }
 
 fn load(path: &Path) -> Result<FleetConfig, CliError> {

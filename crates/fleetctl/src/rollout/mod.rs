@@ -145,14 +145,15 @@ pub enum HaltDraft {
     Unsigned(HaltClaims),
 }
 
-pub async fn draft_halt(db: &Db, jti: &str, valid_for_s: u64) -> Result<HaltDraft, RolloutError> {
+/// The stored rollout, and the halt to publish for it.
+pub async fn draft_halt(db: &Db, jti: &str, valid_for_s: u64) -> Result<(Rollout, HaltDraft), RolloutError> {
     let (rollout, update) = find(db, jti).await?;
-    if let Some(halt) = rollout.halt {
-        return Ok(HaltDraft::Recorded(halt));
+    if let Some(halt) = rollout.halt.clone() {
+        return Ok((rollout, HaltDraft::Recorded(halt)));
     }
     let now = fleetd::system_now();
     let longest = now.saturating_add(trust::DEFAULT_MAX_VALIDITY_S);
-    Ok(HaltDraft::Unsigned(HaltClaims {
+    let claims = HaltClaims {
         typ: HALT_TYPE.into(),
         jti: trust::random_id(),
         iat: now,
@@ -161,7 +162,8 @@ pub async fn draft_halt(db: &Db, jti: &str, valid_for_s: u64) -> Result<HaltDraf
         project: update.project,
         target: update.target,
         halts: update.jti,
-    }))
+    };
+    Ok((rollout, HaltDraft::Unsigned(claims)))
 }
 
 /// Records the signed halt (a halt recorded before stands instead) and
@@ -170,10 +172,10 @@ pub async fn draft_halt(db: &Db, jti: &str, valid_for_s: u64) -> Result<HaltDraf
 pub async fn publish_halt(
     config: &FleetConfig,
     db: &Db,
-    jti: &str,
+    rollout: &Rollout,
     halt: Halt,
 ) -> Result<Halt, RolloutError> {
-    let (rollout, _) = find(db, jti).await?;
+    let jti = rollout.jti.as_str();
     let halt = rollouts::record_halt(db, jti, &halt).await?;
     let mut messages = vec![Outgoing {
         topic: Topics::update_for_group(&config.project, &rollout.group),
