@@ -308,7 +308,7 @@ async fn while_busy<T>(
             done = &mut work => return Ended::Done(done),
             _ = ch.shutdown.wait_for(|stop| *stop) => return Ended::Shutdown,
             message = ch.inbox.recv(), if inbox_open => match message {
-                Some(Inbound::UpdateMessage { topic, payload, token }) if is_halt(&payload) => {
+                Some(Inbound::UpdateMessage { topic, payload, token }) if crate::trust::halt::is_halt(&payload) => {
                     return Ended::Halt(Inbound::UpdateMessage { topic, payload, token });
                 }
                 Some(Inbound::UpdateMessage { topic, payload, token }) => match busy.answer(&payload) {
@@ -332,10 +332,6 @@ async fn while_busy<T>(
             },
         }
     }
-}
-
-fn is_halt(payload: &[u8]) -> bool {
-    crate::trust::halt::peek_type(payload).as_deref() == Some(crate::trust::halt::HALT_TYPE)
 }
 
 /// Logs a refusal and hands it to the MQTT task, which acks the message.

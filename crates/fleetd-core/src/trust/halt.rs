@@ -57,6 +57,12 @@ pub fn peek_type(input: &[u8]) -> Option<String> {
     payload_type(&Envelope::parse(input).ok()?.payload_bytes().ok()?)
 }
 
+/// Whether a message claims to be a halt (unverified: which verification
+/// to run, and what a busy worker must not leave waiting).
+pub fn is_halt(input: &[u8]) -> bool {
+    peek_type(input).as_deref() == Some(HALT_TYPE)
+}
+
 /// `typ` of a message's payload (its claims), unverified.
 pub fn payload_type(payload: &[u8]) -> Option<String> {
     let claims: serde_json::Value = serde_json::from_slice(payload).ok()?;

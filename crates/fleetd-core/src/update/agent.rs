@@ -415,7 +415,7 @@ impl Agent {
     /// read the boot facts. So a flood of forged or repeated messages costs
     /// no boot-env IO, and a good one is verified once.
     pub fn early_answer(&mut self, bytes: &[u8], source: &Source, now: u64) -> Result<Claims, Vec<Action>> {
-        if crate::trust::halt::peek_type(bytes).as_deref() == Some(crate::trust::halt::HALT_TYPE) {
+        if crate::trust::halt::is_halt(bytes) {
             return Err(self.halt(bytes, source, now));
         }
         match (source, crate::trust::peek_jti(bytes)) {
