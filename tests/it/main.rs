@@ -29,5 +29,6 @@ mod registrar;
 mod rollout;
 mod safety;
 mod system_boot;
+mod system_unit;
 mod system_wifi;
 mod systemd;
