@@ -142,8 +142,16 @@ impl Model {
                 self.doc = (**doc).clone();
                 completed = self.pending.take();
             }
-            Event::Report(Report::Progress { jti, done, total, .. }) => {
+            Event::Report(Report::Progress { jti, done, total, fetched, reused, .. }) => {
                 self.follow(jti);
+                // GetStatus shows the download as it goes, not as the last
+                // persisted status report left it.
+                if let Some(job) = self.doc.job.as_mut().filter(|job| job.jti == *jti) {
+                    job.step = UpdateState::Downloading;
+                    job.progress = (done.saturating_mul(100) / (*total).max(1)).min(100) as u8;
+                    job.bytes_fetched = *fetched;
+                    job.bytes_reused = *reused;
+                }
                 let percent = (done.saturating_mul(DOWNLOAD_SHARE) / (*total).max(1)).min(DOWNLOAD_SHARE);
                 // Resuming re-hashes from the start: never go backwards.
                 let percent = (percent as i32).max(if self.progress.1 == UpdateState::Downloading {
@@ -338,6 +346,38 @@ mod tests {
             fetched: done,
             reused: 0,
         })
+    }
+
+    #[test]
+    fn get_status_follows_the_download_of_its_job() {
+        let mut m = Model::new(doc("idle"));
+        let mut accepted = doc("downloading");
+        accepted.job = Some(JobStatus {
+            jti: "j1".into(),
+            version: 2,
+            name: "v2".into(),
+            target_slot: "B".into(),
+            step: UpdateState::Downloading,
+            progress: 0,
+            start_at: None,
+            bytes_fetched: 0,
+            bytes_reused: 0,
+        });
+        m.apply(&Event::Report(Report::Status(Box::new(accepted))));
+        m.apply(&bytes(250));
+        let job = m.status().job.unwrap();
+        assert_eq!((job.step, job.progress, job.bytes_fetched), (UpdateState::Downloading, 25, 250));
+
+        // Another job's bytes leave this one as it is.
+        m.apply(&Event::Report(Report::Progress {
+            jti: "j2".into(),
+            version: 3,
+            done: 900,
+            total: 1000,
+            fetched: 900,
+            reused: 0,
+        }));
+        assert_eq!(m.status().job.unwrap().bytes_fetched, 250);
     }
 
     #[test]
