@@ -26,11 +26,13 @@ use std::time::{Duration, Instant};
 const DEVICE: &str = "gw-0000";
 const PROJECT: &str = "my-fleet";
 const HARDWARE: &str = "rpi4-gw";
-const SLOT_SIZE: u64 = 32 << 20;
-const IMAGE_SIZE: usize = 24 << 20;
-/// Slow enough that the download is still running through a stop, a
-/// restart and a watchdog kill: 24 MiB take 48 s at this rate.
-const IMAGE_RATE: u64 = 512 << 10;
+/// Twice the shipped `checkpoint_mib` (64 MiB): the download restarted
+/// after the watchdog resumes from the first checkpoint with a range.
+const IMAGE_SIZE: usize = 128 << 20;
+const SLOT_SIZE: u64 = 160 << 20;
+/// The download takes about 32 s at this rate: still running through a
+/// stop, a restart and a watchdog kill past the checkpoint.
+const IMAGE_RATE: u64 = 4 << 20;
 const ENV_SIZE: usize = 0x4000;
 const VERSION: u64 = 3;
 /// The guest's view of this host under QEMU's user networking.
@@ -99,6 +101,9 @@ fn systemd_runs_the_package_the_bus_policy_and_an_install() {
     std::fs::write(&slot_a, &running).unwrap();
     std::fs::File::create(&slot_b).unwrap().set_len(SLOT_SIZE).unwrap();
     let running_sha = sha256_hex(&running);
+    let running_head_sha = sha256_hex(&running[..16 << 20]);
+    let checkpoint = fleetd::config::Update::default().checkpoint_mib << 20;
+    assert_eq!(checkpoint * 2, IMAGE_SIZE as u64, "the image spans two checkpoints");
 
     // The boot partition, as on a Pi: vfat, uboot.env in one copy.
     let env = dir.join("uboot.env");
@@ -117,12 +122,14 @@ fn systemd_runs_the_package_the_bus_policy_and_an_install() {
     std::fs::copy(&pki.ca_pem, tier.join("mqtt-ca.pem")).unwrap();
     std::fs::copy(&cert, tier.join("cert.pem")).unwrap();
     std::fs::copy(&key, tier.join("key.pem")).unwrap();
+    let wedge_after = checkpoint + (4 << 20);
     // What the download takes at the server's rate, twice over.
     let install_bound = 2 * IMAGE_SIZE as u64 / IMAGE_RATE + 60;
     std::fs::write(
         tier.join("tier.env"),
         format!(
-            "JTI={jti}\nVERSION={VERSION}\nSLOT_SIZE={SLOT_SIZE}\nSLOT_A_SHA256={running_sha}\n\
+            "JTI={jti}\nVERSION={VERSION}\nSLOT_A_HEAD_SHA256={running_head_sha}\n\
+             WEDGE_AFTER_BYTES={wedge_after}\n\
              INSTALL_BOUND_S={install_bound}\nBROKER_HOST={BROKER_HOST}\nBROKER_ADDRESS={HOST_FROM_GUEST}\nBROKER_PORT={broker_port}\n"
         ),
     )
@@ -144,7 +151,10 @@ fn systemd_runs_the_package_the_bus_policy_and_an_install() {
     assert!(written[..IMAGE_SIZE] == image[..], "slot B does not hold the image");
     let served = server.log();
     assert!(served.iter().filter(|s| s.path == "/v3.img").count() >= 3, "three downloads (start, after the stop, after the watchdog): {served:?}");
-    assert!(served.iter().any(|s| s.path == "/v3.img" && s.range_start > 0), "no download resumed: {served:?}");
+    assert!(
+        served.iter().any(|s| s.path == "/v3.img" && s.range_start == checkpoint),
+        "no download resumed from the checkpoint: {served:?}"
+    );
 
     // Boot 2: the bootloader takes the trial slot B; fleetd commits it.
     let slot = play_bootloader(&disks.boot, &env, &env_config);
