@@ -153,6 +153,9 @@ fn killed_mid_download_resumes_after_restart() {
     let log = c.server.log();
     let resumed = log.last().unwrap();
     assert!(resumed.range_start >= 2 * MIB, "resumed with a Range request: {log:?}");
+    // The log says so, from the checkpoint the request started at.
+    let said = format!("from byte {}, its last checkpoint", resumed.range_start);
+    assert!(stderr(&out).contains(&said), "no '{said}' in:\n{}", stderr(&out));
 }
 
 #[test]

@@ -59,7 +59,8 @@ fn systemd_runs_the_package_the_bus_policy_and_an_install() {
     // named broker.test as in its certificate) and the image server.
     let pki = Pki::new(&dir.join("pki"), "127.0.0.1".parse().unwrap());
     let broker_port = free_port();
-    let _broker = Broker::start_local(&pki, &dir.join("broker"), broker_port, &[(DEVICE, PROJECT, "all")], None);
+    let _broker =
+        Broker::start_local(&pki, &dir.join("broker"), broker_port, &[(DEVICE, PROJECT, "all")], None);
     let (cert, key) = pki.client(DEVICE);
     let server = ImageServer::start();
     server.set_rate(Some(IMAGE_RATE));
@@ -110,11 +111,15 @@ fn systemd_runs_the_package_the_bus_policy_and_an_install() {
     let env_config = dir.join("fw_env.config");
     std::fs::write(&env, vec![0u8; ENV_SIZE]).unwrap();
     std::fs::write(&env_config, format!("{} 0x0 {ENV_SIZE:#x}\n", env.display())).unwrap();
-    fleetd::boot::uboot::initialize(&env_config, &[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")])
-        .unwrap();
+    fleetd::boot::uboot::initialize(
+        &env_config,
+        &[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", "3"), ("BOOT_B_LEFT", "3")],
+    )
+    .unwrap();
     let boot = dir.join("boot.img");
     sh(&format!("mkfs.vfat -n BOOT -C {} 32768 > /dev/null", boot.display()));
-    std::fs::write(tier.join("fw_env.config"), format!("/boot/firmware/uboot.env 0x0000 {ENV_SIZE:#x}\n")).unwrap();
+    std::fs::write(tier.join("fw_env.config"), format!("/boot/firmware/uboot.env 0x0000 {ENV_SIZE:#x}\n"))
+        .unwrap();
 
     // The tier disk: the package, the script, the board's files.
     std::fs::copy(&deb, tier.join(deb.file_name().unwrap())).unwrap();
@@ -135,10 +140,15 @@ fn systemd_runs_the_package_the_bus_policy_and_an_install() {
     )
     .unwrap();
     let tier_img = dir.join("tier.img");
-    sh(&format!("mke2fs -q -t ext4 -L FLEETD-TIER -d {} {} 64M > /dev/null", tier.display(), tier_img.display()));
+    sh(&format!(
+        "mke2fs -q -t ext4 -L FLEETD-TIER -d {} {} 64M > /dev/null",
+        tier.display(),
+        tier_img.display()
+    ));
     let root_img = dir.join("root.img");
     sh(&format!("cp --sparse=always {} {}", guest.join("root.img").display(), root_img.display()));
-    let disks = Disks { root: root_img, boot, tier: tier_img, slot_a: slot_a.clone(), slot_b: slot_b.clone() };
+    let disks =
+        Disks { root: root_img, boot, tier: tier_img, slot_a: slot_a.clone(), slot_b: slot_b.clone() };
 
     // Boot 1: the bootloader picks A; the guest installs, and fleetd reboots it.
     let slot = play_bootloader(&disks.boot, &env, &env_config);
@@ -150,7 +160,10 @@ fn systemd_runs_the_package_the_bus_policy_and_an_install() {
     let written = std::fs::read(&slot_b).unwrap();
     assert!(written[..IMAGE_SIZE] == image[..], "slot B does not hold the image");
     let served = server.log();
-    assert!(served.iter().filter(|s| s.path == "/v3.img").count() >= 3, "three downloads (start, after the stop, after the watchdog): {served:?}");
+    assert!(
+        served.iter().filter(|s| s.path == "/v3.img").count() >= 3,
+        "three downloads (start, after the stop, after the watchdog): {served:?}"
+    );
     assert!(
         served.iter().any(|s| s.path == "/v3.img" && s.range_start == checkpoint),
         "no download resumed from the checkpoint: {served:?}"
@@ -166,11 +179,7 @@ fn systemd_runs_the_package_the_bus_policy_and_an_install() {
     sh(&format!("mcopy -o -i {} ::uboot.env {}", disks.boot.display(), env.display()));
     let vars = bootsim_uboot::printenv(&env_config);
     assert_eq!(vars.get("BOOT_ORDER").map(String::as_str), Some("B A"), "{vars:?}");
-    eprintln!(
-        "systemd tier: boot 1 {} s, boot 2 {} s",
-        first.took.as_secs(),
-        second.took.as_secs()
-    );
+    eprintln!("systemd tier: boot 1 {} s, boot 2 {} s", first.took.as_secs(), second.took.as_secs());
 }
 
 struct Disks {

@@ -181,8 +181,8 @@ phase2() {
   steps=$(journalctl -u fleetd "FLEETD_JOB=$JTI" -o cat --no-pager)
   boots=$(journalctl -u fleetd "FLEETD_JOB=$JTI" -o export --no-pager | grep -c '^_BOOT_ID=' || true)
   echo "$steps" | sed 's/^/  /'
-  for want in downloading installing reboot-pending testing committed; do
-    echo "$steps" | grep -q "^$want: " || fail "journalctl FLEETD_JOB=$JTI lists no $want step"
+  for want in "downloading: accepted" "downloading: resuming" installing reboot-pending testing committed; do
+    echo "$steps" | grep -q "^$want" || fail "journalctl FLEETD_JOB=$JTI lists no '$want' step"
   done
   [ "$(journalctl -u fleetd "FLEETD_JOB=$JTI" -o export | sed -n 's/^_BOOT_ID=//p' | sort -u | wc -l)" -eq 2 ] ||
     fail "the job's steps are not from both boots"

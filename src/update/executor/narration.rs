@@ -44,6 +44,12 @@ pub(super) fn phase(job: &Job) -> Option<String> {
     })
 }
 
+/// A restarted daemon goes on with a download from its last checkpoint
+/// (no phase changes, so `phase` says nothing).
+pub(super) fn resuming(job: &Job, from: u64) -> String {
+    format!("resuming {} into slot {} from byte {from}, its last checkpoint", job.url, job.target_slot)
+}
+
 pub(super) fn confirm_failed(booted: &str, error: &crate::boot::BootError) -> String {
     format!("could not confirm booted slot {booted}: {error}")
 }

@@ -131,6 +131,9 @@ impl Executor {
         let job = self.job().cloned().ok_or(ActionError::NoJob)?;
         let slot_path = self.refuse_booted_target(&job.target_slot)?;
         let mut writer = SlotWriter::open(&slot_path, job.size, from, DEFAULT_BLOCK)?;
+        if from > 0 {
+            self.report_step(narration::resuming(&job, from));
+        }
         let policy = self.fetch_policy();
         let request = self.image_request(&job, &slot_path)?;
         let agent = &mut self.agent;
