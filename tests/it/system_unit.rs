@@ -4,8 +4,8 @@
 //! shipped unit, unchanged. The host side is here; the guest side is
 //! `system_unit.sh`, which fleetd-tier.service runs from a tier disk.
 //!
-//! The guest has slots A and B as virtio-scsi disks (`/dev/sda`,
-//! `/dev/sdb`), a Raspberry Pi-style boot partition (vfat, mounted at
+//! The guest has slots A and B as virtio-scsi disks (`/dev/sd*`, named in
+//! the config by their serials), a Raspberry Pi-style boot partition (vfat, mounted at
 //! `/boot/firmware`) holding `uboot.env`, and user networking to this
 //! host's broker (mosquitto, mutual TLS) and image server. This test plays
 //! the bootloader between the two boots: `boot.cmd`, step by step, on the
