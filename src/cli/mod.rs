@@ -149,6 +149,12 @@ enum FleetdCommand {
 
 pub fn fleetd_main() -> ExitCode {
     let cli = FleetdCli::parse();
+    if matches!(
+        cli.command,
+        FleetdCommand::Status { .. } | FleetdCommand::Verify { .. } | FleetdCommand::FactoryRow { .. }
+    ) {
+        crate::sys::signals::end_quietly_on_closed_stdout();
+    }
     match cli.command {
         FleetdCommand::Verify { config, json, file } => verify_command(config.as_deref(), json, &file),
         FleetdCommand::Install { config, no_reboot, file } => {

@@ -27,3 +27,15 @@ pub fn shutdown() -> impl std::future::Future<Output = ()> {
         }
     }
 }
+
+/// For commands that only print (`status`, `verify`, `factory-row`): a
+/// closed stdout (`fleetd status | head -n 1`) ends the process as it ends
+/// `cat`, by SIGPIPE, instead of a panic on the failed write (an abort in
+/// the release build). Rust starts every program with SIGPIPE ignored.
+pub fn end_quietly_on_closed_stdout() {
+    // SAFETY: sets the disposition of one signal to its default, before
+    // any thread is started; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

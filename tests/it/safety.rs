@@ -312,3 +312,22 @@ fn an_iat_in_the_future_never_raises_the_clock_floor() {
     assert!(floor < 4_102_444_800, "the floor rose to {floor}");
     assert_eq!(s.g.dev.verify(&s.message, false).0, 0, "a current message still verifies");
 }
+
+/// `fleetd status | head -n 1`: the reader is gone before a byte is
+/// written, and fleetd ends by SIGPIPE like `cat`, not by a panic on the
+/// failed write (an abort in the release build).
+#[test]
+fn status_into_a_closed_pipe_ends_by_sigpipe_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let g = Gateway::new(Bootloader::Grub, 1 << 20);
+    let mut child = fleetd()
+        .args(["status", "--json", "--config"])
+        .arg(g.dev.config())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}: {}", out.status, stderr(&out));
+}

@@ -199,7 +199,8 @@ struct Boot {
 
 impl Boot {
     fn assert_no_failure(&self) {
-        let failed: Vec<&String> = self.lines.iter().filter(|l| l.starts_with("FAIL")).collect();
+        let failed: Vec<&String> =
+            self.lines.iter().filter(|l| l.starts_with("FAIL") || l.starts_with("CRASH")).collect();
         assert!(failed.is_empty(), "the guest failed: {failed:?} (serial console above)");
     }
 }

@@ -40,7 +40,8 @@ pub(super) fn phase(job: &Job) -> Option<String> {
         Phase::Testing { .. } => format!("booted slot {}; checking health", job.target_slot),
         Phase::Committed => format!("committed v{} in slot {}", job.version, job.target_slot),
         Phase::RolledBack { reason } => format!("rolled back to slot {}: {reason}", job.from_slot),
-        Phase::Failed { error } => format!("failed: {error}"),
+        // The state name goes before it everywhere (`failed: slot-open: ...`).
+        Phase::Failed { error } => error.to_string(),
     })
 }
 

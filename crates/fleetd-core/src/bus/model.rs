@@ -312,7 +312,7 @@ mod tests {
 
     /// A `failed` step as the executor reports it.
     fn failed(failure: Failure) -> Event {
-        let detail = format!("failed: {}", failure.text);
+        let detail = failure.to_string();
         Event::Report(Report::Step {
             state: UpdateState::Failed,
             detail,
@@ -443,7 +443,7 @@ mod tests {
         let mut m = Model::new(doc("idle"));
         m.apply(&step("downloading", "accepted"));
         let c = end_with(&mut m, failed(Failure::named("hash-mismatch", "x")), "failed");
-        assert_eq!(c, Some((RESULT_FAILED, "failed: hash-mismatch: x".into())));
+        assert_eq!(c, Some((RESULT_FAILED, "hash-mismatch: x".into())));
         let mut m = Model::new(doc("testing"));
         assert_eq!(end(&mut m, "rolled-back", "rolled back").map(|c| c.0), Some(RESULT_ROLLED_BACK));
         assert_eq!(
