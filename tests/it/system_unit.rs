@@ -227,7 +227,7 @@ fn boot_guest(guest: &Path, disks: &Disks, slot: &str, phase: u32, serial: &Path
         .arg(guest.join("initrd.img"))
         .arg("-append")
         .arg(format!(
-            "root=/dev/vda rw console=ttyS0 quiet loglevel=3 systemd.show_status=0 fleetd.slot={slot} fleetd.tier={phase}"
+            "root=/dev/vda rw console=ttyS0 systemd.show_status=auto fleetd.slot={slot} fleetd.tier={phase}"
         ))
         .args(["-drive", &drive(&disks.root, "if=virtio")])
         .args(["-drive", &drive(&disks.boot, "if=virtio")])

@@ -82,7 +82,7 @@ phase1() {
   cp "$tier"/fleetd_*.deb /root/ && cd /root || fail "cannot copy the package"
   local deb
   deb=$(ls fleetd_*.deb)
-  apt-get install -y -q "./$deb" > /root/apt.log 2>&1 || fail "apt-get install ./$deb: $(tail -n 5 /root/apt.log)"
+  timeout 300 apt-get install -y -q "./$deb" > /root/apt.log 2>&1 || fail "apt-get install ./$deb: $(tail -n 5 /root/apt.log)"
   [ "$(systemctl is-enabled fleetd)" = enabled ] || fail "the package did not enable fleetd.service"
   ok "apt-get install ./$deb"
 
@@ -208,6 +208,10 @@ phase2() {
   ok "journalctl -u fleetd FLEETD_JOB=$JTI: $(echo "$steps" | wc -l) steps over 2 boots ($boots entries)"
   say "boot 1's stops and restarts, from the journal:"
   journalctl -b -1 -u fleetd -o cat --no-pager | grep -E "Watchdog|Stopp|Started|Failed|resum|Scheduled restart" | sed 's/^/  /'
+  # The unit is ordered after dbus.service: the bus outlived fleetd at the
+  # reboot, so fleetd never saw it go.
+  ! journalctl -b -1 -u fleetd -o cat --no-pager | grep -q "NameLost" ||
+    fail "the system bus went away before fleetd stopped at the reboot"
 
 
   local env
@@ -218,6 +222,7 @@ phase2() {
   [ "$(unit NRestarts)" = 0 ] && systemctl is-active -q fleetd || fail "fleetd restarted in the second boot"
 }
 
+say "phase $phase: started $(cut -d' ' -f1 /proc/uptime) s after boot"
 case "$phase" in
   1) phase1 ;;
   2) phase2 ;;
