@@ -242,7 +242,8 @@ fn boot_guest(guest: &Path, disks: &Disks, slot: &str, phase: u32, serial: &Path
         .arg("-no-reboot")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        // A file: an unread pipe would stall QEMU once full.
+        .stderr(std::fs::File::create(serial.with_extension("qemu.err")).unwrap())
         .spawn()
         .expect("qemu-system-x86_64");
     let timed_out = loop {
@@ -258,7 +259,8 @@ fn boot_guest(guest: &Path, disks: &Disks, slot: &str, phase: u32, serial: &Path
     };
     let took = started.elapsed();
     let text = String::from_utf8_lossy(&std::fs::read(serial).unwrap_or_default()).replace('\r', "");
-    eprintln!("---- boot {phase} (slot {slot}), {} s:\n{text}", took.as_secs());
+    let qemu_said = std::fs::read_to_string(serial.with_extension("qemu.err")).unwrap_or_default();
+    eprintln!("---- boot {phase} (slot {slot}), {} s:\n{text}\nqemu: {qemu_said}", took.as_secs());
     assert!(!timed_out, "boot {phase} did not end within {BOOT_DEADLINE:?}");
     let lines: Vec<String> =
         text.lines().filter_map(|l| l.trim().strip_prefix(MARK)).map(str::to_string).collect();
@@ -271,13 +273,7 @@ fn boot_guest(guest: &Path, disks: &Disks, slot: &str, phase: u32, serial: &Path
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(out.status.success(), "{cmd}: {}{}", stdout(&out), stderr(&out));
-    stdout(&out)
+    fleetd::trust::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 fn sh_ok(cmd: &str) -> bool {

@@ -164,12 +164,6 @@ fn on_host(test: &str) {
 
 // --------------------------------------------------------------- guest side
 
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(out.status.success(), "{cmd}: {}{}", stdout(&out), stderr(&out));
-    stdout(&out)
-}
-
 fn until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {

@@ -90,6 +90,13 @@ pub fn stderr(out: &Output) -> String {
 }
 
 /// Runs and asserts success, returning stdout.
+/// `sh -c CMD`, which must succeed: its stdout.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(out.status.success(), "{cmd}: {}{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
 pub fn ok(cmd: &mut Command) -> String {
     let out = run(cmd);
     assert!(out.status.success(), "{cmd:?} failed: {}\n{}", stderr(&out), stdout(&out));
